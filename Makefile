@@ -1,0 +1,20 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv (Python 3.12) when missing and reinstall only when the dependency pins change.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean
+
+venv:
+	@bash scripts/ensure_venv.sh
+
+demo: venv
+	$(PY) -m megatron_slim.cli demo
+
+test: venv
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf "$(VENV)" build *.egg-info .pytest_cache

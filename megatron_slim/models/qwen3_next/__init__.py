@@ -1,0 +1,1 @@
+"""qwen3_next family: HF config parsing (and, with the conversion work, its state-dict adapter)."""

@@ -1,0 +1,139 @@
+"""torch.distributed and Megatron-Core parallel state, from torchrun's or SLURM's environment.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` (launch.sh) we map SLURM's
+variables instead: SLURM_PROCID -> rank, SLURM_NTASKS -> world size, SLURM_LOCALID -> local rank, and the first
+host of SLURM_JOB_NODELIST -> MASTER_ADDR. A plain `python` run is a world of one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism takes what is left of the world."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallel; None = same as tp (megatron-core's default)
+    cp: int = 1
+    sequence_parallel: bool | None = None  # None: on whenever tp > 1 (required by MoE with TP)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def dp(self, world_size: int) -> int:
+        self.validate_world(world_size)
+        return world_size // (self.tp * self.pp * self.cp)
+
+    def validate_world(self, world_size: int) -> None:
+        for name in ("tp", "pp", "ep", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        dense = self.tp * self.pp * self.cp
+        if world_size % dense:
+            raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp}")
+        expert = self.ep * self.expert_tp * self.pp
+        if world_size % expert:
+            raise ValueError(
+                f"world size {world_size} is not divisible by ep*expert_tp*pp = {self.ep}*{self.expert_tp}*{self.pp}"
+            )
+        if self.tp > 1 and not self.use_sequence_parallel:
+            raise ValueError("MoE layers with tp > 1 require sequence parallelism; leave sequence_parallel unset")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        # "node[01-04,07]" -> "node01"; "a,b" -> "a"
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rng = head.split("[", 1)
+            return prefix + rng.split("-")[0].split(",")[0].rstrip("]")
+        return head
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_env() -> DistEnv:
+    """Read rank/world/master from torchrun's env, else SLURM's, else a single local process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), addr, port)
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port()))
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistEnv:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU); idempotent."""
+    denv = detect_env()
+    if dist.is_initialized():
+        return denv
+    if torch.cuda.is_available():
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+        rank=denv.rank,
+        world_size=denv.world_size,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    return denv
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Create Megatron-Core's process groups for `parallel` and seed its RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not torch.cuda.is_available():
+        from megatron_slim.runtime import cpu_compat
+
+        cpu_compat.activate()
+    init_distributed()
+    parallel.validate_world(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.expert_tp,
+    )
+    model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Checkpoint formats at the edges: Megatron-Core distributed checkpoints and HF safetensors."""

@@ -1,0 +1,53 @@
+"""Megatron-Core distributed checkpoints of a model: saved at one TP/PP/EP layout, loadable at any other.
+
+A checkpoint directory holds megatron-core's torch_dist files plus `model_config.json` (our ModelConfig), so
+every tool can rebuild the model without the original HF directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_slim.models.config import ModelConfig
+
+MODEL_CONFIG = "model_config.json"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def save_model(model: torch.nn.Module, ckpt_dir: str | Path, cfg: ModelConfig) -> None:
+    """Collective: every rank saves its shards; rank 0 writes the model config."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    if dist.get_rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_unwrap(model).sharded_state_dict(), str(ckpt_dir))
+    if dist.get_rank() == 0:
+        (ckpt_dir / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+    dist.barrier()
+
+
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Collective: load this rank's shards of every parameter; a missing or unexpected tensor is an error."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    inner = _unwrap(model)
+    state = dist_checkpointing.load(inner.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RAISE_ALL)
+    inner.load_state_dict(state, strict=True)
+
+
+def load_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    p = Path(ckpt_dir) / MODEL_CONFIG
+    if not p.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a megatron-slim checkpoint (no {MODEL_CONFIG})")
+    return ModelConfig.from_json(json.loads(p.read_text()))

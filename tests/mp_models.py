@@ -1,0 +1,69 @@
+"""Worker functions for multi-process model tests (module level, so spawned workers can import them)."""
+from __future__ import annotations
+
+import torch
+
+import tiny_models
+from megatron_slim.checkpoint.mcore import load_model, load_model_config, save_model
+from megatron_slim.models.builder import build_model
+from megatron_slim.models.forward import full_logits
+from megatron_slim.models.registry import model_config_from_hf
+from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+
+
+def tiny_config(family: str, **over):
+    return model_config_from_hf(tiny_models.FAMILIES[family](**over),
+                                mtp_num_layers=1 if family == "qwen3_next" else 0)
+
+
+def save_reference(rank: int, world: int, family: str, ckpt_dir: str, tokens: torch.Tensor, seed: int = 7):
+    """Build at TP=1 with random weights, save a distributed checkpoint, return full logits."""
+    parallel = ParallelConfig()
+    init_model_parallel(parallel, seed=seed)
+    cfg = tiny_config(family)
+    model = build_model(cfg, parallel)
+    save_model(model, ckpt_dir, cfg)
+    return full_logits(model, tokens, micro_batch_size=1)
+
+
+def layout_sweep(rank: int, world: int, families: list[str], layouts: dict[str, dict], tokens: torch.Tensor,
+                 ckpt_root: str) -> dict:
+    """In one set of processes (process start-up dominates on small machines): per family save a TP=1 checkpoint
+    and its logits, then load it at every layout. Returns {family: {"tp1": logits, layout: logits or None}}."""
+    from pathlib import Path
+
+    out: dict = {}
+    for family in families:
+        ckpt = str(Path(ckpt_root) / family)
+        out[family] = {"tp1": save_reference(rank, world, family, ckpt, tokens)}
+        for name, layout in layouts.items():
+            out[family][name] = logits_at_layout(rank, world, ckpt, tokens, layout)
+    return out
+
+
+def logits_at_layout(rank: int, world: int, ckpt_dir: str, tokens: torch.Tensor, layout: dict):
+    """Load the checkpoint at another layout; return full logits (None on non-last pipeline stages)."""
+    parallel = ParallelConfig(**layout)
+    init_model_parallel(parallel, seed=1000 + rank)  # different init everywhere: only loaded weights may matter
+    cfg = load_model_config(ckpt_dir)
+    model = build_model(cfg, parallel)
+    load_model(model, ckpt_dir)
+    return full_logits(model, tokens, micro_batch_size=1)
+
+
+def train_steps(rank: int, world: int, family: str, steps: int, tokens: torch.Tensor):
+    """A few Adam steps on a fixed batch: return the loss curve and whether every parameter got a gradient."""
+    parallel = ParallelConfig()
+    init_model_parallel(parallel, seed=3)
+    model = build_model(tiny_config(family), parallel)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    losses, missing = [], set()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(tokens[:, :-1], pos[:, :-1], None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        missing |= {n for n, p in model.named_parameters() if p.grad is None}
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "missing_grads": sorted(missing)}

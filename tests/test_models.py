@@ -1,0 +1,63 @@
+"""Each family builds from an HF config, runs forward and backward, and learns; bad configs fail clearly."""
+import pytest
+import torch
+
+import tiny_models
+from dist import run_distributed
+from megatron_slim.models.builder import pipeline_pattern, validate_layout
+from megatron_slim.models.config import UnsupportedModelError
+from megatron_slim.models.registry import model_config_from_hf
+from megatron_slim.runtime.distributed import ParallelConfig
+from mp_models import train_steps
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.FAMILIES))
+def test_forward_backward_and_loss_decreases(family):
+    tokens = torch.randint(0, tiny_models.VOCAB, (4, 17), generator=torch.Generator().manual_seed(0))
+    (res,) = run_distributed(train_steps, 1, family, 8, tokens)
+    losses = res["losses"]
+    assert res["missing_grads"] == []
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_hybrid_patterns():
+    nxt = model_config_from_hf(tiny_models.qwen3_next(), mtp_num_layers=1)
+    assert nxt.hybrid_pattern == "GEGEGE*E/*E"
+    assert pipeline_pattern(nxt, 2) == "GEGE|GE*E/*E"
+    moe = model_config_from_hf(tiny_models.qwen3_moe(mlp_only_layers=[0], decoder_sparse_step=1))
+    assert moe.hybrid_pattern == "*-*E*E*E"
+    assert model_config_from_hf(tiny_models.mixtral()).hybrid_pattern == "*E*E*E*E"
+
+
+@pytest.mark.parametrize("hf, match", [
+    ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
+    (tiny_models.qwen3_moe(rope_parameters={"rope_theta": 1e4, "rope_type": "yarn"}), "rope scaling 'yarn'"),
+    (tiny_models.mixtral(sliding_window=4096), "sliding_window"),
+    (tiny_models.qwen3_moe(attention_bias=True), "attention_bias"),
+    (tiny_models.qwen3_next(layer_types=["linear_attention"] * 3 + ["sliding_attention"]), "layer_types"),
+])
+def test_unsupported_configs_are_named(hf, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        model_config_from_hf(hf)
+
+
+def test_mtp_only_for_qwen3_next():
+    with pytest.raises(UnsupportedModelError, match="MTP"):
+        model_config_from_hf(tiny_models.mixtral(), mtp_num_layers=1)
+
+
+def test_layout_errors_name_the_problem():
+    cfg = model_config_from_hf(tiny_models.qwen3_next())
+    with pytest.raises(ValueError, match="num_experts=8 is not divisible by ep=3"):
+        validate_layout(cfg, ParallelConfig(ep=3))
+    with pytest.raises(ValueError, match="linear_num_key_heads=2 is not divisible by tp\\*cp=4"):
+        validate_layout(cfg, ParallelConfig(tp=4))
+    with pytest.raises(ValueError, match="num_layers=4 is not divisible by pp=3"):
+        validate_layout(cfg, ParallelConfig(pp=3))
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
+        ParallelConfig(tp=2, pp=2).validate_world(6)
+    with pytest.raises(ValueError, match="ep\\*expert_tp\\*pp"):
+        ParallelConfig(ep=4).validate_world(2)
+    with pytest.raises(ValueError, match="sequence parallelism"):
+        ParallelConfig(tp=2, sequence_parallel=False).validate_world(2)

@@ -1,0 +1,64 @@
+"""Launcher environments map to ranks correctly; GPU-only features fail clearly on this machine."""
+import pytest
+import torch
+
+import tiny_models
+from megatron_slim.models.builder import BuildOptions, transformer_config
+from megatron_slim.models.registry import model_config_from_hf
+from megatron_slim.models.specs import select_backend
+from megatron_slim.runtime import cpu_compat
+from megatron_slim.runtime.distributed import ParallelConfig, _first_slurm_host, detect_env
+
+_LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in _LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_torchrun_env(clean_env):
+    for k, v in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="10.0.0.5", MASTER_PORT="29400").items():
+        clean_env.setenv(k, v)
+    e = detect_env()
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (3, 8, 1, "10.0.0.5", 29400)
+
+
+def test_slurm_env(clean_env):
+    for k, v in dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="5", SLURM_JOB_NODELIST="gpu[07-08]",
+                     SLURM_JOB_ID="4242").items():
+        clean_env.setenv(k, v)
+    e = detect_env()
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr) == (5, 16, 5, "gpu07")
+    assert e.master_port == 20000 + 4242
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[07-08]", "gpu07"), ("a1,b2", "a1"), ("n[1,3-4]", "n1"),
+                                             ("single", "single")])
+def test_first_slurm_host(nodelist, first):
+    assert _first_slurm_host(nodelist) == first
+
+
+def test_single_process_default(clean_env):
+    e = detect_env()
+    assert (e.rank, e.world_size, e.local_rank) == (0, 1, 0) and e.master_port > 0
+
+
+def test_fp8_and_te_refused_without_transformer_engine():
+    if select_backend()[0] == "transformer_engine":
+        pytest.skip("Transformer Engine is available here")
+    cfg = model_config_from_hf(tiny_models.qwen3_next())
+    with pytest.raises(RuntimeError, match="FP8 needs Transformer Engine"):
+        transformer_config(cfg, ParallelConfig(), BuildOptions(fp8="hybrid"))
+    with pytest.raises(RuntimeError, match="Transformer Engine is not installed"):
+        select_backend("transformer_engine")
+
+
+def test_cpu_compat_refuses_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_compat, "_mode", None)
+    with pytest.raises(RuntimeError, match="CPU-only"):
+        cpu_compat.activate()

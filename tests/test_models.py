@@ -43,7 +43,7 @@ def test_unsupported_configs_are_named(hf, match):
 
 
 def test_mtp_only_for_qwen3_next():
-    with pytest.raises(UnsupportedModelError, match="MTP"):
+    with pytest.raises(UnsupportedModelError, match="MTP layers requested"):
         model_config_from_hf(tiny_models.mixtral(), mtp_num_layers=1)
 
 

@@ -30,6 +30,7 @@ class BuildOptions:
     recompute: bool = False
     fp8: str | None = None  # "e4m3" | "hybrid" (Transformer Engine only)
     fp8_recipe: str = "delayed"
+    use_cpu_initialization: bool | None = None  # None: on CPU-only machines (True also builds on the meta device)
 
 
 def validate_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:
@@ -129,7 +130,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOp
         pipeline_dtype=opts.params_dtype,
         transformer_impl=impl,
         deterministic_mode=not on_gpu,  # selects the torch GDN recurrence/conv on CPU
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not on_gpu if opts.use_cpu_initialization is None else opts.use_cpu_initialization,
         perform_initialization=opts.perform_initialization,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

@@ -36,3 +36,16 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         initializer_range=hf.get("initializer_range", 0.02),
         hf_config=hf,
     )
+
+
+def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF config describing `cfg` (e.g. after pruning), keeping every field we do not model."""
+    hf = dict(cfg.hf_config)
+    hf.update(
+        architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim, num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.topk, intermediate_size=cfg.moe_ffn_hidden_size,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    return hf

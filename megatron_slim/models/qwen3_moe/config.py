@@ -45,3 +45,21 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         initializer_range=hf.get("initializer_range", 0.02),
         hf_config=hf,
     )
+
+
+def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF config describing `cfg` (e.g. after pruning), keeping every field we do not model."""
+    hf = dict(cfg.hf_config)
+    experts_key = "num_experts" if "num_experts" in hf or "num_local_experts" not in hf else "num_local_experts"
+    hf.update(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim, num_experts_per_tok=cfg.topk,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=cfg.norm_topk_prob,
+        tie_word_embeddings=cfg.tie_word_embeddings, decoder_sparse_step=1,
+        mlp_only_layers=[i for i, t in enumerate(cfg.mlp_types) if t == DENSE_MLP],
+    )
+    hf[experts_key] = cfg.num_experts
+    if cfg.dense_ffn_hidden_size:
+        hf["intermediate_size"] = cfg.dense_ffn_hidden_size
+    return hf

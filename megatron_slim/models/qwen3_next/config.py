@@ -63,3 +63,21 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         linear_conv_kernel_dim=hf["linear_conv_kernel_dim"],
         hf_config=hf,
     )
+
+
+def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF config describing `cfg` (e.g. after pruning), keeping every field we do not model."""
+    from megatron_slim.models.qwen3_moe.config import to_hf as moe_to_hf
+
+    hf = moe_to_hf(cfg)
+    names = {v: k for k, v in _MIXERS.items()}
+    hf.update(
+        architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
+        layer_types=[names[t] for t in cfg.mixer_types],
+        shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_size,
+        linear_num_key_heads=cfg.linear_num_key_heads, linear_num_value_heads=cfg.linear_num_value_heads,
+        linear_key_head_dim=cfg.linear_key_head_dim, linear_value_head_dim=cfg.linear_value_head_dim,
+        linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
+    )
+    hf.pop("full_attention_interval", None)
+    return hf

@@ -1,0 +1,177 @@
+"""HF safetensors <-> Megatron-Core torch_dist conversion, streamed one mapping rule at a time.
+
+Memory holds the tensors of one rule (at most one layer's experts) plus I/O buffers, whatever the model size.
+Outputs are written into `<out>.partial` and renamed into place only when complete, so an interrupted or failed
+conversion never leaves a directory that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from megatron_slim.checkpoint.dcp_io import McoreReader, mcore_layout, write_checkpoint
+from megatron_slim.checkpoint.mapping import BoundRule, bind_rules, detect_mtp_layers
+from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
+from megatron_slim.checkpoint.safetensors_io import CheckpointError, HFReader, HFWriter
+from megatron_slim.models.config import ModelConfig, load_hf_config
+from megatron_slim.models.registry import FAMILIES, family_of_hf, hf_config_from, model_config_from_hf
+
+TOKENIZER_DIR = "tokenizer"  # HF tokenizer/generation files carried inside Megatron checkpoints
+_HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
+
+
+@dataclass(frozen=True)
+class Summary:
+    tensors: int
+    parameters: int
+    active_parameters: int  # per token: all but the experts a token is not routed to
+    bytes: int
+
+    def describe(self) -> str:
+        return (f"{self.tensors} tensors, {self.parameters / 1e9:.3f}B parameters "
+                f"({self.active_parameters / 1e9:.3f}B active per token), {self.bytes / 2**30:.2f} GiB")
+
+
+def _summarize(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> Summary:
+    params = sum(t.numel() for t in tensors.values())
+    expert = sum(t.numel() for k, t in tensors.items() if ".experts.experts." in k)
+    active = params - round(expert * (1 - cfg.topk / cfg.num_experts))
+    return Summary(len(tensors), params, active, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+@contextmanager
+def _staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield `<out>.partial`; move it to `out` only if the body completes."""
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (use --overwrite to replace it)")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def _check_keys(kind: str, required: list[str], present: set[str], where: str) -> None:
+    missing = [k for k in required if k not in present]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} {kind} tensors required by the mapping are missing: "
+                              f"{missing[:10]}")
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in _HF_SIDE_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+
+
+def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], HFReader]:
+    """Validate an HF checkpoint against its config and the mapping, reading headers only."""
+    reader = HFReader(hf_dir)
+    hf = load_hf_config(hf_dir)
+    family = family_of_hf(hf)
+    mtp = detect_mtp_layers(reader.keys(), family.mapping) if family.max_mtp_layers else 0
+    cfg = model_config_from_hf(hf, mtp_num_layers=mtp)
+    emb = reader.tensors.get("model.embed_tokens.weight")
+    if emb is not None:
+        cfg.hf_config["dtype"] = str(emb.dtype).replace("torch.", "")
+    rules = bind_rules(family.mapping, cfg)
+    consumed = [k for r in rules for k in r.hf]
+    _check_keys("HF", consumed, set(reader.keys()), str(hf_dir))
+    unused = sorted(set(reader.keys()) - set(consumed))
+    if unused:
+        raise CheckpointError(f"{hf_dir}: {len(unused)} HF tensors are not consumed by the {cfg.family} mapping "
+                              f"(nothing is dropped silently): {unused[:10]}")
+    return cfg, rules, reader
+
+
+def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = False, overwrite: bool = False,
+                progress: bool = True) -> Summary:
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    cfg, rules, reader = plan_hf_to_mcore(hf_dir)
+    layout = mcore_layout(cfg)
+    planned: dict[str, torch.Tensor] = {}
+    owner: dict[str, int] = {}
+    for idx, rule in enumerate(rules):
+        outs = rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg)
+        for key, t in zip(rule.mcore, outs):
+            want = layout.tensors.get(key)
+            if want is not None and tuple(t.shape) != want:
+                raise CheckpointError(f"{rule.where}: config/weight shape mismatch: {rule.hf} give {key} "
+                                      f"{tuple(t.shape)}, the config implies {want}")
+            planned[key], owner[key] = t, idx
+    extra, missing = sorted(set(planned) - set(layout.tensors)), sorted(set(layout.tensors) - set(planned))
+    if extra or missing:
+        raise CheckpointError(f"mapping/model mismatch: unexpected {extra[:10]}, unfilled {missing[:10]}")
+    summary = _summarize(cfg, planned)
+    if dry_run:
+        return summary
+
+    cache: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="hf->mcore", disable=not progress)
+
+    def produce(key: str) -> torch.Tensor:
+        if key not in cache:
+            rule = rules[owner[key]]
+            cache.clear()
+            cache.update(zip(rule.mcore, rule.transform.to_mcore([reader.read(k) for k in rule.hf], cfg)))
+        t = cache.pop(key)
+        bar.update(t.numel() * t.element_size())
+        return t
+
+    with _staged(out_dir, overwrite) as tmp:
+        write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects, produce)
+        (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+        _copy_side_files(hf_dir, tmp / TOKENIZER_DIR)
+    bar.close()
+    return summary
+
+
+def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str | Path | None = None,
+                dry_run: bool = False, overwrite: bool = False, progress: bool = True) -> Summary:
+    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    cfg = load_model_config(mcore_dir)
+    reader = McoreReader(mcore_dir)
+    rules = bind_rules(FAMILIES[cfg.family].mapping, cfg)
+    needed = [k for r in rules for k in r.mcore]
+    _check_keys("Megatron", needed, set(reader.tensors), str(mcore_dir))
+    unused = sorted(k for k in reader.tensors if k.startswith(_MODEL_PREFIXES) and k not in set(needed))
+    if unused:
+        raise CheckpointError(f"{mcore_dir}: model tensors not consumed by the {cfg.family} mapping: {unused[:10]}")
+    plan: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    for rule in rules:
+        metas = [reader.meta(k) for k in rule.mcore]
+        plan += [(k, tuple(t.shape), t.dtype) for k, t in zip(rule.hf, rule.transform.to_hf(metas, cfg))]
+    summary = _summarize(cfg, {k: reader.meta(k) for k in needed})
+    if dry_run:
+        return summary
+    bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
+    with _staged(out_dir, overwrite) as tmp:
+        writer = HFWriter(tmp, plan)
+        for rule in rules:
+            tensors = reader.read(rule.mcore)
+            for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg)):
+                writer.write(key, t)
+            bar.update(sum(t.numel() * t.element_size() for t in tensors))
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(hf_config_from(cfg), indent=2))
+        _copy_side_files(mcore_dir / TOKENIZER_DIR, tmp)
+        if hf_template is not None:
+            _copy_side_files(Path(hf_template), tmp)
+    bar.close()
+    return summary

@@ -1,0 +1,183 @@
+"""Streaming reader and writer for HF safetensors checkpoints (sharded, with model.safetensors.index.json).
+
+Plain file I/O instead of mmap: a converter touches every byte once, and mapped pages would stay resident and
+count towards RSS. Every tensor read is checked against its file's size, so a truncated shard is a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, corrupt or does not match its config."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated header ({n} bytes announced, file has {size})")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+class HFReader:
+    """Index of every tensor in an HF checkpoint directory; reads tensors one at a time on demand."""
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        self.dir = Path(hf_dir)
+        index = self.dir / INDEX
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.dir / SINGLE).is_file():
+            weight_map, files = {}, [SINGLE]
+        else:
+            raise CheckpointError(f"{self.dir}: no {INDEX} or {SINGLE}")
+        missing = [f for f in files if not (self.dir / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{self.dir}: shards named in {INDEX} are missing: {missing}")
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = self.dir / name
+            header, data_start = _read_header(path)
+            size = path.stat().st_size
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = meta["data_offsets"]
+                if data_start + end > size:
+                    raise CheckpointError(f"{path}: truncated: tensor {key} ends at byte {data_start + end}, "
+                                          f"file has {size}")
+                if meta["dtype"] not in _DTYPES:
+                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
+                self.tensors[key] = TensorInfo(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]),
+                                               data_start + begin, end - begin)
+        lost = sorted(k for k, f in weight_map.items() if k not in self.tensors)
+        if lost:
+            raise CheckpointError(f"{self.dir}: tensors listed in {INDEX} are not in their shards: {lost[:10]}")
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor with the stored shape and dtype (for planning without reading)."""
+        info = self.tensors[key]
+        return torch.empty(info.shape, dtype=info.dtype, device="meta")
+
+    def read(self, key: str) -> torch.Tensor:
+        info = self.tensors[key]
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buf) != info.nbytes:
+                raise CheckpointError(f"{info.file}: truncated while reading {key}")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+class HFWriter:
+    """Writes planned tensors into safetensors shards of at most `shard_bytes`, streaming, plus the index.
+
+    The plan (key, shape, dtype, in order) is fixed up front so each shard's header can be written before its
+    data; `write(key, tensor)` must then be called in plan order.
+    """
+
+    def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 shard_bytes: int = 5 * 2**30) -> None:
+        self.dir = Path(out_dir)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for item in plan:
+            nbytes = _nbytes(item[1], item[2])
+            if shards[-1] and size + nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(item)
+            size += nbytes
+        n = len(shards)
+        self.files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shards = shards
+        self._order = [(fi, key, shape, dtype) for fi, s in enumerate(shards) for key, shape, dtype in s]
+        self._pos = 0
+        self._fh = None
+        self._cur = -1
+
+    def _open(self, fi: int) -> None:
+        if self._fh:
+            self._fh.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, shape, dtype in self._shards[fi]:
+            nbytes = _nbytes(shape, dtype)
+            header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._fh = open(self.dir / self.files[fi], "wb")
+        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+        self._cur = fi
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        fi, want, shape, dtype = self._order[self._pos]
+        if key != want or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(f"HFWriter: expected {want} {shape} {dtype}, got {key} {tuple(tensor.shape)} "
+                               f"{tensor.dtype}")
+        if fi != self._cur:
+            self._open(fi)
+        if tensor.numel():
+            self._fh.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"HFWriter: {len(self._order) - self._pos} planned tensors were never written")
+        if self._fh:
+            self._fh.close()
+        if len(self.files) > 1:
+            weight_map = {key: self.files[fi] for fi, key, _, _ in self._order}
+            total = sum(_nbytes(s, d) for _, _, s, d in self._order)
+            (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# Run a megatron-slim command on one process, on a local torchrun, or on a SLURM allocation; see --help.
+set -euo pipefail
+
+# Exit code by which the program asks to be requeued (EX_TEMPFAIL from sysexits.h).
+readonly EXIT_REQUEUE=75
+
+usage() {
+    cat <<'EOF'
+Usage:
+  launch.sh [options] -- <megatron-slim args>              run here: inside a SLURM job (sbatch/salloc) with
+                                                           srun, otherwise with torchrun (or python for 1 process)
+  sbatch [sbatch options] launch.sh [options] -- <args>    submit yourself
+  launch.sh --submit [options] -- <megatron-slim args>     build and run the sbatch command from the options
+
+Inside a SLURM job, srun starts one task per GPU on every node of the job (the task count per node comes from
+--tasks-per-node, else --gpus-per-node, else the job's SLURM_NTASKS_PER_NODE / GPUs / tasks). Each task runs
+`python -m megatron_slim.cli <args>` with SLURM's environment plus MASTER_ADDR (first host of the job) and
+MASTER_PORT (15000 + job id % 15000), from which the program derives RANK/WORLD_SIZE/LOCAL_RANK. Called from
+within a job step (SLURM_STEP_ID set, e.g. `srun launch.sh ...`), it runs the program directly.
+
+Options for every mode:
+  --python PATH            Python interpreter (default: <repo>/.venv/bin/python when present, else python3;
+                           `python` inside a container)
+  --exec                   the words after -- are a whole command to run per process, not megatron-slim args
+  --env KEY=VAL            export KEY=VAL to every process (repeatable; the value may hold spaces/commas)
+  --gpus-per-node N        GPUs per node; one task per GPU. 0 = CPU-only nodes, tasks from --tasks-per-node
+                           (default with --submit: 8)
+  --tasks-per-node N       processes per node (default: --gpus-per-node, or 1 when that is 0)
+  --nproc-per-node N       alias of --tasks-per-node
+  --container-image IMG    run each srun task in this container (pyxis: srun --container-image)
+  --container-mounts M     pyxis srun --container-mounts (SRC:DST[,...])
+  --dry-run                print the command (sbatch, srun, torchrun or python) instead of running it
+  -h, --help               this help
+
+Options for --submit (become sbatch options; launch.sh itself is the batch script):
+  --nodes N                number of nodes (default 1)
+  --time T                 time limit (sbatch --time, e.g. 04:00:00)
+  --partition P            sbatch --partition
+  --account A              sbatch --account
+  --job-name NAME          sbatch --job-name (default megatron-slim)
+  --log-dir DIR            write DIR/<job-name>-<job id>.out/.err (created if missing)
+  --dependency SPEC        sbatch --dependency, e.g. afterok:123
+  --requeue                allow requeue (sbatch --requeue; output files are then appended to, not truncated)
+  --signal SPEC            sbatch --signal; with --requeue the default is B:USR1@120 (USR1 to this script
+                           120 s before the time limit)
+  --wait                   sbatch --wait: block until the job ends and exit with its exit code
+  --sbatch-arg ARG         pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive
+  On submit the job id is printed (sbatch --parsable).
+
+Preemption and requeue contract (batch jobs):
+  launch.sh traps SIGUSR1 and SIGTERM and forwards them to the program's processes (USR1 through srun, TERM
+  with `scancel --signal=TERM` to the job's steps, since srun turns a TERM into a kill). The program saves a
+  checkpoint when it receives SIGUSR1 or SIGTERM and exits with code 75 (EX_TEMPFAIL) to ask for a requeue;
+  if the step exits 75, launch.sh runs `scontrol requeue $SLURM_JOB_ID` and the job starts again later with
+  the same id and arguments, and the program resumes from its checkpoint. Any other exit code ends the job.
+  Use --requeue with --time so SLURM sends USR1 before the limit (see --signal).
+
+Examples:
+  launch.sh -- info                                           # one process here
+  launch.sh --nproc-per-node 2 -- info --distributed          # torchrun, 2 processes
+  launch.sh --submit --nodes 2 --gpus-per-node 8 --time 04:00:00 --partition gpu --log-dir logs \
+      --requeue --container-image nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts "$PWD:$PWD" -- demo
+EOF
+}
+
+die() {
+    printf 'launch.sh: %s\n' "$*" >&2
+    exit 2
+}
+
+note() { printf 'launch.sh: %s\n' "$*" >&2; }
+
+# Print a command so that a shell reads back the same words (shlex-compatible single quoting).
+print_command() {
+    local out=() word
+    for word in "$@"; do
+        if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+            out+=("$word")
+        else
+            out+=("'${word//\'/\'\\\'\'}'")
+        fi
+    done
+    printf '%s\n' "${out[*]}"
+}
+
+is_count() { [[ "$1" =~ ^[0-9]+$ ]]; }
+is_positive() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
+
+# ---------------------------------------------------------------------------------------------- options
+submit=0 dry_run=0 exec_mode=0 wait=0 requeue=0
+python_opt="" step_pid="" submit_only="" gpus_per_node="" tasks_per_node="" container_image="" container_mounts=""
+nodes=1 time_limit="" partition="" account="" job_name="megatron-slim" log_dir="" dependency="" signal=""
+envs=() sbatch_extra=()
+
+while [ "$#" -gt 0 ]; do
+    opt="$1"
+    case "$opt" in
+        --*=*) set -- "${opt%%=*}" "${opt#*=}" "${@:2}"; continue ;;
+        --wait|--requeue|--nodes|--time|--partition|--account|--job-name|--log-dir|--dependency|--signal|\
+        --sbatch-arg) submit_only="$opt" ;;
+    esac
+    case "$opt" in
+        -h|--help) usage; exit 0 ;;
+        --) shift; break ;;
+        --submit) submit=1 ;;
+        --dry-run) dry_run=1 ;;
+        --exec) exec_mode=1 ;;
+        --wait) wait=1 ;;
+        --requeue) requeue=1 ;;
+        --python|--env|--gpus-per-node|--tasks-per-node|--nproc-per-node|--container-image|--container-mounts|\
+        --nodes|--time|--partition|--account|--job-name|--log-dir|--dependency|--signal|--sbatch-arg)
+            [ "$#" -ge 2 ] || die "$opt needs a value"
+            value="$2"
+            shift
+            case "$opt" in
+                --python) python_opt="$value" ;;
+                --env)
+                    [[ "$value" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env wants KEY=VAL, got '$value'"
+                    envs+=("$value") ;;
+                --gpus-per-node) is_count "$value" || die "$opt: not a count: $value"; gpus_per_node="$value" ;;
+                --tasks-per-node|--nproc-per-node)
+                    is_positive "$value" || die "$opt: not a positive count: $value"
+                    tasks_per_node="$value" ;;
+                --container-image) container_image="$value" ;;
+                --container-mounts) container_mounts="$value" ;;
+                --nodes) is_positive "$value" || die "--nodes: not a positive count: $value"
+                    nodes="$value" ;;
+                --time) time_limit="$value" ;;
+                --partition) partition="$value" ;;
+                --account) account="$value" ;;
+                --job-name) job_name="$value" ;;
+                --log-dir) log_dir="$value" ;;
+                --dependency) dependency="$value" ;;
+                --signal) signal="$value" ;;
+                --sbatch-arg) sbatch_extra+=("$value") ;;
+            esac ;;
+        *) die "unknown option '$opt' (megatron-slim arguments go after --; see --help)" ;;
+    esac
+    shift
+done
+args=("$@")
+[ "$submit" = 1 ] || [ -z "$submit_only" ] || die "$submit_only only applies with --submit"
+[ "${#args[@]}" -gt 0 ] || die "nothing to run: give megatron-slim arguments after -- (see --help)"
+
+# The repository: where this script lives, or (inside a batch job, where SLURM runs a copy of the script) the
+# root recorded at submit time, or the submit directory.
+root=""
+for candidate in "${MEGATRON_SLIM_ROOT:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)" "${SLURM_SUBMIT_DIR:-}"; do
+    if [ -n "$candidate" ] && [ -d "$candidate/megatron_slim" ]; then
+        root="$candidate"
+        break
+    fi
+done
+
+python="$python_opt"
+if [ -z "$python" ]; then
+    if [ -n "$container_image" ]; then
+        python=python
+    elif [ -n "$root" ] && [ -x "$root/.venv/bin/python" ]; then
+        python="$root/.venv/bin/python"
+    else
+        python=python3
+    fi
+fi
+
+if [ "$exec_mode" = 1 ]; then
+    program=("${args[@]}")
+else
+    program=("$python" -m megatron_slim.cli "${args[@]}")
+fi
+
+# Per-node task count from the options (empty: not given).
+tasks_from_options() {
+    if [ -n "$tasks_per_node" ]; then
+        echo "$tasks_per_node"
+    elif [ -n "$gpus_per_node" ] && [ "$gpus_per_node" -gt 0 ]; then
+        echo "$gpus_per_node"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------- --submit
+submit_job() {
+    local gpus="${gpus_per_node:-8}" tasks
+    tasks="$(tasks_from_options)"
+    [ -n "$tasks" ] || tasks="$(( gpus > 0 ? gpus : 1 ))"
+    local sbatch=(sbatch --parsable "--job-name=$job_name" "--nodes=$nodes" "--ntasks-per-node=$tasks")
+    [ "$gpus" -gt 0 ] && sbatch+=("--gpus-per-node=$gpus")
+    [ -n "$time_limit" ] && sbatch+=("--time=$time_limit")
+    [ -n "$partition" ] && sbatch+=("--partition=$partition")
+    [ -n "$account" ] && sbatch+=("--account=$account")
+    [ -n "$dependency" ] && sbatch+=("--dependency=$dependency")
+    if [ "$requeue" = 1 ]; then
+        sbatch+=(--requeue --open-mode=append "--signal=${signal:-B:USR1@120}")
+    elif [ -n "$signal" ]; then
+        sbatch+=("--signal=$signal")
+    fi
+    if [ -n "$log_dir" ]; then
+        sbatch+=("--output=$log_dir/%x-%j.out" "--error=$log_dir/%x-%j.err")
+    fi
+    [ "$wait" = 1 ] && sbatch+=(--wait)
+    sbatch+=("${sbatch_extra[@]}")
+
+    # The batch script is this file; the run-time options travel as its arguments (argv keeps spaces intact).
+    local script
+    script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+    local inner=("$script" --tasks-per-node "$tasks" --gpus-per-node "$gpus")
+    [ -n "$python_opt" ] && inner+=(--python "$python_opt")
+    [ -n "$container_image" ] && inner+=(--container-image "$container_image")
+    [ -n "$container_mounts" ] && inner+=(--container-mounts "$container_mounts")
+    [ "$exec_mode" = 1 ] && inner+=(--exec)
+    local kv
+    for kv in "${envs[@]}"; do
+        inner+=(--env "$kv")
+    done
+    local cmd=("${sbatch[@]}" "${inner[@]}" -- "${args[@]}")
+
+    if [ "$dry_run" = 1 ]; then
+        print_command "${cmd[@]}"
+        return 0
+    fi
+    [ -n "$log_dir" ] && mkdir -p "$log_dir"
+    # The copy of this script that SLURM runs finds the repository through this variable.
+    [ -n "$root" ] && export MEGATRON_SLIM_ROOT="$root"
+    exec "${cmd[@]}"
+}
+
+# ---------------------------------------------------------------------------------------------- SLURM job
+interrupted=0
+
+forward_signal() {
+    local sig="$1"
+    interrupted=1
+    [ -n "$step_pid" ] || return 0
+    note "got SIG$sig: forwarding it to the job step"
+    if [ "$sig" = TERM ]; then
+        # srun answers TERM by killing its tasks: signal the tasks of the job's steps directly instead (or, if
+        # the controller is unreachable, send USR1 through srun, which the contract treats the same).
+        scancel --signal=TERM "$SLURM_JOB_ID" || kill -USR1 "$step_pid" 2>/dev/null || true
+    else
+        kill -s "$sig" "$step_pid" 2>/dev/null || true
+    fi
+}
+
+run_in_slurm_job() {
+    local master
+    master="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" || true
+    export MASTER_ADDR="${master:-$(hostname)}"
+    export MASTER_PORT="$(( 15000 + SLURM_JOB_ID % 15000 ))"
+    apply_env
+
+    if [ -n "${SLURM_STEP_ID:-}" ]; then
+        # Already one process of a step (srun launch.sh ...): srun did the fan-out.
+        [ "$dry_run" = 1 ] && { print_command "${program[@]}"; return 0; }
+        exec "${program[@]}"
+    fi
+
+    local nnodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}" tasks
+    tasks="$(tasks_from_options)"
+    if [ -z "$tasks" ]; then
+        if [[ "${SLURM_NTASKS_PER_NODE:-}" =~ ^[0-9]+$ ]]; then
+            tasks="$SLURM_NTASKS_PER_NODE"
+        elif [[ "${SLURM_GPUS_ON_NODE:-}" =~ ^[0-9]+$ ]] && [ "$SLURM_GPUS_ON_NODE" -gt 0 ]; then
+            tasks="$SLURM_GPUS_ON_NODE"
+        elif [[ "${SLURM_NTASKS:-}" =~ ^[0-9]+$ ]]; then
+            tasks="$(( SLURM_NTASKS / nnodes > 0 ? SLURM_NTASKS / nnodes : 1 ))"
+        else
+            tasks=1
+        fi
+    fi
+    local srun=(srun "--nodes=$nnodes" "--ntasks-per-node=$tasks" "--ntasks=$(( nnodes * tasks ))")
+    [ -n "$container_image" ] && srun+=("--container-image=$container_image")
+    [ -n "$container_mounts" ] && srun+=("--container-mounts=$container_mounts")
+    local cmd=("${srun[@]}" "${program[@]}")
+    [ "$dry_run" = 1 ] && { print_command "${cmd[@]}"; return 0; }
+
+    note "job $SLURM_JOB_ID: $nnodes node(s) x $tasks task(s), MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
+    # srun runs in the background so that the traps can fire while we wait for it.
+    trap 'forward_signal USR1' USR1
+    trap 'forward_signal TERM' TERM
+    "${cmd[@]}" &
+    step_pid=$!
+    local rc
+    while :; do
+        interrupted=0
+        wait "$step_pid" && rc=0 || rc=$?
+        # A trap interrupts `wait` with a status above 128; the step itself is still running then.
+        if [ "$interrupted" = 0 ] || [ "$rc" -le 128 ]; then
+            break
+        fi
+    done
+    trap - USR1 TERM
+
+    if [ "$rc" = "$EXIT_REQUEUE" ] && [ "${ENVIRONMENT:-}" = BATCH ]; then
+        note "step exited $EXIT_REQUEUE: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID" || note "scontrol requeue failed (was the job submitted with --requeue?)"
+    fi
+    return "$rc"
+}
+
+apply_env() {
+    local kv
+    for kv in "${envs[@]}"; do
+        export "${kv?}"   # KEY=VAL as one word; ${kv?} tells shellcheck the indirection is meant
+    done
+}
+
+# ---------------------------------------------------------------------------------------------- local
+run_local() {
+    [ -z "$container_image" ] || die "--container-image needs a SLURM job with pyxis (use --submit)"
+    local nproc
+    nproc="$(tasks_from_options)"
+    if [ -z "$nproc" ]; then
+        nproc=1
+        if [ -z "$gpus_per_node" ] && command -v nvidia-smi >/dev/null 2>&1; then
+            nproc="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+            [ "$nproc" -gt 0 ] || nproc=1
+        fi
+    fi
+    apply_env
+    local cmd
+    if [ "$nproc" = 1 ]; then
+        cmd=("${program[@]}")
+    elif [ "$exec_mode" = 1 ]; then
+        cmd=("$python" -m torch.distributed.run --standalone "--nproc-per-node=$nproc" --no-python "${program[@]}")
+    else
+        cmd=("$python" -m torch.distributed.run --standalone "--nproc-per-node=$nproc" -m megatron_slim.cli
+             "${args[@]}")
+    fi
+    [ "$dry_run" = 1 ] && { print_command "${cmd[@]}"; return 0; }
+    exec "${cmd[@]}"
+}
+
+# ---------------------------------------------------------------------------------------------- main
+if [ -n "$root" ]; then
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ "$submit" = 1 ]; then
+    submit_job
+elif [ -n "${SLURM_JOB_ID:-}" ]; then
+    run_in_slurm_job
+else
+    run_local
+fi

@@ -1,0 +1,186 @@
+"""launch.sh on a real one-node SLURM cluster (scripts/local_slurm.sh) and with torchrun.
+
+The cluster runs as root on localhost and is installed with apt-get when missing; the tests that need it are
+skipped only where that is impossible (not Linux, not root, or SLURM missing and no apt-get). The --dry-run and
+torchrun tests need neither.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch.sh"
+LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
+TESTS = Path(__file__).resolve().parent
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged")
+
+
+def _cannot_run_cluster() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the local SLURM cluster needs Linux"
+    if os.geteuid() != 0:
+        return "the local SLURM cluster runs its daemons as root"
+    if not all(shutil.which(b) for b in SLURM_BINARIES) and not shutil.which("apt-get"):
+        return "SLURM is not installed and apt-get is unavailable"
+    return None
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any SLURM job context (pytest itself may run inside a job)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Start a private cluster (first use installs the packages) and stop it after the session."""
+    reason = _cannot_run_cluster()
+    if reason:
+        pytest.skip(reason)
+    cluster = tmp_path_factory.mktemp("slurm")
+    try:
+        started = time.monotonic()
+        out = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(cluster)], capture_output=True, text=True,
+                             timeout=900, env=_clean_env())
+        assert out.returncode == 0, f"cluster start failed:\n{out.stdout}\n{out.stderr}"
+        print(f"\nlocal SLURM cluster up in {time.monotonic() - started:.1f}s ({cluster})")
+        match = re.search(r"^export SLURM_CONF=(.+)$", out.stdout, re.M)
+        assert match, out.stdout
+        yield _clean_env(SLURM_CONF=shlex.split(match.group(1))[0])
+    finally:
+        subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(cluster)], capture_output=True, timeout=120)
+
+
+def _job_info(env: dict[str, str], job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (empty once the job is purged)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env, timeout=30)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def test_submit_two_tasks_all_reduce(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--nodes", "1", "--tasks-per-node", "2", "--gpus-per-node", "0",
+         "--job-name", "allreduce", "--log-dir", str(logs), "--wait", "--exec", "--",
+         sys.executable, str(TESTS / "slurm_allreduce.py")],
+        capture_output=True, text=True, env=slurm_env, timeout=120)
+    job_id = out.stdout.split(";")[0].strip()
+    log = (logs / f"allreduce-{job_id}.out").read_text() if job_id.isdigit() else ""
+    err = (logs / f"allreduce-{job_id}.err").read_text() if job_id.isdigit() else ""
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{log}\n{err}"
+    lines = sorted(line for line in log.splitlines() if line.startswith("rank="))
+    assert lines == ["rank=0 world=2 local_rank=0 sum=1", "rank=1 world=2 local_rank=1 sum=1"], log + err
+    assert re.search(r"MASTER_ADDR=\S+ MASTER_PORT=\d+", err), err
+
+
+@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
+def test_preempt_requeue_resume(slurm_env: dict[str, str], tmp_path: Path, signal_name: str) -> None:
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    state.mkdir()
+    target = 40
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--tasks-per-node", "2", "--gpus-per-node", "0", "--requeue",
+         "--job-name", "preempt", "--log-dir", str(logs), "--exec", "--",
+         sys.executable, str(TESTS / "slurm_preemptible.py"), str(state), "--target", str(target),
+         "--interval", "0.1"],
+        capture_output=True, text=True, env=slurm_env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split(";")[0].strip()
+    assert job_id.isdigit(), out.stdout
+    counters = [state / "counter-0", state / "counter-1"]
+    try:
+        _wait_until(lambda: all(c.exists() and int(c.read_text() or 0) >= 3 for c in counters), 60,
+                    "both ranks to start counting")
+        # What SLURM does before the time limit with --signal=B:USR1@N (or a preemption's SIGTERM).
+        subprocess.run(["scancel", f"--signal={signal_name}", "--batch", job_id], check=True, env=slurm_env,
+                       timeout=30)
+        # The requeued job waits cred_expire (10 s on the local cluster) before it may start again.
+        info: dict[str, str] = {}
+
+        def job_done() -> bool:
+            info.update(_job_info(slurm_env, job_id))
+            return info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+        _wait_until(job_done, 90, "the requeued job to finish", interval=0.5)
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm_env, timeout=30)
+    log = "".join(p.read_text() for p in sorted(logs.glob(f"preempt-{job_id}.*")))
+    assert info["JobState"] == "COMPLETED", (info, log)
+    assert int(info["Restarts"]) >= 1, (info, log)
+    for rank in (0, 1):
+        events = (state / f"events-{rank}").read_text().splitlines()
+        assert len(events) == 4, events
+        first, preempted, resumed, finished = events
+        assert first == "start 0 restart=0", events
+        match = re.fullmatch(rf"preempted (\d+) by SIG{signal_name}", preempted)
+        assert match, events
+        saved = int(match.group(1))
+        assert 3 <= saved < target, events
+        assert resumed == f"start {saved} restart=1", events
+        assert finished == f"finished {target}", events
+    assert "requeueing job" in log, log
+
+
+def test_dry_run_quotes_submit_command(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--time", "01:00:00",
+         "--partition", "gpu", "--account", "proj", "--requeue", "--log-dir", str(tmp_path / "my logs"),
+         "--container-image", "nvcr.io/nvidia/pytorch:25.01-py3", "--container-mounts", "/data set:/data",
+         "--env", "GREETING=hello world", "--env", "QUOTE=it's", "--dependency", "afterok:123", "--",
+         "demo", "--name", "a b"],
+        capture_output=True, text=True, env=_clean_env(), timeout=30)
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout)
+    script = words.index(str(LAUNCH))
+    sbatch, inner = words[:script], words[script + 1:]
+    assert sbatch[0] == "sbatch"
+    for opt in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=01:00:00", "--partition=gpu",
+                "--account=proj", "--requeue", "--signal=B:USR1@120", "--dependency=afterok:123", "--parsable",
+                f"--output={tmp_path}/my logs/%x-%j.out", f"--error={tmp_path}/my logs/%x-%j.err"):
+        assert opt in sbatch, (opt, sbatch)
+    assert inner[inner.index("--container-image") + 1] == "nvcr.io/nvidia/pytorch:25.01-py3"
+    assert inner[inner.index("--container-mounts") + 1] == "/data set:/data"
+    envs = [inner[i + 1] for i, w in enumerate(inner) if w == "--env"]
+    assert envs == ["GREETING=hello world", "QUOTE=it's"]
+    assert inner[inner.index("--"):] == ["--", "demo", "--name", "a b"]
+    assert not (tmp_path / "my logs").exists(), "--dry-run must not create the log dir"
+
+    # Inside the job, the same options become the srun command.
+    job_env = _clean_env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="vm", SLURM_JOB_NUM_NODES="2")
+    out = subprocess.run(["bash", str(LAUNCH), "--dry-run", *inner], capture_output=True, text=True, env=job_env,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert shlex.split(out.stdout) == [
+        "srun", "--nodes=2", "--ntasks-per-node=8", "--ntasks=16",
+        "--container-image=nvcr.io/nvidia/pytorch:25.01-py3", "--container-mounts=/data set:/data",
+        "python", "-m", "megatron_slim.cli", "demo", "--name", "a b"]
+
+
+def test_local_torchrun_two_processes() -> None:
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--nproc-per-node", "2", "--python", sys.executable, "--exec", "--",
+         sys.executable, str(TESTS / "slurm_allreduce.py")],
+        capture_output=True, text=True, env=_clean_env(), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank="))
+    assert lines == ["rank=0 world=2 local_rank=0 sum=1", "rank=1 world=2 local_rank=1 sum=1"], out.stdout

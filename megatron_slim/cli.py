@@ -13,6 +13,8 @@ import sys
 # command name -> module under megatron_slim.commands (the module name may differ from the command name).
 COMMANDS: dict[str, str] = {
     "info": "info",
+    "convert": "convert",
+    "verify": "verify",
     "demo": "demo",
 }
 
@@ -33,8 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_slim.errors import UserError
+
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, FileExistsError, FileNotFoundError) as e:
+        print(f"megatron-slim {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

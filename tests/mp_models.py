@@ -67,3 +67,15 @@ def train_steps(rank: int, world: int, family: str, steps: int, tokens: torch.Te
         opt.step()
         losses.append(loss.item())
     return {"losses": losses, "missing_grads": sorted(missing)}
+
+
+def verify_sweep(rank: int, world: int, hf_dir: str, mcore_dir: str, layouts: dict[str, dict], tokens: torch.Tensor):
+    """`megatron-slim verify` at several layouts in one set of processes: {layout: report} on the reporting rank."""
+    from megatron_slim.verify.parity import hf_parity, megatron_logits
+
+    reports = {}
+    for name, layout in layouts.items():
+        _, logits, mtp = megatron_logits(mcore_dir, tokens, ParallelConfig(**layout))
+        if logits is not None:
+            reports[name] = hf_parity(hf_dir, tokens, logits, mtp)
+    return reports

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_slim.errors import UserError
+
 # Hybrid layer symbols (megatron-core's HybridModel pattern language).
 GDN, ATTENTION, MOE, DENSE_MLP = "G", "*", "E", "-"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The checkpoint's architecture or a math-changing config field is not supported."""
 
 

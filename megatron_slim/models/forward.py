@@ -20,11 +20,34 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits)
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def mtp_logits_from_hidden(model: torch.nn.Module, mtp_hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Vocab-parallel logits [b, S, V/tp] of each MTP depth from the MTP block's output, which megatron-core
+    concatenates along the sequence as [main; depth 1; ...] (the same split its MTP loss uses)."""
+    inner = _unwrap(model)
+    chunks = torch.chunk(mtp_hidden, 1 + inner.config.mtp_num_layers, dim=0)[1:]
+    weight = inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights else None
+    return [inner.output_layer(h, weight=weight)[0].transpose(0, 1) for h in chunks]
+
+
 def forward_microbatches(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int,
-                         on_logits: Callable[[torch.Tensor, slice], None]) -> None:
+                         on_logits: Callable[[torch.Tensor, slice], None],
+                         on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None) -> None:
     """Forward-only pass of `tokens` [B, S] in micro-batches; on the last pipeline stage `on_logits(logits, rows)`
-    receives each micro-batch's vocab-parallel logits [b, S, V/tp] and the batch rows they belong to."""
+    receives each micro-batch's vocab-parallel logits [b, S, V/tp] and the batch rows they belong to, and
+    `on_mtp_logits(per_depth_logits, rows)` the MTP heads' logits (position t of depth k predicts token t+k+1)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    inner = _unwrap(model)
+    captured: list[torch.Tensor] = []
+    hook = None
+    if on_mtp_logits is not None and getattr(inner, "mtp_process", False):
+        hook = inner.mtp.register_forward_hook(lambda mod, args, out: captured.append(out))
 
     batch, seq = tokens.shape
     if batch % micro_batch_size:
@@ -39,23 +62,41 @@ def forward_microbatches(model: torch.nn.Module, tokens: torch.Tensor, micro_bat
 
         def collect(output: torch.Tensor):
             on_logits(output, rows)
+            if captured:
+                on_mtp_logits(mtp_logits_from_hidden(model, captured.pop()), rows)
             return output.new_zeros(()), {}
 
         return out, collect
 
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=step, data_iterator=it, model=[model], num_microbatches=len(chunks),
-            seq_length=seq, micro_batch_size=micro_batch_size, forward_only=True,
-        )
+    try:
+        with torch.no_grad():
+            get_forward_backward_func()(
+                forward_step_func=step, data_iterator=it, model=[model], num_microbatches=len(chunks),
+                seq_length=seq, micro_batch_size=micro_batch_size, forward_only=True,
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def full_logits(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int = 1) -> torch.Tensor | None:
     """Full-vocab logits [B, S, V] on last-stage ranks (None on other stages)."""
+    return full_logits_with_mtp(model, tokens, micro_batch_size)[0]
+
+
+def full_logits_with_mtp(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int = 1
+                         ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(main logits [B, S, V], [MTP depth-k logits [B, S, V]]) on last-stage ranks; (None, []) elsewhere."""
     from megatron.core import parallel_state
 
-    out: list[tuple[slice, torch.Tensor]] = []
-    forward_microbatches(model, tokens, micro_batch_size, lambda lg, rows: out.append((rows, gather_vocab(lg))))
+    main: list[tuple[int, torch.Tensor]] = []
+    mtp: list[tuple[int, list[torch.Tensor]]] = []
+    forward_microbatches(model, tokens, micro_batch_size,
+                         lambda lg, rows: main.append((rows.start, gather_vocab(lg))),
+                         lambda lgs, rows: mtp.append((rows.start, [gather_vocab(lg) for lg in lgs])))
     if not parallel_state.is_pipeline_last_stage():
-        return None
-    return torch.cat([lg for _, lg in sorted(out, key=lambda r: r[0].start)], dim=0)
+        return None, []
+    logits = torch.cat([lg for _, lg in sorted(main, key=lambda r: r[0])], dim=0)
+    mtp.sort(key=lambda r: r[0])
+    depths = [torch.cat([lgs[d] for _, lgs in mtp], dim=0) for d in range(len(mtp[0][1]))] if mtp else []
+    return logits, depths

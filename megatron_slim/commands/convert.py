@@ -1,0 +1,43 @@
+"""Convert checkpoints between Hugging Face safetensors and Megatron-Core distributed (torch_dist) format.
+
+hf-to-mcore writes a checkpoint that loads at any TP/PP/EP/expert-TP layout chosen at load time, with the model
+config the trainer needs and the tokenizer files. mcore-to-hf writes safetensors shards with an index, config.json,
+generation config and tokenizer files, loadable by transformers' from_pretrained. Both stream tensor groups (bounded
+memory) and write to `<out>.partial` first, renaming only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert checkpoints: hf-to-mcore | mcore-to-hf (streamed, any layout at load time)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="direction", metavar="<direction>", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron-Core torch_dist",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--hf", required=True, help="HF checkpoint directory (config.json, *.safetensors, index, tokenizer)")
+    a.add_argument("--out", required=True, help="output Megatron-Core checkpoint directory")
+    b = sub.add_parser("mcore-to-hf", help="Megatron-Core torch_dist -> HF safetensors",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--mcore", required=True, help="Megatron-Core checkpoint directory (with model_config.json)")
+    b.add_argument("--out", required=True, help="output HF checkpoint directory")
+    b.add_argument("--hf-template", default=None,
+                   help="HF directory whose tokenizer/generation files to copy (default: those stored at conversion)")
+    for q in (a, b):
+        q.add_argument("--dry-run", action="store_true",
+                       help="validate and print what would be written (tensors, parameters, bytes); write nothing")
+        q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_slim.checkpoint.convert import hf_to_mcore, mcore_to_hf
+
+    common = dict(dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.direction == "hf-to-mcore":
+        summary = hf_to_mcore(args.hf, args.out, **common)
+    else:
+        summary = mcore_to_hf(args.mcore, args.out, hf_template=args.hf_template, **common)
+    print(("would write " if args.dry_run else f"wrote {args.out}: ") + summary.describe())
+    return 0

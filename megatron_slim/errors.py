@@ -1,0 +1,5 @@
+"""Errors that describe a problem with the user's input (reported as one clear line, not a traceback)."""
+
+
+class UserError(Exception):
+    """Bad input: a checkpoint, config, plan or recipe that cannot be used as given."""

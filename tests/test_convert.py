@@ -1,0 +1,154 @@
+"""HF <-> Megatron-Core conversion: logit parity with transformers at several layouts (MTP included), exact
+round trips, and clear errors on corrupt input that leave no complete-looking output behind."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny_models
+from dist import run_distributed
+from hf_fixtures import build_tiny_hf, random_mtp_tensors, saved_shapes, write_shard
+from mp_models import verify_sweep
+
+LAYOUTS = {"tp1": {}, "tp2": {"tp": 2}, "ep2": {"ep": 2}, "pp2": {"pp": 2}}
+TOKENS = torch.randint(0, tiny_models.VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"megatron-slim {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def save_hf(family: str, out: Path, seed: int = 0, **over) -> Path:
+    """A tiny random HF checkpoint, sharded, with non-trivial norm weights (and MTP for Qwen3-Next)."""
+    model = build_tiny_hf(tiny_models.FAMILIES[family](**over), seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # random init leaves norms at 0/1, which would hide norm-convention mistakes
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.save_pretrained(out, max_shard_size="300KB")
+    if family == "qwen3_next":
+        write_shard(out, random_mtp_tensors(model, saved_shapes(out), seed + 1, mtp_layers=1))
+    return out
+
+
+def all_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(tiny_models.FAMILIES))
+def converted(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    hf = save_hf(request.param, root / "hf")
+    cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(root / "mcore"), "--no-progress")
+    return request.param, hf, root
+
+
+def test_logit_parity_with_transformers_at_layouts(converted):
+    family, hf, root = converted
+    per_rank = run_distributed(verify_sweep, 4, str(hf), str(root / "mcore"), LAYOUTS, TOKENS, timeout_s=600)
+    reported = [layout for r in per_rank for layout in r]
+    assert sorted(reported) == sorted(LAYOUTS), "exactly one reporting rank per layout"
+    for layout, report in ((k, v) for r in per_rank for k, v in r.items()):
+        heads = ["main", "mtp1"] if family == "qwen3_next" else ["main"]
+        assert sorted(k for k in report) == sorted(heads), (layout, report)
+        for head in heads:
+            m = report[head]
+            assert m["max_abs_diff"] <= 1e-4 and m["top1_agreement"] == 1.0, (layout, head, m)
+
+
+def test_round_trip_is_bit_exact(converted):
+    family, hf, root = converted
+    back = root / "back"
+    cli("convert", "mcore-to-hf", "--mcore", str(root / "mcore"), "--out", str(back), "--no-progress",
+        "--overwrite")
+    a, b = all_tensors(hf), all_tensors(back)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert json.loads((back / "config.json").read_text())["architectures"] == \
+        json.loads((hf / "config.json").read_text())["architectures"]
+    assert (back / "generation_config.json").is_file()
+    if family != "qwen3_next":  # transformers has no MTP module: it loads the rest and drops mtp.*
+        from transformers import AutoModelForCausalLM
+        ref = AutoModelForCausalLM.from_pretrained(hf).eval()
+        got = AutoModelForCausalLM.from_pretrained(back).eval()
+        with torch.no_grad():
+            assert torch.equal(ref(TOKENS).logits, got(TOKENS).logits)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    hf = save_hf("qwen3_moe", tmp_path / "hf", tie_word_embeddings=True)
+    assert "lm_head.weight" not in all_tensors(hf)
+    cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress")
+    cli("convert", "mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "back"), "--no-progress")
+    a, b = all_tensors(hf), all_tensors(tmp_path / "back")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dry_run_writes_nothing_and_counts(tmp_path):
+    hf = save_hf("mixtral", tmp_path / "hf")
+    proc = cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--dry-run")
+    n_params = sum(t.numel() for t in all_tensors(hf).values())
+    assert f"{n_params / 1e9:.3f}B parameters" in proc.stdout
+    assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()
+
+
+def _shards(hf: Path) -> list[Path]:
+    return sorted(hf.glob("model-*.safetensors"))
+
+
+def _corrupt_truncate(hf: Path) -> str:
+    shard = _shards(hf)[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return "truncated"
+
+
+def _corrupt_missing_shard(hf: Path) -> str:
+    _shards(hf)[0].unlink()
+    return "shards named in model.safetensors.index.json are missing"
+
+
+def _corrupt_shape(hf: Path) -> str:
+    shard = _shards(hf)[0]
+    tensors = load_file(shard)
+    key = next(k for k in tensors if k.endswith("o_proj.weight"))
+    tensors[key] = tensors[key][:, :-8].contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return "shape mismatch"
+
+
+def _corrupt_arch(hf: Path) -> str:
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    return "unsupported architecture"
+
+
+def _corrupt_extra_key(hf: Path) -> str:
+    write_shard(hf, {"model.layers.0.mystery.weight": torch.zeros(4)})
+    return "not consumed"
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_missing_shard, _corrupt_shape, _corrupt_arch,
+                                     _corrupt_extra_key])
+def test_corrupt_input_fails_clearly_and_leaves_no_output(tmp_path, corrupt):
+    hf = save_hf("qwen3_moe", tmp_path / "hf")
+    message = corrupt(hf)
+    proc = cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()

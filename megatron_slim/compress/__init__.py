@@ -1,0 +1,1 @@
+"""Compression: importance statistics, compression plans, checkpoint surgery and expert merging."""

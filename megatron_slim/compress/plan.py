@@ -1,0 +1,61 @@
+"""The compression plan: exactly what a pruned/merged student keeps, as indices into the source model.
+
+Written by `megatron-slim plan`, applied by `megatron-slim prune`. Plain JSON so people can read and edit it.
+Every index refers to the SOURCE model. Per-layer entries are keyed by the source layer's prefix
+(`layers.{i}` for decoder layers, `mtp.{d}` for MTP depths) and exist only for kept layers.
+
+- layers: kept source decoder layers, in order (the student's layer j is source layer layers[j]).
+- hidden_channels: kept hidden channels (sorted), or None to keep all.
+- experts[prefix]: one entry per student expert slot: a list of [source_expert, weight] pairs. An intact (kept)
+  expert is [[e, 1.0]]; a merged slot lists its base first, then the experts merged into it; weights sum to 1.
+- router: "keep" (a merged slot keeps its base's router row) or "average" (the same weighted average as its FFN).
+- expert_neurons[prefix]: per student expert slot, kept FFN neurons (indices into the merged expert's neurons,
+  i.e. the base's neuron order), or absent to keep all.
+- shared_expert_neurons[prefix] / dense_mlp_neurons[prefix]: kept neurons, or absent.
+- query_groups[prefix]: kept attention query groups (with all their heads), or absent.
+- gdn_key_heads[prefix]: kept Gated DeltaNet key heads (with their value heads), or absent.
+- target: the student's ModelConfig (what `prune` writes into the output checkpoint).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megatron_slim.models.config import ModelConfig
+
+ExpertSlot = list[tuple[int, float]]
+
+
+@dataclass
+class CompressionPlan:
+    source: ModelConfig
+    target: ModelConfig
+    layers: list[int]
+    hidden_channels: list[int] | None = None
+    experts: dict[str, list[ExpertSlot]] = field(default_factory=dict)
+    router: str = "keep"
+    expert_neurons: dict[str, list[list[int]]] = field(default_factory=dict)
+    shared_expert_neurons: dict[str, list[int]] = field(default_factory=dict)
+    dense_mlp_neurons: dict[str, list[int]] = field(default_factory=dict)
+    query_groups: dict[str, list[int]] = field(default_factory=dict)
+    gdn_key_heads: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["source"], d["target"] = self.source.to_json(), self.target.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CompressionPlan":
+        d = dict(d)
+        d["source"], d["target"] = ModelConfig.from_json(d["source"]), ModelConfig.from_json(d["target"])
+        d["experts"] = {k: [[(int(e), float(w)) for e, w in slot] for slot in v] for k, v in d["experts"].items()}
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressionPlan":
+        return cls.from_json(json.loads(Path(path).read_text()))

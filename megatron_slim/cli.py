@@ -15,7 +15,12 @@ COMMANDS: dict[str, str] = {
     "info": "info",
     "convert": "convert",
     "verify": "verify",
+    "preprocess": "preprocess",
+    "train": "train",
     "demo": "demo",
+    "prune": "prune",
+    "plan": "plan",
+    "importance": "importance",
 }
 
 

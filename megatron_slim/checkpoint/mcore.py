@@ -37,12 +37,14 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, cfg: ModelConfig) -
 
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Collective: load this rank's shards of every parameter; a missing or unexpected tensor is an error."""
+    """Collective: load this rank's shards of every parameter; a parameter missing from the checkpoint is an
+    error. Extra checkpoint entries (optimizer state of training checkpoints, a teacher's MTP head when it is built
+    without one) are left unread."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     inner = _unwrap(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RAISE_ALL)
+    state = dist_checkpointing.load(inner.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
     inner.load_state_dict(state, strict=True)
 
 

@@ -11,7 +11,9 @@ redirects exactly those, in one place, and is never activated when CUDA is avail
 3. Streams and events used by the MoE layer and dispatchers -> no-op stand-ins; `synchronize` -> no-op.
 4. Gated DeltaNet: fla's Triton `l2norm` -> a torch equivalent (the recurrence already has a torch path,
    `torch_chunk_gated_delta_rule`, chosen by `deterministic_mode=True`, and the conv has a torch path there too).
-5. `torch.compile` (megatron's `jit_fuser`) is disabled: inductor compilation on CPU is slow and adds nothing
+5. Type strings: the optimizers check `param.type() == "torch.cuda.FloatTensor"`; `Tensor.type()` reports the
+   CUDA name of CPU tensors.
+6. `torch.compile` (megatron's `jit_fuser`) is disabled: inductor compilation on CPU is slow and adds nothing
    to correctness checks.
 
 Production paths (GPU) run megatron-core's real CUDA code: `activate()` refuses to run when CUDA is available.
@@ -45,6 +47,9 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.to and len(args) > 1:

@@ -1,0 +1,1 @@
+"""Training and distillation on Megatron-Core: config, data, checkpoints, the loop."""

@@ -1,0 +1,114 @@
+"""Atomic, resumable training checkpoints (megatron-core distributed checkpoints).
+
+Layout: <save_dir>/iter_0000100/ (model + optimizer + scheduler + step + RNG, plus model_config.json so every
+tool can read it as a model checkpoint) and <save_dir>/latest (the step of the newest complete checkpoint).
+A save writes into iter_XXXXXXX.tmp and is renamed only after every rank finished; `latest` is replaced with
+os.replace afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous complete
+checkpoint; stale .tmp directories are removed by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_slim.checkpoint.mcore import MODEL_CONFIG
+from megatron_slim.models.config import ModelConfig
+
+LATEST = "latest"
+
+
+def iter_dir(save_dir: Path, step: int) -> Path:
+    return save_dir / f"iter_{step:07d}"
+
+
+def latest_step(save_dir: str | Path) -> int | None:
+    p = Path(save_dir) / LATEST
+    if not p.is_file():
+        return None
+    step = int(p.read_text().strip())
+    if not iter_dir(Path(save_dir), step).is_dir():
+        raise FileNotFoundError(f"{p} names step {step} but {iter_dir(Path(save_dir), step)} is missing")
+    return step
+
+
+def _rng_object(load: bool = False):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = None if load else {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states(),
+                                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+# Optimizer state sharded in the model's parameter space: a run may resume at another TP/PP/EP/DP layout.
+_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _sharded_state(model, optimizer, loading: bool) -> dict[str, Any]:
+    model_sd = model.sharded_state_dict(metadata=dict(_METADATA))
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=dict(_METADATA)),
+            "rng": _rng_object(load=loading)}
+
+
+def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: ModelConfig, extra: dict,
+         keep_last: int) -> Path:
+    """Collective. `model` is the unwrapped (non-DDP) module."""
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    final = iter_dir(save_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    state = _sharded_state(model, optimizer, loading=False)
+    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra)
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if rank0:
+        (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        marker = save_dir / (LATEST + ".tmp")
+        marker.write_text(f"{step}\n")
+        with open(marker) as f:
+            os.fsync(f.fileno())
+        os.replace(marker, save_dir / LATEST)
+        kept = sorted(save_dir.glob("iter_???????"), key=lambda p: int(p.name[5:]))
+        for old in kept[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
+    """Collective: restore model, optimizer, scheduler and RNG; returns {"step", "extra"}."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    path = iter_dir(Path(save_dir), step)
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path))
+    model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    if isinstance(rng, list):
+        rng = rng[0]
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return {"step": state["step"], "extra": state["extra"]}

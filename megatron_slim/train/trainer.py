@@ -1,0 +1,294 @@
+"""The training / online-distillation loop on Megatron-Core.
+
+Student: HybridModel wrapped in megatron-core DDP with the distributed optimizer; micro-batches and gradient
+accumulation (and pipeline schedules when pp > 1) through `get_forward_backward_func`. Teacher (optional): built
+from its own checkpoint at the same TP/EP layout, frozen, forward-only on the same micro-batch. Losses come from
+`megatron_slim.distill.losses` on vocab-parallel logits (never gathered):
+    total = alpha * KD + (1 - alpha) * LM + w_mtp_lm * mean_k MTP-LM_k + w_mtp_kd * mean_k MTP-KD_k (+ MoE aux)
+SIGTERM/SIGUSR1 (SLURM preemption, time limit) -> checkpoint at the next step boundary and exit 75, launch.sh's
+"requeue me" status.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from megatron_slim.errors import UserError
+from megatron_slim.train import checkpointing
+from megatron_slim.train.config import RunConfig, run_config_to_dict
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: launch.sh requeues the SLURM job on this status
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at step boundaries."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([int(self.raised)], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _active_params(cfg) -> float:
+    """Parameters a token passes through (routed experts: top-k of E), for the MFU estimate."""
+    from megatron_slim.compress.accounting import count_parameters
+
+    return count_parameters(cfg).active
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_slim.checkpoint.mcore import load_model, load_model_config
+        from megatron_slim.models.builder import BuildOptions, build_model
+        from megatron_slim.runtime.distributed import ParallelConfig, init_distributed, init_model_parallel
+
+        c = self.cfg
+        init_distributed()
+        c.validate(dist.get_world_size())
+        p = c.parallel
+        self.parallel = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp)
+        init_model_parallel(self.parallel, seed=c.train.seed)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        dtype = torch.bfloat16 if c.precision.bf16 else torch.float32
+
+        self.model_cfg = load_model_config(c.model.checkpoint)
+        opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
+                            moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
+                            fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe)
+        student = build_model(self.model_cfg, self.parallel, opts)
+        self.teacher = None
+        if c.teacher is not None:
+            tcfg = load_model_config(c.teacher.checkpoint)
+            if tcfg.vocab_size != self.model_cfg.vocab_size:
+                raise UserError(f"teacher vocab {tcfg.vocab_size} != student vocab {self.model_cfg.vocab_size}: "
+                                "teacher and student must share the tokenizer")
+            self._check_same_tokenizer(Path(c.teacher.checkpoint), Path(c.model.checkpoint))
+            self.teacher = build_model(tcfg.replace(mtp_num_layers=0), self.parallel, opts)
+            load_model(self.teacher, c.teacher.checkpoint)
+            self.teacher.eval()
+            for prm in self.teacher.parameters():
+                prm.requires_grad_(False)
+            self.teacher_cfg = tcfg
+
+        self.model = DistributedDataParallel(
+            student.config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
+            student)
+        student.config.finalize_model_grads_func = finalize_model_grads
+        o = c.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                            clip_grad=o.clip_grad, bf16=c.precision.bf16, params_dtype=dtype,
+                            use_distributed_optimizer=True),
+            [self.model])
+        total, warmup = c.total_iters, c.warmup_iters
+        style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}[c.schedule.style]
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+            lr_decay_steps=total, lr_decay_style=style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=total, wd_incr_style="constant",
+            wsd_decay_steps=math.ceil(total * c.schedule.wsd_decay_fraction) if style == "WSD" else None,
+            lr_wsd_decay_style=c.schedule.wsd_decay_style if style == "WSD" else None)
+
+        self.step = 0
+        resume = checkpointing.latest_step(c.checkpoint.save_dir)
+        if resume is not None:
+            state = checkpointing.load(c.checkpoint.save_dir, resume, student, self.optimizer, self.scheduler)
+            self.step = state["step"]
+            self._log_rank0(f"resumed from {c.checkpoint.save_dir} at step {self.step}")
+        else:
+            load_model(student, c.model.checkpoint)
+            self._log_rank0(f"initialised student from {c.model.checkpoint}")
+        self._build_data()
+        self.stop = _StopFlag()
+        self.reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                         and self.dp_rank == 0)
+        self.logger = None
+        if self.reporter:
+            from megatron_slim.train.metrics import MetricsLogger
+
+            self.logger = MetricsLogger(c.checkpoint.save_dir, Path(c.checkpoint.save_dir).name,
+                                        run_config_to_dict(c), c.logging.wandb_project, c.logging.wandb_mode)
+
+    @staticmethod
+    def _check_same_tokenizer(a: Path, b: Path) -> None:
+        ta, tb = a / "tokenizer" / "tokenizer.json", b / "tokenizer" / "tokenizer.json"
+        if ta.is_file() and tb.is_file() and ta.read_bytes() != tb.read_bytes():
+            raise UserError(f"teacher and student tokenizers differ ({ta} vs {tb})")
+
+    def _build_data(self) -> None:
+        from megatron_slim.train.data import build_datasets, tokenizer_info
+
+        c = self.cfg
+        samples = c.total_iters * c.batch.global_batch_size
+        cache = c.data.cache_dir or str(Path(c.checkpoint.save_dir) / "data_cache")
+        tok = tokenizer_info(c.model.checkpoint, self.model_cfg.vocab_size)
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            c.data.blend, c.data.split, c.data.seq_length, (samples, c.batch.global_batch_size, 0), c.train.seed, tok,
+            cache, c.data.eod_mask_loss)
+
+    def _log_rank0(self, msg: str) -> None:
+        if dist.get_rank() == 0:
+            print(msg, flush=True)
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        from megatron_slim.distill.losses import kd_loss, lm_loss, mtp_kd_loss
+        from megatron_slim.models.forward import mtp_logits_from_hidden
+
+        batch = next(data_iterator)
+        dev = _device()
+        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+        loss_mask = batch["loss_mask"].to(dev).float()
+        pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        inner = _unwrap(model)
+        captured: list[torch.Tensor] = []
+        hook = (inner.mtp.register_forward_hook(lambda m, a, out: captured.append(out))
+                if getattr(inner, "mtp_process", False) else None)
+        try:
+            output = model(tokens, pos, None)
+        finally:
+            if hook is not None:
+                hook.remove()
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(tokens, pos, None)
+        c = self.cfg.loss
+
+        def loss_func(logits: torch.Tensor):
+            lm = lm_loss(logits, labels, loss_mask, tp_group=self.tp_group)
+            parts = {"lm": lm}
+            total = (1.0 - c.kd_weight) * lm
+            if teacher_logits is not None and c.kd_weight > 0:
+                parts["kd"] = kd_loss(logits, teacher_logits, kind=c.kd_kind, temperature=c.temperature,
+                                      loss_mask=loss_mask, tp_group=self.tp_group)
+                total = total + c.kd_weight * parts["kd"]
+            if captured:
+                depths = mtp_logits_from_hidden(inner, captured[0])
+                mtp_lm = sum(lm_loss(lg[:, :-k], labels[:, k:], loss_mask[:, k:], tp_group=self.tp_group)
+                             for k, lg in enumerate(depths, start=1)) / len(depths)
+                parts["mtp_lm"] = mtp_lm
+                total = total + c.mtp_lm_weight * mtp_lm
+                if teacher_logits is not None and c.mtp_kd_weight > 0:
+                    mtp_kd = sum(mtp_kd_loss(lg, teacher_logits, k, loss_mask, kind=c.kd_kind,
+                                             temperature=c.temperature, tp_group=self.tp_group)
+                                 for k, lg in enumerate(depths, start=1)) / len(depths)
+                    parts["mtp_kd"] = mtp_kd
+                    total = total + c.mtp_kd_weight * mtp_kd
+            parts["loss"] = total
+            # clone: the schedule scales the returned loss in place by 1/num_microbatches
+            return total, {k: v.detach().float().clone() for k, v in parts.items()}
+
+        return output, loss_func
+
+    def train_step(self) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_slim.train.data import microbatches
+
+        c = self.cfg
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        nmb = c.batch.global_batch_size // (c.batch.micro_batch_size * self.dp_size)
+        it = microbatches(self.train_ds, self.step, c.batch.global_batch_size, c.batch.micro_batch_size,
+                          self.dp_rank, self.dp_size)
+        results = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=it, model=[self.model], num_microbatches=nmb,
+            seq_length=c.data.seq_length, micro_batch_size=c.batch.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        record: dict = {"step": self.step, "consumed_tokens": self.step * c.tokens_per_step,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None, "update_ok": bool(ok)}
+        if results:
+            from megatron.core import parallel_state
+
+            keys = sorted(results[0])
+            means = torch.stack([torch.stack([r[k] for r in results]).mean() for k in keys])
+            dist.all_reduce(means, group=parallel_state.get_data_parallel_group())
+            record.update({k: (v / self.dp_size).item() for k, v in zip(keys, means)})
+        return record
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        c = self.cfg
+        checkpointing.save(c.checkpoint.save_dir, self.step, _unwrap(self.model), self.optimizer, self.scheduler,
+                           self.model_cfg, {"consumed_tokens": self.step * c.tokens_per_step},
+                           c.checkpoint.keep_last)
+
+    def train(self) -> int:
+        c = self.cfg
+        total = c.total_iters
+        active = 0.0
+        if c.logging.peak_tflops:  # training FLOPs ~ 6 * active params per token; the teacher adds a forward (2x)
+            active = _active_params(self.model_cfg) + (_active_params(self.teacher_cfg) / 3 if self.teacher else 0)
+        t_last, steps_since = time.time(), 0
+        while self.step < total:
+            record = self.train_step()
+            steps_since += 1
+            if self.reporter and (self.step % c.logging.log_interval == 0 or self.step == total):
+                dt = time.time() - t_last
+                tps = steps_since * c.tokens_per_step / dt
+                record["tokens_per_s"] = tps
+                record["step_time_s"] = dt / steps_since
+                record["mfu"] = (6 * active * tps / (dist.get_world_size() * c.logging.peak_tflops * 1e12)
+                                 if c.logging.peak_tflops else None)
+                record["memory_gb"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                                       else psutil.Process().memory_info().rss / 2**30)
+                self.logger.log(record)
+                t_last, steps_since = time.time(), 0
+            if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0 and self.step < total:
+                self.save()
+            if c.train.exit_interval and self.step % c.train.exit_interval == 0 and self.step < total:
+                self._log_rank0(f"exit_interval: checkpointing at step {self.step} and exiting")
+                self.save()
+                self._close()
+                return 0
+            if self.stop.agreed():
+                self._log_rank0(f"stop signal: checkpointing at step {self.step} and exiting for requeue")
+                self.save()
+                self._close()
+                return REQUEUE_EXIT_CODE
+        self.save()
+        self._close()
+        return 0
+
+    def _close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()

@@ -47,7 +47,7 @@ def _rng_object(load: bool = False):
 
 
 # Optimizer state sharded in the model's parameter space: a run may resume at another TP/PP/EP/DP layout.
-_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _sharded_state(model, optimizer, loading: bool) -> dict[str, Any]:
@@ -55,6 +55,31 @@ def _sharded_state(model, optimizer, loading: bool) -> dict[str, Any]:
     return {"model": model_sd,
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=dict(_METADATA)),
             "rng": _rng_object(load=loading)}
+
+
+def _inner_optimizers(optimizer) -> list:
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _adam_steps(optimizer) -> list[float | None]:
+    """Per chained optimizer, torch Adam's update count (its bias correction depends on it)."""
+    steps = []
+    for inner in _inner_optimizers(optimizer):
+        values = {float(s["step"]) for s in inner.state.values() if "step" in s}
+        steps.append(values.pop() if len(values) == 1 else None)
+    return steps
+
+
+def _restore_adam_steps(optimizer, steps: list[float | None]) -> None:
+    """Without apex/TE, megatron-core 0.19's distributed optimizer restores torch Adam's per-parameter `step` as
+    one tensor object shared by all parameters; torch's foreach Adam then increments it once per parameter and the
+    bias correction goes wrong after a resume. Give every parameter its own counter with the saved value."""
+    for inner, step in zip(_inner_optimizers(optimizer), steps):
+        if step is None:
+            continue
+        for s in inner.state.values():
+            if "step" in s:
+                s["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: ModelConfig, extra: dict,
@@ -73,7 +98,7 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
         tmp.mkdir()
     dist.barrier()
     state = _sharded_state(model, optimizer, loading=False)
-    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra)
+    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra, adam_steps=_adam_steps(optimizer))
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if rank0:
@@ -99,9 +124,16 @@ def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     path = iter_dir(Path(save_dir), step)
+    # A fresh torch Adam has no per-parameter state ('step', moments) until its first step, and megatron-core's
+    # distributed optimizer needs it to build the loading template (without apex/TE): one zero-gradient step
+    # creates it; everything it touches is overwritten by the load below.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt._init_optimizer_states_with_dummy_values()
     state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path))
     model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32 models: the optimizer's main params are views of the (grad-requiring) weights
+        optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer, state["adam_steps"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     if isinstance(rng, list):

@@ -52,10 +52,11 @@ def _unwrap(model):
 
 
 def _active_params(cfg) -> float:
-    """Parameters a token passes through (routed experts: top-k of E), for the MFU estimate."""
-    from megatron_slim.compress.accounting import count_parameters
+    """Weights a token's matmuls use (routed experts: top-k of E; no embedding lookup), for the MFU estimate."""
+    from megatron_slim.compress.accounting import account
 
-    return count_parameters(cfg).active
+    acc = account(cfg)
+    return acc.active - acc.components["embeddings"].active
 
 
 class Trainer:

@@ -1,0 +1,143 @@
+"""Plan a compression: from an importance file and a target, write the plan that `prune` applies (kept layers,
+hidden channels, experts and how the others merge into them, neurons, query groups, GDN heads), and print the
+parameter accounting of source and student.
+
+With --config instead of --importance only the accounting is computed: size a student before calibration.
+Target fields come from --target YAML (see examples/slimqwen/target.yaml) and/or the flags below (flags win);
+sizes left out keep the source's value. The target is validated against the source before anything is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "importance + target -> compression plan, with parameter accounting (--config: accounting only)"
+
+# (flag dest, type, help) of the target fields settable from the command line.
+_TARGET_FLAGS: list[tuple[str, type, str]] = [
+    ("num_layers", int, "decoder layers to keep (Qwen3-Next: keeps the full/linear attention ratio)"),
+    ("hidden_size", int, "hidden channels to keep"),
+    ("num_experts", int, "routed experts per MoE layer"),
+    ("topk", int, "routed experts per token"),
+    ("moe_ffn_hidden_size", int, "FFN width of each routed expert"),
+    ("shared_expert_ffn_hidden_size", int, "FFN width of the shared expert"),
+    ("dense_ffn_hidden_size", int, "FFN width of dense MLP layers"),
+    ("query_groups", int, "attention query groups to keep (each with all its query heads)"),
+    ("gdn_key_heads", int, "Gated DeltaNet key heads to keep (each with its value heads)"),
+    ("mtp_layers", int, "MTP depths to keep (0 drops MTP)"),
+    ("preserve_ratio", float, "share of the target expert slots kept intact; the rest are merge bases (1: plain "
+                              "pruning, 0: every slot merges; default 0.5)"),
+    ("tp", int, "tensor-parallel size the student must fit (divisibility check; default 1)"),
+    ("ep", int, "expert-parallel size the student must fit (default 1)"),
+    ("pp", int, "pipeline-parallel size the student must fit (default 1)"),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron_slim.compress.target import DEPTH_CRITERIA, EXPERT_CRITERIA, MERGE_SIMILARITIES, ROUTERS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--importance", help="importance file from `megatron-slim importance` (plans need one)")
+    src.add_argument("--config", help="HF config.json or checkpoint directory: accounting only, no plan")
+    p.add_argument("--source-mtp-layers", type=int, default=argparse.SUPPRESS,
+                   help="with --config: MTP depths of that model (HF configs do not declare them; Qwen3-Next "
+                        "checkpoints hold 1); default 0")
+    p.add_argument("--target", help="target YAML (fields as the flags below, snake_case)")
+    p.add_argument("--out", help="plan JSON to write (required with --importance)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--plots", metavar="DIR", help="write experts.png, layers.png and hidden.png here (needs "
+                                                  "--importance)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (accounting, plan path) instead of text")
+    t = p.add_argument_group("target (flags override the YAML; sizes unset in both keep the source's)")
+    for dest, kind, text in _TARGET_FLAGS:
+        t.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
+    t.add_argument("--expert-criterion", choices=EXPERT_CRITERIA, default=argparse.SUPPRESS,
+                   help="expert ranking statistic (YAML default: frequency)")
+    t.add_argument("--depth-criterion", choices=DEPTH_CRITERIA, default=argparse.SUPPRESS,
+                   help="layer ranking statistic (YAML default: block_influence)")
+    t.add_argument("--merge-similarity", choices=MERGE_SIMILARITIES, default=argparse.SUPPRESS,
+                   help="how a dropped expert picks its base (YAML default: router_cosine)")
+    t.add_argument("--router", choices=ROUTERS, default=argparse.SUPPRESS,
+                   help="merged slot's router row: the base's or the weighted average (YAML default: keep)")
+
+
+def _importance_model(path: str):
+    """The source ModelConfig from an importance file's header, without reading its tensors."""
+    import json
+
+    from safetensors import safe_open
+
+    from megatron_slim.errors import UserError
+    from megatron_slim.models.config import ModelConfig
+
+    try:
+        with safe_open(path, "pt") as f:
+            header = json.loads((f.metadata() or {})["header"])
+        return ModelConfig.from_json(header["model_config"])
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # any malformed file: one clear line, not a traceback
+        raise UserError(f"{path}: not a megatron-slim importance file ({type(e).__name__}: {e})") from e
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    names = [d for d, _, _ in _TARGET_FLAGS] + ["expert_criterion", "depth_criterion", "merge_similarity", "router"]
+    return {n: getattr(args, n, None) for n in names}
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from megatron_slim.compress.accounting import account, format_table
+    from megatron_slim.compress.target import TargetSpec
+    from megatron_slim.errors import UserError
+
+    overrides = _flag_overrides(args)
+    spec = (TargetSpec.from_yaml(args.target) if args.target else TargetSpec()).with_overrides(**overrides)
+    plan_path, plots, plan = None, [], None
+    if args.importance:
+        if not args.out:
+            raise UserError("--out PLAN is required with --importance")
+        if hasattr(args, "source_mtp_layers"):
+            raise UserError("--source-mtp-layers only applies to --config (the importance file knows its model)")
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists (use --overwrite)")
+        source = _importance_model(args.importance)
+        spec.validate(source)
+
+        from megatron_slim.compress.importance_file import Importance
+        from megatron_slim.compress.planner import make_plan
+
+        imp = Importance.load(args.importance)
+        plan = make_plan(imp, spec)
+        plan.save(args.out)
+        plan_path, target = args.out, plan.target
+        if args.plots:
+            from megatron_slim.compress.plots import write_plots
+
+            plots = [str(p) for p in write_plots(imp, spec, plan, args.plots)]
+    else:
+        if args.out or args.plots:
+            raise UserError("--out and --plots need --importance (with --config the command only does accounting)")
+        from megatron_slim.models.registry import model_config_from_hf
+
+        source = model_config_from_hf(args.config, mtp_num_layers=getattr(args, "source_mtp_layers", 0))
+        spec.validate(source)
+        has_target = args.target or any(v is not None for v in overrides.values())
+        target = spec.target_config(source, spec.placeholder_layers(source)) if has_target else None
+    before, after = account(source), account(target) if target else None
+    if args.json:
+        print(json.dumps({"source": before.to_json(), "target": after.to_json() if after else None,
+                          "target_pattern": target.hybrid_pattern if target else None,
+                          "plan": plan_path, "plots": plots}))
+        return 0
+    print(format_table(before, after))
+    if target:
+        print(f"student layer pattern: {target.hybrid_pattern}")
+    if plan:
+        merged = sum(len(slot) > 1 for slots in plan.experts.values() for slot in slots)
+        print(f"kept layers {plan.layers}; {merged} merged expert slots over {len(plan.experts)} MoE layers")
+        print(f"wrote plan {plan_path}")
+    for path in plots:
+        print(f"wrote {path}")
+    return 0

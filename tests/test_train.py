@@ -1,5 +1,5 @@
 """Training and online distillation: losses fall, alpha=0 is plain training, exact resume, crash-safe checkpoints,
-and TP=2 / EP=2 steps match TP=1."""
+and TP=2 / EP=2 / PP=2 steps match TP=1."""
 from __future__ import annotations
 
 import json
@@ -122,8 +122,9 @@ def test_kill_9_during_save_resumes_from_last_complete_checkpoint(assets):
     assert not list(save_dir.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("layout", [{"tp": 2}, {"ep": 2}])
-def test_tp2_and_ep2_steps_match_tp1(assets, layout):
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"ep": 2}, {"pp": 2}])
+def test_parallel_distillation_steps_match_tp1(assets, layout):
+    """TP=2, EP=2 and PP=2 (teacher activations travelling with the student's through the pipeline)."""
     name = "layout_" + "_".join(f"{k}{v}" for k, v in layout.items())
     cli("train", "--config", str(write_config(assets, "layout_tp1", train={"train_iters": 3})))
     cli("train", "--config", str(write_config(assets, name, train={"train_iters": 3}, parallel=layout)),

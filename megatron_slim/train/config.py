@@ -151,8 +151,6 @@ class RunConfig:
             problems.append(f"schedule.style {self.schedule.style!r} is not cosine, wsd, linear or constant")
         if self.teacher is None and self.loss.kd_weight > 0:
             problems.append("loss.kd_weight > 0 needs a teacher (or set it to 0 for plain training)")
-        if self.teacher is not None and self.parallel.pp > 1:
-            problems.append("an online teacher with pp > 1 is not supported yet (use tp/ep to fit the pair)")
         if self.precision.fp8 and self.precision.fp8 not in ("e4m3", "hybrid"):
             problems.append(f"precision.fp8 must be e4m3 or hybrid, not {self.precision.fp8!r}")
         if world_size is not None:

@@ -2,7 +2,8 @@
 
 Student: HybridModel wrapped in megatron-core DDP with the distributed optimizer; micro-batches and gradient
 accumulation (and pipeline schedules when pp > 1) through `get_forward_backward_func`. Teacher (optional): built
-from its own checkpoint at the same TP/EP layout, frozen, forward-only on the same micro-batch. Losses come from
+from its own checkpoint at the same TP/PP/EP layout, frozen, forward-only on the same micro-batch; with pp > 1 its
+activations travel with the student's through the pipeline (`train/pair.py`). Losses come from
 `megatron_slim.distill.losses` on vocab-parallel logits (never gathered):
     total = alpha * KD + (1 - alpha) * LM + w_mtp_lm * mean_k MTP-LM_k + w_mtp_kd * mean_k MTP-KD_k (+ MoE aux)
 SIGTERM/SIGUSR1 (SLURM preemption, time limit) -> checkpoint at the next step boundary and exit 75, launch.sh's
@@ -49,6 +50,34 @@ def _device() -> torch.device:
 
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+class _RouterLoad:
+    """Tokens routed to each expert, per MoE layer, summed over a step's micro-batches: forward hooks on the
+    student's megatron-core TopKRouters, whose forward returns (probs, routing_map [tokens, experts])."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.counts: dict[int, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, TopKRouter)]
+
+    def _hook(self, module, args, output) -> None:
+        per_expert = output[1].detach().sum(0)  # stays on the device: no sync until the step's report
+        key = id(module)
+        self.counts[key] = self.counts[key] + per_expert if key in self.counts else per_expert
+
+    def imbalance(self) -> float | None:
+        """Mean over MoE layers of max / mean tokens per expert (1 = perfectly balanced)."""
+        if not self.counts:
+            return None
+        ratios = torch.stack([c.max().float() / c.float().mean().clamp_min(1e-9) for c in self.counts.values()])
+        return ratios.mean().item()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def _active_params(cfg) -> float:
@@ -105,9 +134,13 @@ class Trainer:
                 prm.requires_grad_(False)
             self.teacher_cfg = tcfg
 
+        from megatron_slim.train.pair import DistillPair
+
+        self.student = student
+        trained = student if self.teacher is None else DistillPair(student, self.teacher)
         self.model = DistributedDataParallel(
             student.config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
-            student)
+            trained)
         student.config.finalize_model_grads_func = finalize_model_grads
         o = c.optimizer
         self.optimizer = get_megatron_optimizer(
@@ -135,6 +168,7 @@ class Trainer:
             load_model(student, c.model.checkpoint)
             self._log_rank0(f"initialised student from {c.model.checkpoint}")
         self._build_data()
+        self.router_load = _RouterLoad(student)
         self.stop = _StopFlag()
         self.reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                          and self.dp_rank == 0)
@@ -176,7 +210,7 @@ class Trainer:
         tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
         loss_mask = batch["loss_mask"].to(dev).float()
         pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-        inner = _unwrap(model)
+        inner = self.student
         captured: list[torch.Tensor] = []
         hook = (inner.mtp.register_forward_hook(lambda m, a, out: captured.append(out))
                 if getattr(inner, "mtp_process", False) else None)
@@ -185,10 +219,7 @@ class Trainer:
         finally:
             if hook is not None:
                 hook.remove()
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(tokens, pos, None)
+        teacher_logits = _unwrap(model).teacher_logits if self.teacher is not None else None
         c = self.cfg.loss
 
         def loss_func(logits: torch.Tensor):
@@ -225,18 +256,22 @@ class Trainer:
         c = self.cfg
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.router_load.counts = {}
         nmb = c.batch.global_batch_size // (c.batch.micro_batch_size * self.dp_size)
         it = microbatches(self.train_ds, self.step, c.batch.global_batch_size, c.batch.micro_batch_size,
                           self.dp_rank, self.dp_size)
+        widen = _unwrap(self.model).pipeline_shapes if self.teacher is not None and self.parallel.pp > 1 else None
         results = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=it, model=[self.model], num_microbatches=nmb,
-            seq_length=c.data.seq_length, micro_batch_size=c.batch.micro_batch_size, forward_only=False)
+            seq_length=c.data.seq_length, micro_batch_size=c.batch.micro_batch_size, forward_only=False,
+            adjust_tensor_shapes_fn=widen)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
         record: dict = {"step": self.step, "consumed_tokens": self.step * c.tokens_per_step,
                         "lr": self.optimizer.param_groups[0]["lr"],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None, "update_ok": bool(ok)}
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None, "update_ok": bool(ok),
+                        "moe_load_imbalance": self.router_load.imbalance()}
         if results:
             from megatron.core import parallel_state
 
@@ -249,7 +284,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> None:
         c = self.cfg
-        checkpointing.save(c.checkpoint.save_dir, self.step, _unwrap(self.model), self.optimizer, self.scheduler,
+        checkpointing.save(c.checkpoint.save_dir, self.step, self.student, self.optimizer, self.scheduler,
                            self.model_cfg, {"consumed_tokens": self.step * c.tokens_per_step},
                            c.checkpoint.keep_last)
 
@@ -291,5 +326,6 @@ class Trainer:
         return 0
 
     def _close(self) -> None:
+        self.router_load.remove()
         if self.logger is not None:
             self.logger.close()

@@ -31,3 +31,23 @@ def rope_theta(hf: dict[str, Any], family: str) -> float:
 def partial_rotary(hf: dict[str, Any]) -> float:
     params = hf.get("rope_parameters") or {}
     return float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+
+
+def decoder_fields(hf: dict[str, Any], family: str) -> dict[str, Any]:
+    """The ModelConfig fields every supported family reads the same way from its HF config."""
+    return dict(
+        family=family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        rope_theta=rope_theta(hf, family),
+        norm_eps=hf["rms_norm_eps"],
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.0),
+        initializer_range=hf.get("initializer_range", 0.02),
+        hf_config=hf,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, MOE, ModelConfig
-from megatron_slim.models.hf_fields import require_values, rope_theta
+from megatron_slim.models.hf_fields import decoder_fields, require_values
 
 FAMILY = "qwen3_moe"
 
@@ -22,17 +22,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     n = hf["num_hidden_layers"]
     num_experts = hf.get("num_experts", hf.get("num_local_experts"))
     return ModelConfig(
-        family=FAMILY,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=n,
-        num_attention_heads=hf["num_attention_heads"],
-        num_query_groups=hf["num_key_value_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        rope_theta=rope_theta(hf, FAMILY),
-        norm_eps=hf["rms_norm_eps"],
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **decoder_fields(hf, FAMILY),
         num_experts=num_experts,
         topk=hf["num_experts_per_tok"],
         moe_ffn_hidden_size=hf["moe_intermediate_size"],
@@ -41,9 +31,6 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         mlp_types=moe_layer_types(hf, num_experts),
         dense_ffn_hidden_size=hf.get("intermediate_size", 0),
         qk_layernorm=True,
-        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.0),
-        initializer_range=hf.get("initializer_range", 0.02),
-        hf_config=hf,
     )
 
 

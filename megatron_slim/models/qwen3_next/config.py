@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_slim.models.config import ATTENTION, GDN, ModelConfig, UnsupportedModelError
-from megatron_slim.models.hf_fields import partial_rotary, require_values, rope_theta
+from megatron_slim.models.hf_fields import decoder_fields, partial_rotary, require_values
 from megatron_slim.models.qwen3_moe.config import moe_layer_types
 
 FAMILY = "qwen3_next"
@@ -26,22 +26,11 @@ def _layer_types(hf: dict[str, Any]) -> list[str]:
 
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
     require_values(hf, {"hidden_act": ("silu",), "attention_bias": (False,)}, FAMILY)
-    n = hf["num_hidden_layers"]
     num_experts = hf.get("num_experts", hf.get("num_local_experts"))
     shared = hf.get("shared_expert_intermediate_size", 0) or 0
     return ModelConfig(
-        family=FAMILY,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=n,
-        num_attention_heads=hf["num_attention_heads"],
-        num_query_groups=hf["num_key_value_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        rope_theta=rope_theta(hf, FAMILY),
+        **decoder_fields(hf, FAMILY),
         rotary_percent=partial_rotary(hf),
-        norm_eps=hf["rms_norm_eps"],
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         num_experts=num_experts,
         topk=hf["num_experts_per_tok"],
         moe_ffn_hidden_size=hf["moe_intermediate_size"],
@@ -54,14 +43,11 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         zero_centered_norm=True,
         shared_expert_ffn_hidden_size=shared,
         shared_expert_gate=shared > 0,
-        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.0),
-        initializer_range=hf.get("initializer_range", 0.02),
         linear_num_key_heads=hf["linear_num_key_heads"],
         linear_num_value_heads=hf["linear_num_value_heads"],
         linear_key_head_dim=hf["linear_key_head_dim"],
         linear_value_head_dim=hf["linear_value_head_dim"],
         linear_conv_kernel_dim=hf["linear_conv_kernel_dim"],
-        hf_config=hf,
     )
 
 

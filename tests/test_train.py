@@ -133,3 +133,27 @@ def test_parallel_distillation_steps_match_tp1(assets, layout):
     for a, b in zip(ref, got):
         for key in ("loss", "lm", "kd", "grad_norm"):
             assert abs(a[key] - b[key]) <= 2e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_sigusr1_checkpoints_exits_75_and_resumes(assets):
+    """SLURM preemption: SIGUSR1 -> checkpoint at the next step boundary, exit 75 (launch.sh requeues), resume.
+    Also logs to wandb in offline mode (no network)."""
+    cfg = write_config(assets, "preempted", train={"train_iters": 400},
+                       logging={"log_interval": 1, "wandb_project": "megatron-slim-test", "wandb_mode": "offline"})
+    save_dir = assets / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_slim.cli", "train", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (save_dir / "metrics.jsonl").is_file():
+        assert proc.poll() is None, "training ended early"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-2000:]
+    step = int((save_dir / "latest").read_text())
+    assert 1 <= step < 400 and "exiting for requeue" in out
+    assert list((save_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    cfg = write_config(assets, "preempted", train={"train_iters": step + 2})
+    out = cli("train", "--config", str(cfg)).stdout
+    assert f"at step {step}" in out
+    assert [r["step"] for r in metrics(assets, "preempted")][-2:] == [step + 1, step + 2]

@@ -1,0 +1,119 @@
+"""Calibration tokens: fixed windows of `seq_len` tokens from a corpus, the same on every rank and every run.
+
+Sources, chosen by the path:
+- `*.jsonl` / `*.json` lines with {"text": ...} (tokenized with the checkpoint's HF tokenizer) or {"tokens": [ids]}
+  (for tokenizer-less models and pre-tokenized data);
+- a Megatron indexed dataset: the `.bin`/`.idx` prefix (or either file), one document per index document.
+Documents are concatenated in file order, each followed by EOS unless it already ends with it, and the stream is
+cut into consecutive non-overlapping windows; a trailing partial window is dropped. Nothing is shuffled, so a run
+is reproducible from (path, seq_len, number of windows).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_slim.errors import UserError
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def indexed_prefix(path: str | Path) -> str | None:
+    """The Megatron indexed-dataset prefix named by `path` (prefix, .bin or .idx), or None if it is not one."""
+    p = str(path)
+    prefix = p[:-4] if p.endswith((".bin", ".idx")) else p
+    return prefix if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file() else None
+
+
+def check_source(path: str | Path) -> None:
+    """Fail early (before any model work) when `path` is neither a jsonl file nor an indexed dataset."""
+    p = Path(path)
+    if p.suffix in JSONL_SUFFIXES:
+        if not p.is_file():
+            raise FileNotFoundError(f"calibration data {p} does not exist")
+    elif indexed_prefix(p) is None:
+        raise UserError(f"calibration data {p}: expected a .jsonl file or a Megatron indexed dataset prefix "
+                        "(with .bin and .idx files)")
+
+
+def eos_token_id(hf_config: dict[str, Any], tokenizer_dir: str | Path | None) -> int:
+    """The document separator: the model config's `eos_token_id` (first one if a list), else the tokenizer's."""
+    eos = hf_config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is None and tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        eos = _load_tokenizer(tokenizer_dir).eos_token_id
+    if eos is None:
+        raise UserError("cannot tell the EOS token: the model config has no eos_token_id and no tokenizer defines one")
+    return int(eos)
+
+
+def _load_tokenizer(tokenizer_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"no usable HF tokenizer in {tokenizer_dir}: {e}") from e
+
+
+def _jsonl_documents(path: Path, tokenizer_dir: str | Path | None) -> Iterator[np.ndarray]:
+    tokenizer = None
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if "tokens" in obj:
+                yield np.asarray(obj["tokens"], dtype=np.int64)
+            elif "text" in obj:
+                if tokenizer is None:
+                    if tokenizer_dir is None:
+                        raise UserError(f"{path}: text data needs a tokenizer, and the checkpoint has none")
+                    tokenizer = _load_tokenizer(tokenizer_dir)
+                yield np.asarray(tokenizer(obj["text"])["input_ids"], dtype=np.int64)
+            else:
+                raise UserError(f"{path}:{lineno}: expected a JSON object with 'text' or 'tokens'")
+
+
+def _indexed_documents(prefix: str) -> Iterator[np.ndarray]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    bounds = ds.document_indices
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        yield np.concatenate([np.asarray(s, dtype=np.int64) for s in ds[int(start):int(end)]])
+
+
+def documents(path: str | Path, tokenizer_dir: str | Path | None = None) -> Iterator[np.ndarray]:
+    """Token ids of each document, in file order."""
+    check_source(path)
+    p = Path(path)
+    if p.suffix in JSONL_SUFFIXES:
+        return _jsonl_documents(p, tokenizer_dir)
+    return _indexed_documents(indexed_prefix(p))
+
+
+def calibration_windows(path: str | Path, seq_len: int, num_windows: int, eos_id: int,
+                        tokenizer_dir: str | Path | None = None) -> torch.Tensor:
+    """The first `num_windows` windows [n, seq_len] of the EOS-joined document stream (fewer if the data ends)."""
+    if seq_len < 2 or num_windows < 1:
+        raise ValueError(f"need seq_len >= 2 and num_windows >= 1, got {seq_len} and {num_windows}")
+    need = seq_len * num_windows
+    pieces: list[np.ndarray] = []
+    have = 0
+    for doc in documents(path, tokenizer_dir):
+        if len(doc) == 0 or doc[-1] != eos_id:
+            doc = np.append(doc, eos_id)
+        pieces.append(doc)
+        have += len(doc)
+        if have >= need:
+            break
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    n = min(num_windows, len(stream) // seq_len)
+    return torch.from_numpy(stream[:n * seq_len].copy()).view(n, seq_len)

@@ -2,71 +2,15 @@
 and TP=2 / EP=2 / PP=2 steps match TP=1."""
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
-import tiny_models
-from hf_fixtures import build_tiny_hf
-
-
-def cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f"megatron-slim {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    build_tiny_hf(tiny_models.qwen3_moe(), 0).save_pretrained(root / "teacher_hf")
-    build_tiny_hf(tiny_models.qwen3_moe(num_hidden_layers=2), 1).save_pretrained(root / "student_hf")
-    rng = random.Random(0)
-    with open(root / "data.jsonl", "w") as f:  # a learnable toy language: arithmetic progressions
-        for _ in range(400):
-            start, step = rng.randrange(120), rng.choice([1, 2, 3])
-            f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
-    for m in ("teacher", "student"):
-        cli("convert", "hf-to-mcore", "--hf", str(root / f"{m}_hf"), "--out", str(root / f"{m}_mc"), "--no-progress")
-    cli("preprocess", "--input", str(root / "data.jsonl"), "--output-prefix", str(root / "data"), "--tokenizer",
-        "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127")
-    return root
-
-
-def write_config(root: Path, name: str, teacher: bool = True, **sections) -> Path:
-    cfg = {
-        "model": {"checkpoint": str(root / "student_mc")},
-        "data": {"blend": [[1.0, str(root / "data")]], "seq_length": 32, "split": "90,10,0"},
-        "parallel": {"tp": 1, "ep": 1},
-        "batch": {"micro_batch_size": 2, "global_batch_size": 8},
-        "train": {"train_iters": 6, "seed": 3},
-        "optimizer": {"lr": 3e-3, "min_lr": 3e-4},
-        "schedule": {"style": "cosine", "warmup_iters": 1},
-        "loss": {"kd_weight": 0.5 if teacher else 0.0},
-        "checkpoint": {"save_dir": str(root / name), "save_interval": 0, "keep_last": 2},
-        "logging": {"log_interval": 1},
-    }
-    if teacher:
-        cfg["teacher"] = {"checkpoint": str(root / "teacher_mc")}
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def metrics(root: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+from train_fixtures import assets, cli, metrics, write_config  # noqa: F401  (assets is a fixture)
 
 
 def test_distillation_reduces_kd_and_lm(assets):

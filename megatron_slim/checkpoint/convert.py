@@ -127,9 +127,14 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
 
     def produce(key: str) -> torch.Tensor:
         if key not in cache:
-            rule = rules[owner[key]]
+            idx = owner[key]
+            rule = rules[idx]
             cache.clear()
-            cache.update(zip(rule.mcore, rule.transform.to_mcore([reader.read(k) for k in rule.hf], cfg)))
+            inputs = [reader.read(k) for k in rule.hf]
+            if idx + 1 < len(rules):  # the writer asks for keys in rule order: read ahead while this rule is written
+                reader.prefetch(rules[idx + 1].hf)
+            cache.update(zip(rule.mcore, rule.transform.to_mcore(inputs, cfg)))
+            del inputs
         t = cache.pop(key)
         bar.update(t.numel() * t.element_size())
         return t
@@ -163,8 +168,10 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
     with _staged(out_dir, overwrite) as tmp:
         writer = HFWriter(tmp, plan)
-        for rule in rules:
+        for idx, rule in enumerate(rules):
             tensors = reader.read(rule.mcore)
+            if idx + 1 < len(rules):  # read ahead while this rule is transformed and written
+                reader.prefetch(rules[idx + 1].mcore)
             for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg)):
                 writer.write(key, t)
             bar.update(sum(t.numel() * t.element_size() for t in tensors))

@@ -5,11 +5,13 @@ megatron's `metadata.json` and common state. We learn the expected keys and glob
 the *meta* device (no memory), then:
 - write: a DCP save whose planner resolves each tensor lazily (`produce(key)`) at the moment the single-threaded
   writer streams it to disk, in plan order, so memory holds one group of tensors at a time;
-- read: DCP loads of just the requested keys.
+- read: a tensor stored whole in one item (every tensor we write) is torch.load'ed straight from its byte range;
+  others (e.g. a checkpoint saved sharded by megatron-core) go through a DCP load of just the requested keys.
 Any megatron-core model at any TP/PP/EP layout then loads these files (DCP reshards on read).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +20,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.checkpoint.utils import _create_file_view
+from torch.futures import Future
 
 from megatron_slim.models.config import ModelConfig
 
@@ -70,7 +77,30 @@ class _LazyPlanner(DefaultSavePlanner):
         want = write_item.tensor_data.size
         if tuple(tensor.shape) != tuple(want):
             raise ValueError(f"{key}: produced shape {tuple(tensor.shape)}, checkpoint expects {tuple(want)}")
-        return tensor.contiguous()
+        tensor = tensor.detach().contiguous()
+        # torch.save writes a tensor's whole storage: give views of larger tensors (e.g. splits) their own
+        return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+
+
+class _StreamingWriter(FileSystemWriter):
+    """FileSystemWriter with one file per rank, minus its memory: torch's writer keeps every tensor of a file
+    referenced until the file is closed (for its safetensors variant), i.e. the whole model here. This writes the
+    same file (byte items, then tensors in plan order, each via torch's `_write_item`) and drops each tensor as
+    soon as it is written."""
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)  # stable: plan order kept
+        results = []
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            for item in items:
+                results.append(_write_item(self.transforms, stream, planner.resolve_data(item), item, name,
+                                           self.serialization_format))
+            stream.flush()
+            os.fsync(stream.fileno())
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
 
 
 def write_checkpoint(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -84,7 +114,7 @@ def write_checkpoint(out_dir: str | Path, entries: list[tuple[str, tuple[int, ..
     state: dict[str, object] = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape, dtype in entries}
     # megatron-core stores each sharded object as the torch.save'd list of its (here empty) shard data
     state.update({k: [None] for k in objects})
-    writer = FileSystemWriter(str(out), single_file_per_rank=True, thread_count=1, sync_files=True, overwrite=True)
+    writer = _StreamingWriter(str(out), single_file_per_rank=True, thread_count=1, sync_files=True, overwrite=True)
     dcp.save(state, storage_writer=writer, planner=_LazyPlanner(produce), no_dist=True)
     torch.save({}, out / COMMON_STATE_FNAME)
     save_config(CheckpointingConfig(sharded_backend="torch_dist"), str(out))
@@ -111,14 +141,53 @@ class McoreReader:
         if not (self.dir / ".metadata").is_file():
             raise FileNotFoundError(f"{ckpt_dir} is not a torch_dist checkpoint (no .metadata)")
         self._reader = _CachedReader(str(self.dir))
-        md = self._reader.read_metadata().state_dict_metadata
+        metadata = self._reader.read_metadata()
+        md = metadata.state_dict_metadata
         self.tensors = {k: (tuple(m.size), m.properties.dtype) for k, m in md.items() if hasattr(m, "size")}
+        # key -> where its one stored item lies, for tensors saved whole and untransformed (read without DCP)
+        self._whole = {}
+        for k, m in md.items():
+            if hasattr(m, "size") and len(m.chunks) == 1 and tuple(m.chunks[0].sizes) == tuple(m.size):
+                info = metadata.storage_data.get(MetadataIndex(k, m.chunks[0].offsets))
+                if info is not None and not info.transform_descriptors:
+                    self._whole[k] = info
 
     def meta(self, key: str) -> torch.Tensor:
         shape, dtype = self.tensors[key]
         return torch.empty(shape, dtype=dtype, device="meta")
 
+    def prefetch(self, keys: list[str]) -> None:
+        """Start reading `keys` into the page cache in the background (reads of them then overlap other work)."""
+        for k in keys:
+            if k in self._whole:
+                info = self._whole[k]
+                _advise_willneed(self.dir / info.relative_path, info.offset, info.length)
+
     def read(self, keys: list[str]) -> list[torch.Tensor]:
-        state = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys}
-        dcp.load(state, storage_reader=self._reader, no_dist=True)
-        return [state[k] for k in keys]
+        # torch.load of the item's bytes, not DCP's load: that loads the same way and then copies into a
+        # preallocated tensor, one more pass over memory and twice the tensor's size at peak
+        out = {k: self._load_whole(k) for k in keys if k in self._whole}
+        rest = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys if k not in out}
+        if rest:
+            dcp.load(rest, storage_reader=self._reader, no_dist=True)
+        out.update(rest)
+        return [out[k] for k in keys]
+
+    def _load_whole(self, key: str) -> torch.Tensor:
+        info = self._whole[key]
+        with open(self.dir / info.relative_path, "rb") as f:
+            tensor = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        tensor = tensor.contiguous()  # as DCP's copy into a fresh tensor would give (transforms use .view)
+        shape, dtype = self.tensors[key]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{self.dir}: {key} is stored as {tensor.dtype}{tuple(tensor.shape)}, its metadata says "
+                             f"{dtype}{shape}")
+        return tensor
+
+
+def _advise_willneed(path: Path, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)

@@ -1,0 +1,308 @@
+"""Apply a CompressionPlan to a checkpoint, streaming one layer at a time: `megatron-slim prune`.
+
+Surgery always sees HF-layout tensors, whatever the input format: HF checkpoints are read as they are, Megatron
+checkpoints through the family mapping's `to_hf` transforms. Each student layer is cut from its source layer by the
+family's surgery table (`models/<family>/surgery_spec.py`) and the operations in `surgery.py`, then written as
+HF safetensors or converted with `to_mcore` into a Megatron-Core checkpoint. Output shapes are planned first on
+meta tensors (HFWriter and the DCP writer need them up front), and the result lands in `<out>.partial`, renamed
+into place only when complete. Memory holds one layer's tensors (source and pruned) plus I/O buffers.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_slim.checkpoint.convert import (TOKENIZER_DIR, Summary, _check_keys, _copy_side_files, _staged,
+                                              plan_hf_to_mcore)
+from megatron_slim.checkpoint.dcp_io import McoreReader
+from megatron_slim.checkpoint.mapping import BoundRule, bind_rules
+from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
+from megatron_slim.checkpoint.safetensors_io import CheckpointError, HFWriter
+from megatron_slim.compress import surgery
+from megatron_slim.compress.plan import CompressionPlan, ExpertSlot
+from megatron_slim.compress.plan_check import check_plan
+from megatron_slim.compress.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
+                                                 QUERY_GROUPS, SHARED_NEURONS, SurgerySpec, TensorSpec, units)
+from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.mixtral.surgery_spec import SPEC as MIXTRAL
+from megatron_slim.models.qwen3_moe.surgery_spec import SPEC as QWEN3_MOE
+from megatron_slim.models.qwen3_next.surgery_spec import SPEC as QWEN3_NEXT
+from megatron_slim.models.registry import FAMILIES, hf_config_from
+
+SPECS: dict[str, SurgerySpec] = {"qwen3_moe": QWEN3_MOE, "qwen3_next": QWEN3_NEXT, "mixtral": MIXTRAL}
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Options:
+    align_neurons: bool = False  # permute merged experts' neurons to match the base's before averaging
+    rescale_norms: bool = True  # compensate RMSNorm gains for the pruned hidden channels (see surgery.rescale_norm)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one layer (or the embeddings/head) keeps: per axis the source units (None: all), and expert slots."""
+    keep: dict[str, list[int] | None]
+    slots: list[ExpertSlot] | None = None
+    slot_neurons: list[list[int]] | None = None
+    router: str = "keep"
+
+
+def selection(plan: CompressionPlan, prefix: str | None) -> Selection:
+    """The plan's choices for the layer with plan prefix `prefix` (None: embeddings and head, hidden only)."""
+    keep: dict[str, list[int] | None] = {HIDDEN: plan.hidden_channels}
+    if prefix is None:
+        return Selection(keep)
+    keep |= {QUERY_GROUPS: plan.query_groups.get(prefix), GDN_KEY_HEADS: plan.gdn_key_heads.get(prefix),
+             SHARED_NEURONS: plan.shared_expert_neurons.get(prefix), DENSE_NEURONS: plan.dense_mlp_neurons.get(prefix)}
+    return Selection(keep, plan.experts.get(prefix), plan.expert_neurons.get(prefix), plan.router)
+
+
+def _apply_dims(t: torch.Tensor, spec: TensorSpec, cfg: ModelConfig, keep: dict[str, list[int] | None],
+                sel: Selection, opts: Options) -> torch.Tensor:
+    for d in spec.dims:
+        if d.axis == EXPERTS:
+            if sel.slots is not None:
+                t = surgery.merge_rows(t, d.dim, sel.slots, sel.router)
+        elif keep.get(d.axis) is not None:
+            t = surgery.select_units(t, d.dim, keep[d.axis], units(cfg, d.axis),
+                                     d.sections(cfg) if d.sections else None)
+    hidden = keep.get(HIDDEN)
+    if spec.norm and hidden is not None and opts.rescale_norms:
+        t = surgery.rescale_norm(t, len(hidden), cfg.hidden_size, cfg.zero_centered_norm)
+    return t
+
+
+def spec_for(spec: SurgerySpec, name: str) -> tuple[str, int | None]:
+    """(table entry, expert index or None) of a tensor name relative to its layer (or absolute outside layers)."""
+    if name in spec.tensors:
+        return name, None
+    for entry in spec.tensors:
+        if "{e}" in entry and (m := re.fullmatch(re.escape(entry).replace(r"\{e\}", r"(\d+)"), name)):
+            return entry, int(m.group(1))
+    raise CheckpointError(f"no surgery rule for tensor {name!r}")
+
+
+def prune_layer(tensors: Tensors, spec: SurgerySpec, cfg: ModelConfig, sel: Selection,
+                opts: Options = Options()) -> Tensors:
+    """Prune one layer's HF tensors (names relative to the layer, or absolute outside layers; `cfg` = source).
+
+    Expert slots are merged first, in the source neuron space; neuron, head, group and channel selections follow
+    (they act on different dimensions, so their order does not matter). Output experts are numbered by slot."""
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    out: Tensors = {}
+    for name, t in tensors.items():
+        entry, e = spec_for(spec, name)
+        if e is None:
+            out[name] = _apply_dims(t, spec.tensors[name], cfg, sel.keep, sel, opts)
+        else:
+            experts.setdefault(entry, {})[e] = t
+    if not experts:
+        return out
+    templates = list(experts)
+    neuron_dims = [next(d.dim for d in spec.tensors[tpl].dims if d.axis == EXPERT_NEURONS) for tpl in templates]
+    slots = sel.slots if sel.slots is not None else [[(e, 1.0)] for e in range(cfg.num_experts)]
+    for s, slot in enumerate(slots):
+        members = [[experts[tpl][e] for tpl in templates] for e, _ in slot]
+        merged = surgery.merge_experts(members, [w for _, w in slot], neuron_dims,
+                                       align=opts.align_neurons and not members[0][0].is_meta)
+        keep = sel.keep | {EXPERT_NEURONS: sel.slot_neurons[s] if sel.slot_neurons is not None else None}
+        for tpl, t in zip(templates, merged):
+            out[tpl.format(e=s)] = _apply_dims(t, spec.tensors[tpl], cfg, keep, sel, opts)
+    return out
+
+
+class _Source:
+    """A checkpoint read as HF-layout tensors, grouped by mapping location ("embeddings", "layer 3", "mtp 0")."""
+
+    def __init__(self, path: Path) -> None:
+        if (path / MODEL_CONFIG).is_file():
+            self.cfg = load_model_config(path)
+            self._mcore = McoreReader(path)
+            rules = bind_rules(FAMILIES[self.cfg.family].mapping, self.cfg)
+            _check_keys("Megatron", [k for r in rules for k in r.mcore], set(self._mcore.tensors), str(path))
+            self.side_files = path / TOKENIZER_DIR
+        elif (path / "config.json").is_file():
+            self.cfg, rules, self._hf = plan_hf_to_mcore(path)
+            self._mcore = None
+            self.side_files = path
+        else:
+            raise FileNotFoundError(f"{path}: neither an HF checkpoint (config.json) nor a megatron-slim checkpoint "
+                                    f"({MODEL_CONFIG})")
+        self.groups = _grouped(rules)
+
+    def prefetch(self, where: str) -> None:
+        """Start reading a group into the page cache, so its reads overlap the current group's work."""
+        for rule in self.groups[where]:
+            if self._mcore is None:
+                self._hf.prefetch(rule.hf)
+            else:
+                self._mcore.prefetch(rule.mcore)
+
+    def read(self, where: str, meta: bool) -> Tensors:
+        out: Tensors = {}
+        for rule in self.groups[where]:
+            if self._mcore is None:
+                out |= {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
+            else:
+                mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
+                out |= dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))
+        return out
+
+
+def _grouped(rules: list[BoundRule]) -> dict[str, list[BoundRule]]:
+    groups: dict[str, list[BoundRule]] = {}
+    for rule in rules:
+        groups.setdefault(rule.where, []).append(rule)
+    return groups
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One student group: which source group it is cut from, and how names move."""
+    where: str  # target group
+    source: str  # source group
+    src_prefix: str  # HF layer prefix in the source ("" outside layers)
+    dst_prefix: str
+    selection: Selection
+
+
+def _jobs(plan: CompressionPlan, target_groups: list[str]) -> list[_Job]:
+    mapping = FAMILIES[plan.source.family].mapping
+    jobs = []
+    for where in target_groups:
+        kind, _, idx = where.partition(" ")
+        if kind == "layer":
+            i, j = plan.layers[int(idx)], int(idx)
+            jobs.append(_Job(where, f"layer {i}", mapping.hf_layer.format(i=i), mapping.hf_layer.format(i=j),
+                             selection(plan, f"layers.{i}")))
+        elif kind == "mtp":
+            prefix = mapping.hf_mtp_layer.format(d=int(idx))
+            jobs.append(_Job(where, where, prefix, prefix, selection(plan, f"mtp.{idx}")))
+        else:
+            jobs.append(_Job(where, where, "", "", selection(plan, None)))
+    return jobs
+
+
+class Pruner:
+    """Runs the plan's jobs against a source, producing each student group's HF tensors in the order of the target
+    mapping (the order both writers stream them in)."""
+
+    def __init__(self, plan: CompressionPlan, source: _Source, opts: Options) -> None:
+        self.source, self.opts = source, opts
+        self.spec = SPECS[plan.source.family]
+        self.target = plan.target.replace(hf_config={**source.cfg.hf_config, **plan.target.hf_config})
+        self.target_groups = _grouped(bind_rules(FAMILIES[self.target.family].mapping, self.target))
+        self.jobs = _jobs(plan, list(self.target_groups))
+
+    def group(self, idx: int, meta: bool = False) -> Tensors:
+        """The student HF tensors of job `idx` (on meta tensors: shapes and dtypes only)."""
+        job = self.jobs[idx]
+        src = self.source.read(job.source, meta)
+        if not meta and idx + 1 < len(self.jobs):
+            self.source.prefetch(self.jobs[idx + 1].source)
+        n = len(job.src_prefix)
+        absolute = {k for k in src if not (n and k.startswith(job.src_prefix))}  # e.g. mtp.fc beside mtp.layers.0
+        rel = {(k if k in absolute else k[n:]): t for k, t in src.items()}
+        pruned = prune_layer(rel, self.spec, self.source.cfg, job.selection, self.opts)
+        out = {(k if k in absolute else job.dst_prefix + k): t for k, t in pruned.items()}
+        want = [k for rule in self.target_groups[job.where] for k in rule.hf]
+        if set(out) != set(want):
+            raise CheckpointError(f"{job.where}: surgery produced {sorted(set(out) - set(want))[:8]}, the target "
+                                  f"mapping expects {sorted(set(want) - set(out))[:8]}")
+        return {k: out[k] for k in want}
+
+    def stream(self, meta: bool = False) -> Iterator[tuple[_Job, Tensors]]:
+        for idx, job in enumerate(self.jobs):
+            yield job, self.group(idx, meta)
+
+
+def _summary(cfg: ModelConfig, tensors: Tensors, is_expert: Callable[[str], bool]) -> Summary:
+    params = sum(t.numel() for t in tensors.values())
+    expert = sum(t.numel() for k, t in tensors.items() if is_expert(k))
+    active = params - round(expert * (1 - cfg.topk / cfg.num_experts))
+    return Summary(len(tensors), params, active, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def prune_checkpoint(plan: CompressionPlan, in_dir: str | Path, out_dir: str | Path, out_format: str = "hf", *,
+                     opts: Options = Options(), overwrite: bool = False, dry_run: bool = False,
+                     progress: bool = True) -> Summary:
+    """Write the student checkpoint `plan` describes, cut from `in_dir` (HF or Megatron), as `out_format`."""
+    if out_format not in ("hf", "mcore"):
+        raise ValueError(f"out_format must be 'hf' or 'mcore', got {out_format!r}")
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    source = _Source(in_dir)
+    check_plan(plan, source.cfg)
+    pruner = Pruner(plan, source, opts)
+    write = _write_hf if out_format == "hf" else _write_mcore
+    return write(pruner, out_dir, overwrite=overwrite, dry_run=dry_run, progress=progress)
+
+
+def _write_hf(pruner: Pruner, out_dir: Path, *, overwrite: bool, dry_run: bool, progress: bool) -> Summary:
+    planned: Tensors = {}
+    for _, tensors in pruner.stream(meta=True):
+        planned |= tensors
+    expert = re.compile(r".*\.experts\.\d+\.")
+    summary = _summary(pruner.target, planned, lambda k: bool(expert.match(k)))
+    if dry_run:
+        return summary
+    with _staged(out_dir, overwrite) as tmp:
+        writer = HFWriter(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()])
+        for _, tensors in tqdm(pruner.stream(), total=len(pruner.jobs), desc="prune", disable=not progress):
+            for key, t in tensors.items():
+                writer.write(key, t)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(hf_config_from(pruner.target), indent=2))
+        _copy_side_files(pruner.source.side_files, tmp)
+    return summary
+
+
+def _to_mcore(pruner: Pruner, job: _Job, hf: Tensors) -> Tensors:
+    out: Tensors = {}
+    for rule in pruner.target_groups[job.where]:
+        out |= dict(zip(rule.mcore, rule.transform.to_mcore([hf[k] for k in rule.hf], pruner.target)))
+    return out
+
+
+def _write_mcore(pruner: Pruner, out_dir: Path, *, overwrite: bool, dry_run: bool, progress: bool) -> Summary:
+    from megatron_slim.checkpoint.dcp_io import mcore_layout, write_checkpoint
+
+    target = pruner.target
+    layout = mcore_layout(target)
+    planned: Tensors = {}
+    owner: dict[str, int] = {}
+    for idx, (job, hf) in enumerate(pruner.stream(meta=True)):
+        for key, t in _to_mcore(pruner, job, hf).items():
+            want = layout.tensors.get(key)
+            if want is not None and tuple(t.shape) != want:
+                raise CheckpointError(f"{job.where}: pruned {key} has shape {tuple(t.shape)}, the target config "
+                                      f"implies {want}")
+            planned[key], owner[key] = t, idx
+    extra, missing = sorted(set(planned) - set(layout.tensors)), sorted(set(layout.tensors) - set(planned))
+    if extra or missing:
+        raise CheckpointError(f"pruned model/target mismatch: unexpected {extra[:10]}, unfilled {missing[:10]}")
+    summary = _summary(target, planned, lambda k: ".experts.experts." in k)
+    if dry_run:
+        return summary
+    cache: Tensors = {}
+    bar = tqdm(total=len(pruner.jobs), desc="prune", disable=not progress)
+
+    def produce(key: str) -> torch.Tensor:
+        if key not in cache:
+            cache.clear()
+            cache.update(_to_mcore(pruner, pruner.jobs[owner[key]], pruner.group(owner[key])))
+            bar.update()
+        return cache.pop(key)
+
+    with _staged(out_dir, overwrite) as tmp:
+        write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects, produce)
+        (tmp / MODEL_CONFIG).write_text(json.dumps(target.to_json(), indent=1))
+        _copy_side_files(pruner.source.side_files, tmp / TOKENIZER_DIR)
+    bar.close()
+    return summary

@@ -53,7 +53,7 @@ def wiki_splits(seed: int = SPLIT_SEED, calibration_size: int = CALIBRATION_SIZE
 
 
 def write_jsonl(texts: list[str], path: Path) -> Path:
-    """Write one `{"text": ...}` object per line, the format the data loaders read."""
+    """Write one `{"text": ...}` object per line, what `preprocess` and calibration (`megatron_slim.data`) read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:

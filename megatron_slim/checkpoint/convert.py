@@ -110,14 +110,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
     for idx, rule in enumerate(rules):
         outs = rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg)
         for key, t in zip(rule.mcore, outs):
-            want = layout.tensors.get(key)
-            if want is not None and tuple(t.shape) != want:
-                raise CheckpointError(f"{rule.where}: config/weight shape mismatch: {rule.hf} give {key} "
-                                      f"{tuple(t.shape)}, the config implies {want}")
+            layout.check_shape(key, tuple(t.shape), f"{rule.where} ({', '.join(rule.hf[:3])})")
             planned[key], owner[key] = t, idx
-    extra, missing = sorted(set(planned) - set(layout.tensors)), sorted(set(layout.tensors) - set(planned))
-    if extra or missing:
-        raise CheckpointError(f"mapping/model mismatch: unexpected {extra[:10]}, unfilled {missing[:10]}")
+    layout.check_complete(planned)
     summary = _summarize(cfg, planned)
     if dry_run:
         return summary

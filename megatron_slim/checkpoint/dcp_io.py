@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
+from megatron_slim.checkpoint.safetensors_io import CheckpointError
 from megatron_slim.models.config import ModelConfig
 
 
@@ -34,6 +35,20 @@ from megatron_slim.models.config import ModelConfig
 class McoreLayout:
     tensors: dict[str, tuple[int, ...]]  # global key -> global shape
     objects: list[str]  # unique keys of sharded objects (e.g. `_extra_state`)
+
+    def check_shape(self, key: str, shape: tuple[int, ...], source: str) -> None:
+        """A tensor about to be written must have the global shape the model config implies."""
+        want = self.tensors.get(key)
+        if want is not None and tuple(shape) != want:
+            raise CheckpointError(f"{source}: config/weight shape mismatch: {key} would be {tuple(shape)}, "
+                                  f"the config implies {want}")
+
+    def check_complete(self, keys: set[str] | dict) -> None:
+        """The planned tensors are exactly the model's: nothing extra, nothing unfilled."""
+        extra, missing = sorted(set(keys) - set(self.tensors)), sorted(set(self.tensors) - set(keys))
+        if extra or missing:
+            raise CheckpointError(f"planned tensors do not match the model: unexpected {extra[:10]}, "
+                                  f"unfilled {missing[:10]}")
 
 
 def mcore_layout(cfg: ModelConfig) -> McoreLayout:

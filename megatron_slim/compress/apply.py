@@ -279,14 +279,9 @@ def _write_mcore(pruner: Pruner, out_dir: Path, *, overwrite: bool, dry_run: boo
     owner: dict[str, int] = {}
     for idx, (job, hf) in enumerate(pruner.stream(meta=True)):
         for key, t in _to_mcore(pruner, job, hf).items():
-            want = layout.tensors.get(key)
-            if want is not None and tuple(t.shape) != want:
-                raise CheckpointError(f"{job.where}: pruned {key} has shape {tuple(t.shape)}, the target config "
-                                      f"implies {want}")
+            layout.check_shape(key, tuple(t.shape), f"pruned {job.where}")
             planned[key], owner[key] = t, idx
-    extra, missing = sorted(set(planned) - set(layout.tensors)), sorted(set(layout.tensors) - set(planned))
-    if extra or missing:
-        raise CheckpointError(f"pruned model/target mismatch: unexpected {extra[:10]}, unfilled {missing[:10]}")
+    layout.check_complete(planned)
     summary = _summary(target, planned, lambda k: ".experts.experts." in k)
     if dry_run:
         return summary

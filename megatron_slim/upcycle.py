@@ -5,8 +5,9 @@ Construction, for a dense FFN `y = down @ (silu(gate @ x) * (up @ x))` with F ne
 * Split. The F neurons are split into E groups of F/E by balanced spherical k-means on each neuron's activation
   profile over calibration tokens (|activation| times the norm of its `down` column), so neurons that are
   strongly active on the same tokens share an expert and a token's output mass concentrates in few experts.
-  (Clustering the [gate | up] weight rows instead loses more when experts are dropped: SmolLM2, E = 8, gives
-  perplexity 43 / 309 at top-k 6 / 4 against 38 / 158 with activation profiles.)
+  (Clustering the [gate | up] weight rows instead loses more when experts are dropped: SmolLM2-135M, E = 8,
+  4,096 calibration tokens, 50 held-out paragraphs: perplexity 43 / 309 at top-k 6 / 4, against 38 / 158 with
+  activation profiles; the dense model has 18.)
 * Experts. Expert e keeps its group's rows of `gate` and `up` and the matching columns of `down` times K. The
   SwiGLU is elementwise per neuron, so the E unscaled experts sum to the dense FFN exactly.
 * Router. A Mixtral layer outputs `sum_{e in top-K} w_e * expert_e(x)`, `w` = softmax of the router logits
@@ -15,8 +16,9 @@ Construction, for a dense FFN `y = down @ (silu(gate @ x) * (up @ x))` with F ne
   depends only on the ORDER of the logits, and the weights on their SPREAD. So the router is fitted for order
   (least squares onto each expert's log output norm, i.e. how much the output loses without it) and multiplied
   by a small `router_scale`: the weights are 1/K up to a relative O(router_scale), so the layer computes the sum
-  of the selected groups at their dense weight. At K = E that is the dense FFN (exactly for `router_scale = 0`);
-  at K < E it is the dense FFN minus the groups predicted to matter least for this token.
+  of the selected groups at their dense weight. At K = E that is the dense FFN (exactly for `router_scale = 0`,
+  which is only useful there: equal logits select experts by index); at K < E it is the dense FFN minus the
+  groups predicted to matter least for this token.
 
 Changing top-k later means multiplying `down` by K_new / K_old to keep the selected groups at dense weight.
 """
@@ -124,12 +126,14 @@ def fit_router(hidden: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3)
     return torch.linalg.solve(gram, (x.T @ t).double()).T.float()
 
 
+@torch.no_grad()
 def upcycle_ffn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, hidden: torch.Tensor, num_experts: int,
                 top_k: int, router_scale: float = 1e-3, seed: int = 0) -> UpcycledFFN:
     """Split a dense SwiGLU FFN (gate [F, H], up [F, H], down [H, F]) into experts and fit its router.
 
     `hidden` [N, H] are calibration inputs to this FFN (N of a few thousand tokens or more). Computation is in
-    float32; see the module docstring for the construction.
+    float32 and outside autograd (the weights passed in are usually trainable parameters); see the module
+    docstring for the construction.
     """
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")

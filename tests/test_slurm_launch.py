@@ -6,7 +6,9 @@ torchrun tests need neither.
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -139,6 +141,105 @@ def test_preempt_requeue_resume(slurm_env: dict[str, str], tmp_path: Path, signa
         assert resumed == f"start {saved} restart=1", events
         assert finished == f"finished {target}", events
     assert "requeueing job" in log, log
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny plain-training run: the 2-layer Qwen3-MoE student checkpoint and the toy indexed dataset of
+    tests/train_fixtures.py (no teacher: the run tests the launcher, tests/test_train.py tests distillation).
+    Conversion and preprocessing share one process (each megatron-slim start imports torch and megatron-core)."""
+    import tiny_models
+    from hf_fixtures import build_tiny_hf
+
+    root = tmp_path_factory.mktemp("slurm_train")
+    build_tiny_hf(tiny_models.qwen3_moe(num_hidden_layers=2), 1).save_pretrained(root / "student_hf")
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as f:  # the toy language of train_fixtures.assets
+        for _ in range(400):
+            start, step = rng.randrange(120), rng.choice([1, 2, 3])
+            f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
+    commands = [
+        ["convert", "hf-to-mcore", "--hf", str(root / "student_hf"), "--out", str(root / "student_mc"),
+         "--no-progress"],
+        ["preprocess", "--input", str(root / "data.jsonl"), "--output-prefix", str(root / "data"), "--tokenizer",
+         "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127"],
+    ]
+    script = ("import json, sys\nfrom megatron_slim.cli import main\n"
+              "sys.exit(max(main(argv) for argv in json.loads(sys.argv[1])))")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                         env=_clean_env(), cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-4000:]
+    return root
+
+
+def _metrics(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_preempt_requeue_resumes_real_trainer(slurm_env: dict[str, str], tiny_run: Path, tmp_path: Path) -> None:
+    """`megatron-slim train` on 2 CPU tasks (gloo) through `launch.sh --submit --requeue`: SIGUSR1 mid-training
+    (what --signal=B:USR1@120 sends before the time limit) -> checkpoint, exit 75, requeue with the same job id,
+    resume from the checkpoint, finish; the loss sequence equals an uninterrupted 2-rank run's."""
+    from train_fixtures import write_config
+
+    iters = 40
+    run = write_config(tiny_run, "requeued", teacher=False, train={"train_iters": iters})
+    reference = write_config(tiny_run, "straight", teacher=False, train={"train_iters": iters})
+    save_dir = tiny_run / "requeued"
+    logs = tmp_path / "logs"
+    # The uninterrupted reference runs meanwhile (same 2-rank data-parallel layout, local ranks).
+    straight = subprocess.Popen(
+        [sys.executable, "-m", "megatron_slim.cli", "train", "--config", str(reference), "--nproc", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env(), cwd=REPO)
+    job_id = ""
+    info: dict[str, str] = {}
+
+    def log() -> str:
+        return "".join(p.read_text() for p in sorted(logs.glob(f"train-{job_id}.*")))
+
+    try:
+        out = subprocess.run(
+            ["bash", str(LAUNCH), "--submit", "--tasks-per-node", "2", "--gpus-per-node", "0", "--requeue",
+             "--job-name", "train", "--log-dir", str(logs), "--", "train", "--config", str(run)],
+            capture_output=True, text=True, env=slurm_env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        job_id = out.stdout.split(";")[0].strip()
+        assert job_id.isdigit(), out.stdout
+
+        def trained() -> bool:
+            info.update(_job_info(slurm_env, job_id))
+            assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), (info, log())
+            return (save_dir / "metrics.jsonl").is_file()
+
+        # Step 1 is logged once every rank is past set-up (the trainer's signal handlers are installed).
+        _wait_until(trained, 300, "the first training step", interval=0.05)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, env=slurm_env, timeout=30)
+
+        def job_done() -> bool:
+            info.update(_job_info(slurm_env, job_id))
+            return info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+        _wait_until(job_done, 400, "the requeued job to finish", interval=0.5)
+        assert straight.wait(timeout=300) == 0, straight.stdout.read()[-4000:] if straight.stdout else ""
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+            straight.wait()
+        if job_id:
+            subprocess.run(["scancel", job_id], env=slurm_env, timeout=30)
+    text = log()
+    assert info["JobState"] == "COMPLETED", (info, text)
+    assert info["Restarts"] == "1", (info, text)
+    stopped = re.findall(r"stop signal: checkpointing at step (\d+) and exiting for requeue", text)
+    resumed = re.findall(rf"resumed from {re.escape(str(save_dir))} at step (\d+)", text)
+    assert len(stopped) == 1 and resumed == stopped, text
+    assert 0 < int(resumed[0]) < iters, text
+    assert "step exited 75: requeueing job" in text, text
+    got, want = _metrics(save_dir), _metrics(tiny_run / "straight")
+    assert [r["step"] for r in got] == list(range(1, iters + 1)), [r["step"] for r in got]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    assert (save_dir / "latest").read_text().strip() == str(iters)
 
 
 def test_dry_run_quotes_submit_command(tmp_path: Path) -> None:

@@ -53,6 +53,12 @@ def ref_mtp(student: torch.Tensor, teacher: torch.Tensor, k: int, mask: torch.Te
     return ref_kd(student[:, :-k], teacher[:, k:], kind, temperature, mask[:, k:])
 
 
+def ref_mtp_from_mtp(student: torch.Tensor, teacher_depth_k: torch.Tensor, k: int, mask: torch.Tensor, kind: str,
+                     temperature: float) -> torch.Tensor:
+    """[batch, seq, vocab]: student depth k at t against the teacher's depth k at t, with the mask of t+k."""
+    return ref_kd(student[:, :-k], teacher_depth_k[:, :-k], kind, temperature, mask[:, k:])
+
+
 def _grad(loss_fn, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Loss value and the gradient of 3*loss (a non-unit upstream gradient) w.r.t. the inputs."""
     leaves = [x.detach().requires_grad_() for x in inputs]
@@ -184,6 +190,48 @@ def test_mtp_targets_pair_position_t_with_teacher_t_plus_k() -> None:
     assert pairs.teacher_rows.tolist() == [2, 3, 4, 5, 6, 7]
 
 
+def test_mtp_source_targets_pair_position_t_with_teacher_depth_k_at_t() -> None:
+    # Depth 2 from the teacher's own depth-2 head: student rows 0..2 -> teacher rows 0..2, weights = mask at 2..4.
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.5]])
+    pairs = mtp_kd_targets(torch.zeros(1, 5, 4), 2, mask, source="mtp")
+    assert pairs.student_rows.tolist() == [0, 2]
+    assert pairs.teacher_rows.tolist() == [0, 2]
+    assert pairs.weights.tolist() == [1.0, 0.5]
+    pairs = mtp_kd_targets(torch.zeros(4, 2, 3), 1, seq_dim=0, source="mtp")
+    assert pairs.student_rows.tolist() == pairs.teacher_rows.tolist() == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="source"):
+        mtp_kd_targets(torch.zeros(1, 5, 4), 1, source="next")
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_mtp_source_targets_are_the_teacher_depth_k_logits_at_t(kind: str, k: int) -> None:
+    """The student's depth-k logits copied from the teacher's depth-k logits at the same positions give zero loss
+    (only positions whose target t+k is inside the sequence count); any shift, or the other depth, does not."""
+    teacher_depths = [_logits(40), _logits(41)]
+    student = _logits(42)
+    student[:, : S - k] = teacher_depths[k - 1][:, : S - k]
+    assert mtp_kd_loss(student, teacher_depths[k - 1], k, source="mtp", kind=kind, temperature=TEMPERATURE) < 1e-12
+    assert mtp_kd_loss(student, teacher_depths[2 - k], k, source="mtp", kind=kind, temperature=TEMPERATURE) > 1e-2
+    assert mtp_kd_loss(student, teacher_depths[k - 1], k, source="main", kind=kind, temperature=TEMPERATURE) > 1e-2
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_mtp_source_matches_reference_in_both_layouts(kind: str) -> None:
+    student, teacher, mask, k = _logits(43), _logits(44), _mask(45), 2
+    loss, (grad,) = _grad(lambda s: mtp_kd_loss(s, teacher, k, mask, source="mtp", kind=kind,
+                                                 temperature=TEMPERATURE, chunk_tokens=3), student)
+    ref, (ref_grad,) = _grad(lambda s: ref_mtp_from_mtp(s, teacher, k, mask, kind, TEMPERATURE), student)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    assert torch.count_nonzero(grad[:, S - k:]) == 0
+    loss_sb, (grad_sb,) = _grad(lambda s: mtp_kd_loss(s, teacher.transpose(0, 1).contiguous(), k, mask.T,
+                                                      source="mtp", kind=kind, temperature=TEMPERATURE, seq_dim=0),
+                                student.transpose(0, 1).contiguous())
+    torch.testing.assert_close(loss_sb, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_sb.transpose(0, 1), ref_grad, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("kind", KD_KINDS)
 @pytest.mark.parametrize("k", [1, 2])
 def test_mtp_only_the_right_shift_matches(kind: str, k: int) -> None:
@@ -229,6 +277,8 @@ def _tp_worker(rank: int, world_size: int, student: torch.Tensor, teacher: torch
                 x, t, kind=kind, temperature=TEMPERATURE, loss_mask=mask, tp_group=group, chunk_tokens=4)
             cases[f"mtp-{kind}/{dtype}"] = lambda x, kind=kind: mtp_kd_loss(
                 x, t, 2, mask, kind=kind, temperature=TEMPERATURE, tp_group=group, chunk_tokens=4)
+            cases[f"mtp-src-{kind}/{dtype}"] = lambda x, kind=kind: mtp_kd_loss(
+                x, t, 2, mask, source="mtp", kind=kind, temperature=TEMPERATURE, tp_group=group, chunk_tokens=4)
         for name, fn in cases.items():
             loss, (grad,) = _grad(fn, s)
             results[name] = [loss, grad]
@@ -243,6 +293,7 @@ def test_tensor_parallel_2_ranks_match_reference() -> None:
     for kind in KD_KINDS:
         refs[kind] = lambda x, kind=kind: ref_kd(x, teacher, kind, TEMPERATURE, mask)
         refs[f"mtp-{kind}"] = lambda x, kind=kind: ref_mtp(x, teacher, 2, mask, kind, TEMPERATURE)
+        refs[f"mtp-src-{kind}"] = lambda x, kind=kind: ref_mtp_from_mtp(x, teacher, 2, mask, kind, TEMPERATURE)
     assert len(ranks[0]) == 2 * len(refs)
     for name, ref_fn in refs.items():
         ref, (ref_grad,) = _grad(ref_fn, student)

@@ -26,6 +26,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 KDKind = Literal["fkl", "rkl", "jsd"]
 KD_KINDS: tuple[str, ...] = ("fkl", "rkl", "jsd")
+MTPKDSource = Literal["main", "mtp"]
+MTP_KD_SOURCES: tuple[str, ...] = ("main", "mtp")
 # Elements in one fp32 chunk buffer when `chunk_tokens` is None; at most four are alive at once. On CPU 16 MiB
 # stays under glibc's largest mmap threshold, so freed buffers are reused instead of being mapped and page-faulted
 # afresh for every chunk (which cost more time than the arithmetic); accelerators get fewer, larger chunks (fewer
@@ -73,24 +75,30 @@ def kd_loss(
                          tp_group=tp_group, chunk_tokens=chunk_tokens)
 
 
-def mtp_kd_targets(teacher_logits: Tensor, k: int, loss_mask: Tensor | None = None, *, seq_dim: int = 1) -> KDPairs:
-    """Pair the student's MTP depth-k positions with the teacher main-head positions that predict the same token.
+def mtp_kd_targets(teacher_logits: Tensor, k: int, loss_mask: Tensor | None = None, *, seq_dim: int = 1,
+                   source: MTPKDSource = "main") -> KDPairs:
+    """Pair the student's MTP depth-k positions with the teacher positions that predict the same token.
 
-    MTP depth k (k=1 is the first MTP head) at position t predicts token t+k+1, which the teacher's main head
-    predicts at position t+k: student positions [0, S-k) pair with teacher positions [k, S), the last k student
-    positions have no partner and are dropped, and each pair uses the loss mask of its target position t+k.
+    MTP depth k (k=1 is the first MTP head) at position t predicts token t+k+1. source="main": the teacher's main
+    head predicts that token at position t+k, so student positions [0, S-k) pair with teacher positions [k, S).
+    source="mtp": `teacher_logits` are the teacher's own depth-k logits, which predict it at the same position t,
+    so student positions [0, S-k) pair with teacher positions [0, S-k). Either way the last k student positions
+    predict past the sequence and are dropped, and each pair uses the loss mask of its target position t+k.
     Layout [batch, seq, V/tp] by default; pass seq_dim=0 for megatron's [seq, batch, V/tp]. Only the teacher's
     shape and device are used; the student MTP logits must have the same shape.
     """
     if k < 1:
         raise ValueError(f"MTP depth k must be >= 1, got {k}")
+    if source not in MTP_KD_SOURCES:
+        raise ValueError(f"source must be one of {MTP_KD_SOURCES}, got {source!r}")
     token_shape = teacher_logits.shape[:-1]
     seq_dim = _token_dim(seq_dim, teacher_logits.dim())
     _check_mask(loss_mask, token_shape)
     tokens = torch.arange(math.prod(token_shape), device=teacher_logits.device).view(token_shape)
     span = max(token_shape[seq_dim] - k, 0)
     student_rows = tokens.narrow(seq_dim, 0, span).reshape(-1)
-    teacher_rows = tokens.narrow(seq_dim, token_shape[seq_dim] - span, span).reshape(-1)
+    shift = token_shape[seq_dim] - span if source == "main" else 0
+    teacher_rows = tokens.narrow(seq_dim, shift, span).reshape(-1)
     if loss_mask is None:
         return KDPairs(student_rows, teacher_rows, torch.ones(student_rows.numel(), device=student_rows.device))
     weights = loss_mask.to(teacher_logits.device).narrow(seq_dim, token_shape[seq_dim] - span, span).reshape(-1)
@@ -100,23 +108,25 @@ def mtp_kd_targets(teacher_logits: Tensor, k: int, loss_mask: Tensor | None = No
 
 def mtp_kd_loss(
     student_mtp_logits: Tensor,
-    teacher_main_logits: Tensor,
+    teacher_logits: Tensor,
     k: int,
     loss_mask: Tensor | None = None,
     *,
+    source: MTPKDSource = "main",
     kind: KDKind = "fkl",
     temperature: float = 1.0,
     tp_group: dist.ProcessGroup | None = None,
     chunk_tokens: int | None = None,
     seq_dim: int = 1,
 ) -> Tensor:
-    """`kd_loss` of the student's MTP depth-k logits toward the teacher's main head shifted by k (mtp_kd_targets).
+    """`kd_loss` of the student's MTP depth-k logits toward `teacher_logits`: the teacher's main head shifted by k
+    (source="main") or the teacher's own depth-k head at the same positions (source="mtp"); see mtp_kd_targets.
 
     loss_mask is the unshifted per-position mask of the sequence; it is shifted here.
     """
-    _check_pair(student_mtp_logits, teacher_main_logits)
-    pairs = mtp_kd_targets(teacher_main_logits, k, loss_mask, seq_dim=seq_dim)
-    return kd_pairs_loss(student_mtp_logits, teacher_main_logits, pairs, kind=kind, temperature=temperature,
+    _check_pair(student_mtp_logits, teacher_logits)
+    pairs = mtp_kd_targets(teacher_logits, k, loss_mask, seq_dim=seq_dim, source=source)
+    return kd_pairs_loss(student_mtp_logits, teacher_logits, pairs, kind=kind, temperature=temperature,
                          tp_group=tp_group, chunk_tokens=chunk_tokens)
 
 

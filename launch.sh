@@ -12,6 +12,8 @@ Usage:
                                                            srun, otherwise with torchrun (or python for 1 process)
   sbatch [sbatch options] launch.sh [options] -- <args>    submit yourself
   launch.sh --submit [options] -- <megatron-slim args>     build and run the sbatch command from the options
+  launch.sh --submit --chain [options] -- run RECIPE --workdir DIR [run args]
+                                                           one job per stage of the recipe, each after the last
 
 Inside a SLURM job, srun starts one task per GPU on every node of the job (the task count per node comes from
 --tasks-per-node, else --gpus-per-node, else the job's SLURM_NTASKS_PER_NODE / GPUs / tasks). Each task runs
@@ -48,6 +50,21 @@ Options for --submit (become sbatch options; launch.sh itself is the batch scrip
   --sbatch-arg ARG         pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive
   On submit the job id is printed (sbatch --parsable).
 
+Job chains (--submit --chain):
+  --chain                  submit one job per stage of `run RECIPE --workdir DIR [run args]` (the words after
+                           --), in order. Each job runs `megatron-slim run RECIPE --workdir DIR [run args]
+                           --stage NAME` with the same options; each after the one before it succeeded
+                           (--dependency=afterok:<previous job id> --kill-on-invalid-dep=yes, so a failed stage
+                           cancels the rest; --dependency applies to the first job). The stages come from
+                           `megatron-slim run RECIPE --workdir DIR [run args] --list-stages`, run here.
+                           Prints one line per job: `<job id> <stage>`; job names are <job-name>-<stage>.
+                           With --requeue every job requeues itself; dependants wait through its requeues.
+                           With --wait only the last job is waited for; the exit status is nonzero when any
+                           stage failed. With --dry-run the sbatch commands are printed, one per stage, with
+                           `<STAGE>` standing for that stage's job id.
+  --stages A,B,...         submit these stages instead of listing them (e.g. where this machine cannot run
+                           the program, or to continue a chain from a later stage)
+
 Preemption and requeue contract (batch jobs):
   launch.sh traps SIGUSR1 and SIGTERM and forwards them to the program's processes (USR1 through srun, TERM
   with `scancel --signal=TERM` to the job's steps, since srun turns a TERM into a kill). The program saves a
@@ -61,6 +78,8 @@ Examples:
   launch.sh --nproc-per-node 2 -- info --distributed          # torchrun, 2 processes
   launch.sh --submit --nodes 2 --gpus-per-node 8 --time 04:00:00 --partition gpu --log-dir logs \
       --requeue --container-image nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts "$PWD:$PWD" -- demo
+  launch.sh --submit --chain --nodes 4 --time 04:00:00 --requeue --log-dir logs -- \
+      run examples/slimqwen/recipe.yaml --workdir runs/slimqwen     # prints `<job id> <stage>` per stage
 EOF
 }
 
@@ -88,7 +107,7 @@ is_count() { [[ "$1" =~ ^[0-9]+$ ]]; }
 is_positive() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
 
 # ---------------------------------------------------------------------------------------------- options
-submit=0 dry_run=0 exec_mode=0 wait=0 requeue=0
+submit=0 dry_run=0 exec_mode=0 wait=0 requeue=0 chain=0 stages_opt=""
 python_opt="" step_pid="" submit_only="" gpus_per_node="" tasks_per_node="" container_image="" container_mounts=""
 nodes=1 time_limit="" partition="" account="" job_name="megatron-slim" log_dir="" dependency="" signal=""
 envs=() sbatch_extra=()
@@ -98,7 +117,7 @@ while [ "$#" -gt 0 ]; do
     case "$opt" in
         --*=*) set -- "${opt%%=*}" "${opt#*=}" "${@:2}"; continue ;;
         --wait|--requeue|--nodes|--time|--partition|--account|--job-name|--log-dir|--dependency|--signal|\
-        --sbatch-arg) submit_only="$opt" ;;
+        --sbatch-arg|--chain|--stages) submit_only="$opt" ;;
     esac
     case "$opt" in
         -h|--help) usage; exit 0 ;;
@@ -108,8 +127,9 @@ while [ "$#" -gt 0 ]; do
         --exec) exec_mode=1 ;;
         --wait) wait=1 ;;
         --requeue) requeue=1 ;;
+        --chain) chain=1 ;;
         --python|--env|--gpus-per-node|--tasks-per-node|--nproc-per-node|--container-image|--container-mounts|\
-        --nodes|--time|--partition|--account|--job-name|--log-dir|--dependency|--signal|--sbatch-arg)
+        --nodes|--time|--partition|--account|--job-name|--log-dir|--dependency|--signal|--sbatch-arg|--stages)
             [ "$#" -ge 2 ] || die "$opt needs a value"
             value="$2"
             shift
@@ -134,6 +154,7 @@ while [ "$#" -gt 0 ]; do
                 --dependency) dependency="$value" ;;
                 --signal) signal="$value" ;;
                 --sbatch-arg) sbatch_extra+=("$value") ;;
+                --stages) stages_opt="$value" ;;
             esac ;;
         *) die "unknown option '$opt' (megatron-slim arguments go after --; see --help)" ;;
     esac
@@ -141,6 +162,7 @@ while [ "$#" -gt 0 ]; do
 done
 args=("$@")
 [ "$submit" = 1 ] || [ -z "$submit_only" ] || die "$submit_only only applies with --submit"
+[ "$chain" = 1 ] || [ -z "$stages_opt" ] || die "--stages only applies with --chain"
 [ "${#args[@]}" -gt 0 ] || die "nothing to run: give megatron-slim arguments after -- (see --help)"
 
 # The repository: where this script lives, or (inside a batch job, where SLURM runs a copy of the script) the
@@ -180,31 +202,32 @@ tasks_from_options() {
 }
 
 # ---------------------------------------------------------------------------------------------- --submit
-submit_job() {
+# The sbatch options shared by every job of a submission (not --job-name, --dependency, --wait) and the batch
+# script's own command line, up to its `--`: launch.sh itself, with the run-time options as arguments (argv keeps
+# spaces intact).
+sbatch_common=() inner=()
+
+build_submit() {
     local gpus="${gpus_per_node:-8}" tasks
     tasks="$(tasks_from_options)"
     [ -n "$tasks" ] || tasks="$(( gpus > 0 ? gpus : 1 ))"
-    local sbatch=(sbatch --parsable "--job-name=$job_name" "--nodes=$nodes" "--ntasks-per-node=$tasks")
-    [ "$gpus" -gt 0 ] && sbatch+=("--gpus-per-node=$gpus")
-    [ -n "$time_limit" ] && sbatch+=("--time=$time_limit")
-    [ -n "$partition" ] && sbatch+=("--partition=$partition")
-    [ -n "$account" ] && sbatch+=("--account=$account")
-    [ -n "$dependency" ] && sbatch+=("--dependency=$dependency")
+    sbatch_common=("--nodes=$nodes" "--ntasks-per-node=$tasks")
+    [ "$gpus" -gt 0 ] && sbatch_common+=("--gpus-per-node=$gpus")
+    [ -n "$time_limit" ] && sbatch_common+=("--time=$time_limit")
+    [ -n "$partition" ] && sbatch_common+=("--partition=$partition")
+    [ -n "$account" ] && sbatch_common+=("--account=$account")
     if [ "$requeue" = 1 ]; then
-        sbatch+=(--requeue --open-mode=append "--signal=${signal:-B:USR1@120}")
+        sbatch_common+=(--requeue --open-mode=append "--signal=${signal:-B:USR1@120}")
     elif [ -n "$signal" ]; then
-        sbatch+=("--signal=$signal")
+        sbatch_common+=("--signal=$signal")
     fi
     if [ -n "$log_dir" ]; then
-        sbatch+=("--output=$log_dir/%x-%j.out" "--error=$log_dir/%x-%j.err")
+        sbatch_common+=("--output=$log_dir/%x-%j.out" "--error=$log_dir/%x-%j.err")
     fi
-    [ "$wait" = 1 ] && sbatch+=(--wait)
-    sbatch+=("${sbatch_extra[@]}")
 
-    # The batch script is this file; the run-time options travel as its arguments (argv keeps spaces intact).
     local script
     script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
-    local inner=("$script" --tasks-per-node "$tasks" --gpus-per-node "$gpus")
+    inner=("$script" --tasks-per-node "$tasks" --gpus-per-node "$gpus")
     [ -n "$python_opt" ] && inner+=(--python "$python_opt")
     [ -n "$container_image" ] && inner+=(--container-image "$container_image")
     [ -n "$container_mounts" ] && inner+=(--container-mounts "$container_mounts")
@@ -213,16 +236,145 @@ submit_job() {
     for kv in "${envs[@]}"; do
         inner+=(--env "$kv")
     done
-    local cmd=("${sbatch[@]}" "${inner[@]}" -- "${args[@]}")
+    return 0
+}
+
+prepare_submit() {
+    [ -n "$log_dir" ] && mkdir -p "$log_dir"
+    # The copy of this script that SLURM runs finds the repository through this variable.
+    if [ -n "$root" ]; then
+        export MEGATRON_SLIM_ROOT="$root"
+    fi
+}
+
+submit_job() {
+    build_submit
+    local cmd=(sbatch --parsable "--job-name=$job_name" "${sbatch_common[@]}")
+    [ -n "$dependency" ] && cmd+=("--dependency=$dependency")
+    [ "$wait" = 1 ] && cmd+=(--wait)
+    cmd+=("${sbatch_extra[@]}" "${inner[@]}" -- "${args[@]}")
 
     if [ "$dry_run" = 1 ]; then
         print_command "${cmd[@]}"
         return 0
     fi
-    [ -n "$log_dir" ] && mkdir -p "$log_dir"
-    # The copy of this script that SLURM runs finds the repository through this variable.
-    [ -n "$root" ] && export MEGATRON_SLIM_ROOT="$root"
+    prepare_submit
     exec "${cmd[@]}"
+}
+
+# The stage names of `run RECIPE --workdir DIR ...`: from --stages, else from the program's --list-stages.
+chain_stages() {
+    local listed rc=0
+    if [ -n "$stages_opt" ]; then
+        tr ',' '\n' <<<"$stages_opt"
+        return 0
+    fi
+    listed="$(env "${envs[@]}" "$python" -m megatron_slim.cli "${args[@]}" --list-stages)" || rc=$?
+    [ "$rc" = 0 ] || die "could not list the stages: \`$(print_command "$python" -m megatron_slim.cli "${args[@]}" \
+--list-stages)\` exited $rc (name them with --stages A,B,...)"
+    printf '%s\n' "$listed"
+}
+
+# Cancel the jobs of a chain whose submission failed half-way.
+cancel_jobs() {
+    [ "$#" -gt 0 ] || return 0
+    note "cancelling the chain's jobs submitted so far: $*"
+    scancel "$@" || note "scancel $* failed"
+}
+
+# The exit status of a waited-for chain: sbatch --wait's for the last job, which reports 0 for a job cancelled
+# because a stage before it failed, so the states of all the chain's jobs are checked too.
+chain_result() {
+    local rc="$1" names=() ids=() i state reason info failed=0
+    shift
+    while [ "$1" != -- ]; do names+=("$1"); shift; done
+    shift
+    ids=("$@")
+    for i in "${!ids[@]}"; do
+        info="$(scontrol show job "${ids[$i]}" 2>/dev/null)" || continue   # purged: it ended long ago
+        state="$(grep -o 'JobState=[A-Z_]*' <<<"$info" | head -n 1)" || true
+        state="${state#JobState=}"
+        if [ -n "$state" ] && [ "$state" != COMPLETED ]; then
+            reason="$(grep -o ' Reason=[^ ]*' <<<"$info" | head -n 1)" || true
+            note "stage ${names[$i]} (job ${ids[$i]}): $state${reason:+ (${reason# Reason=})}"
+            failed=1
+        fi
+    done
+    if [ "$rc" = 0 ] && [ "$failed" = 1 ]; then
+        rc=1
+    fi
+    return "$rc"
+}
+
+submit_chain() {
+    [ "$exec_mode" = 0 ] || die "--chain runs megatron-slim's run command, not --exec"
+    [ "${args[0]}" = run ] ||
+        die "--chain submits the stages of \`run RECIPE --workdir DIR [run args]\`: give those after --"
+    local word
+    for word in "${args[@]}"; do
+        case "$word" in
+            --stage|--stage=*|--list-stages) die "--chain adds --stage NAME to each job; do not give $word" ;;
+        esac
+    done
+    local stages=() stage listed
+    listed="$(chain_stages)" || exit "$?"
+    while IFS= read -r stage; do
+        [ -n "$stage" ] || continue
+        [[ "$stage" =~ ^[A-Za-z0-9_.-]+$ ]] || die "unusable stage name '$stage' (letters, digits, _ . - only)"
+        stages+=("$stage")
+    done <<<"$listed"
+    [ "${#stages[@]}" -gt 0 ] || die "the recipe has no stages to submit"
+
+    build_submit
+    [ "$dry_run" = 1 ] || prepare_submit
+    local i last=$(( ${#stages[@]} - 1 )) previous="" dep cmd ids=() out rc id
+    for i in "${!stages[@]}"; do
+        stage="${stages[$i]}"
+        cmd=(sbatch --parsable "--job-name=$job_name-$stage" "${sbatch_common[@]}")
+        if [ "$i" = 0 ]; then
+            dep="$dependency"
+        elif [ "$dry_run" = 1 ]; then
+            dep="afterok:<${stages[$((i - 1))]}>"
+        else
+            dep="afterok:$previous"
+        fi
+        if [ -n "$dep" ]; then
+            # A stage whose predecessor failed is cancelled instead of pending forever.
+            cmd+=("--dependency=$dep" --kill-on-invalid-dep=yes)
+        fi
+        [ "$wait" = 1 ] && [ "$i" = "$last" ] && cmd+=(--wait)
+        cmd+=("${sbatch_extra[@]}" "${inner[@]}" -- "${args[@]}" --stage "$stage")
+        if [ "$dry_run" = 1 ]; then
+            print_command "${cmd[@]}"
+            continue
+        fi
+        rc=0 id=""
+        if [ "$wait" = 1 ] && [ "$i" = "$last" ]; then
+            # sbatch --wait prints the job id at once and returns when the job has ended (through requeues).
+            while IFS= read -r out; do
+                case "$out" in
+                    "exit "*) rc="${out#exit }" ;;
+                    *) id="${out%%;*}"; printf '%s %s\n' "$id" "$stage" ;;
+                esac
+            done < <("${cmd[@]}"; echo "exit $?")
+            if ! is_positive "$id"; then
+                cancel_jobs "${ids[@]}"
+                die "sbatch failed for stage $stage (exit $rc)"
+            fi
+            ids+=("$id")
+            chain_result "$rc" "${stages[@]}" -- "${ids[@]}"
+            return
+        fi
+        out="$("${cmd[@]}")" || rc=$?
+        id="${out%%;*}"
+        if [ "$rc" != 0 ] || ! is_positive "$id"; then
+            cancel_jobs "${ids[@]}"
+            die "sbatch failed for stage $stage (exit $rc)"
+        fi
+        ids+=("$id")
+        previous="$id"
+        printf '%s %s\n' "$id" "$stage"
+    done
 }
 
 # ---------------------------------------------------------------------------------------------- SLURM job
@@ -335,7 +487,9 @@ run_local() {
 if [ -n "$root" ]; then
     export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [ "$submit" = 1 ]; then
+if [ "$submit" = 1 ] && [ "$chain" = 1 ]; then
+    submit_chain
+elif [ "$submit" = 1 ]; then
     submit_job
 elif [ -n "${SLURM_JOB_ID:-}" ]; then
     run_in_slurm_job

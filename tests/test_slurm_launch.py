@@ -277,6 +277,70 @@ def test_dry_run_quotes_submit_command(tmp_path: Path) -> None:
         "python", "-m", "megatron_slim.cli", "demo", "--name", "a b"]
 
 
+def _chain_dry_run(*launch_args: str) -> list[list[str]]:
+    out = subprocess.run(["bash", str(LAUNCH), "--submit", "--chain", "--dry-run", *launch_args], capture_output=True,
+                         text=True, env=_clean_env(), cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [shlex.split(line) for line in out.stdout.splitlines()]
+
+
+def test_chain_dry_run_one_job_per_stage(tmp_path: Path) -> None:
+    """--chain: one sbatch per stage, each after the one before it, each running `run ... --stage NAME`."""
+    jobs = _chain_dry_run(
+        "--stages", "prepare,depth,width", "--gpus-per-node", "0", "--tasks-per-node", "2", "--requeue",
+        "--job-name", "tiny", "--dependency", "afterok:41", "--log-dir", str(tmp_path / "my logs"),
+        "--env", "GREETING=hello world", "--", "run", "my recipe.yaml", "--workdir", "work dir", "--no-progress")
+    assert len(jobs) == 3
+    previous = None
+    for stage, words in zip(("prepare", "depth", "width"), jobs):
+        script = words.index(str(LAUNCH))
+        sbatch, inner = words[:script], words[script + 1:]
+        assert sbatch[:2] == ["sbatch", "--parsable"], sbatch
+        for opt in (f"--job-name=tiny-{stage}", "--nodes=1", "--ntasks-per-node=2", "--requeue",
+                    "--signal=B:USR1@120", f"--output={tmp_path}/my logs/%x-%j.out", "--kill-on-invalid-dep=yes"):
+            assert opt in sbatch, (opt, sbatch)
+        assert "--wait" not in sbatch and not any(w.startswith("--gpus-per-node") for w in sbatch), sbatch
+        deps = [w for w in sbatch if w.startswith("--dependency=")]
+        assert deps == [f"--dependency=afterok:{f'<{previous}>' if previous else '41'}"], sbatch
+        assert inner[inner.index("--env") + 1] == "GREETING=hello world"
+        assert inner[inner.index("--"):] == ["--", "run", "my recipe.yaml", "--workdir", "work dir", "--no-progress",
+                                             "--stage", stage]
+        previous = stage
+    assert not (tmp_path / "my logs").exists(), "--dry-run must not create the log dir"
+
+    # --wait waits for the last job only; without --dependency the first job has none.
+    jobs = _chain_dry_run("--stages", "a,b", "--wait", "--", "run", "r.yaml", "--workdir", "w")
+    assert ["--wait" in words for words in jobs] == [False, True]
+    assert [any(w.startswith("--dependency=") for w in words) for words in jobs] == [False, True]
+
+
+def test_chain_lists_the_recipe_stages() -> None:
+    """Without --stages, the stages are those `megatron-slim run RECIPE --workdir DIR --list-stages` prints."""
+    if not (REPO / "megatron_slim" / "commands" / "run.py").is_file():
+        pytest.skip("megatron_slim/commands/run.py (the recipe orchestrator) is not in this tree")
+    if not (REPO / "examples" / "slimqwen" / "recipe.yaml").is_file():
+        pytest.skip("examples/slimqwen/recipe.yaml is not in this tree")
+    jobs = _chain_dry_run("--", "run", "examples/slimqwen/recipe.yaml", "--workdir", "/runs/slimqwen")
+    assert [words[-4:] for words in jobs] == [["--workdir", "/runs/slimqwen", "--stage", "depth"],
+                                              ["--workdir", "/runs/slimqwen", "--stage", "width"]]
+
+
+@pytest.mark.parametrize("launch_args, message", [
+    (["--submit", "--chain", "--", "train", "--config", "x.yaml"], "--chain submits the stages of `run RECIPE"),
+    (["--submit", "--chain", "--exec", "--", "run", "r", "--workdir", "w"], "not --exec"),
+    (["--submit", "--chain", "--stages", "a", "--", "run", "r", "--workdir", "w", "--stage", "a"],
+     "do not give --stage"),
+    (["--submit", "--chain", "--stages", "a,b/c", "--", "run", "r", "--workdir", "w"], "unusable stage name 'b/c'"),
+    (["--submit", "--stages", "a", "--", "run", "r", "--workdir", "w"], "--stages only applies with --chain"),
+    (["--chain", "--", "run", "r", "--workdir", "w"], "--chain only applies with --submit"),
+])
+def test_chain_refuses_bad_requests(launch_args: list[str], message: str) -> None:
+    out = subprocess.run(["bash", str(LAUNCH), "--dry-run", *launch_args], capture_output=True, text=True,
+                         env=_clean_env(), timeout=30)
+    assert out.returncode == 2 and message in out.stderr, (out.returncode, out.stderr)
+    assert out.stdout == ""
+
+
 def test_local_torchrun_two_processes() -> None:
     out = subprocess.run(
         ["bash", str(LAUNCH), "--nproc-per-node", "2", "--python", sys.executable, "--exec", "--",

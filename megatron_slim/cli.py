@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "prune": "prune",
     "plan": "plan",
     "importance": "importance",
+    "evaluate": "evaluate",
 }
 
 

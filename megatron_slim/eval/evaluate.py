@@ -1,0 +1,211 @@
+"""Evaluate a Megatron-Core model at any TP/PP/EP layout: LM loss, perplexity, accuracy, MTP acceptance.
+
+Forwards go through models/forward.py (megatron-core's pipeline schedules); metrics are computed on the last
+pipeline stage from vocab-parallel logits (eval/metrics.py) and summed over data-parallel ranks. Rows are dealt to
+DP ranks round-robin; a rank short of rows runs copies of a row with weight 0, so every rank runs the same
+forwards (expert-parallel collectives span DP ranks) and results do not depend on the layout.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_slim.eval.metrics import (acceptance_counts, acceptance_summary, draft_windows, lm_sums,
+                                        vocab_parallel_argmax)
+from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.forward import forward_microbatches
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _tp_group() -> dist.ProcessGroup | None:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def dp_share(rows: int, dp: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, weights) of this DP rank: rows dp_rank, dp_rank + dp, ..., padded with weight-0 copies of row 0
+    up to ceil(rows / dp) so that every rank holds the same number."""
+    mine = torch.arange(dp_rank, rows, dp)
+    pad = math.ceil(rows / dp) - len(mine)
+    return (torch.cat([mine, torch.zeros(pad, dtype=torch.long)]),
+            torch.cat([torch.ones(len(mine)), torch.zeros(pad)]).double())
+
+
+def _forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
+                  on_logits: Callable[[torch.Tensor, slice], None],
+                  on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None) -> None:
+    """forward_microbatches over every row of `tokens` [B, S], the remainder as one smaller micro-batch; callbacks
+    get logits of the S positions and row slices of `tokens`.
+
+    Under sequence parallelism the sequence must split evenly over TP ranks, so it is padded on the right with
+    token 0; every layer is causal (attention, Gated DeltaNet, MTP) and routing is per token, so the padding
+    changes nothing at positions < S."""
+    from megatron.core import parallel_state as ps
+
+    seq = tokens.shape[1]
+    multiple = ps.get_tensor_model_parallel_world_size() if _unwrap(model).config.sequence_parallel else 1
+    padded = F.pad(tokens, (0, -seq % multiple))
+    bulk = len(tokens) - len(tokens) % micro_batch
+    for lo, hi, size in ((0, bulk, micro_batch), (bulk, len(tokens), len(tokens) - bulk)):
+        if hi == lo:
+            continue
+
+        def main(logits: torch.Tensor, rows: slice, lo: int = lo) -> None:
+            on_logits(logits[:, :seq], slice(rows.start + lo, rows.stop + lo))
+
+        def mtp(depth_logits: list[torch.Tensor], rows: slice, lo: int = lo) -> None:
+            on_mtp_logits([lg[:, :seq] for lg in depth_logits], slice(rows.start + lo, rows.stop + lo))
+        forward_microbatches(model, padded[lo:hi], size, main, None if on_mtp_logits is None else mtp)
+
+
+def _head_logits(inner: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits [b, S, V/tp] of the shared output layer on MTP hidden states [S, b, H]."""
+    weight = inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights else None
+    return inner.output_layer(hidden, weight=weight)[0].transpose(0, 1)
+
+
+@contextmanager
+def recursive_mtp_depths(model: torch.nn.Module, depths: int) -> Iterator[list[list[torch.Tensor]]]:
+    """While active, each forward of the MTP block continues to `depths` by calling its last MTP layer again.
+
+    megatron-core's MultiTokenPredictionLayer takes (input_ids, position_ids, hidden_states, ...) and returns the
+    next depth's (hidden_states, input_ids, position_ids, padding_mask), rolling the ids by one itself; a hook
+    records the last layer's call and output, and a hook on the block feeds that output back into the same layer
+    with the same mask and rotary embeddings. Yields a list that receives, per forward, the hidden states [S, b, H]
+    of depths L+1..depths (L = mtp_num_layers); it stays empty when depths <= L."""
+    inner = _unwrap(model)
+    extra: list[list[torch.Tensor]] = []
+    num_layers = inner.config.mtp_num_layers or 0
+    if depths <= num_layers or not getattr(inner, "mtp_process", False):
+        yield extra
+        return
+    last = inner.mtp.layers[-1]
+    calls: list[tuple[dict, tuple]] = []
+
+    def on_layer(module, args, kwargs, out) -> None:
+        calls.append((kwargs, out))
+
+    def on_block(module, args, out) -> None:
+        kwargs, (hidden, ids, pos, pad) = calls[-1]
+        hiddens = []
+        for _ in range(depths - num_layers):
+            hidden, ids, pos, pad = last(**{**kwargs, "hidden_states": hidden, "input_ids": ids,
+                                            "position_ids": pos, "padding_mask": pad})
+            hiddens.append(hidden)
+        calls.clear()
+        extra.append(hiddens)
+
+    handles = [last.register_forward_hook(on_layer, with_kwargs=True), inner.mtp.register_forward_hook(on_block)]
+    try:
+        yield extra
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def greedy_continuation(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int,
+                        micro_batch: int) -> torch.Tensor:
+    """prompts [B, P] followed by `new_tokens` greedy tokens of the main head, [B, P + new_tokens], on every rank.
+    One full forward of the whole prefix per token (no KV cache)."""
+    from megatron.core import parallel_state as ps
+
+    tp = _tp_group()
+    seqs = prompts
+    for _ in range(new_tokens):
+        nxt = torch.zeros(len(seqs), dtype=torch.long, device=seqs.device)
+
+        def on_logits(logits: torch.Tensor, rows: slice) -> None:
+            nxt[rows] = vocab_parallel_argmax(logits[:, -1], tp)
+        _forward_rows(model, seqs, micro_batch, on_logits)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+    return seqs
+
+
+def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, micro_batch: int, mtp_k: int = 4,
+             prompts: torch.Tensor | None = None, gen_tokens: int = 32) -> dict:
+    """Collective over every rank; returns the same dict on each.
+
+    windows [n, S] (the same on every rank): the loss and top-1 accuracy of the main head predicting tokens
+    1..S-1 of each window from its prefix. prompts [m, P]: MTP speculative acceptance (eval/metrics.py) over each
+    prompt's `gen_tokens`-token greedy continuation with `mtp_k` drafts per step; skipped (empty acceptance,
+    mean_accepted None) without prompts, with mtp_k = 0 or for a model without MTP layers.
+
+    Returns {tokens, loss (mean nats/token), ppl, accuracy, mtp_acceptance {k: rate}, mean_accepted, mtp_positions}.
+    """
+    from megatron.core import parallel_state as ps
+
+    if micro_batch < 1 or len(windows) == 0 or windows.shape[1] < 2:
+        raise ValueError(f"need micro_batch >= 1 and windows [n >= 1, S >= 2], got {micro_batch} and "
+                         f"{tuple(windows.shape)}")
+    with_mtp = prompts is not None and mtp_k > 0 and cfg.mtp_num_layers > 0
+    if with_mtp and (gen_tokens <= mtp_k or prompts.shape[1] < 1 or len(prompts) == 0):
+        raise ValueError(f"MTP acceptance needs non-empty prompts and gen_tokens > mtp_k, got {tuple(prompts.shape)}"
+                         f", gen_tokens {gen_tokens}, mtp_k {mtp_k}")
+    device, tp = _device(), _tp_group()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    reporting = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    k = mtp_k if with_mtp else 0
+    # loss, tokens, correct, acceptance counts of depths 1..k, drafting positions
+    sums = torch.zeros(4 + k, dtype=torch.float64, device=device)
+    model.eval()
+
+    idx, weights = dp_share(len(windows), dp, dp_rank)
+    tokens, weights = windows[idx].to(device), weights.to(device)
+
+    def on_logits(logits: torch.Tensor, rows: slice) -> None:
+        batch = tokens[rows]
+        mask = weights[rows, None].expand(-1, batch.shape[1] - 1)
+        s = lm_sums(logits[:, :-1], batch[:, 1:], mask, tp)
+        if reporting:
+            sums[:3] += torch.tensor([s.loss, s.tokens, s.correct], dtype=torch.float64, device=device)
+
+    _forward_rows(model, tokens, micro_batch, on_logits)
+
+    if with_mtp:
+        idx, weights = dp_share(len(prompts), dp, dp_rank)
+        weights = weights.to(device)
+        first = prompts.shape[1] - 1
+        seqs = greedy_continuation(model, prompts[idx].to(device), gen_tokens, micro_batch)
+        inner = _unwrap(model)
+        with recursive_mtp_depths(model, k) as extra:
+            def on_mtp_logits(depth_logits: list[torch.Tensor], rows: slice) -> None:
+                depth_logits = depth_logits[:k]
+                if extra:
+                    depth_logits += [_head_logits(inner, h)[:, :seqs.shape[1]] for h in extra.pop(0)]
+                ids = [vocab_parallel_argmax(lg, tp) for lg in depth_logits]
+                drafts, targets = draft_windows(ids, seqs[rows], first)
+                w = weights[rows].repeat_interleave(len(drafts) // len(weights[rows]))
+                if reporting:
+                    sums[3:3 + k] += acceptance_counts(drafts, targets, w)
+                    sums[3 + k] += w.sum()
+
+            _forward_rows(model, seqs, micro_batch, lambda logits, rows: None, on_mtp_logits)
+
+    dist.all_reduce(sums)  # one reporting rank per DP replica contributes
+    loss_sum, count, correct = sums[:3].tolist()
+    loss = loss_sum / count
+    result = {"tokens": int(count), "loss": loss, "ppl": math.exp(loss), "accuracy": correct / count,
+              "mtp_acceptance": {}, "mean_accepted": None, "mtp_positions": 0}
+    if with_mtp:
+        summary = acceptance_summary(sums[3:3 + k], sums[3 + k].item())
+        result.update(mtp_acceptance=summary["acceptance"], mean_accepted=summary["mean_accepted"],
+                      mtp_positions=int(sums[3 + k].item()))
+    return result

@@ -316,8 +316,7 @@ def test_chain_dry_run_one_job_per_stage(tmp_path: Path) -> None:
 
 def test_chain_lists_the_recipe_stages() -> None:
     """Without --stages, the stages are those `megatron-slim run RECIPE --workdir DIR --list-stages` prints."""
-    if not (REPO / "megatron_slim" / "commands" / "run.py").is_file():
-        pytest.skip("megatron_slim/commands/run.py (the recipe orchestrator) is not in this tree")
+    _needs_run_command()
     if not (REPO / "examples" / "slimqwen" / "recipe.yaml").is_file():
         pytest.skip("examples/slimqwen/recipe.yaml is not in this tree")
     jobs = _chain_dry_run("--", "run", "examples/slimqwen/recipe.yaml", "--workdir", "/runs/slimqwen")
@@ -339,6 +338,131 @@ def test_chain_refuses_bad_requests(launch_args: list[str], message: str) -> Non
                          env=_clean_env(), timeout=30)
     assert out.returncode == 2 and message in out.stderr, (out.returncode, out.stderr)
     assert out.stdout == ""
+
+
+def _needs_run_command() -> None:
+    if not (REPO / "megatron_slim" / "commands" / "run.py").is_file():
+        pytest.skip("megatron_slim/commands/run.py (the recipe orchestrator `megatron-slim run`) is not in this tree")
+
+
+@pytest.fixture(scope="module")
+def chain_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _needs_run_command()
+    from slurm_chain_recipe import build_assets
+
+    root = tmp_path_factory.mktemp("slurm_chain")
+    build_assets(root, env=_clean_env())
+    return root
+
+
+def _chain_job_ids(proc: subprocess.Popen, stages: list[str]) -> dict[str, str]:
+    """The `<job id> <stage>` lines launch.sh --chain prints, one per stage, as soon as each job is submitted."""
+    ids: dict[str, str] = {}
+    assert proc.stdout is not None
+    for stage in stages:
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"(\d+) (\S+)\n", line)
+        assert match and match.group(2) == stage, (line, ids)
+        ids[stage] = match.group(1)
+    return ids
+
+
+@pytest.mark.slow
+def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_assets: Path, tmp_path: Path) -> None:
+    """`launch.sh --submit --chain --requeue --wait -- run RECIPE --workdir DIR`: one job per stage, the second
+    after the first; SIGUSR1 during the first stage's distillation requeues that job (same id) and it resumes from
+    its checkpoint while the second waits; the second then runs its stage plus the export and report."""
+    from slurm_chain_recipe import STAGES, recipe, write_recipe
+
+    path = write_recipe(chain_assets, "chain", recipe(chain_assets, steps_per_stage=20))
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH), "--submit", "--chain", "--wait", "--requeue", "--gpus-per-node", "0",
+         "--tasks-per-node", "1", "--job-name", "chain", "--log-dir", str(logs), "--",
+         "run", str(path), "--workdir", str(work), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm_env, cwd=tmp_path)
+    ids: dict[str, str] = {}
+    seen: dict[str, dict[str, str]] = {stage: {} for stage in STAGES}  # last `scontrol show job` of each job
+
+    def poll() -> None:
+        for stage, job_id in ids.items():
+            info = _job_info(slurm_env, job_id)
+            if info:  # empty once the job is purged (MinJobAge after it ended)
+                seen[stage] = info
+
+    def log(stage: str) -> str:
+        return "".join(p.read_text() for p in sorted(logs.glob(f"chain-{stage}-{ids.get(stage)}.*")))
+
+    try:
+        ids = _chain_job_ids(proc, STAGES)
+        poll()
+        assert seen["width"]["JobState"] == "PENDING", seen
+        assert seen["width"]["Dependency"].startswith(f"afterok:{ids['depth']}"), seen
+
+        def distilling() -> bool:
+            poll()
+            assert proc.poll() is None, (proc.returncode, log("depth"))
+            return (work / "depth" / "train" / "metrics.jsonl").is_file()
+
+        _wait_until(distilling, 600, "the depth stage's distillation", interval=0.1)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", ids["depth"]], check=True, env=slurm_env,
+                       timeout=30)
+
+        def chain_done() -> bool:
+            poll()
+            return proc.poll() is not None
+
+        _wait_until(chain_done, 900, "the chain to finish", interval=0.5)
+        stderr = proc.stderr.read() if proc.stderr else ""
+        assert proc.returncode == 0, (stderr, log("depth"), log("width"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if ids:
+            subprocess.run(["scancel", *ids.values()], env=slurm_env, timeout=30)
+    depth, width = log("depth"), log("width")
+    assert int(seen["depth"]["Restarts"]) == 1, (seen, depth)
+    assert seen["width"].get("JobState", "COMPLETED") == "COMPLETED", seen
+    assert "stop  depth/distill: checkpointed" in depth and "requeueing job" in depth, depth
+    resumed = re.findall(r"resumed from \S+/depth/train at step (\d+)", depth)
+    assert len(resumed) == 1 and 0 < int(resumed[0]) < 20, depth
+    assert "done  depth/eval" in depth and "width/" not in depth and "final/" not in depth, depth
+    assert "depth/distill" not in width.replace("skip  depth/", ""), width
+    for step in ("width/importance", "width/distill", "final/export", "final/report"):
+        assert f"done  {step}" in width, (step, width)
+    state = json.loads((work / "state.json").read_text())["steps"]
+    assert all(entry["status"] == "done" for entry in state.values()), state
+    assert (work / "export" / "hf" / "config.json").is_file()
+
+
+def test_chain_stops_at_a_failed_stage(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """A stage that fails cancels the stages after it (--kill-on-invalid-dep) and --wait reports the failure."""
+    _needs_run_command()
+    from slurm_chain_recipe import STAGES, recipe, write_recipe
+
+    # The stages can be listed, but the recipe cannot run: its teacher and data do not exist.
+    path = write_recipe(tmp_path, "broken", recipe(tmp_path / "missing"))
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH), "--submit", "--chain", "--wait", "--gpus-per-node", "0", "--tasks-per-node", "1",
+         "--job-name", "broken", "--log-dir", str(logs), "--", "run", str(path), "--workdir", str(tmp_path / "w")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm_env, cwd=tmp_path)
+    ids: dict[str, str] = {}
+    try:
+        ids = _chain_job_ids(proc, STAGES)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if ids:
+            subprocess.run(["scancel", *ids.values()], env=slurm_env, timeout=30)
+    first = "".join(p.read_text() for p in sorted(logs.glob(f"broken-depth-{ids['depth']}.*")))
+    assert proc.returncode != 0, stderr
+    assert "teacher" in first and "does not exist" in first, first
+    assert f"stage width (job {ids['width']}): CANCELLED (DependencyNeverSatisfied)" in stderr, stderr
+    assert not list(logs.glob(f"broken-width-{ids['width']}.*")), "the cancelled stage must not have run"
 
 
 def test_local_torchrun_two_processes() -> None:

@@ -151,8 +151,6 @@ def _spawned_worker(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import shutil
 
-    import torch.multiprocessing as mp
-
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.data.calibration import check_source
@@ -188,11 +186,8 @@ def run(args: argparse.Namespace) -> int:
     world = args.tp * args.ep * args.pp  # smallest world with room for tp*pp and ep*expert_tp*pp (expert_tp = tp)
     try:
         if not launched and world > 1:
-            run_local_world(_spawned_worker, world, args)
-        else:
-            worker(args)
-    except mp.ProcessExitedException as e:
-        return e.exit_code
+            return run_local_world(_spawned_worker, world, args)
+        worker(args)
     finally:
         if not is_mcore:  # rank 0 removes it once every rank has loaded it; this covers runs that failed earlier
             shutil.rmtree(_temp_checkpoint(out), ignore_errors=True)

@@ -25,23 +25,11 @@ def worker(config_path: str) -> int:
     return trainer.train()
 
 
-def _spawned(config_path: str) -> None:
-    code = worker(config_path)
-    if code:
-        raise SystemExit(code)
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch.multiprocessing as mp
-
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
     from megatron_slim.train.config import load_run_config
 
     load_run_config(args.config).validate()  # report config errors before any process starts
     if launched_world_size() is None and args.nproc > 1:
-        try:
-            run_local_world(_spawned, args.nproc, args.config)
-        except mp.ProcessExitedException as e:
-            return e.exit_code
-        return 0
+        return run_local_world(worker, args.nproc, args.config)
     return worker(args.config)

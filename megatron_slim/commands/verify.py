@@ -58,14 +58,8 @@ def worker(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
-    import torch.multiprocessing as mp
-
     world = math.lcm(args.tp, args.ep) * args.pp
     if launched_world_size() is None and world > 1:
-        try:
-            run_local_world(worker, world, args)
-        except mp.ProcessExitedException as e:  # a rank exited with the parity-failure status
-            return e.exit_code
-    else:
-        worker(args)
+        return run_local_world(worker, world, args)  # a rank exits 1 on a parity failure
+    worker(args)
     return 0

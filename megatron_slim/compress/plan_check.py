@@ -48,6 +48,12 @@ def _sizes(plan: CompressionPlan, problems: list[str]) -> dict[str, int]:
     def size(name: str, value: int) -> None:
         seen.setdefault(name, set()).add(value)
 
+    def selection(field: str, prefix: str, n: int, name: str) -> None:
+        """An optional per-layer index list (absent = keep all n): valid indices; its length is the new `name`."""
+        keep = getattr(plan, field).get(prefix, range(n))
+        _check_indices(f"{field}[{prefix!r}]", keep, n, problems)
+        size(name, len(keep))
+
     for prefix, mixer, mlp in layers:
         if mlp == MOE:
             slots = plan.experts.get(prefix, [[(e, 1.0)] for e in range(src.num_experts)])
@@ -68,21 +74,14 @@ def _sizes(plan: CompressionPlan, problems: list[str]) -> dict[str, int]:
             else:
                 size("moe_ffn_hidden_size", src.moe_ffn_hidden_size)
             if src.shared_expert_ffn_hidden_size:
-                keep = plan.shared_expert_neurons.get(prefix, range(src.shared_expert_ffn_hidden_size))
-                _check_indices(f"shared_expert_neurons[{prefix!r}]", keep, src.shared_expert_ffn_hidden_size, problems)
-                size("shared_expert_ffn_hidden_size", len(keep))
+                selection("shared_expert_neurons", prefix, src.shared_expert_ffn_hidden_size,
+                          "shared_expert_ffn_hidden_size")
         else:
-            keep = plan.dense_mlp_neurons.get(prefix, range(src.dense_ffn_hidden_size))
-            _check_indices(f"dense_mlp_neurons[{prefix!r}]", keep, src.dense_ffn_hidden_size, problems)
-            size("dense_ffn_hidden_size", len(keep))
+            selection("dense_mlp_neurons", prefix, src.dense_ffn_hidden_size, "dense_ffn_hidden_size")
         if mixer == ATTENTION:
-            keep = plan.query_groups.get(prefix, range(src.num_query_groups))
-            _check_indices(f"query_groups[{prefix!r}]", keep, src.num_query_groups, problems)
-            size("num_query_groups", len(keep))
+            selection("query_groups", prefix, src.num_query_groups, "num_query_groups")
         else:
-            keep = plan.gdn_key_heads.get(prefix, range(src.linear_num_key_heads))
-            _check_indices(f"gdn_key_heads[{prefix!r}]", keep, src.linear_num_key_heads, problems)
-            size("linear_num_key_heads", len(keep))
+            selection("gdn_key_heads", prefix, src.linear_num_key_heads, "linear_num_key_heads")
     out = {}
     for name, values in seen.items():
         if len(values) > 1:

@@ -23,11 +23,21 @@ def launched_world_size() -> int | None:
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    fn(*args)
+    code = fn(*args)
+    if code:
+        raise SystemExit(code)
 
 
-def run_local_world(fn: Callable[..., Any], world: int, *args: Any) -> None:
-    """Call fn(*args) on `world` spawned local ranks (fn must be importable at module level)."""
+def run_local_world(fn: Callable[..., Any], world: int, *args: Any) -> int:
+    """Call fn(*args) on `world` spawned local ranks (fn must be importable at module level).
+
+    Returns the command's exit status: 0, or that of a rank which ended with a non-zero status (a non-zero int
+    returned by fn, or SystemExit). An exception in a rank propagates with its traceback.
+    """
     from megatron_slim.runtime.distributed import _free_port
 
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    try:
+        mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    except mp.ProcessExitedException as e:
+        return e.exit_code
+    return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shlex
 import shutil
@@ -146,29 +145,11 @@ def test_preempt_requeue_resume(slurm_env: dict[str, str], tmp_path: Path, signa
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny plain-training run: the 2-layer Qwen3-MoE student checkpoint and the toy indexed dataset of
-    tests/train_fixtures.py (no teacher: the run tests the launcher, tests/test_train.py tests distillation).
-    Conversion and preprocessing share one process (each megatron-slim start imports torch and megatron-core)."""
-    import tiny_models
-    from hf_fixtures import build_tiny_hf
+    tests/train_fixtures.py (no teacher: the run tests the launcher, tests/test_train.py tests distillation)."""
+    from slurm_assets import build
 
     root = tmp_path_factory.mktemp("slurm_train")
-    build_tiny_hf(tiny_models.qwen3_moe(num_hidden_layers=2), 1).save_pretrained(root / "student_hf")
-    rng = random.Random(0)
-    with open(root / "data.jsonl", "w") as f:  # the toy language of train_fixtures.assets
-        for _ in range(400):
-            start, step = rng.randrange(120), rng.choice([1, 2, 3])
-            f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
-    commands = [
-        ["convert", "hf-to-mcore", "--hf", str(root / "student_hf"), "--out", str(root / "student_mc"),
-         "--no-progress"],
-        ["preprocess", "--input", str(root / "data.jsonl"), "--output-prefix", str(root / "data"), "--tokenizer",
-         "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127"],
-    ]
-    script = ("import json, sys\nfrom megatron_slim.cli import main\n"
-              "sys.exit(max(main(argv) for argv in json.loads(sys.argv[1])))")
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
-                         env=_clean_env(), cwd=REPO, timeout=600)
-    assert out.returncode == 0, out.stdout + out.stderr[-4000:]
+    build("train", root, env=_clean_env())
     return root
 
 
@@ -180,17 +161,17 @@ def test_preempt_requeue_resumes_real_trainer(slurm_env: dict[str, str], tiny_ru
     """`megatron-slim train` on 2 CPU tasks (gloo) through `launch.sh --submit --requeue`: SIGUSR1 mid-training
     (what --signal=B:USR1@120 sends before the time limit) -> checkpoint, exit 75, requeue with the same job id,
     resume from the checkpoint, finish; the loss sequence equals an uninterrupted 2-rank run's."""
-    from train_fixtures import write_config
+    from slurm_assets import run_config
 
     iters = 40
-    run = write_config(tiny_run, "requeued", teacher=False, train={"train_iters": iters})
-    reference = write_config(tiny_run, "straight", teacher=False, train={"train_iters": iters})
+    run, reference = run_config(tiny_run, "requeued", iters), run_config(tiny_run, "straight", iters)
     save_dir = tiny_run / "requeued"
-    logs = tmp_path / "logs"
+    logs, straight_log = tmp_path / "logs", tmp_path / "straight.log"
     # The uninterrupted reference runs meanwhile (same 2-rank data-parallel layout, local ranks).
-    straight = subprocess.Popen(
-        [sys.executable, "-m", "megatron_slim.cli", "train", "--config", str(reference), "--nproc", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env(), cwd=REPO)
+    with open(straight_log, "w") as f:
+        straight = subprocess.Popen(
+            [sys.executable, "-m", "megatron_slim.cli", "train", "--config", str(reference), "--nproc", "2"],
+            stdout=f, stderr=subprocess.STDOUT, env=_clean_env(), cwd=REPO)
     job_id = ""
     info: dict[str, str] = {}
 
@@ -212,7 +193,9 @@ def test_preempt_requeue_resumes_real_trainer(slurm_env: dict[str, str], tiny_ru
             return (save_dir / "metrics.jsonl").is_file()
 
         # Step 1 is logged once every rank is past set-up (the trainer's signal handlers are installed).
+        started = time.monotonic()
         _wait_until(trained, 300, "the first training step", interval=0.05)
+        print(f"first step after {time.monotonic() - started:.1f}s")
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, env=slurm_env, timeout=30)
 
         def job_done() -> bool:
@@ -220,7 +203,9 @@ def test_preempt_requeue_resumes_real_trainer(slurm_env: dict[str, str], tiny_ru
             return info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
         _wait_until(job_done, 400, "the requeued job to finish", interval=0.5)
-        assert straight.wait(timeout=300) == 0, straight.stdout.read()[-4000:] if straight.stdout else ""
+        print(f"requeued job done after {time.monotonic() - started:.1f}s")
+        assert straight.wait(timeout=300) == 0, straight_log.read_text()[-4000:]
+        print(f"reference run done after {time.monotonic() - started:.1f}s")
     finally:
         if straight.poll() is None:
             straight.kill()
@@ -348,10 +333,10 @@ def _needs_run_command() -> None:
 @pytest.fixture(scope="module")
 def chain_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _needs_run_command()
-    from slurm_chain_recipe import build_assets
+    from slurm_assets import build
 
     root = tmp_path_factory.mktemp("slurm_chain")
-    build_assets(root, env=_clean_env())
+    build("chain", root, env=_clean_env())
     return root
 
 
@@ -372,7 +357,7 @@ def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_
     """`launch.sh --submit --chain --requeue --wait -- run RECIPE --workdir DIR`: one job per stage, the second
     after the first; SIGUSR1 during the first stage's distillation requeues that job (same id) and it resumes from
     its checkpoint while the second waits; the second then runs its stage plus the export and report."""
-    from slurm_chain_recipe import STAGES, recipe, write_recipe
+    from slurm_assets import STAGES, recipe, write_recipe
 
     path = write_recipe(chain_assets, "chain", recipe(chain_assets, steps_per_stage=20))
     work, logs = tmp_path / "work", tmp_path / "logs"
@@ -439,7 +424,7 @@ def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_
 def test_chain_stops_at_a_failed_stage(slurm_env: dict[str, str], tmp_path: Path) -> None:
     """A stage that fails cancels the stages after it (--kill-on-invalid-dep) and --wait reports the failure."""
     _needs_run_command()
-    from slurm_chain_recipe import STAGES, recipe, write_recipe
+    from slurm_assets import STAGES, recipe, write_recipe
 
     # The stages can be listed, but the recipe cannot run: its teacher and data do not exist.
     path = write_recipe(tmp_path, "broken", recipe(tmp_path / "missing"))

@@ -13,7 +13,8 @@ Usage:
   sbatch [sbatch options] launch.sh [options] -- <args>    submit yourself
   launch.sh --submit [options] -- <megatron-slim args>     build and run the sbatch command from the options
   launch.sh --submit --chain [options] -- run RECIPE --workdir DIR [run args]
-                                                           one job per stage of the recipe, each after the last
+                                                           one job per stage of the recipe, each after the one
+                                                           before it
 
 Inside a SLURM job, srun starts one task per GPU on every node of the job (the task count per node comes from
 --tasks-per-node, else --gpus-per-node, else the job's SLURM_NTASKS_PER_NODE / GPUs / tasks). Each task runs
@@ -59,8 +60,8 @@ Job chains (--submit --chain):
                            `megatron-slim run RECIPE --workdir DIR [run args] --list-stages`, run here.
                            Prints one line per job: `<job id> <stage>`; job names are <job-name>-<stage>.
                            With --requeue every job requeues itself; dependants wait through its requeues.
-                           With --wait only the last job is waited for; the exit status is nonzero when any
-                           stage failed. With --dry-run the sbatch commands are printed, one per stage, with
+                           --wait blocks until the last job has ended (or was cancelled because a stage
+                           failed) and exits nonzero when any stage did not complete. With --dry-run the sbatch commands are printed, one per stage, with
                            `<STAGE>` standing for that stage's job id.
   --stages A,B,...         submit these stages instead of listing them (e.g. where this machine cannot run
                            the program, or to continue a chain from a later stage)

@@ -61,8 +61,8 @@ Job chains (--submit --chain):
                            Prints one line per job: `<job id> <stage>`; job names are <job-name>-<stage>.
                            With --requeue every job requeues itself; dependants wait through its requeues.
                            --wait blocks until the last job has ended (or was cancelled because a stage
-                           failed) and exits nonzero when any stage did not complete. With --dry-run the sbatch commands are printed, one per stage, with
-                           `<STAGE>` standing for that stage's job id.
+                           failed) and exits nonzero when any stage did not complete. --dry-run prints the
+                           sbatch commands, one per stage, `<STAGE>` standing for that stage's job id.
   --stages A,B,...         submit these stages instead of listing them (e.g. where this machine cannot run
                            the program, or to continue a chain from a later stage)
 

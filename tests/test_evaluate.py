@@ -248,18 +248,18 @@ def test_layouts_agree_and_greedy_tokens_match(sweep, ref):
 
 # ---------------------------------------------------------------- the command
 
-def test_cli_json_from_hf_checkpoint(setup, ref, tmp_path):
+def test_cli_json_from_hf_checkpoint_at_tp2(setup, ref, tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", "evaluate", "--model", str(setup["hf"]),
                            "--data", str(setup["data"]), "--tokens", str(WINDOWS * SEQ_LEN - 2), "--seq-len",
                            str(SEQ_LEN), "--mtp-prompts", str(PROMPTS), "--prompt-len", str(PROMPT_LEN),
-                           "--gen-tokens", str(GEN), "--micro-batch", "2", "--json", "--out", str(out)],
+                           "--gen-tokens", str(GEN), "--micro-batch", "2", "--tp", "2", "--json", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert_matches(printed, ref, "cli")
-    assert printed["layout"] == {"tp": 1, "ep": 1, "pp": 1, "world": 1}
+    assert printed["layout"] == {"tp": 2, "ep": 1, "pp": 1, "world": 2}  # spawned its own 2 ranks
     assert not out.with_name(out.name + ".mcore-tmp").exists(), "the on-the-fly conversion is removed"
 
 

@@ -40,14 +40,19 @@ def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     convert(build_tiny_hf(tiny_models.qwen3_moe(), 0), root, "teacher")
     convert(build_tiny_hf(tiny_models.qwen3_moe(num_hidden_layers=2), 1), root, "student")
+    write_toy_data(root)
+    return root
+
+
+def write_toy_data(root: Path) -> None:
+    """root/data.bin/.idx: a learnable toy language (arithmetic progressions) over the tiny models' vocabulary."""
     rng = random.Random(0)
-    with open(root / "data.jsonl", "w") as f:  # a learnable toy language: arithmetic progressions
+    with open(root / "data.jsonl", "w") as f:
         for _ in range(400):
             start, step = rng.randrange(120), rng.choice([1, 2, 3])
             f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
     cli("preprocess", "--input", str(root / "data.jsonl"), "--output-prefix", str(root / "data"), "--tokenizer",
         "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127")
-    return root
 
 
 def write_config(root: Path, name: str, teacher: bool = True, **sections) -> Path:

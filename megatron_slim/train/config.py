@@ -82,7 +82,10 @@ class LossSection:
     kd_kind: str = "fkl"  # fkl | rkl | jsd
     temperature: float = 1.0
     mtp_lm_weight: float = 0.1
-    mtp_kd_weight: float = 0.1  # MTP depth k distilled toward the teacher's main head at t+k
+    mtp_kd_weight: float = 0.1  # student MTP depth k distilled toward the teacher distribution chosen below
+    # main: the teacher's main head at position t+k (predicts the same token); mtp: the teacher's own MTP depth k
+    # at position t (the teacher needs at least as many MTP depths as the student)
+    mtp_kd_source: str = "main"
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: float | None = None
 
@@ -147,6 +150,10 @@ class RunConfig:
             problems.append("loss.kd_weight (alpha) must be in [0, 1]")
         if self.loss.kd_kind not in ("fkl", "rkl", "jsd"):
             problems.append(f"loss.kd_kind must be fkl, rkl or jsd, not {self.loss.kd_kind!r}")
+        if self.loss.mtp_kd_source not in ("main", "mtp"):
+            problems.append(f"loss.mtp_kd_source must be main or mtp, not {self.loss.mtp_kd_source!r}")
+        if self.teacher is None and self.loss.mtp_kd_source == "mtp":
+            problems.append("loss.mtp_kd_source: mtp needs a teacher")
         if self.schedule.style not in ("cosine", "wsd", "linear", "constant"):
             problems.append(f"schedule.style {self.schedule.style!r} is not cosine, wsd, linear or constant")
         if self.teacher is None and self.loss.kd_weight > 0:

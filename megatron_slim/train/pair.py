@@ -2,12 +2,17 @@
 
 With pipeline parallelism, teacher and student are split into the same number of stages; each stage's output on
 the wire is [student hidden | teacher hidden] (the schedule's p2p shapes are widened accordingly), so the teacher's
-activations reach the last stage along with the student's, where both heads' logits feed the loss. Only the
-student is trainable: megatron-core's DDP and optimizer see only its parameters, checkpoints hold only it.
+activations reach the last stage along with the student's, where both heads' logits feed the loss. A teacher
+built with MTP depths (loss.mtp_kd_source: mtp) runs its MTP block on the last stage, where megatron-core places
+it, from the hidden states that arrived there; its per-depth logits are kept next to the main ones, so nothing
+extra travels through the pipeline. Only the student is trainable: megatron-core's DDP and optimizer see only its
+parameters, checkpoints hold only it.
 """
 from __future__ import annotations
 
 import torch
+
+from megatron_slim.models.forward import mtp_logits_from_hidden
 
 
 class DistillPair(torch.nn.Module):
@@ -17,6 +22,7 @@ class DistillPair(torch.nn.Module):
         self.teacher = teacher
         self.config = student.config
         self.teacher_logits: torch.Tensor | None = None
+        self.teacher_mtp_logits: list[torch.Tensor] = []  # per depth, [b, S, V/tp]; last stage, MTP teachers only
         self._split = [student.config.hidden_size, teacher.config.hidden_size]
 
     def __getattr__(self, name: str):
@@ -42,8 +48,16 @@ class DistillPair(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask) -> torch.Tensor:
         out = self.student(tokens, position_ids, attention_mask)
-        with torch.no_grad():
-            teacher_out = self.teacher(tokens, position_ids, attention_mask)
+        captured: list[torch.Tensor] = []
+        hook = (self.teacher.mtp.register_forward_hook(lambda m, a, hidden: captured.append(hidden))
+                if getattr(self.teacher, "mtp_process", False) else None)
+        try:
+            with torch.no_grad():
+                teacher_out = self.teacher(tokens, position_ids, attention_mask)
+                self.teacher_mtp_logits = mtp_logits_from_hidden(self.teacher, captured[0]) if captured else []
+        finally:
+            if hook is not None:
+                hook.remove()
         if self.post_process:
             self.teacher_logits = teacher_out
             return out

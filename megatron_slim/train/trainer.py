@@ -6,6 +6,10 @@ from its own checkpoint at the same TP/PP/EP layout, frozen, forward-only on the
 activations travel with the student's through the pipeline (`train/pair.py`). Losses come from
 `megatron_slim.distill.losses` on vocab-parallel logits (never gathered):
     total = alpha * KD + (1 - alpha) * LM + w_mtp_lm * mean_k MTP-LM_k + w_mtp_kd * mean_k MTP-KD_k (+ MoE aux)
+MTP-KD_k distils the student's MTP depth k at position t toward the teacher's main head at t+k (loss.mtp_kd_source:
+main, the default) or toward the teacher's own MTP depth k at t (mtp; the teacher is then built with the student's
+number of MTP depths). With bf16 the student is loaded before the optimizer is built: megatron-core's optimizer
+keeps fp32 master copies of the bf16 weights, taken when it is built.
 SIGTERM/SIGUSR1 (SLURM preemption, time limit) -> checkpoint at the next step boundary and exit 75, launch.sh's
 "requeue me" status.
 """
@@ -116,23 +120,32 @@ class Trainer:
         dtype = torch.bfloat16 if c.precision.bf16 else torch.float32
 
         self.model_cfg = load_model_config(c.model.checkpoint)
-        opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
-                            moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
-                            fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe)
-        student = build_model(self.model_cfg, self.parallel, opts)
-        self.teacher = None
-        if c.teacher is not None:
+        tcfg = None
+        if c.teacher is not None:  # every check on the pair before any model is built
             tcfg = load_model_config(c.teacher.checkpoint)
             if tcfg.vocab_size != self.model_cfg.vocab_size:
                 raise UserError(f"teacher vocab {tcfg.vocab_size} != student vocab {self.model_cfg.vocab_size}: "
                                 "teacher and student must share the tokenizer")
             self._check_same_tokenizer(Path(c.teacher.checkpoint), Path(c.model.checkpoint))
-            self.teacher = build_model(tcfg.replace(mtp_num_layers=0), self.parallel, opts)
+            tcfg = tcfg.replace(mtp_num_layers=self._teacher_mtp_depths(tcfg.mtp_num_layers))
+        opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
+                            moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
+                            fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe)
+        student = build_model(self.model_cfg, self.parallel, opts)
+        self.teacher = None
+        if tcfg is not None:
+            self.teacher = build_model(tcfg, self.parallel, opts)
             load_model(self.teacher, c.teacher.checkpoint)
             self.teacher.eval()
             for prm in self.teacher.parameters():
                 prm.requires_grad_(False)
             self.teacher_cfg = tcfg
+
+        resume = checkpointing.latest_step(c.checkpoint.save_dir)
+        if resume is None:
+            # Before the optimizer exists: with bf16 it copies the weights into fp32 master weights when built and
+            # every step writes those back, so weights loaded later would be reverted to the random init at step 1.
+            load_model(student, c.model.checkpoint)
 
         from megatron_slim.train.pair import DistillPair
 
@@ -159,13 +172,11 @@ class Trainer:
             lr_wsd_decay_style=c.schedule.wsd_decay_style if style == "WSD" else None)
 
         self.step = 0
-        resume = checkpointing.latest_step(c.checkpoint.save_dir)
         if resume is not None:
             state = checkpointing.load(c.checkpoint.save_dir, resume, student, self.optimizer, self.scheduler)
             self.step = state["step"]
             self._log_rank0(f"resumed from {c.checkpoint.save_dir} at step {self.step}")
         else:
-            load_model(student, c.model.checkpoint)
             self._log_rank0(f"initialised student from {c.model.checkpoint}")
         self._build_data()
         self.router_load = _RouterLoad(student)
@@ -178,6 +189,19 @@ class Trainer:
 
             self.logger = MetricsLogger(c.checkpoint.save_dir, Path(c.checkpoint.save_dir).name,
                                         run_config_to_dict(c), c.logging.wandb_project, c.logging.wandb_mode)
+
+    def _teacher_mtp_depths(self, available: int) -> int:
+        """MTP depths to build in the teacher: none unless the student's MTP heads learn from the teacher's own
+        (loss.mtp_kd_source: mtp), then as many as the student has (depth k needs only depths 1..k)."""
+        loss, needed = self.cfg.loss, self.model_cfg.mtp_num_layers
+        if loss.mtp_kd_source != "mtp" or loss.mtp_kd_weight == 0:
+            return 0
+        if needed == 0:
+            raise UserError(f"loss.mtp_kd_source: mtp, but the student {self.cfg.model.checkpoint} has no MTP heads")
+        if available < needed:
+            raise UserError(f"loss.mtp_kd_source: mtp needs a teacher with at least the student's {needed} MTP "
+                            f"depths; {self.cfg.teacher.checkpoint} has {available}")
+        return needed
 
     @staticmethod
     def _check_same_tokenizer(a: Path, b: Path) -> None:
@@ -219,7 +243,9 @@ class Trainer:
         finally:
             if hook is not None:
                 hook.remove()
-        teacher_logits = _unwrap(model).teacher_logits if self.teacher is not None else None
+        pair = _unwrap(model) if self.teacher is not None else None
+        teacher_logits = pair.teacher_logits if pair is not None else None
+        teacher_mtp = pair.teacher_mtp_logits if pair is not None else []
         c = self.cfg.loss
 
         def loss_func(logits: torch.Tensor):
@@ -237,9 +263,11 @@ class Trainer:
                 parts["mtp_lm"] = mtp_lm
                 total = total + c.mtp_lm_weight * mtp_lm
                 if teacher_logits is not None and c.mtp_kd_weight > 0:
-                    mtp_kd = sum(mtp_kd_loss(lg, teacher_logits, k, loss_mask, kind=c.kd_kind,
+                    targets = teacher_mtp if c.mtp_kd_source == "mtp" else [teacher_logits] * len(depths)
+                    mtp_kd = sum(mtp_kd_loss(lg, target, k, loss_mask, source=c.mtp_kd_source, kind=c.kd_kind,
                                              temperature=c.temperature, tp_group=self.tp_group)
-                                 for k, lg in enumerate(depths, start=1)) / len(depths)
+                                 for k, (lg, target) in enumerate(zip(depths, targets, strict=True), start=1)
+                                 ) / len(depths)
                     parts["mtp_kd"] = mtp_kd
                     total = total + c.mtp_kd_weight * mtp_kd
             parts["loss"] = total

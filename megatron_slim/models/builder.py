@@ -150,7 +150,8 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOptions =
     tcfg = transformer_config(cfg, parallel, opts)
     _, backend = select_backend(tcfg.transformer_impl)
     spec = hybrid_stack_spec(backend, qk_layernorm=cfg.qk_layernorm, num_experts=cfg.num_experts,
-                             grouped_gemm=tcfg.moe_grouped_gemm, with_mtp=cfg.mtp_num_layers > 0)
+                             grouped_gemm=tcfg.moe_grouped_gemm, with_mtp=cfg.mtp_num_layers > 0,
+                             with_gdn=cfg.has_gdn)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

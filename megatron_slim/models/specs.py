@@ -8,6 +8,8 @@ comes from a megatron-core `BackendSpecProvider`:
   sequence-parallel aware RMSNorm). This is also what runs on a GPU without Transformer Engine, and on CPU.
 
 megatron-core's own hybrid and Gated DeltaNet spec builders assume Transformer Engine, so we own these specs.
+megatron-core's Gated DeltaNet module imports fla (and through it triton and transformers) at import time, seconds
+of start-up: it is imported only when a model with GDN layers is built.
 With separate (unfused) norms, `sharded_state_dict_keys_map` stores the norm weights under the fused names, so one
 distributed checkpoint loads with either backend.
 """
@@ -19,7 +21,6 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
-from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -124,6 +125,11 @@ def attention_layer_spec(backend: BackendSpecProvider, qk_layernorm: bool) -> Mo
 
 def gdn_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
     """Gated DeltaNet linear attention (Qwen3-Next's `linear_attention` layers)."""
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+
+    from megatron_slim.runtime import cpu_compat
+
+    cpu_compat.patch_gdn()
     norm, in_proj, fused = _qkv_or_fused(backend)
     return ModuleSpec(
         module=TransformerLayer,
@@ -192,13 +198,14 @@ def mtp_block_spec(backend: BackendSpecProvider) -> ModuleSpec:
 
 
 def hybrid_stack_spec(backend: BackendSpecProvider, *, qk_layernorm: bool, num_experts: int,
-                      grouped_gemm: bool, with_mtp: bool) -> ModuleSpec:
-    """The HybridStack spec: one spec per layer symbol of the hybrid pattern ('G', '*', 'E', '-')."""
+                      grouped_gemm: bool, with_mtp: bool, with_gdn: bool) -> ModuleSpec:
+    """The HybridStack spec: one spec per layer symbol of the hybrid pattern ('G', '*', 'E', '-'); the GDN spec
+    (and its fla import) only `with_gdn`, i.e. when the pattern has a 'G'."""
     return ModuleSpec(
         module=NormedHybridStack,
         params={"final_norm": backend.layer_norm(rms_norm=True)},
         submodules=HybridStackSubmodules(
-            gdn_layer=gdn_layer_spec(backend),
+            gdn_layer=gdn_layer_spec(backend) if with_gdn else IdentityOp,
             attention_layer=attention_layer_spec(backend, qk_layernorm),
             mlp_layer=dense_mlp_layer_spec(backend),
             moe_layer=moe_layer_spec(backend, num_experts, grouped_gemm),

@@ -11,6 +11,8 @@ redirects exactly those, in one place, and is never activated when CUDA is avail
 3. Streams and events used by the MoE layer and dispatchers -> no-op stand-ins; `synchronize` -> no-op.
 4. Gated DeltaNet: fla's Triton `l2norm` -> a torch equivalent (the recurrence already has a torch path,
    `torch_chunk_gated_delta_rule`, chosen by `deterministic_mode=True`, and the conv has a torch path there too).
+   megatron's GDN module imports fla, seconds of start-up, so it is patched when first imported (`patch_gdn`,
+   called by the GDN layer spec), not imported here.
 5. Type strings: the optimizers check `param.type() == "torch.cuda.FloatTensor"`; `Tensor.type()` reports the
    CUDA name of CPU tensors.
 6. `torch.compile` (megatron's `jit_fuser`) is disabled: inductor compilation on CPU is slow and adds nothing
@@ -21,6 +23,7 @@ Production paths (GPU) run megatron-core's real CUDA code: `activate()` refuses 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -28,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
 _mode: TorchFunctionMode | None = None
+_GDN_COMMON = "megatron.core.ssm.gated_delta_net.common"
 
 
 def _to_cpu_device(device: Any) -> Any:
@@ -112,9 +116,13 @@ def activate() -> None:
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
-    from megatron.core.ssm.gated_delta_net import common as gdn_common
-
-    gdn_common.l2norm = _torch_l2norm
-
     _mode = _CudaToCpu()
     _mode.__enter__()
+    if _GDN_COMMON in sys.modules:  # imported before activation: patch it now, else on import (patch_gdn)
+        patch_gdn()
+
+
+def patch_gdn() -> None:
+    """When active, replace fla's Triton l2norm in megatron's (already imported) Gated DeltaNet module."""
+    if is_active():
+        sys.modules[_GDN_COMMON].l2norm = _torch_l2norm

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from megatron_slim.checkpoint.readahead import ReadAhead
 
 import tiny_models
 from dist import run_distributed
@@ -152,3 +155,15 @@ def test_corrupt_input_fails_clearly_and_leaves_no_output(tmp_path, corrupt):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()
+
+
+def test_read_ahead_waits_within_its_window_and_stops_with_its_block(tmp_path):
+    """A consumer that stops early (window exhausted, thread waiting) or reads everything leaves no thread behind."""
+    data = tmp_path / "data"
+    data.write_bytes(bytes(4 << 20))
+    with ReadAhead([(data, 0, 2 << 20), (data, 2 << 20, 2 << 20)], window=0):
+        pass
+    with ReadAhead([(data, 0, 4 << 20)], window=1 << 20) as read_ahead:
+        for _ in range(4):
+            read_ahead.consumed(1 << 20)
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from megatron_slim.checkpoint.dcp_io import McoreReader, mcore_layout, write_checkpoint
 from megatron_slim.checkpoint.mapping import BoundRule, bind_rules, detect_mtp_layers
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
+from megatron_slim.checkpoint.readahead import ReadAhead
 from megatron_slim.checkpoint.safetensors_io import CheckpointError, HFReader, HFWriter
 from megatron_slim.models.config import ModelConfig, load_hf_config
 from megatron_slim.models.registry import FAMILIES, family_of_hf, hf_config_from, model_config_from_hf
@@ -49,7 +50,7 @@ def _summarize(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> Summary:
 
 
 @contextmanager
-def _staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+def staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield `<out>.partial`; move it to `out` only if the body completes."""
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists (use --overwrite to replace it)")
@@ -66,14 +67,16 @@ def _staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp.rename(out_dir)
 
 
-def _check_keys(kind: str, required: list[str], present: set[str], where: str) -> None:
+def check_keys(kind: str, required: list[str], present: set[str], where: str) -> None:
+    """Every tensor the mapping needs is in the checkpoint (one error listing the first missing ones)."""
     missing = [k for k in required if k not in present]
     if missing:
         raise CheckpointError(f"{where}: {len(missing)} {kind} tensors required by the mapping are missing: "
                               f"{missing[:10]}")
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer and generation files travel with the weights."""
     for name in _HF_SIDE_FILES:
         if (src / name).is_file():
             dst.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,7 @@ def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], 
         cfg.hf_config["dtype"] = str(emb.dtype).replace("torch.", "")
     rules = bind_rules(family.mapping, cfg)
     consumed = [k for r in rules for k in r.hf]
-    _check_keys("HF", consumed, set(reader.keys()), str(hf_dir))
+    check_keys("HF", consumed, set(reader.keys()), str(hf_dir))
     unused = sorted(set(reader.keys()) - set(consumed))
     if unused:
         raise CheckpointError(f"{hf_dir}: {len(unused)} HF tensors are not consumed by the {cfg.family} mapping "
@@ -104,41 +107,49 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
                 progress: bool = True) -> Summary:
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg, rules, reader = plan_hf_to_mcore(hf_dir)
-    layout = mcore_layout(cfg)
-    planned: dict[str, torch.Tensor] = {}
-    owner: dict[str, int] = {}
-    for idx, rule in enumerate(rules):
-        outs = rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg)
-        for key, t in zip(rule.mcore, outs):
-            layout.check_shape(key, tuple(t.shape), f"{rule.where} ({', '.join(rule.hf[:3])})")
-            planned[key], owner[key] = t, idx
-    layout.check_complete(planned)
-    summary = _summarize(cfg, planned)
-    if dry_run:
-        return summary
+    # the disk reads the first tensors while the layout's imports and meta model take their seconds of CPU
+    with nullcontext() if dry_run else ReadAhead(reader.ranges([k for r in rules for k in r.hf])) as read_ahead:
+        layout = mcore_layout(cfg)
+        planned: dict[str, torch.Tensor] = {}
+        owner: dict[str, int] = {}
+        for idx, rule in enumerate(rules):
+            outs = rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg)
+            for key, t in zip(rule.mcore, outs):
+                layout.check_shape(key, tuple(t.shape), f"{rule.where} ({', '.join(rule.hf[:3])})")
+                planned[key], owner[key] = t, idx
+        layout.check_complete(planned)
+        summary = _summarize(cfg, planned)
+        if dry_run:
+            return summary
 
-    cache: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="hf->mcore", disable=not progress)
+        cache: dict[str, torch.Tensor] = {}
+        bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="hf->mcore", disable=not progress)
 
-    def produce(key: str) -> torch.Tensor:
-        if key not in cache:
-            idx = owner[key]
-            rule = rules[idx]
-            cache.clear()
-            inputs = [reader.read(k) for k in rule.hf]
-            if idx + 1 < len(rules):  # the writer asks for keys in rule order: read ahead while this rule is written
-                reader.prefetch(rules[idx + 1].hf)
-            cache.update(zip(rule.mcore, rule.transform.to_mcore(inputs, cfg)))
-            del inputs
-        t = cache.pop(key)
-        bar.update(t.numel() * t.element_size())
-        return t
+        def produce(key: str) -> torch.Tensor:
+            if key not in cache:
+                rule = rules[owner[key]]
+                cache.clear()
+                if rule.transform.slots is None:
+                    inputs = [reader.read(k) for k in rule.hf]
+                    outputs = rule.transform.to_mcore(inputs, cfg)
+                    del inputs
+                else:  # each input read straight into its place in the one output
+                    out, views = rule.transform.slots([reader.meta(k) for k in rule.hf], cfg, torch.device("cpu"))
+                    for k, view in zip(rule.hf, views, strict=True):
+                        reader.read_into(k, view)
+                    outputs = [out]
+                read_ahead.consumed(sum(reader.tensors[k].nbytes for k in rule.hf))
+                cache.update(zip(rule.mcore, outputs))
+            t = cache.pop(key)
+            bar.update(t.numel() * t.element_size())
+            return t
 
-    with _staged(out_dir, overwrite) as tmp:
-        write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects, produce)
-        (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
-        _copy_side_files(hf_dir, tmp / TOKENIZER_DIR)
-    bar.close()
+        with staged(out_dir, overwrite) as tmp:
+            write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,
+                             produce)
+            (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+            copy_side_files(hf_dir, tmp / TOKENIZER_DIR)
+        bar.close()
     return summary
 
 
@@ -149,7 +160,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     reader = McoreReader(mcore_dir)
     rules = bind_rules(FAMILIES[cfg.family].mapping, cfg)
     needed = [k for r in rules for k in r.mcore]
-    _check_keys("Megatron", needed, set(reader.tensors), str(mcore_dir))
+    check_keys("Megatron", needed, set(reader.tensors), str(mcore_dir))
     unused = sorted(k for k in reader.tensors if k.startswith(_MODEL_PREFIXES) and k not in set(needed))
     if unused:
         raise CheckpointError(f"{mcore_dir}: model tensors not consumed by the {cfg.family} mapping: {unused[:10]}")
@@ -161,19 +172,18 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     if dry_run:
         return summary
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
-    with _staged(out_dir, overwrite) as tmp:
+    with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite) as tmp:
         writer = HFWriter(tmp, plan)
-        for idx, rule in enumerate(rules):
+        for rule in rules:
             tensors = reader.read(rule.mcore)
-            if idx + 1 < len(rules):  # read ahead while this rule is transformed and written
-                reader.prefetch(rules[idx + 1].mcore)
+            read_ahead.consumed(sum(t.nbytes for t in tensors))
             for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg)):
                 writer.write(key, t)
             bar.update(sum(t.numel() * t.element_size() for t in tensors))
         writer.close()
         (tmp / "config.json").write_text(json.dumps(hf_config_from(cfg), indent=2))
-        _copy_side_files(mcore_dir / TOKENIZER_DIR, tmp)
+        copy_side_files(mcore_dir / TOKENIZER_DIR, tmp)
         if hf_template is not None:
-            _copy_side_files(Path(hf_template), tmp)
+            copy_side_files(Path(hf_template), tmp)
     bar.close()
     return summary

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_slim.checkpoint.readahead import advise_willneed
 from megatron_slim.errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -96,22 +97,29 @@ class HFReader:
 
     def prefetch(self, keys: list[str]) -> None:
         """Start reading `keys` into the page cache in the background (reads of them then overlap other work)."""
-        for key in keys:
-            info = self.tensors[key]
-            fd = os.open(info.file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
+        for path, start, nbytes in self.ranges(keys):
+            advise_willneed(path, start, nbytes)
+
+    def ranges(self, keys: list[str]) -> list[tuple[Path, int, int]]:
+        """Where `keys` are stored: (file, offset, length) each, for read-ahead."""
+        return [(info.file, info.start, info.nbytes) for info in map(self.tensors.__getitem__, keys)]
 
     def read(self, key: str) -> torch.Tensor:
         info = self.tensors[key]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+        out = torch.empty(info.shape, dtype=info.dtype)  # not zero-filled, unlike bytearray
+        self.read_into(key, out)
+        return out
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read `key` into `out`, a contiguous CPU tensor of its shape and dtype (e.g. its slot of a larger one)."""
+        info = self.tensors[key]
+        if tuple(out.shape) != info.shape or out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"{key} is {info.dtype}{info.shape}: cannot read it into {out.dtype}{tuple(out.shape)}"
+                             f"{'' if out.is_contiguous() else ' (not contiguous)'}")
         with open(info.file, "rb") as f:
             f.seek(info.start)
-            if info.nbytes and f.readinto(memoryview(buf.numpy())) != info.nbytes:
+            if info.nbytes and f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != info.nbytes:
                 raise CheckpointError(f"{info.file}: truncated while reading {key}")
-        return buf.view(info.dtype).reshape(info.shape)
 
 
 class HFWriter:

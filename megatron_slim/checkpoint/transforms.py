@@ -3,7 +3,8 @@
 Each transform is a pair of pure functions on plain tensors: `to_mcore(hf_tensors, cfg) -> mcore_tensors` and
 `to_hf(mcore_tensors, cfg) -> hf_tensors`, exact inverses of each other (permutations, splits and concatenations;
 the one arithmetic transform, `norm_minus_one`, works in fp32 so the round trip is bit-exact). They also run on
-meta tensors, which is how converters learn output shapes before any data is read.
+meta tensors, which is how converters learn output shapes before any data is read. The expert stacks also say
+where each input lands (`slots`), so hf-to-mcore reads expert weights straight into the stacked tensor.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class Transform:
     name: str
     to_mcore: Callable[[Tensors, ModelConfig], Tensors]
     to_hf: Callable[[Tensors, ModelConfig], Tensors]
+    # For transforms that only place each HF tensor into one megatron tensor (stacked experts): given the HF
+    # tensors (meta ones suffice) and a device, the empty output there and, per input, the contiguous view of it
+    # that input fills. A converter then reads inputs straight into place: no per-input buffers, no copy.
+    slots: Callable[[Tensors, ModelConfig, torch.device], tuple[torch.Tensor, Tensors]] | None = None
 
 
 IDENTITY = Transform("identity", lambda t, c: [t[0]], lambda t, c: [t[0]])
@@ -135,9 +140,42 @@ GDN_CONV = Transform(
 )
 
 
-def _experts_fc1_to_mcore(t: Tensors, c: ModelConfig) -> Tensors:
+def _expert_slots(parts: list[Tensors], device: torch.device) -> tuple[torch.Tensor, list[Tensors]]:
+    """An empty [E, sum of part rows, ...] tensor for per-expert parts ([gate_e, up_e] or [down_e]) and, per expert
+    and part, the view of it the part fills. Every expert's parts must match expert 0's exactly (no broadcasting)."""
+    def sig(group: Tensors) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        return [(p.dtype, tuple(p.shape)) for p in group]
+
+    first = parts[0]
+    for e, group in enumerate(parts):
+        if sig(group) != sig(first) or any(p.shape[1:] != first[0].shape[1:] for p in group):
+            raise ValueError(f"expert {e}'s tensors {sig(group)} do not stack with expert 0's {sig(first)}")
+    rows = [p.shape[0] for p in first]
+    out = torch.empty((len(parts), sum(rows), *first[0].shape[1:]), dtype=first[0].dtype, device=device)
+    return out, [list(out[e].split(rows)) for e in range(len(parts))]
+
+
+def _filled(slots: Callable[[Tensors, ModelConfig, torch.device], tuple[torch.Tensor, Tensors]]
+            ) -> Callable[[Tensors, ModelConfig], Tensors]:
+    """to_mcore of a slots transform: each input copied once into its place (torch.cat then torch.stack would
+    copy twice)."""
+    def to_mcore(t: Tensors, c: ModelConfig) -> Tensors:
+        out, views = slots(t, c, t[0].device)
+        for view, x in zip(views, t):
+            view.copy_(x)
+        return [out]
+    return to_mcore
+
+
+def _experts_fc1_slots(t: Tensors, c: ModelConfig, device: torch.device) -> tuple[torch.Tensor, Tensors]:
     n = len(t) // 2
-    return [torch.stack([torch.cat([t[e], t[n + e]], dim=0) for e in range(n)])]
+    out, views = _expert_slots([[t[e], t[n + e]] for e in range(n)], device)
+    return out, [v[0] for v in views] + [v[1] for v in views]  # input order: all gates, then all ups
+
+
+def _experts_fc2_slots(t: Tensors, c: ModelConfig, device: torch.device) -> tuple[torch.Tensor, Tensors]:
+    out, views = _expert_slots([[x] for x in t], device)
+    return out, [v[0] for v in views]
 
 
 def _experts_fc1_to_hf(t: Tensors, c: ModelConfig) -> Tensors:
@@ -146,5 +184,6 @@ def _experts_fc1_to_hf(t: Tensors, c: ModelConfig) -> Tensors:
 
 
 # Per-expert HF [gate_e] + [up_e] -> megatron-core's [E, 2F, H] (expert axis prepended to linear_fc1).
-EXPERTS_FC1 = Transform("experts_fc1", _experts_fc1_to_mcore, _experts_fc1_to_hf)
-EXPERTS_FC2 = Transform("experts_fc2", lambda t, c: [torch.stack(t)], lambda t, c: list(t[0].unbind(0)))
+EXPERTS_FC1 = Transform("experts_fc1", _filled(_experts_fc1_slots), _experts_fc1_to_hf, _experts_fc1_slots)
+EXPERTS_FC2 = Transform("experts_fc2", _filled(_experts_fc2_slots), lambda t, c: list(t[0].unbind(0)),
+                        _experts_fc2_slots)

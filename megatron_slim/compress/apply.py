@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_slim.checkpoint.convert import (TOKENIZER_DIR, Summary, _check_keys, _copy_side_files, _staged,
-                                              plan_hf_to_mcore)
+from megatron_slim.checkpoint.convert import TOKENIZER_DIR, Summary, plan_hf_to_mcore
+from megatron_slim.checkpoint.convert import check_keys as _check_keys, copy_side_files as _copy_side_files
+from megatron_slim.checkpoint.convert import staged as _staged
 from megatron_slim.checkpoint.dcp_io import McoreReader
 from megatron_slim.checkpoint.mapping import BoundRule, bind_rules
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config

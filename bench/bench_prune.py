@@ -1,6 +1,6 @@
 """Time and peak memory of `megatron-slim prune` versus a plain copy of the bytes it writes.
 
-Generates the synthetic hub-style Qwen3-Next checkpoint of bench_convert.py (random bf16, ~1 GB shards, index,
+Generates the synthetic hub-style Qwen3-Next checkpoint of _common.py (random bf16, ~1 GB shards, index,
 config; ~3 GB with MTP by default) and a SlimQwen-shaped plan: 3/4 of the layers (hybrid pattern kept), 3/4 of
 the hidden channels, half the experts by partial preservation (a quarter intact, a quarter bases that each absorb
 two experts), MTP layer pruned alike. Then, each step reading its input cold (evicted from the page cache) and
@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import GB, _nbytes, dir_bytes, evict, hf_config, hf_shapes, run_step, write_synthetic  # noqa: E402
+from _common import GB, add_model_arguments, dir_bytes, evict, hf_config, hf_shapes, nbytes, run_step, write_synthetic
 
-from megatron_slim.checkpoint.convert import plan_hf_to_mcore  # noqa: E402
-from megatron_slim.compress.plan import CompressionPlan  # noqa: E402
-from megatron_slim.compress.plan_check import implied_target  # noqa: E402
+from megatron_slim.checkpoint.convert import plan_hf_to_mcore
+from megatron_slim.compress.plan import CompressionPlan
+from megatron_slim.compress.plan_check import implied_target
 
 
 def slimqwen_plan(hf_dir: Path, seed: int) -> CompressionPlan:
@@ -77,27 +76,14 @@ def spot_check(src: Path, out: Path, plan: CompressionPlan) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--moe-ffn", type=int, default=384, help="expert (and shared expert) intermediate size")
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=256)
-    p.add_argument("--linear-k-heads", type=int, default=16)
-    p.add_argument("--linear-v-heads", type=int, default=32)
-    p.add_argument("--linear-head-dim", type=int, default=128)
-    p.add_argument("--shard-gb", type=float, default=1.0)
+    add_model_arguments(p)
     p.add_argument("--align-neurons", action="store_true", help="prune with --align-neurons")
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--keep", action="store_true", help="keep the temp dir")
     a = p.parse_args()
     a.family = "qwen3_next"
 
     cfg = hf_config(a)
     shapes = hf_shapes(cfg, mtp=True)
-    model_bytes = sum(_nbytes(s) for s in shapes.values())
+    model_bytes = sum(nbytes(s) for s in shapes.values())
     layer_experts = a.experts * 3 * a.moe_ffn * a.hidden * 2
     root = Path(tempfile.mkdtemp(prefix="bench_prune_", dir=a.workdir))
     print(f"qwen3_next: {a.layers} layers + MTP, hidden {a.hidden}, {a.experts} experts x ffn {a.moe_ffn}: "
@@ -116,13 +102,14 @@ def main() -> None:
 
         def prune(out: Path, *args: str, dry: bool = False) -> tuple[float, int]:
             evict(src)
-            return run_step(["megatron-slim", "prune", "--plan", str(root / "plan.json"), "--in", str(src),
-                             "--out", str(out), "--no-progress", *extra, *args] + (["--dry-run"] if dry else []),
-                            None if dry else out)
+            seconds, _, rss = run_step(["megatron-slim", "prune", "--plan", str(root / "plan.json"), "--in", str(src),
+                                        "--out", str(out), "--no-progress", *extra, *args]
+                                       + (["--dry-run"] if dry else []), None if dry else out)
+            return seconds, rss
 
         def copy(out: Path) -> float:
             evict(out)
-            seconds, _ = run_step(["cp", "-r", str(out), str(root / "copy")], root / "copy")
+            seconds, _, _ = run_step(["cp", "-r", str(out), str(root / "copy")], root / "copy")
             shutil.rmtree(root / "copy")
             return seconds
 

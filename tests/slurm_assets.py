@@ -6,7 +6,7 @@ train ROOT   the 2-layer Qwen3-MoE student checkpoint ROOT/student_mc and the in
              tests/train_fixtures.py, and ROOT/plain.yaml, train_fixtures.write_config's run config over them
              without a teacher (see `run_config()`)
 chain ROOT   for the two-stage recipe of `recipe()`: a random 8-layer Qwen3-Next teacher with one MTP depth
-             (2 full-attention layers, so 4 kept layers keep the 1:3 hybrid ratio) and the indexed datasets
+             (2 full-attention layers, so 4 kept layers keep the 1:3 hybrid ratio; EOS 127) and the indexed datasets
              ROOT/{train,calibration,heldout}; stage `depth` cuts 8 -> 4 layers, stage `width` the experts and
              hidden size, each with a few distillation steps
 """
@@ -101,7 +101,9 @@ def _main(kind: str, root: Path) -> int:
 
         write_config(root, "plain", teacher=False)
     elif kind == "chain":
-        teacher = tiny_models.qwen3_next(num_hidden_layers=8,
+        # eos_token_id: the toy data's document separator (the run's evaluation reads it from the config, as
+        # the teacher has no tokenizer)
+        teacher = tiny_models.qwen3_next(num_hidden_layers=8, eos_token_id=127,
                                          layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2)
         save_tiny_hf_with_mtp(teacher, root / "teacher_hf", seed=0)
         commands = []

@@ -321,7 +321,8 @@ submit_chain() {
     listed="$(chain_stages)" || exit "$?"
     while IFS= read -r stage; do
         [ -n "$stage" ] || continue
-        [[ "$stage" =~ ^[A-Za-z0-9_.-]+$ ]] || die "unusable stage name '$stage' (letters, digits, _ . - only)"
+        [[ "$stage" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] ||
+            die "unusable stage name '$stage' (letters, digits, _ . -, not starting with . or -)"
         stages+=("$stage")
     done <<<"$listed"
     [ "${#stages[@]}" -gt 0 ] || die "the recipe has no stages to submit"

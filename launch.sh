@@ -60,9 +60,9 @@ Job chains (--submit --chain):
                            `megatron-slim run RECIPE --workdir DIR [run args] --list-stages`, run here.
                            Prints one line per job: `<job id> <stage>`; job names are <job-name>-<stage>.
                            With --requeue every job requeues itself; dependants wait through its requeues.
-                           --wait blocks until the last job has ended (or was cancelled because a stage
-                           failed) and exits nonzero when any stage did not complete. --dry-run prints the
-                           sbatch commands, one per stage, `<STAGE>` standing for that stage's job id.
+                           --wait blocks until the chain has ended and exits with the status of the first
+                           stage that failed (0 when all completed). --dry-run prints the sbatch commands,
+                           one per stage, `<STAGE>` standing for that stage's job id.
   --stages A,B,...         submit these stages instead of listing them (e.g. where this machine cannot run
                            the program, or to continue a chain from a later stage)
 
@@ -283,30 +283,6 @@ cancel_jobs() {
     scancel "$@" || note "scancel $* failed"
 }
 
-# The exit status of a waited-for chain: sbatch --wait's for the last job, which reports 0 for a job cancelled
-# because a stage before it failed, so the states of all the chain's jobs are checked too.
-chain_result() {
-    local rc="$1" names=() ids=() i state reason info failed=0
-    shift
-    while [ "$1" != -- ]; do names+=("$1"); shift; done
-    shift
-    ids=("$@")
-    for i in "${!ids[@]}"; do
-        info="$(scontrol show job "${ids[$i]}" 2>/dev/null)" || continue   # purged: it ended long ago
-        state="$(grep -o 'JobState=[A-Z_]*' <<<"$info" | head -n 1)" || true
-        state="${state#JobState=}"
-        if [ -n "$state" ] && [ "$state" != COMPLETED ]; then
-            reason="$(grep -o ' Reason=[^ ]*' <<<"$info" | head -n 1)" || true
-            note "stage ${names[$i]} (job ${ids[$i]}): $state${reason:+ (${reason# Reason=})}"
-            failed=1
-        fi
-    done
-    if [ "$rc" = 0 ] && [ "$failed" = 1 ]; then
-        rc=1
-    fi
-    return "$rc"
-}
-
 submit_chain() {
     [ "$exec_mode" = 0 ] || die "--chain runs megatron-slim's run command, not --exec"
     [ "${args[0]}" = run ] ||
@@ -329,7 +305,7 @@ submit_chain() {
 
     build_submit
     [ "$dry_run" = 1 ] || prepare_submit
-    local i last=$(( ${#stages[@]} - 1 )) previous="" dep cmd ids=() out rc id
+    local i previous="" dep cmd ids=() fds=() fd out rc id
     for i in "${!stages[@]}"; do
         stage="${stages[$i]}"
         cmd=(sbatch --parsable "--job-name=$job_name-$stage" "${sbatch_common[@]}")
@@ -344,31 +320,28 @@ submit_chain() {
             # A stage whose predecessor failed is cancelled instead of pending forever.
             cmd+=("--dependency=$dep" --kill-on-invalid-dep=yes)
         fi
-        [ "$wait" = 1 ] && [ "$i" = "$last" ] && cmd+=(--wait)
+        [ "$wait" = 1 ] && cmd+=(--wait)
         cmd+=("${sbatch_extra[@]}" "${inner[@]}" -- "${args[@]}" --stage "$stage")
         if [ "$dry_run" = 1 ]; then
             print_command "${cmd[@]}"
             continue
         fi
         rc=0 id=""
-        if [ "$wait" = 1 ] && [ "$i" = "$last" ]; then
-            # sbatch --wait prints the job id at once and returns when the job has ended (through requeues).
-            while IFS= read -r out; do
-                case "$out" in
-                    "exit "*) rc="${out#exit }" ;;
-                    *) id="${out%%;*}"; printf '%s %s\n' "$id" "$stage" ;;
-                esac
-            done < <("${cmd[@]}"; echo "exit $?")
-            if ! is_positive "$id"; then
-                cancel_jobs "${ids[@]}"
-                die "sbatch failed for stage $stage (exit $rc)"
-            fi
-            ids+=("$id")
-            chain_result "$rc" "${stages[@]}" -- "${ids[@]}"
-            return
+        if [ "$wait" = 1 ]; then
+            # sbatch --wait prints the job id at once, then returns the job's exit status when it has ended
+            # (through requeues; 0 when it was cancelled because a stage before it failed). One waiting sbatch
+            # per job: the failed stage's own status tells the failure even after SLURM has purged the job.
+            exec {fd}< <(status=0; "${cmd[@]}" || status=$?; echo "exit $status")
+            fds+=("$fd")
+            IFS= read -r -u "$fd" out || out=""
+            case "$out" in
+                "exit "*) rc="${out#exit }" ;;
+                *) id="${out%%;*}" ;;
+            esac
+        else
+            out="$("${cmd[@]}")" || rc=$?
+            id="${out%%;*}"
         fi
-        out="$("${cmd[@]}")" || rc=$?
-        id="${out%%;*}"
         if [ "$rc" != 0 ] || ! is_positive "$id"; then
             cancel_jobs "${ids[@]}"
             die "sbatch failed for stage $stage (exit $rc)"
@@ -377,6 +350,24 @@ submit_chain() {
         previous="$id"
         printf '%s %s\n' "$id" "$stage"
     done
+    [ "$wait" = 1 ] && [ "$dry_run" = 0 ] || return 0
+
+    local status=0
+    for i in "${!fds[@]}"; do
+        out=""
+        while IFS= read -r -u "${fds[$i]}" out; do
+            [[ "$out" == "exit "* ]] && break
+        done
+        rc="${out#exit }"
+        is_count "$rc" || rc=1
+        if [ "$status" != 0 ]; then
+            note "stage ${stages[$i]} (job ${ids[$i]}): not run, an earlier stage failed"
+        elif [ "$rc" != 0 ]; then
+            note "stage ${stages[$i]} (job ${ids[$i]}) failed with exit status $rc"
+            status="$rc"
+        fi
+    done
+    return "$status"
 }
 
 # ---------------------------------------------------------------------------------------------- SLURM job

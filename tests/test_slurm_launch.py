@@ -359,7 +359,7 @@ def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_
     its checkpoint while the second waits; the second then runs its stage plus the export and report."""
     from slurm_assets import STAGES, recipe, write_recipe
 
-    path = write_recipe(chain_assets, "chain", recipe(chain_assets, steps_per_stage=30))
+    path = write_recipe(chain_assets, "chain", recipe(chain_assets, steps_per_stage=20))
     work, logs = tmp_path / "work", tmp_path / "logs"
     proc = subprocess.Popen(
         ["bash", str(LAUNCH), "--submit", "--chain", "--wait", "--requeue", "--gpus-per-node", "0",
@@ -414,7 +414,7 @@ def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_
     assert seen["width"].get("JobState", "COMPLETED") == "COMPLETED", seen
     assert "stop  depth/distill: checkpointed" in depth and "requeueing job" in depth, depth
     resumed = re.findall(r"resumed from \S+/depth/train at step (\d+)", depth)
-    assert len(resumed) == 1 and 0 < int(resumed[0]) < 30, depth
+    assert len(resumed) == 1 and 0 < int(resumed[0]) < 20, depth
     assert "done  depth/eval" in depth and "width/" not in depth and "final/" not in depth, depth
     assert "depth/distill" not in width.replace("skip  depth/", ""), width
     for step in ("width/importance", "width/distill", "final/export", "final/report"):

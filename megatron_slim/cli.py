@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "plan": "plan",
     "importance": "importance",
     "evaluate": "evaluate",
+    "run": "run",
+    "export": "export",
 }
 
 

@@ -44,8 +44,11 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     inner = _unwrap(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
-    inner.load_state_dict(state, strict=True)
+    sharded = inner.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
+    # A training checkpoint's common (non-sharded) entries (step, scheduler, optimizer hyper-parameters) come back
+    # merged at the top level: keep the model's own keys.
+    inner.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=True)
 
 
 def load_model_config(ckpt_dir: str | Path) -> ModelConfig:

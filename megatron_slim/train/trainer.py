@@ -16,7 +16,6 @@ SIGTERM/SIGUSR1 (SLURM preemption, time limit) -> checkpoint at the next step bo
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -25,27 +24,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 from megatron_slim.train import checkpointing
 from megatron_slim.train.config import RunConfig, run_config_to_dict
-
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: launch.sh requeues the SLURM job on this status
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at step boundaries."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.raised = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([int(self.raised)], device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _device() -> torch.device:
@@ -180,7 +161,7 @@ class Trainer:
             self._log_rank0(f"initialised student from {c.model.checkpoint}")
         self._build_data()
         self.router_load = _RouterLoad(student)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                          and self.dp_rank == 0)
         self.logger = None
@@ -354,6 +335,7 @@ class Trainer:
         return 0
 
     def _close(self) -> None:
+        self.stop.restore()
         self.router_load.remove()
         if self.logger is not None:
             self.logger.close()

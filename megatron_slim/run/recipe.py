@@ -1,0 +1,423 @@
+"""The recipe: one YAML file takes a teacher to a compressed, distilled, evaluated student, in stages.
+
+    name: slimqwen                      # free text, used in the report
+    teacher: /ckpt/Qwen3-Next-80B-A3B   # HF dir (config.json) or Megatron checkpoint (model_config.json)
+    data:
+      train: /data/pretrain.jsonl       # .jsonl (tokenized once by the run) or [[weight, indexed prefix], ...]
+      calibration: /data/calib.jsonl    # importance statistics (.jsonl or an indexed prefix)
+      heldout: /data/heldout.jsonl      # evaluation (.jsonl or an indexed prefix); must not overlap training
+      seq_length: 4096
+    parallel: {tp: 1, pp: 1, ep: 8}     # layout of importance, distillation and evaluation
+    nproc: 8                            # local ranks when not launched by torchrun/srun
+    importance: {tokens: 5e7}           # see ImportanceSection
+    evaluation: {tokens: 1e7}           # see EvaluationSection
+    training: {...}                     # run-config sections (batch, optimizer, schedule, loss, precision, ...)
+                                        # shared by every stage; model/teacher/data/save_dir are the run's
+    target: {num_layers: 36, ...}       # the final student (compress/target.py fields)
+    preset: depth_first                 # one_shot | depth_first: stages derived from `target`
+    train_tokens: 400e9                 # preset: distillation tokens over all stages
+    stage_token_split: [0.5, 0.5]       # depth_first: share of train_tokens per stage
+    stages:                             # or explicit stages instead of a preset
+      - name: depth
+        target: {num_layers: 36}        # sizes are absolute; unset sizes keep the previous stage's
+        training: {train: {train_tokens: 2e11}, optimizer: {lr: 2e-4}}   # merged over `training`
+        align_neurons: false            # prune options (see `megatron-slim prune --help`)
+
+Everything is checked by `load_recipe` before any compute: unknown keys, missing files, each stage's target
+against the model it starts from (the configs are chained without touching weights), the final student against
+`target`, and each stage's run config.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_slim.compress.target import SIZE_FIELDS, TargetError, TargetSpec
+from megatron_slim.errors import UserError
+from megatron_slim.models.config import ModelConfig
+
+PRESETS = ("one_shot", "depth_first")
+# run-config sections that the run owns: a recipe setting them would be silently overridden
+_RUN_OWNED = {"model", "teacher", "parallel"}
+_RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir"}
+
+
+class RecipeError(UserError):
+    """The recipe is malformed or cannot be executed; raised before any compute."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: str | list[list[Any]] = ""
+    calibration: str = ""
+    heldout: str = ""
+    seq_length: int = 1024
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+
+@dataclass(frozen=True)
+class ImportanceSection:
+    tokens: float = 1e6
+    micro_batch: int = 1
+    layer_loss: bool = False  # loss_increase depth criterion: one extra forward per layer
+    dtype: str = "float32"  # float32 | bfloat16 (statistics accumulate in float64 either way)
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    tokens: float = 1e5  # held-out tokens for loss / perplexity / next-token accuracy
+    micro_batch: int = 1
+    mtp_k: int = 4  # speculative acceptance for drafts of 1..mtp_k tokens (models with MTP heads; 0: skip)
+    mtp_prompts: int = 8  # held-out prompts the acceptance is measured on
+    prompt_len: int = 0  # prompt tokens (0: half the sequence length)
+    gen_tokens: int = 32  # greedy tokens generated after each prompt (one full forward each)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: TargetSpec
+    training: dict[str, Any]  # the stage's complete run-config overrides (recipe `training` merged with its own)
+    align_neurons: bool = False
+    rescale_norms: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    teacher: Path
+    data: DataSection
+    parallel: ParallelSection
+    nproc: int
+    importance: ImportanceSection
+    evaluation: EvaluationSection
+    stages: list[Stage]
+    source: dict[str, Any] = field(repr=False)  # the parsed YAML, for the work dir's record
+
+    @property
+    def digest(self) -> str:
+        """Identifies the recipe's content (a work dir belongs to one recipe)."""
+        return hashlib.sha256(json.dumps(self.source, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise RecipeError(f"no stage {name!r} in the recipe (stages: {[s.name for s in self.stages]})")
+
+
+# ---- parsing --------------------------------------------------------------------------------------------------
+def _section(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        problems.append(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    values = {}
+    for k, v in data.items():
+        if k not in known:
+            continue
+        default = known[k].default
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, float):
+            try:
+                v = float(v)  # YAML reads 5e7 as a string
+                ok = True
+            except (TypeError, ValueError):
+                ok = False
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = True
+        if ok:
+            values[k] = v
+        else:
+            problems.append(f"{where}.{k}: wrong type ({v!r})")
+    return cls(**values)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge of run-config sections (mappings merge, values replace)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _check_training(training: Any, where: str, problems: list[str]) -> dict:
+    if training is None:
+        return {}
+    if not isinstance(training, dict):
+        problems.append(f"{where}: expected a mapping of run-config sections")
+        return {}
+    owned = sorted(_RUN_OWNED & set(training))
+    if owned:
+        problems.append(f"{where}: {owned} are set by the run (teacher, stage checkpoints, recipe's parallel)")
+    owned_data = sorted(_RUN_OWNED_DATA & set(training.get("data") or {}))
+    if owned_data:
+        problems.append(f"{where}.data: {owned_data} come from the recipe's data section")
+    if "save_dir" in (training.get("checkpoint") or {}):
+        problems.append(f"{where}.checkpoint.save_dir is set by the run (<workdir>/<stage>/train)")
+    return training
+
+
+def _target(data: Any, where: str, problems: list[str]) -> TargetSpec | None:
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping of target fields")
+        return None
+    try:
+        return TargetSpec.from_dict(data, where=where)
+    except TargetError as e:
+        problems.append(str(e))
+        return None
+
+
+def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list[str]) -> list[dict]:
+    preset = raw.get("preset")
+    total = raw.get("train_tokens")
+    try:
+        total = float(total)
+    except (TypeError, ValueError):
+        problems.append(f"preset {preset!r} needs train_tokens (total distillation tokens), got {total!r}")
+        return []
+    full = {k: v for k, v in dataclasses.asdict(target).items()}
+    if preset == "one_shot":
+        return [{"name": "one_shot", "target": full, "training": {"train": {"train_tokens": total}}}]
+    split = raw.get("stage_token_split", [0.5, 0.5])
+    if (not isinstance(split, list) or len(split) != 2 or not all(isinstance(x, (int, float)) for x in split)
+            or not math.isclose(sum(split), 1.0) or min(split) <= 0):
+        problems.append(f"stage_token_split must be two positive shares summing to 1, got {split!r}")
+        return []
+    # depth first: stage 1 only removes layers (keeping the planning options); stage 2 does everything else
+    depth = {k: v for k, v in full.items() if k not in SIZE_FIELDS} | {"num_layers": target.num_layers}
+    return [{"name": "depth", "target": depth, "training": {"train": {"train_tokens": total * split[0]}}},
+            {"name": "width", "target": full, "training": {"train": {"train_tokens": total * split[1]}}}]
+
+
+_TOP_KEYS = {"name", "teacher", "data", "parallel", "nproc", "importance", "evaluation", "training", "target",
+             "preset", "train_tokens", "stage_token_split", "stages"}
+_STAGE_KEYS = {"name", "target", "training", "align_neurons", "rescale_norms"}
+
+
+def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
+    """A Recipe from parsed YAML; relative paths are relative to `base_dir`. Checks structure, not the models."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe is a mapping (see megatron_slim/run/recipe.py)")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        problems.append(f"unknown keys {unknown} (known: {sorted(_TOP_KEYS)})")
+
+    def path(p: Any) -> Path:
+        return (base_dir / str(p)).resolve() if p else Path()
+
+    if not raw.get("teacher"):
+        problems.append("teacher is required (HF or Megatron checkpoint directory)")
+    data = _section(DataSection, raw.get("data"), "data", problems)
+    train = data.train
+    if isinstance(train, str):
+        train = str(path(train)) if train else ""
+    elif isinstance(train, list) and all(isinstance(w, list) and len(w) == 2 for w in train):
+        train = [[float(w), str(path(p))] for w, p in train]
+    else:
+        problems.append("data.train must be a .jsonl path or a list of [weight, indexed-dataset prefix]")
+    if not train:
+        problems.append("data.train is required")
+    data = dataclasses.replace(data, train=train, calibration=str(path(data.calibration)) if data.calibration else "",
+                               heldout=str(path(data.heldout)) if data.heldout else "")
+    for key in ("calibration", "heldout"):
+        if not getattr(data, key):
+            problems.append(f"data.{key} is required")
+    parallel = _section(ParallelSection, raw.get("parallel"), "parallel", problems)
+    nproc = raw.get("nproc", parallel.tp * parallel.pp * parallel.ep)
+    if not isinstance(nproc, int) or nproc < 1:
+        problems.append(f"nproc must be a positive integer, got {nproc!r}")
+    importance = _section(ImportanceSection, raw.get("importance"), "importance", problems)
+    evaluation = _section(EvaluationSection, raw.get("evaluation"), "evaluation", problems)
+    training = _check_training(raw.get("training"), "training", problems)
+
+    final = _target(raw.get("target", {}), "target", problems) if "target" in raw else None
+    if "preset" in raw:
+        if "stages" in raw:
+            problems.append("give either preset (stages derived from target) or stages, not both")
+        elif raw["preset"] not in PRESETS:
+            problems.append(f"preset must be one of {list(PRESETS)}, got {raw['preset']!r}")
+        elif final is None:
+            problems.append(f"preset {raw['preset']!r} needs target (the final student)")
+        elif raw["preset"] == "depth_first" and final.num_layers is None:
+            problems.append("preset depth_first needs target.num_layers (its first stage prunes depth)")
+        stage_dicts = _preset_stages(raw, final, training, problems) if not problems else []
+    else:
+        for key in ("train_tokens", "stage_token_split"):
+            if key in raw:
+                problems.append(f"{key} only applies with a preset")
+        stage_dicts = raw.get("stages") or []
+        if not isinstance(stage_dicts, list) or not stage_dicts:
+            problems.append("stages: give a non-empty list of stages, or a preset")
+            stage_dicts = []
+
+    stages: list[Stage] = []
+    for i, s in enumerate(stage_dicts):
+        where = f"stages[{i}]"
+        if not isinstance(s, dict):
+            problems.append(f"{where}: expected a mapping")
+            continue
+        unknown = sorted(set(s) - _STAGE_KEYS)
+        if unknown:
+            problems.append(f"{where}: unknown keys {unknown} (known: {sorted(_STAGE_KEYS)})")
+        name = s.get("name")
+        if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+            problems.append(f"{where}: name must be a non-empty word (letters, digits, - and _), got {name!r}")
+            continue
+        if name in ("prepare", "final"):
+            problems.append(f"{where}: {name!r} is reserved for the run's own steps")
+            continue
+        spec = _target(s.get("target", {}), f"{where}.target", problems)
+        over = _check_training(s.get("training"), f"{where}.training", problems)
+        flags = {k: s[k] for k in ("align_neurons", "rescale_norms") if k in s}
+        bad = [k for k, v in flags.items() if not isinstance(v, bool)]
+        if bad:
+            problems.append(f"{where}: {bad} must be true or false")
+        if spec is not None and not bad:
+            stages.append(Stage(name=name, target=spec, training=_merge(training, over), **flags))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        problems.append(f"stage names must be unique, got {names}")
+    if problems:
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
+    return Recipe(name=str(raw.get("name", "run")), teacher=path(raw["teacher"]), data=data, parallel=parallel,
+                  nproc=nproc, importance=importance, evaluation=evaluation, stages=stages,
+                  source=raw | {"_final_target": dataclasses.asdict(final) if final else None})
+
+
+# ---- checks against the models (configs only) -------------------------------------------------------------------
+def teacher_config(recipe: Recipe) -> ModelConfig:
+    """The teacher's ModelConfig from its directory (no weights are read)."""
+    from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
+
+    t = recipe.teacher
+    if (t / MODEL_CONFIG).is_file():
+        return load_model_config(t)
+    if (t / "config.json").is_file():
+        from megatron_slim.checkpoint.convert import plan_hf_to_mcore
+
+        return plan_hf_to_mcore(t)[0]  # headers only: also checks every tensor the conversion needs is there
+    raise RecipeError(f"teacher {t} is neither an HF checkpoint (config.json) nor a Megatron checkpoint "
+                      f"({MODEL_CONFIG})")
+
+
+def stage_configs(recipe: Recipe, teacher: ModelConfig) -> list[ModelConfig]:
+    """Each stage's student config, chained from the teacher (kept layers are placeholders: only counts matter)."""
+    configs, source, problems = [], teacher, []
+    for stage in recipe.stages:
+        spec = dataclasses.replace(stage.target, tp=recipe.parallel.tp, ep=recipe.parallel.ep, pp=recipe.parallel.pp)
+        try:
+            spec.validate(source)
+        except TargetError as e:
+            problems.append(f"stage {stage.name!r} (from {'the teacher' if not configs else 'the previous stage'}): "
+                            f"{e}")
+            break
+        source = spec.target_config(source, spec.placeholder_layers(source))
+        configs.append(source)
+    if problems:
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
+    return configs
+
+
+def check_final(recipe: Recipe, final: ModelConfig, teacher: ModelConfig) -> None:
+    """The last stage must produce the recipe's `target` (when both a target and explicit stages are given)."""
+    wanted = recipe.source.get("_final_target")
+    if not wanted:
+        return
+    spec = TargetSpec.from_dict({k: v for k, v in wanted.items()})
+    expected = spec.target_config(teacher, spec.placeholder_layers(teacher))
+    diffs = [f"{k}: stages give {getattr(final, k)}, target wants {getattr(expected, k)}"
+             for k in ("num_layers", "hidden_size", "num_experts", "topk", "moe_ffn_hidden_size",
+                       "shared_expert_ffn_hidden_size", "num_query_groups", "linear_num_key_heads", "mtp_num_layers")
+             if getattr(final, k) != getattr(expected, k)]
+    if diffs:
+        raise RecipeError("invalid recipe: the stages do not end at `target`:\n  - " + "\n  - ".join(diffs))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and fully validate a recipe file (structure, files, model shapes, run configs); no compute."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({e})") from e
+    recipe = parse_recipe(raw, path.parent)
+    validate(recipe)
+    return recipe
+
+
+def _check_data(recipe: Recipe) -> list[str]:
+    from megatron_slim.data.calibration import indexed_prefix
+
+    problems = []
+    train = recipe.data.train
+    if isinstance(train, str):
+        if not train.endswith(".jsonl") or not Path(train).is_file():
+            problems.append(f"data.train {train} is not an existing .jsonl file")
+    else:
+        problems += [f"data.train: {p}.bin/.idx do not exist" for _, p in train if indexed_prefix(p) is None]
+    for key in ("calibration", "heldout"):
+        p = getattr(recipe.data, key)
+        if not (p.endswith(".jsonl") and Path(p).is_file()) and indexed_prefix(p) is None:
+            problems.append(f"data.{key} {p} is neither an existing .jsonl nor an indexed dataset prefix")
+    return problems
+
+
+def validate(recipe: Recipe) -> list[ModelConfig]:
+    """Every check that needs no weights; returns the stage configs."""
+    from megatron_slim.train.config import run_config_from_dict
+
+    problems = _check_data(recipe)
+    if not recipe.teacher.is_dir():
+        problems.append(f"teacher {recipe.teacher} does not exist")
+    if problems:
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
+    teacher = teacher_config(recipe)
+    configs = stage_configs(recipe, teacher)
+    check_final(recipe, configs[-1], teacher)
+    for stage in recipe.stages:
+        try:
+            run_config_from_dict(stage_run_config(recipe, stage, "<student>", "<teacher>", [[1.0, "<data>"]],
+                                                  "<save>")).validate(recipe.nproc)
+        except UserError as e:
+            raise RecipeError(f"stage {stage.name!r}: {e}") from e
+    return configs
+
+
+def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, blend: list[list[Any]],
+                     save_dir: str) -> dict[str, Any]:
+    """The `train --config` dict of a stage's distillation."""
+    cfg = copy.deepcopy(stage.training)
+    cfg["model"] = {"checkpoint": student}
+    cfg["teacher"] = {"checkpoint": teacher}
+    cfg.setdefault("data", {})
+    cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length)
+    cfg.setdefault("parallel", {}).update(tp=recipe.parallel.tp, pp=recipe.parallel.pp, ep=recipe.parallel.ep)
+    cfg.setdefault("checkpoint", {})["save_dir"] = save_dir
+    return cfg

@@ -1,0 +1,168 @@
+"""The run's report: `<workdir>/report/report.md` with PNG plots beside it.
+
+Sections: retention table (teacher vs each stage's pruned-before-training and distilled student on the same
+held-out tokens), loss curves per stage, parameter and memory accounting per model, the importance pictures of
+each stage's plan, and step timings. Everything is read from the work dir, so a report can be rebuilt at any time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from megatron_slim.run.recipe import Recipe
+from megatron_slim.run.state import RunState
+from megatron_slim.run.steps import FINAL, PREPARE
+
+LOSS_KEYS = ("loss", "lm", "kd", "mtp_lm", "mtp_kd")
+
+
+def _read_json(path: str | Path | None) -> dict[str, Any] | None:
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
+
+
+def _evals(recipe: Recipe, state: RunState) -> list[tuple[str, dict[str, Any]]]:
+    """(label, evaluation) rows in run order, for every evaluation that finished."""
+    rows = []
+
+    def add(label: str, step: str) -> None:
+        if state.done(step):
+            ev = _read_json(state.outputs(step).get("eval"))
+            if ev is not None:
+                rows.append((label, ev))
+
+    add("teacher", f"{PREPARE}/eval_teacher")
+    for s in recipe.stages:
+        add(f"{s.name}: pruned, before training", f"{s.name}/eval_pruned")
+        add(f"{s.name}: distilled", f"{s.name}/eval")
+    return rows
+
+
+def retention_table(recipe: Recipe, state: RunState) -> str:
+    """Markdown table; retention = student next-token accuracy / teacher's (and the perplexity ratio)."""
+    rows = _evals(recipe, state)
+    if not rows:
+        return "(no evaluations yet)"
+    teacher = rows[0][1] if rows[0][0] == "teacher" else None
+    ks = sorted({int(k) for _, ev in rows for k in (ev.get("mtp_acceptance") or {})})
+    head = ["model", "held-out loss", "perplexity", "next-token acc", "acc retention", "ppl / teacher's"]
+    head += [f"MTP accept@{k}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, ev in rows:
+        cells = [label, f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}", f"{ev['accuracy']:.4f}"]
+        if teacher:
+            cells += [f"{ev['accuracy'] / teacher['accuracy']:.1%}", f"{ev['ppl'] / teacher['ppl']:.2f}x"]
+        else:
+            cells += ["", ""]
+        acc = {int(k): v for k, v in (ev.get("mtp_acceptance") or {}).items()}
+        cells += [f"{acc[k]:.2%}" if k in acc else "" for k in ks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def plot_losses(recipe: Recipe, state: RunState, path: Path) -> bool:
+    """Loss parts against consumed tokens, stages side by side on one token axis."""
+    fig = _figure(8, 4)
+    ax = fig.add_subplot()
+    offset, drawn = 0, False
+    for s in recipe.stages:
+        metrics = state.outputs(f"{s.name}/distill").get("metrics") if state.done(f"{s.name}/distill") else None
+        if not metrics or not Path(metrics).is_file():
+            continue
+        records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+        if not records:
+            continue
+        for key in LOSS_KEYS:
+            pts = [(offset + r["consumed_tokens"], r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=f"{s.name}: {key}")
+                drawn = True
+        offset += records[-1]["consumed_tokens"]
+        ax.axvline(offset, color="grey", lw=0.5, ls="--")
+    if not drawn:
+        return False
+    ax.set_xlabel("distillation tokens (stages in order)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncols=2)
+    fig.savefig(path)
+    return True
+
+
+def plot_retention(recipe: Recipe, state: RunState, path: Path) -> bool:
+    rows = _evals(recipe, state)
+    if len(rows) < 2:
+        return False
+    fig = _figure(8, 3.5)
+    ax = fig.add_subplot(1, 2, 1)
+    labels = [label.replace(", before training", "\nbefore training") for label, _ in rows]
+    ax.bar(range(len(rows)), [math.log(ev["ppl"]) for _, ev in rows], color="tab:blue")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("held-out loss (log perplexity)")
+    ax = fig.add_subplot(1, 2, 2)
+    ax.bar(range(len(rows)), [ev["accuracy"] for _, ev in rows], color="tab:green")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("next-token accuracy")
+    fig.savefig(path)
+    return True
+
+
+def _accounting(recipe: Recipe, state: RunState) -> str:
+    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.compress.accounting import account, human, human_bytes
+
+    models = []
+    if state.done(f"{PREPARE}/teacher"):
+        models.append(("teacher", state.outputs(f"{PREPARE}/teacher")["mcore"]))
+    models += [(f"{s.name} student", state.outputs(f"{s.name}/prune")["checkpoint"])
+               for s in recipe.stages if state.done(f"{s.name}/prune")]
+    lines = ["| model | layers | hidden | experts (top-k) | total params | active params | bf16 weights |",
+             "|---|---|---|---|---|---|---|"]
+    for label, ckpt in models:
+        cfg = load_model_config(ckpt)
+        acc = account(cfg)
+        lines.append(f"| {label} | {cfg.num_layers} | {cfg.hidden_size} | {cfg.num_experts} ({cfg.topk}) | "
+                     f"{human(acc.total)} | {human(acc.active)} | {human_bytes(acc.checkpoint_bytes(2))} |")
+    return "\n".join(lines)
+
+
+def write_report(recipe: Recipe, workdir: Path, state: RunState) -> Path:
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# Run report: {recipe.name}", "",
+             f"Teacher `{recipe.teacher}`; stages: {', '.join(s.name for s in recipe.stages)}; work dir `{workdir}`.",
+             "", "## Retention (held-out data, same tokens for every model)", "", retention_table(recipe, state), ""]
+    if plot_retention(recipe, state, out / "retention.png"):
+        parts += ["![retention](retention.png)", ""]
+    parts += ["## Distillation loss", ""]
+    parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
+    parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
+    parts += ["## Importance and plans", ""]
+    for s in recipe.stages:
+        if not state.done(f"{s.name}/plan"):
+            continue
+        for plot in state.outputs(f"{s.name}/plan")["plots"]:
+            name = f"{s.name}-{Path(plot).name}"
+            shutil.copyfile(plot, out / name)
+            parts += [f"**{s.name}**: {Path(plot).stem}", "", f"![{name}]({name})", ""]
+    parts += ["## Steps", "", "| step | status | time |", "|---|---|---|"]
+    total = 0.0
+    for step, entry in state.data["steps"].items():
+        if step == f"{FINAL}/report":  # this step, still running
+            continue
+        total += entry.get("seconds", 0.0)
+        parts.append(f"| {step} | {entry.get('status')} | {entry.get('seconds', 0.0):.1f} s |")
+    parts.append(f"| total | | {total:.1f} s |")
+    path = out / "report.md"
+    tmp = out / "report.md.tmp"
+    tmp.write_text("\n".join(parts) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,42 @@
+"""The preemption contract with launch.sh: SIGTERM/SIGUSR1 ask the job to checkpoint at its next safe point and
+exit with REQUEUE_EXIT_CODE, on which launch.sh requeues it (SLURM sends USR1 before a time limit or preemption).
+"""
+from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at safe points. Flags nest: an inner one (the
+    trainer's, inside a run's step) passes the signal on to the outer one, and `restore()` puts the outer back, so
+    a signal is never lost between two safe points of different owners."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: dict[int, Any] = {sig: signal.signal(sig, self._handler) for sig in _SIGNALS}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.raised = True
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank when any rank was signalled."""
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([int(self.raised)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

@@ -1,0 +1,235 @@
+"""`megatron-slim run`: recipe validation before compute, presets, a two-stage run end to end (report, export),
+idempotent reruns, and a run killed mid-distillation that resumes to the same final checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny_models
+from hf_fixtures import save_tiny_hf_with_mtp
+from train_fixtures import cli
+
+from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
+
+# 8 layers, 2 of them full attention (the 1:3 hybrid ratio allows 4 kept layers), one MTP depth
+TEACHER = tiny_models.qwen3_next(num_hidden_layers=8, eos_token_id=127, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2)
+
+
+def _dataset(root: Path, name: str, seed: int, docs: int) -> str:
+    rng = random.Random(seed)
+    with open(root / f"{name}.jsonl", "w") as f:  # a learnable toy language: arithmetic progressions
+        for _ in range(docs):
+            start, step = rng.randrange(120), rng.choice([1, 2, 3])
+            f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
+    cli("preprocess", "--input", str(root / f"{name}.jsonl"), "--output-prefix", str(root / name), "--tokenizer",
+        "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127")
+    return str(root / name)
+
+
+def _recipe(root: Path, **over) -> dict:
+    recipe = {
+        "name": "tiny",
+        "teacher": str(root / "teacher_hf"),
+        "data": {"train": [[1.0, str(root / "train")]], "calibration": str(root / "calibration"),
+                 "heldout": str(root / "heldout"), "seq_length": 32},
+        "parallel": {"tp": 1, "pp": 1, "ep": 1},
+        "nproc": 1,
+        "importance": {"tokens": 512},
+        "evaluation": {"tokens": 512, "mtp_k": 2, "mtp_prompts": 4, "gen_tokens": 6},
+        "training": {"batch": {"micro_batch_size": 4, "global_batch_size": 8},
+                     "optimizer": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"style": "cosine", "warmup_iters": 1},
+                     "loss": {"kd_weight": 0.5}, "train": {"seed": 5},
+                     "checkpoint": {"save_interval": 2, "keep_last": 2}, "logging": {"log_interval": 1}},
+        "target": {"num_layers": 4, "num_experts": 4, "topk": 2, "hidden_size": 48, "moe_ffn_hidden_size": 16},
+        "preset": "depth_first",
+        "train_tokens": 6 * 8 * 32 * 2,  # 6 steps of 8 x 32 tokens per stage
+    }
+    recipe.update(over)
+    return recipe
+
+
+def _write(root: Path, name: str, recipe: dict) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    save_tiny_hf_with_mtp(TEACHER, root / "teacher_hf", seed=0)
+    _dataset(root, "train", 0, 300)
+    _dataset(root, "calibration", 1, 40)
+    _dataset(root, "heldout", 2, 40)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(assets: Path) -> Path:
+    """One uninterrupted two-stage run."""
+    work = assets / "work_full"
+    proc = cli("run", str(_write(assets, "recipe", _recipe(assets))), "--workdir", str(work), "--no-progress",
+               timeout=1200)
+    assert "done  final/report" in proc.stdout
+    return work
+
+
+def _final_weights(work: Path) -> dict[str, torch.Tensor]:
+    state = json.loads((work / "state.json").read_text())
+    return load_file(str(Path(state["steps"]["final/export"]["outputs"]["hf"]) / "model.safetensors"))
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+def test_presets_derive_stages(assets: Path) -> None:
+    recipe = parse_recipe(_recipe(assets), assets)
+    assert [s.name for s in recipe.stages] == ["depth", "width"]
+    depth, width = recipe.stages
+    assert depth.target.num_layers == 4 and depth.target.num_experts is None and depth.target.hidden_size is None
+    assert (width.target.num_experts, width.target.hidden_size, width.target.moe_ffn_hidden_size) == (4, 48, 16)
+    assert depth.training["train"]["train_tokens"] == width.training["train"]["train_tokens"] == 6 * 8 * 32
+    assert depth.training["optimizer"]["lr"] == 3e-3  # shared training sections reach every stage
+    one = parse_recipe(_recipe(assets, preset="one_shot"), assets)
+    assert [s.name for s in one.stages] == ["one_shot"] and one.stages[0].target.hidden_size == 48
+    assert one.stages[0].training["train"]["train_tokens"] == 6 * 8 * 32 * 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "red"}, "unknown keys ['colour']"),
+    ({"teacher": "/nonexistent/teacher"}, "teacher /nonexistent/teacher does not exist"),
+    ({"target": {"num_layers": 3}}, "num_layers=3 breaks"),
+    ({"target": {"num_layers": 4, "num_experts": 16}}, "num_experts=16 is larger than the source's 8"),
+    ({"target": {"num_layers": 4, "widht": 3}}, "unknown keys ['widht']"),
+    ({"training": {"optimizer": {"lrr": 1.0}}}, "unknown keys ['lrr']"),
+    ({"training": {"model": {"checkpoint": "x"}}}, "['model'] are set by the run"),
+    ({"data": {"train": [[1.0, "/nonexistent/prefix"]], "calibration": "c", "heldout": "h"}}, "do not exist"),
+    ({"preset": "two_shot"}, "preset must be one of"),
+    ({"preset": None, "train_tokens": None, "stages": [
+        {"name": "a", "target": {"num_layers": 4}, "training": {"train": {"train_iters": 1}}}]},
+     "the stages do not end at `target`"),
+    ({"preset": None, "train_tokens": None, "target": None, "stages": [
+        {"name": "final", "target": {}, "training": {"train": {"train_iters": 1}}}]}, "reserved"),
+])
+def test_recipe_errors_before_compute(assets: Path, change: dict, message: str) -> None:
+    recipe = _recipe(assets)
+    for key, value in change.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = value
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(assets, "bad", recipe))
+    assert message in str(err.value)
+
+
+def test_cli_reports_every_problem_before_compute(assets: Path) -> None:
+    recipe = _recipe(assets, colour="red", preset="two_shot")
+    del recipe["data"]["calibration"]
+    work = assets / "never"
+    proc = cli("run", str(_write(assets, "bad_cli", recipe)), "--workdir", str(work), check=False)
+    assert proc.returncode == 2
+    for message in ("unknown keys ['colour']", "data.calibration is required", "preset must be one of"):
+        assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not work.exists()  # nothing ran, nothing was written
+
+
+def test_list_stages(assets: Path) -> None:
+    proc = cli("run", str(_write(assets, "recipe_list", _recipe(assets))), "--workdir", str(assets / "w"),
+               "--list-stages")
+    assert proc.stdout.split() == ["depth", "width"]
+
+
+# ---- execution --------------------------------------------------------------------------------------------------
+def test_run_end_to_end(finished: Path) -> None:
+    state = json.loads((finished / "state.json").read_text())["steps"]
+    assert all(entry["status"] == "done" for entry in state.values()), state
+    teacher = json.loads((finished / "teacher" / "eval.json").read_text())
+    for stage in ("depth", "width"):
+        before = json.loads((finished / stage / "eval_pruned.json").read_text())
+        after = json.loads((finished / stage / "eval.json").read_text())
+        assert before["tokens"] == after["tokens"] == teacher["tokens"]  # the same held-out tokens for everyone
+        assert after["loss"] < before["loss"], (stage, before, after)  # distillation healed the pruning damage
+    cfg = json.loads((finished / "export" / "hf" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_experts"]) == (4, 48, 4)
+    report = (finished / "report" / "report.md").read_text()
+    for row in ("| teacher |", "| depth: pruned, before training |", "| width: distilled |"):
+        assert row in report
+    for png in ("losses.png", "retention.png"):
+        assert (finished / "report" / png).stat().st_size > 1000
+
+
+def test_export_matches_megatron_student(finished: Path) -> None:
+    """The exported HF student computes what the final Megatron checkpoint computes (transformers vs megatron)."""
+    state = json.loads((finished / "state.json").read_text())["steps"]
+    proc = cli("verify", "--hf", state["final/export"]["outputs"]["hf"], "--mcore",
+               state["width/distill"]["outputs"]["checkpoint"], "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    heads = [h for h in result if h != "layout"]
+    assert "main" in heads and len(heads) == 2, result  # the main head and the student's MTP head
+    for head in heads:
+        assert result[head]["top1_agreement"] == 1.0 and result[head]["max_abs_diff"] < 1e-4, result
+
+
+def test_rerun_skips_finished_steps(assets: Path, finished: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (finished / "export" / "hf").iterdir()}
+    proc = cli("run", str(assets / "recipe.yaml"), "--workdir", str(finished), "--no-progress")
+    assert "start" not in proc.stdout and proc.stdout.count("skip") == 3 + 2 * 6 + 2
+    assert before == {p: p.stat().st_mtime_ns for p in (finished / "export" / "hf").iterdir()}
+
+
+def test_other_recipe_refuses_workdir(assets: Path, finished: Path) -> None:
+    path = _write(assets, "other", _recipe(assets, name="other"))
+    proc = cli("run", str(path), "--workdir", str(finished), check=False)
+    assert proc.returncode == 2 and "different recipe" in proc.stderr
+
+
+def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None:
+    """kill -9 once the second stage's distillation has a checkpoint, rerun: the same final weights, bit for bit."""
+    work = assets / "work_killed"
+    cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(assets / "recipe.yaml"), "--workdir", str(work),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 1200
+        while not (work / "width" / "train" / "latest").is_file() and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    state = json.loads((work / "state.json").read_text())["steps"]
+    assert state["width/distill"]["status"] == "running"  # killed mid-stage
+    out = cli("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--no-progress", timeout=1200)
+    assert "skip  depth/distill" in out.stdout and "resumed from" in out.stdout
+    resumed, full = _final_weights(work), _final_weights(finished)
+    assert resumed.keys() == full.keys()
+    for key in full:
+        assert torch.equal(resumed[key], full[key]), key
+
+
+def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:
+    """examples/slimqwen/recipe.yaml parses and its stages chain from the real teacher config to SlimQwen-23A2B."""
+    from megatron_slim.models.registry import model_config_from_hf
+    from megatron_slim.run.recipe import check_final, stage_configs
+
+    root = Path(__file__).parents[1] / "examples" / "slimqwen"
+    recipe = parse_recipe(yaml.safe_load((root / "recipe.yaml").read_text()), root)
+    teacher = model_config_from_hf(str(root / "teacher_config.json"), mtp_num_layers=1)
+    depth, width = stage_configs(recipe, teacher)
+    assert (depth.num_layers, depth.hidden_size, depth.num_experts) == (36, 2048, 512)
+    assert (width.num_layers, width.hidden_size, width.num_experts, width.topk) == (36, 1536, 256, 8)
+    assert width.hybrid_pattern.count("*") == 9 + 1  # 9 full-attention decoder layers + the MTP layer
+    check_final(recipe, width, teacher)
+    assert recipe.stages[0].training["train"]["train_tokens"] + recipe.stages[1].training["train"]["train_tokens"] \
+        == 400e9

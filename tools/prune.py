@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Thin wrapper: `megatron-slim prune ...` (see `--help`)."""
+import sys
+
+from megatron_slim.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["prune", *sys.argv[1:]]))

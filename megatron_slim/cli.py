@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_slim.errors import UserError
+    from megatron_slim.runtime.quiet import silence_upstream_noise
 
     args = build_parser().parse_args(argv)
+    silence_upstream_noise()
     try:
         return int(args._run(args) or 0)
     except (UserError, FileExistsError, FileNotFoundError) as e:

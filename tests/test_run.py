@@ -218,6 +218,31 @@ def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None
         assert torch.equal(resumed[key], full[key]), key
 
 
+def test_sigterm_between_distillations_stops_at_the_next_step(assets: Path) -> None:
+    """SIGTERM outside distillation (here: while the teacher is evaluated) lets the step finish, records it, and
+    stops the run before the next step with the requeue status 75."""
+    work = assets / "work_term"
+    cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(_write(assets, "recipe_term", _recipe(assets))),
+           "--workdir", str(work), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+
+    def status(step: str) -> str | None:
+        try:
+            return json.loads((work / "state.json").read_text())["steps"].get(step, {}).get("status")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    while status("prepare/eval_teacher") != "running":
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, out[-3000:]
+    assert status("prepare/eval_teacher") == "done" and status("depth/importance") is None, out[-3000:]
+    assert "stop  before depth/importance" in out
+
+
 def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:
     """examples/slimqwen/recipe.yaml parses and its stages chain from the real teacher config to SlimQwen-23A2B."""
     from megatron_slim.models.registry import model_config_from_hf

@@ -62,3 +62,29 @@ def test_cpu_compat_refuses_gpu(monkeypatch):
     monkeypatch.setattr(cpu_compat, "_mode", None)
     with pytest.raises(RuntimeError, match="CPU-only"):
         cpu_compat.activate()
+
+
+def test_upstream_noise_is_silenced_and_nothing_else() -> None:
+    """The CLI's filters drop the listed upstream chatter only: other warnings and log records still show."""
+    import logging
+    import warnings
+
+    from megatron_slim.runtime.quiet import silence_upstream_noise
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("megatron.core.dist_checkpointing.strategies.common")
+    logger.addHandler(Keep())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_upstream_noise()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("a warning of ours", UserWarning)
+        logger.warning("load_common is deprecated and will be removed in a future release.")
+        logger.warning("a log record of ours")
+    assert [str(w.message) for w in caught] == ["a warning of ours"]
+    assert records == ["a log record of ours"]

@@ -108,7 +108,8 @@ def worker(args: argparse.Namespace) -> None:
               f"{wanted * args.seq_len})", file=sys.stderr)
     prompts = windows[:args.mtp_prompts, :args.prompt_len] if with_mtp else None
 
-    model = build_model(cfg, parallel, BuildOptions(params_dtype=getattr(torch, args.dtype)))
+    opts = BuildOptions(params_dtype=getattr(torch, args.dtype), perform_initialization=False)  # loaded next
+    model = build_model(cfg, parallel, opts)
     load_model(model, ckpt)
     if ckpt != model_dir:
         dist.barrier()  # every rank has loaded the temporary conversion

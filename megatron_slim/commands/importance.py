@@ -118,7 +118,8 @@ def worker(args: argparse.Namespace) -> None:
         print(f"warning: {args.data} runs out after {usable * args.seq_len} tokens (of {wanted * args.seq_len})",
               file=sys.stderr)
 
-    model = build_model(cfg, parallel, BuildOptions(params_dtype=getattr(torch, args.dtype)))
+    opts = BuildOptions(params_dtype=getattr(torch, args.dtype), perform_initialization=False)  # loaded next
+    model = build_model(cfg, parallel, opts)
     load_model(model, ckpt)
     if ckpt != model_dir:
         dist.barrier()  # every rank has loaded the temporary conversion

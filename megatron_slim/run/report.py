@@ -51,9 +51,10 @@ def retention_table(recipe: Recipe, state: RunState) -> str:
     head += [f"MTP accept@{k}" for k in ks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, ev in rows:
-        cells = [label, f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}", f"{ev['accuracy']:.4f}"]
+        cells = [label, f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}", f"{ev['accuracy']:.2%}"]
         if teacher:
-            cells += [f"{ev['accuracy'] / teacher['accuracy']:.1%}", f"{ev['ppl'] / teacher['ppl']:.2f}x"]
+            cells += [f"{ev['accuracy'] / teacher['accuracy']:.1%}" if teacher["accuracy"] else "",
+                      f"{ev['ppl'] / teacher['ppl']:.2f}x"]
         else:
             cells += ["", ""]
         acc = {int(k): v for k, v in (ev.get("mtp_acceptance") or {}).items()}

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from megatron_slim.runtime.quiet import silence_upstream_noise
+
 
 def launched_world_size() -> int | None:
     """World size set by torchrun or SLURM, or None for a plain process."""
@@ -23,6 +25,7 @@ def launched_world_size() -> int | None:
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    silence_upstream_noise()
     code = fn(*args)
     if code:
         raise SystemExit(code)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
+from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
 
 LATEST = "latest"
@@ -132,7 +133,12 @@ def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
     state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path))
     model.load_state_dict(state["model"], strict=True)
     with torch.no_grad():  # fp32 models: the optimizer's main params are views of the (grad-requiring) weights
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except KeyError as e:  # megatron-core matches parameter groups by their hyper-parameters
+            raise UserError(f"cannot resume from {path}: its optimizer parameter groups (lr, min_lr, weight decay, "
+                            f"...) differ from this run's ({e}); resume with the config it was saved with, or "
+                            "train into a new checkpoint.save_dir") from None
         _restore_adam_steps(optimizer, state["adam_steps"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]

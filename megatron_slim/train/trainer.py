@@ -111,7 +111,8 @@ class Trainer:
             tcfg = tcfg.replace(mtp_num_layers=self._teacher_mtp_depths(tcfg.mtp_num_layers))
         opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
                             moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
-                            fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe)
+                            fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe,
+                            perform_initialization=False)  # both models are loaded from checkpoints (strictly)
         student = build_model(self.model_cfg, self.parallel, opts)
         self.teacher = None
         if tcfg is not None:

@@ -73,7 +73,7 @@ def plot_losses(recipe: Recipe, state: RunState, path: Path) -> bool:
     """Loss parts against consumed tokens, stages side by side on one token axis."""
     fig = _figure(8, 4)
     ax = fig.add_subplot()
-    offset, drawn = 0, False
+    offset, drawn_keys = 0, set()
     for s in recipe.stages:
         metrics = state.outputs(f"{s.name}/distill").get("metrics") if state.done(f"{s.name}/distill") else None
         if not metrics or not Path(metrics).is_file():
@@ -81,19 +81,25 @@ def plot_losses(recipe: Recipe, state: RunState, path: Path) -> bool:
         records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
         if not records:
             continue
-        for key in LOSS_KEYS:
+        for i, key in enumerate(LOSS_KEYS):  # one colour per loss part across stages, labelled once
             pts = [(offset + r["consumed_tokens"], r[key]) for r in records if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=f"{s.name}: {key}")
-                drawn = True
+                ax.plot(*zip(*pts), color=f"C{i}", label=None if drawn_keys & {key} else key)
+                drawn_keys.add(key)
+        ax.annotate(s.name, (offset, 1.0), xycoords=("data", "axes fraction"), xytext=(4, -12),
+                    textcoords="offset points", fontsize=8)
         offset += records[-1]["consumed_tokens"]
         ax.axvline(offset, color="grey", lw=0.5, ls="--")
-    if not drawn:
+    if not drawn_keys:
         return False
+    from matplotlib.ticker import ScalarFormatter
+
     ax.set_xlabel("distillation tokens (stages in order)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7, ncols=2)
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.legend(fontsize=7)
     fig.savefig(path)
     return True
 

@@ -87,8 +87,13 @@ def run(args: argparse.Namespace) -> int:
     world = launched_world_size()
     if world is None and recipe.nproc > 1:
         return run_local_world(_worker, recipe.nproc, args)
-    if world is not None and world % (recipe.parallel.tp * recipe.parallel.pp) and world % recipe.parallel.ep:
+    if world is not None:
         from megatron_slim.errors import UserError
+        from megatron_slim.runtime.distributed import ParallelConfig
 
-        raise UserError(f"{world} ranks do not fit the recipe's parallel layout {recipe.parallel}")
+        p = recipe.parallel
+        try:
+            ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp).validate_world(world)
+        except ValueError as e:
+            raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
     return _worker(args)

@@ -41,9 +41,11 @@ def _save_random(rank: int, world_size: int, layers: int, depths: int, seed: int
 
 @pytest.fixture(scope="module")
 def mtp_assets(tmp_path_factory) -> Path:
-    """teacher_mc (4 layers, 2 MTP depths), student_mc (2 layers, 2 depths), teacher1_mc (4 layers, 1 depth)."""
+    """teacher_mc (4 layers, 2 MTP depths), student_mc (2 layers, 2 depths), teacher1_mc (4 layers, 1 depth),
+    student0_mc (2 layers, no MTP)."""
     root = tmp_path_factory.mktemp("train_mtp")
-    for name, layers, depths, seed in (("teacher", 4, DEPTHS, 0), ("student", 2, DEPTHS, 1), ("teacher1", 4, 1, 2)):
+    for name, layers, depths, seed in (("teacher", 4, DEPTHS, 0), ("student", 2, DEPTHS, 1), ("teacher1", 4, 1, 2),
+                                       ("student0", 2, 0, 3)):
         run_distributed(_save_random, 1, layers, depths, seed, str(root / f"{name}_mc"))
     write_toy_data(root)
     return root
@@ -130,6 +132,16 @@ def test_teacher_with_fewer_mtp_depths_is_refused(mtp_assets):
     assert out.returncode != 0
     assert f"at least the student's {DEPTHS} MTP depths" in out.stderr and "has 1" in out.stderr, out.stderr[-2000:]
     assert not (mtp_assets / "mtp_short_teacher" / "metrics.jsonl").exists()
+
+
+def test_student_without_mtp_heads_is_refused(mtp_assets):
+    cfg = write_config(mtp_assets, "mtp_no_student_heads", loss={"mtp_kd_source": "mtp"})
+    data = yaml.safe_load(cfg.read_text())
+    data["model"]["checkpoint"] = str(mtp_assets / "student0_mc")
+    cfg.write_text(yaml.safe_dump(data))
+    out = cli("train", "--config", str(cfg), check=False)
+    assert out.returncode == 2 and "student0_mc has no MTP heads" in out.stderr, out.stderr[-2000:]
+    assert not (mtp_assets / "mtp_no_student_heads" / "metrics.jsonl").exists()
 
 
 def test_mtp_kd_source_is_validated():

@@ -181,6 +181,14 @@ def test_export_matches_megatron_student(finished: Path) -> None:
         assert result[head]["top1_agreement"] == 1.0 and result[head]["max_abs_diff"] < 1e-4, result
 
 
+def test_export_command_writes_the_runs_student(finished: Path, tmp_path: Path) -> None:
+    """`export --run` (the final training checkpoint, iter_* dir) gives the run's own export, bit for bit."""
+    cli("export", "--run", str(finished), "--out", str(tmp_path / "hf"), "--no-progress")
+    ours = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    run = _final_weights(finished)
+    assert ours.keys() == run.keys() and all(torch.equal(ours[k], run[k]) for k in run)
+
+
 def test_rerun_skips_finished_steps(assets: Path, finished: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in (finished / "export" / "hf").iterdir()}
     proc = cli("run", str(assets / "recipe.yaml"), "--workdir", str(finished), "--no-progress")

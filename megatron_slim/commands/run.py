@@ -3,7 +3,8 @@ export the final student to HF and write the report (see megatron_slim/run/recip
 
 Every step's status and outputs are recorded in <workdir>/state.json: rerunning the same command skips finished
 steps and resumes a half-trained stage from its newest checkpoint, so it is safe to rerun after a crash, a kill or
-a preemption (exit status 75: distillation checkpointed on SIGTERM/SIGUSR1; launch.sh requeues). The recipe is
+a preemption. SIGTERM/SIGUSR1 (SLURM's warning) let the current step finish (distillation checkpoints at its next
+step) and the run exits with status 75, on which launch.sh requeues it. The recipe is
 validated completely (keys, files, every stage's shapes, run configs) before anything runs.
 
 Under torchrun/srun the given ranks are used; as a plain process it spawns the recipe's `nproc` local ranks.

@@ -1,6 +1,6 @@
-"""Tiny assets for the launch.sh tests on the local SLURM cluster (tests/test_slurm_launch.py), built in one
-subprocess (`python tests/slurm_assets.py train|chain ROOT`) so that the test process imports neither torch nor
-transformers and megatron-core is imported once.
+"""Tiny assets for the launch.sh tests on the local SLURM cluster (tests/test_slurm_launch.py) and the recipe
+runs of tests/test_run.py, built in one subprocess (`python tests/slurm_assets.py train|chain ROOT`) so that the
+test process imports neither torch nor transformers and megatron-core is imported once.
 
 train ROOT   the 2-layer Qwen3-MoE student checkpoint ROOT/student_mc and the indexed dataset ROOT/data of
              tests/train_fixtures.py, and ROOT/plain.yaml, train_fixtures.write_config's run config over them

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,62 +15,27 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny_models
-from hf_fixtures import save_tiny_hf_with_mtp
+from slurm_assets import build, recipe as chain_recipe, write_recipe as _write
 from train_fixtures import cli
 
 from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
 
-# 8 layers, 2 of them full attention (the 1:3 hybrid ratio allows 4 kept layers), one MTP depth
-TEACHER = tiny_models.qwen3_next(num_hidden_layers=8, eos_token_id=127, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2)
-
-
-def _dataset(root: Path, name: str, seed: int, docs: int) -> str:
-    rng = random.Random(seed)
-    with open(root / f"{name}.jsonl", "w") as f:  # a learnable toy language: arithmetic progressions
-        for _ in range(docs):
-            start, step = rng.randrange(120), rng.choice([1, 2, 3])
-            f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
-    cli("preprocess", "--input", str(root / f"{name}.jsonl"), "--output-prefix", str(root / name), "--tokenizer",
-        "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127")
-    return str(root / name)
-
 
 def _recipe(root: Path, **over) -> dict:
-    recipe = {
-        "name": "tiny",
-        "teacher": str(root / "teacher_hf"),
-        "data": {"train": [[1.0, str(root / "train")]], "calibration": str(root / "calibration"),
-                 "heldout": str(root / "heldout"), "seq_length": 32},
-        "parallel": {"tp": 1, "pp": 1, "ep": 1},
-        "nproc": 1,
-        "importance": {"tokens": 512},
-        "evaluation": {"tokens": 512, "mtp_k": 2, "mtp_prompts": 4, "gen_tokens": 6},
-        "training": {"batch": {"micro_batch_size": 4, "global_batch_size": 8},
-                     "optimizer": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"style": "cosine", "warmup_iters": 1},
-                     "loss": {"kd_weight": 0.5}, "train": {"seed": 5},
-                     "checkpoint": {"save_interval": 2, "keep_last": 2}, "logging": {"log_interval": 1}},
-        "target": {"num_layers": 4, "num_experts": 4, "topk": 2, "hidden_size": 48, "moe_ffn_hidden_size": 16},
-        "preset": "depth_first",
-        "train_tokens": 6 * 8 * 32 * 2,  # 6 steps of 8 x 32 tokens per stage
-    }
+    """The launch tests' two-stage recipe (8 -> 4 layers, then experts/hidden), 6 steps of 8 x 32 tokens per stage,
+    with a checkpoint every 2 steps (the kill test needs one mid-stage) and MTP acceptance in the evaluation."""
+    recipe = chain_recipe(root, steps_per_stage=6, name="tiny", importance={"tokens": 512},
+                          evaluation={"tokens": 512, "mtp_k": 2, "mtp_prompts": 4, "gen_tokens": 6})
+    recipe["training"]["checkpoint"] = {"save_interval": 2, "keep_last": 2}
     recipe.update(over)
     return recipe
 
 
-def _write(root: Path, name: str, recipe: dict) -> Path:
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
+    """A random 8-layer Qwen3-Next HF teacher with one MTP depth and the toy train/calibration/held-out data."""
     root = tmp_path_factory.mktemp("run")
-    save_tiny_hf_with_mtp(TEACHER, root / "teacher_hf", seed=0)
-    _dataset(root, "train", 0, 300)
-    _dataset(root, "calibration", 1, 40)
-    _dataset(root, "heldout", 2, 40)
+    build("chain", root)
     return root
 
 

@@ -125,7 +125,7 @@ def test_mtp_kd_from_teacher_mtp_heads(mtp_assets, layout):
 
 def test_teacher_with_fewer_mtp_depths_is_refused(mtp_assets):
     cfg = write_config(mtp_assets, "mtp_short_teacher", loss={"mtp_kd_source": "mtp"})
-    data = yaml.safe_load(cfg.read_text())
+    data = yaml.safe_load(cfg.read_text())  # write_config's `teacher` is a flag: swap the teacher here
     data["teacher"]["checkpoint"] = str(mtp_assets / "teacher1_mc")
     cfg.write_text(yaml.safe_dump(data))
     out = cli("train", "--config", str(cfg), check=False)
@@ -135,10 +135,8 @@ def test_teacher_with_fewer_mtp_depths_is_refused(mtp_assets):
 
 
 def test_student_without_mtp_heads_is_refused(mtp_assets):
-    cfg = write_config(mtp_assets, "mtp_no_student_heads", loss={"mtp_kd_source": "mtp"})
-    data = yaml.safe_load(cfg.read_text())
-    data["model"]["checkpoint"] = str(mtp_assets / "student0_mc")
-    cfg.write_text(yaml.safe_dump(data))
+    cfg = write_config(mtp_assets, "mtp_no_student_heads", loss={"mtp_kd_source": "mtp"},
+                       model={"checkpoint": str(mtp_assets / "student0_mc")})
     out = cli("train", "--config", str(cfg), check=False)
     assert out.returncode == 2 and "student0_mc has no MTP heads" in out.stderr, out.stderr[-2000:]
     assert not (mtp_assets / "mtp_no_student_heads" / "metrics.jsonl").exists()

@@ -159,24 +159,27 @@ def evict(src: Path) -> None:
 
 # Runs the CLI in-process and records its peak RSS (VmHWM, which exec resets; ru_maxrss from wait4 would also count
 # the pages this benchmark process had when it forked the child).
-_PEAK_WRAPPER = """import sys
-from megatron_slim.cli import main
+_PEAK_WRAPPER = """import runpy, sys
+peak, module, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
 try:
-    rc = main(sys.argv[2:])
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 finally:
     with open("/proc/self/status") as f:
         hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
-    with open(sys.argv[1], "w") as f:
+    with open(peak, "w") as f:
         f.write(hwm)
-sys.exit(rc)
 """
 
 
 def run_step(cmd: list[str], out: Path | None) -> tuple[float, float, int]:
-    """(seconds until the command's output `out` is on disk, its CPU seconds, the CLI's peak RSS in bytes or 0)."""
+    """(seconds until the command's output `out` is on disk, its CPU seconds, its peak RSS in bytes or 0).
+    `cmd` is ["megatron-slim", ...] (the CLI), ["-m", module, ...] (a module run as a script; both measured for
+    peak RSS) or any other command line."""
     with tempfile.TemporaryDirectory() as tmp:
         log, peak = Path(tmp) / "log", Path(tmp) / "peak"
         if cmd[0] == "megatron-slim":
+            cmd = ["-m", "megatron_slim.cli", *cmd[1:]]
+        if cmd[0] == "-m":
             cmd = [sys.executable, "-c", _PEAK_WRAPPER, str(peak), *cmd[1:]]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(log, "wb") as log_file:

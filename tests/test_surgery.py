@@ -311,7 +311,7 @@ def parity_and_size(rank: int, world: int, hf_dir: str, mcore_dir: str, target: 
     """`verify` at LAYOUTS (strict loads), plus the parameter count of a Megatron model built from the target."""
     from mp_models import verify_sweep
 
-    from megatron_slim.checkpoint.dcp_io import mcore_layout
+    from megatron_slim.checkpoint.layout import mcore_layout
 
     reports = verify_sweep(rank, world, hf_dir, mcore_dir, LAYOUTS, tokens)
     shapes = mcore_layout(ModelConfig.from_json(target)).tensors.values()

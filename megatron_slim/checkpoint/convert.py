@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
+from itertools import accumulate
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,11 +17,15 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from megatron_slim.checkpoint.dcp_io import McoreReader, mcore_layout, write_checkpoint
+from megatron_slim.checkpoint.dcp_io import McoreReader, write_checkpoint
+from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
 from megatron_slim.checkpoint.mapping import BoundRule, bind_rules, detect_mtp_layers
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
 from megatron_slim.checkpoint.readahead import ReadAhead
-from megatron_slim.checkpoint.safetensors_io import CheckpointError, HFReader, HFWriter
+from megatron_slim.checkpoint.safetensors_io import HFReader, HFWriter
+from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Splices
+from megatron_slim.checkpoint.transforms import IDENTITY
+from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig, load_hf_config
 from megatron_slim.models.registry import FAMILIES, family_of_hf, hf_config_from, model_config_from_hf
 
@@ -40,6 +45,28 @@ class Summary:
     def describe(self) -> str:
         return (f"{self.tensors} tensors, {self.parameters / 1e9:.3f}B parameters "
                 f"({self.active_parameters / 1e9:.3f}B active per token), {self.bytes / 2**30:.2f} GiB")
+
+
+class BufferPool:
+    """Tensors of the shapes a conversion needs again and again (every layer's expert stacks), reused instead of
+    allocated anew: a fresh tensor of hundreds of MB is fresh mmapped memory, which the kernel faults in and zeroes
+    page by page (at 9 GB, 2.4M page faults and most of hf-to-mcore's system time). `empty` hands out a free tensor
+    of that shape and dtype (or a new one); `release()` makes every tensor handed out free again."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._used: list[torch.Tensor] = []
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        free = self._free.get((tuple(shape), dtype))
+        t = free.pop() if free else torch.empty(shape, dtype=dtype)
+        self._used.append(t)
+        return t
+
+    def release(self) -> None:
+        for t in self._used:
+            self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+        self._used.clear()
 
 
 def _summarize(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> Summary:
@@ -104,49 +131,68 @@ def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], 
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = False, overwrite: bool = False,
-                progress: bool = True) -> Summary:
+                progress: bool = True, layout_job: LayoutJob | None = None) -> Summary:
+    """`layout_job`: the layout child for `hf_dir`, if the caller started it already (see `LayoutJob`)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg, rules, reader = plan_hf_to_mcore(hf_dir)
-    # the disk reads the first tensors while the layout's imports and meta model take their seconds of CPU
-    with nullcontext() if dry_run else ReadAhead(reader.ranges([k for r in rules for k in r.hf])) as read_ahead:
-        layout = mcore_layout(cfg)
+    # megatron-core's layout (seconds of imports and a meta model) is made by a child process on another core while
+    # the disk reads ahead and the tensors stream; the plan is checked against it as soon as it is there
+    with LayoutCheck(cfg, layout_job) as layout, \
+            nullcontext() if dry_run else ReadAhead(reader.ranges([k for r in rules for k in r.hf])) as read_ahead:
         planned: dict[str, torch.Tensor] = {}
         owner: dict[str, int] = {}
         for idx, rule in enumerate(rules):
             outs = rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg)
             for key, t in zip(rule.mcore, outs):
-                layout.check_shape(key, tuple(t.shape), f"{rule.where} ({', '.join(rule.hf[:3])})")
+                layout.plan(key, tuple(t.shape), f"{rule.where} ({', '.join(rule.hf[:3])})")
                 planned[key], owner[key] = t, idx
-        layout.check_complete(planned)
         summary = _summarize(cfg, planned)
         if dry_run:
+            layout.objects()
             return summary
 
         cache: dict[str, torch.Tensor] = {}
+        pool = BufferPool()
         bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="hf->mcore", disable=not progress)
 
-        def produce(key: str) -> torch.Tensor:
-            if key not in cache:
-                rule = rules[owner[key]]
-                cache.clear()
-                if rule.transform.slots is None:
-                    inputs = [reader.read(k) for k in rule.hf]
-                    outputs = rule.transform.to_mcore(inputs, cfg)
-                    del inputs
-                else:  # each input read straight into its place in the one output
-                    out, views = rule.transform.slots([reader.meta(k) for k in rule.hf], cfg, torch.device("cpu"))
+        def group(rule: BoundRule) -> list[torch.Tensor]:
+            """The rule's megatron tensors: those that only move bytes are placeholders whose bytes the writer
+            copies from the HF files (see `splice`); the others are computed from the HF tensors read."""
+            infos = [reader.tensors[k] for k in rule.hf]
+            if rule.transform.slots is not None:
+                out, views = rule.transform.slots([reader.meta(k) for k in rule.hf], cfg, pool.empty)
+                if out.nbytes < MIN_SPLICE_BYTES:
                     for k, view in zip(rule.hf, views, strict=True):
                         reader.read_into(k, view)
-                    outputs = [out]
+                    return [out]
+                placed = sorted(zip((v.data_ptr() - out.data_ptr() for v in views), range(len(infos))))
+                if [at for at, _ in placed] != list(accumulate((infos[i].nbytes for _, i in placed[:-1]), initial=0)):
+                    raise RuntimeError(f"{rule.where}: the slots of {rule.transform.name} do not tile its output")
+                splices.add(out, [(infos[i].file, infos[i].start, infos[i].nbytes) for _, i in placed])
+                return [out]
+            if rule.transform is IDENTITY and infos[0].nbytes >= MIN_SPLICE_BYTES:
+                out = torch.empty(infos[0].shape, dtype=infos[0].dtype)  # never touched: no memory
+                splices.add(out, [(infos[0].file, infos[0].start, infos[0].nbytes)])
+                return [out]
+            return rule.transform.to_mcore([reader.read(k) for k in rule.hf], cfg)
+
+        def produce(key: str) -> torch.Tensor:
+            layout.poll()
+            if key not in cache:
+                rule = rules[owner[key]]
+                for t in cache.values():  # outputs the writer did not ask for (it asks in plan order: none)
+                    splices.discard(t)
+                cache.clear()
+                pool.release()  # the writer is done with the previous group's tensors (it writes synchronously)
+                cache.update(zip(rule.mcore, group(rule)))
                 read_ahead.consumed(sum(reader.tensors[k].nbytes for k in rule.hf))
-                cache.update(zip(rule.mcore, outputs))
             t = cache.pop(key)
             bar.update(t.numel() * t.element_size())
             return t
 
-        with staged(out_dir, overwrite) as tmp:
+        with staged(out_dir, overwrite) as tmp, closing(Splices()) as splices:
             write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,
-                             produce)
+                             produce, splices)
             (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
             copy_side_files(hf_dir, tmp / TOKENIZER_DIR)
         bar.close()

@@ -1,18 +1,19 @@
 """Megatron-Core torch_dist checkpoints written and read tensor by tensor, without building the model in memory.
 
 A torch_dist checkpoint is a PyTorch DCP checkpoint whose keys are megatron-core's global sharded keys, plus
-megatron's `metadata.json` and common state. We learn the expected keys and global shapes from the model built on
-the *meta* device (no memory), then:
+megatron's `metadata.json` and common state (`checkpoint/layout.py` says which keys and shapes a model needs):
 - write: a DCP save whose planner resolves each tensor lazily (`produce(key)`) at the moment the single-threaded
-  writer streams it to disk, in plan order, so memory holds one group of tensors at a time;
+  writer streams it to disk, in plan order, so memory holds one group of tensors at a time; the sharded objects
+  come last, named only then (so the layout can still be in the making while tensors stream);
 - read: a tensor stored whole in one item (every tensor we write) is torch.load'ed straight from its byte range;
   others (e.g. a checkpoint saved sharded by megatron-core) go through a DCP load of just the requested keys.
 Any megatron-core model at any TP/PP/EP layout then loads these files (DCP reshards on read).
 """
 from __future__ import annotations
 
+import io
+import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,62 +22,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
-from torch.distributed.checkpoint.metadata import MetadataIndex
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 from torch.utils.serialization import config as serialization_config
 
 from megatron_slim.checkpoint.readahead import advise_willneed
-from megatron_slim.checkpoint.safetensors_io import CheckpointError
-from megatron_slim.models.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class McoreLayout:
-    tensors: dict[str, tuple[int, ...]]  # global key -> global shape
-    objects: list[str]  # unique keys of sharded objects (e.g. `_extra_state`)
-
-    def check_shape(self, key: str, shape: tuple[int, ...], source: str) -> None:
-        """A tensor about to be written must have the global shape the model config implies."""
-        want = self.tensors.get(key)
-        if want is not None and tuple(shape) != want:
-            raise CheckpointError(f"{source}: config/weight shape mismatch: {key} would be {tuple(shape)}, "
-                                  f"the config implies {want}")
-
-    def check_complete(self, keys: set[str] | dict) -> None:
-        """The planned tensors are exactly the model's: nothing extra, nothing unfilled."""
-        extra, missing = sorted(set(keys) - set(self.tensors)), sorted(set(self.tensors) - set(keys))
-        if extra or missing:
-            raise CheckpointError(f"planned tensors do not match the model: unexpected {extra[:10]}, "
-                                  f"unfilled {missing[:10]}")
-
-
-def mcore_layout(cfg: ModelConfig) -> McoreLayout:
-    """Keys and global shapes of `cfg`'s megatron-core checkpoint, from a meta-device model (needs a process group)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
-
-    from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
-
-    parallel = ParallelConfig()
-    init_model_parallel(parallel)
-    with torch.device("meta"):
-        model = build_model(cfg, parallel, BuildOptions(perform_initialization=False, use_cpu_initialization=True))
-    sharded = model.sharded_state_dict()
-    apply_factories(sharded)
-    tensors: dict[str, tuple[int, ...]] = {}
-    objects: list[str] = []
-    for v in nested_values(sharded):
-        if isinstance(v, ShardedTensor):
-            shape = tuple(v.global_shape)
-            if tensors.setdefault(v.key, shape) != shape:
-                raise RuntimeError(f"inconsistent global shapes for {v.key}")
-        elif isinstance(v, ShardedObject):
-            objects.append(v.unique_key)
-    return McoreLayout(tensors, sorted(set(objects)))
+from megatron_slim.checkpoint.splice import Splices, SpliceStream
 
 
 class _LazyPlanner(DefaultSavePlanner):
@@ -87,8 +42,6 @@ class _LazyPlanner(DefaultSavePlanner):
         self._produce = produce
 
     def resolve_data(self, write_item):
-        if write_item.type == WriteItemType.BYTE_IO:
-            return super().resolve_data(write_item)
         key = write_item.index.fqn
         tensor = self._produce(key)
         want = write_item.tensor_data.size
@@ -102,41 +55,69 @@ class _LazyPlanner(DefaultSavePlanner):
 class _StreamingWriter(FileSystemWriter):
     """FileSystemWriter with one file per rank, minus its memory: torch's writer keeps every tensor of a file
     referenced until the file is closed (for its safetensors variant), i.e. the whole model here. This writes the
-    same file (byte items, then tensors in plan order, each via torch's `_write_item`) and drops each tensor as
-    soon as it is written."""
+    same file (tensors in plan order, each via torch's `_write_item`, then the sharded objects) and drops each
+    tensor as soon as it is written. The objects are named by `objects()` only after the last tensor, and added
+    to the metadata in `finish`."""
+
+    def __init__(self, path: str, objects: Callable[[], list[str]], splices: Splices | None) -> None:
+        super().__init__(path, single_file_per_rank=True, thread_count=1, sync_files=True, overwrite=True)
+        self._objects = objects
+        self._splices = splices
+        self._written_objects: list[str] = []
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
-        items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)  # stable: plan order kept
         results = []
         with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
-            for item in items:
-                results.append(_write_item(self.transforms, stream, planner.resolve_data(item), item, name,
-                                           self.serialization_format))
+            out = stream if self._splices is None else SpliceStream(stream, self._splices)
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                results.append(_write_item(self.transforms, out, data, item, name, self.serialization_format))
+                if self._splices is not None:
+                    self._splices.check_written(data, item.index.fqn)
+            self._written_objects = self._objects()
+            # megatron-core stores a sharded object as the torch.save'd list of its shard data (here empty)
+            data = io.BytesIO()
+            torch.save([None], data)
+            for key in self._written_objects:
+                item = WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO)
+                results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
             stream.flush()
             os.fsync(stream.fileno())
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
         return done
 
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        metadata.state_dict_metadata.update({k: BytesStorageMetadata() for k in self._written_objects})
+        super().finish(metadata, results)
+
+
+# megatron-core's files around the DCP data (dist_checkpointing.core.save_config, strategies.common): written
+# here so that writing a checkpoint does not import megatron-core (seconds); tests compare them with its own.
+MCORE_CONFIG_FILE, MCORE_CONFIG = "metadata.json", {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+MCORE_COMMON_FILE = "common.pt"
+
 
 def write_checkpoint(out_dir: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                     objects: list[str], produce: Callable[[str], torch.Tensor]) -> None:
-    """Stream `entries` (in this order) into a torch_dist checkpoint; `produce(key)` returns each tensor's data."""
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
-
+                     objects: Callable[[], list[str]], produce: Callable[[str], torch.Tensor],
+                     splices: Splices | None = None) -> None:
+    """Stream `entries` (in this order) into a torch_dist checkpoint; `produce(key)` returns each tensor's data,
+    `objects()` (called after the last tensor) the model's sharded-object keys; tensors `produce` registered in
+    `splices` are copied from their source files. Errors raised by `produce` or `objects` come out as they are,
+    not wrapped in DCP's CheckpointException."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state: dict[str, object] = {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape, dtype in entries}
-    # megatron-core stores each sharded object as the torch.save'd list of its (here empty) shard data
-    state.update({k: [None] for k in objects})
-    writer = _StreamingWriter(str(out), single_file_per_rank=True, thread_count=1, sync_files=True, overwrite=True)
     # torch.save's per-record CRC32 costs about a third of serialising a tensor, and torch.load never checks it
-    with serialization_config.patch({"save.compute_crc32": False}):
-        dcp.save(state, storage_writer=writer, planner=_LazyPlanner(produce), no_dist=True)
-    torch.save({}, out / COMMON_STATE_FNAME)
-    save_config(CheckpointingConfig(sharded_backend="torch_dist"), str(out))
+    try:
+        with serialization_config.patch({"save.compute_crc32": False}):
+            dcp.save(state, storage_writer=_StreamingWriter(str(out), objects, splices),
+                     planner=_LazyPlanner(produce), no_dist=True)
+    except CheckpointException as e:
+        raise next(iter(e.failures.values()))[0] from None
+    torch.save({}, out / MCORE_COMMON_FILE)
+    (out / MCORE_CONFIG_FILE).write_text(json.dumps(MCORE_CONFIG))
 
 
 class _CachedReader(FileSystemReader):

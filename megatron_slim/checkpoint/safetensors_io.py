@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_slim.checkpoint.readahead import advise_willneed
-from megatron_slim.errors import UserError
+from megatron_slim.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -23,10 +23,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint is incomplete, corrupt or does not match its config."""
 
 
 @dataclass(frozen=True)

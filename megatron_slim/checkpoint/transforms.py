@@ -16,6 +16,7 @@ import torch
 from megatron_slim.models.config import ModelConfig
 
 Tensors = list[torch.Tensor]
+Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # allocates an uninitialised tensor
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,9 @@ class Transform:
     to_mcore: Callable[[Tensors, ModelConfig], Tensors]
     to_hf: Callable[[Tensors, ModelConfig], Tensors]
     # For transforms that only place each HF tensor into one megatron tensor (stacked experts): given the HF
-    # tensors (meta ones suffice) and a device, the empty output there and, per input, the contiguous view of it
-    # that input fills. A converter then reads inputs straight into place: no per-input buffers, no copy.
-    slots: Callable[[Tensors, ModelConfig, torch.device], tuple[torch.Tensor, Tensors]] | None = None
+    # tensors (meta ones suffice) and an allocator, the output it allocated and, per input, the contiguous view of
+    # it that input fills. A converter then reads inputs straight into place: no per-input buffers, no copy.
+    slots: Callable[[Tensors, ModelConfig, Empty], tuple[torch.Tensor, Tensors]] | None = None
 
 
 IDENTITY = Transform("identity", lambda t, c: [t[0]], lambda t, c: [t[0]])
@@ -140,7 +141,7 @@ GDN_CONV = Transform(
 )
 
 
-def _expert_slots(parts: list[Tensors], device: torch.device) -> tuple[torch.Tensor, list[Tensors]]:
+def _expert_slots(parts: list[Tensors], empty: Empty) -> tuple[torch.Tensor, list[Tensors]]:
     """An empty [E, sum of part rows, ...] tensor for per-expert parts ([gate_e, up_e] or [down_e]) and, per expert
     and part, the view of it the part fills. Every expert's parts must match expert 0's exactly (no broadcasting)."""
     def sig(group: Tensors) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -151,30 +152,30 @@ def _expert_slots(parts: list[Tensors], device: torch.device) -> tuple[torch.Ten
         if sig(group) != sig(first) or any(p.shape[1:] != first[0].shape[1:] for p in group):
             raise ValueError(f"expert {e}'s tensors {sig(group)} do not stack with expert 0's {sig(first)}")
     rows = [p.shape[0] for p in first]
-    out = torch.empty((len(parts), sum(rows), *first[0].shape[1:]), dtype=first[0].dtype, device=device)
+    out = empty((len(parts), sum(rows), *first[0].shape[1:]), first[0].dtype)
     return out, [list(out[e].split(rows)) for e in range(len(parts))]
 
 
-def _filled(slots: Callable[[Tensors, ModelConfig, torch.device], tuple[torch.Tensor, Tensors]]
+def _filled(slots: Callable[[Tensors, ModelConfig, Empty], tuple[torch.Tensor, Tensors]]
             ) -> Callable[[Tensors, ModelConfig], Tensors]:
     """to_mcore of a slots transform: each input copied once into its place (torch.cat then torch.stack would
     copy twice)."""
     def to_mcore(t: Tensors, c: ModelConfig) -> Tensors:
-        out, views = slots(t, c, t[0].device)
+        out, views = slots(t, c, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=t[0].device))
         for view, x in zip(views, t):
             view.copy_(x)
         return [out]
     return to_mcore
 
 
-def _experts_fc1_slots(t: Tensors, c: ModelConfig, device: torch.device) -> tuple[torch.Tensor, Tensors]:
+def _experts_fc1_slots(t: Tensors, c: ModelConfig, empty: Empty) -> tuple[torch.Tensor, Tensors]:
     n = len(t) // 2
-    out, views = _expert_slots([[t[e], t[n + e]] for e in range(n)], device)
+    out, views = _expert_slots([[t[e], t[n + e]] for e in range(n)], empty)
     return out, [v[0] for v in views] + [v[1] for v in views]  # input order: all gates, then all ups
 
 
-def _experts_fc2_slots(t: Tensors, c: ModelConfig, device: torch.device) -> tuple[torch.Tensor, Tensors]:
-    out, views = _expert_slots([[x] for x in t], device)
+def _experts_fc2_slots(t: Tensors, c: ModelConfig, empty: Empty) -> tuple[torch.Tensor, Tensors]:
+    out, views = _expert_slots([[x] for x in t], empty)
     return out, [v[0] for v in views]
 
 

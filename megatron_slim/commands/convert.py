@@ -8,6 +8,7 @@ memory) and write to `<out>.partial` first, renaming only when complete.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "convert checkpoints: hf-to-mcore | mcore-to-hf (streamed, any layout at load time)"
 
@@ -32,12 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.checkpoint.convert import hf_to_mcore, mcore_to_hf
-
     common = dict(dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress)
     if args.direction == "hf-to-mcore":
-        summary = hf_to_mcore(args.hf, args.out, **common)
+        from megatron_slim.checkpoint.layout import LayoutJob
+
+        # megatron-core's layout takes the longest to learn: its child process starts before this one imports torch
+        with LayoutJob(Path(args.hf)) as job:
+            from megatron_slim.checkpoint.convert import hf_to_mcore
+
+            summary = hf_to_mcore(args.hf, args.out, layout_job=job, **common)
     else:
+        from megatron_slim.checkpoint.convert import mcore_to_hf
+
         summary = mcore_to_hf(args.mcore, args.out, hf_template=args.hf_template, **common)
     print(("would write " if args.dry_run else f"wrote {args.out}: ") + summary.describe())
     return 0

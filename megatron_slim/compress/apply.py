@@ -24,7 +24,8 @@ from megatron_slim.checkpoint.convert import staged as _staged
 from megatron_slim.checkpoint.dcp_io import McoreReader
 from megatron_slim.checkpoint.mapping import BoundRule, bind_rules
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
-from megatron_slim.checkpoint.safetensors_io import CheckpointError, HFWriter
+from megatron_slim.checkpoint.safetensors_io import HFWriter
+from megatron_slim.errors import CheckpointError
 from megatron_slim.compress import surgery
 from megatron_slim.compress.plan import CompressionPlan, ExpertSlot
 from megatron_slim.compress.plan_check import check_plan
@@ -272,20 +273,39 @@ def _to_mcore(pruner: Pruner, job: _Job, hf: Tensors) -> Tensors:
 
 
 def _write_mcore(pruner: Pruner, out_dir: Path, *, overwrite: bool, dry_run: bool, progress: bool) -> Summary:
-    from megatron_slim.checkpoint.dcp_io import mcore_layout, write_checkpoint
+    from megatron_slim.checkpoint.dcp_io import write_checkpoint
+    from megatron_slim.checkpoint.layout import LayoutCheck
 
     target = pruner.target
-    layout = mcore_layout(target)
-    planned: Tensors = {}
-    owner: dict[str, int] = {}
-    for idx, (job, hf) in enumerate(pruner.stream(meta=True)):
-        for key, t in _to_mcore(pruner, job, hf).items():
-            layout.check_shape(key, tuple(t.shape), f"pruned {job.where}")
-            planned[key], owner[key] = t, idx
-    layout.check_complete(planned)
-    summary = _summary(target, planned, lambda k: ".experts.experts." in k)
-    if dry_run:
-        return summary
+    with LayoutCheck(target) as layout:  # computed by a child process while the pruned layers stream
+        planned: Tensors = {}
+        owner: dict[str, int] = {}
+        for idx, (job, hf) in enumerate(pruner.stream(meta=True)):
+            for key, t in _to_mcore(pruner, job, hf).items():
+                layout.plan(key, tuple(t.shape), f"pruned {job.where}")
+                planned[key], owner[key] = t, idx
+        summary = _summary(target, planned, lambda k: ".experts.experts." in k)
+        if dry_run:
+            layout.objects()
+            return summary
+        cache: Tensors = {}
+        bar = tqdm(total=len(pruner.jobs), desc="prune", disable=not progress)
+
+        def produce(key: str) -> torch.Tensor:
+            layout.poll()
+            if key not in cache:
+                cache.clear()
+                cache.update(_to_mcore(pruner, pruner.jobs[owner[key]], pruner.group(owner[key])))
+                bar.update()
+            return cache.pop(key)
+
+        with _staged(out_dir, overwrite) as tmp:
+            write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,
+                             produce)
+            (tmp / MODEL_CONFIG).write_text(json.dumps(target.to_json(), indent=1))
+            _copy_side_files(pruner.source.side_files, tmp / TOKENIZER_DIR)
+        bar.close()
+    return summary
     cache: Tensors = {}
     bar = tqdm(total=len(pruner.jobs), desc="prune", disable=not progress)
 

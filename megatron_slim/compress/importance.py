@@ -41,6 +41,7 @@ from tqdm import tqdm
 from megatron_slim.compress.importance_file import Importance, layer_prefix
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
+from megatron_slim.runtime.distributed import local_device
 
 _LM_LOSS = "_lm_loss"  # internal sums: [sum of per-token LM loss, predicted tokens]
 
@@ -341,7 +342,7 @@ def collect(model: torch.nn.Module, cfg: ModelConfig, tokens: torch.Tensor, opts
     n, seq_len = tokens.shape
     if n % (dp * opts.micro_batch):
         raise ValueError(f"{n} sequences do not split into {dp} DP ranks x micro-batch {opts.micro_batch}")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device()
     mine = tokens[dp_rank::dp].to(device)
     per_call = opts.micro_batch * ps.get_pipeline_model_parallel_world_size()  # enough micro-batches to fill PP
     collector = _Collector(model, cfg, opts.layer_loss, device)

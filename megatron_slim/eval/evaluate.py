@@ -19,16 +19,13 @@ from megatron_slim.eval.metrics import (acceptance_counts, acceptance_summary, d
                                         vocab_parallel_argmax)
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.forward import forward_microbatches
+from megatron_slim.runtime.distributed import local_device
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _tp_group() -> dist.ProcessGroup | None:
@@ -159,7 +156,7 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
     if with_mtp and (gen_tokens <= mtp_k or prompts.shape[1] < 1 or len(prompts) == 0):
         raise ValueError(f"MTP acceptance needs non-empty prompts and gen_tokens > mtp_k, got {tuple(prompts.shape)}"
                          f", gen_tokens {gen_tokens}, mtp_k {mtp_k}")
-    device, tp = _device(), _tp_group()
+    device, tp = local_device(), _tp_group()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     reporting = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     k = mtp_k if with_mtp else 0

@@ -96,6 +96,11 @@ def detect_env() -> DistEnv:
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port()))
 
 
+def local_device() -> torch.device:
+    """This rank's device: its GPU (set by `init_distributed`) or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU); idempotent."""
     denv = detect_env()

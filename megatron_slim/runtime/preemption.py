@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_slim.runtime.distributed import local_device
+
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -31,7 +33,7 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank was signalled."""
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        device = local_device()
         flag = torch.tensor([int(self.raised)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

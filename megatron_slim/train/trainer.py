@@ -24,13 +24,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.distributed import local_device
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 from megatron_slim.train import checkpointing
 from megatron_slim.train.config import RunConfig, run_config_to_dict
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _unwrap(model):
@@ -212,7 +209,7 @@ class Trainer:
         from megatron_slim.models.forward import mtp_logits_from_hidden
 
         batch = next(data_iterator)
-        dev = _device()
+        dev = local_device()
         tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
         loss_mask = batch["loss_mask"].to(dev).float()
         pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)

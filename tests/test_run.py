@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,9 +167,24 @@ def test_other_recipe_refuses_workdir(assets: Path, finished: Path) -> None:
     assert proc.returncode == 2 and "different recipe" in proc.stderr
 
 
+def _rewind(finished: Path, work: Path, first_step: str) -> None:
+    """`work`: a copy of the finished run whose state forgets `first_step` and every step after it, as if the run
+    were about to start that step (earlier steps' outputs stay where the finished run wrote them)."""
+    shutil.copytree(finished, work, ignore=shutil.ignore_patterns("state.json"))
+    state = json.loads((finished / "state.json").read_text())
+    names = list(state["steps"])
+    for name in names[names.index(first_step):]:
+        del state["steps"][name]
+    (work / "state.json").write_text(json.dumps(state))
+
+
 def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None:
-    """kill -9 once the second stage's distillation has a checkpoint, rerun: the same final weights, bit for bit."""
+    """kill -9 once the second stage's distillation has a checkpoint, rerun: the same final weights, bit for bit.
+    (The run starts from the finished run rewound to the start of that distillation.)"""
     work = assets / "work_killed"
+    _rewind(finished, work, "width/distill")
+    for written_later in ("width/train", "export", "report"):
+        shutil.rmtree(work / written_later)
     cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(assets / "recipe.yaml"), "--workdir", str(work),
            "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

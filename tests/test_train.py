@@ -31,8 +31,21 @@ def test_alpha_zero_matches_plain_training(assets):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
-def test_resume_gives_the_same_loss_sequence(assets):
+@pytest.fixture(scope="module")
+def straight(assets) -> list[dict]:
+    """Metrics of the default config (6 steps, fp32, tp1) trained without interruption: the reference of the
+    resume and bf16 tests."""
     cli("train", "--config", str(write_config(assets, "straight")))
+    return metrics(assets, "straight")
+
+
+@pytest.fixture(scope="module")
+def tp1_three_steps(assets) -> list[dict]:
+    cli("train", "--config", str(write_config(assets, "layout_tp1", train={"train_iters": 3})))
+    return metrics(assets, "layout_tp1")
+
+
+def test_resume_gives_the_same_loss_sequence(assets, straight):
     cfg = write_config(assets, "resumed", train={"exit_interval": 3})
     cli("train", "--config", str(cfg))
     assert (assets / "resumed" / "latest").read_text().strip() == "3"
@@ -41,7 +54,7 @@ def test_resume_gives_the_same_loss_sequence(assets):
     assert refused.returncode == 2 and "differ from this run's" in refused.stderr, refused.stderr[-2000:]
     cfg = write_config(assets, "resumed", train={"exit_interval": 3})
     cli("train", "--config", str(cfg))
-    straight, resumed = metrics(assets, "straight"), metrics(assets, "resumed")
+    resumed = metrics(assets, "resumed")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
@@ -71,14 +84,14 @@ def test_kill_9_during_save_resumes_from_last_complete_checkpoint(assets):
 
 
 @pytest.mark.parametrize("layout", [{"tp": 2}, {"ep": 2}, {"pp": 2}])
-def test_parallel_distillation_steps_match_tp1(assets, layout):
+def test_parallel_distillation_steps_match_tp1(assets, tp1_three_steps, layout):
     """TP=2, EP=2 and PP=2 (teacher activations travelling with the student's through the pipeline)."""
     name = "layout_" + "_".join(f"{k}{v}" for k, v in layout.items())
-    cli("train", "--config", str(write_config(assets, "layout_tp1", train={"train_iters": 3})))
     cli("train", "--config", str(write_config(assets, name, train={"train_iters": 3}, parallel=layout)),
         "--nproc", "2")
-    ref, got = metrics(assets, "layout_tp1"), metrics(assets, name)
-    for a, b in zip(ref, got):
+    got = metrics(assets, name)
+    assert len(got) == len(tp1_three_steps) == 3
+    for a, b in zip(tp1_three_steps, got):
         for key in ("loss", "lm", "kd", "grad_norm"):
             assert abs(a[key] - b[key]) <= 2e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
 
@@ -91,12 +104,11 @@ def test_parallel_distillation_steps_match_tp1(assets, layout):
 BF16_REL_TOL = 1e-2
 
 
-def test_bf16_distillation_tracks_fp32(assets):
-    cli("train", "--config", str(write_config(assets, "fp32")))
+def test_bf16_distillation_tracks_fp32(assets, straight):
     cli("train", "--config", str(write_config(assets, "bf16", precision={"bf16": True})))
-    ref, got = metrics(assets, "fp32"), metrics(assets, "bf16")
+    got = metrics(assets, "bf16")
     assert [r["step"] for r in got] == list(range(1, 7))
-    for a, b in zip(ref, got):
+    for a, b in zip(straight, got):
         for key in ("loss", "lm", "kd"):
             assert abs(a[key] - b[key]) <= BF16_REL_TOL * abs(a[key]), (a["step"], key, a[key], b[key])
     first, last = sum(r["loss"] for r in got[:2]) / 2, sum(r["loss"] for r in got[-2:]) / 2

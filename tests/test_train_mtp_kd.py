@@ -26,17 +26,19 @@ def _qwen3_next(layers: int) -> dict:
                                   layer_types=["linear_attention"] * (layers - 1) + ["full_attention"])
 
 
-def _save_random(rank: int, world_size: int, layers: int, depths: int, seed: int, out: str) -> None:
-    """A random Qwen3-Next Megatron checkpoint with `depths` MTP depths (HF layouts hold at most one)."""
+def _save_random(rank: int, world_size: int, models: list[tuple[str, int, int, int]], root: str) -> None:
+    """Random Qwen3-Next Megatron checkpoints root/<name>_mc, one per (name, layers, MTP depths, seed) (HF layouts
+    hold at most one MTP depth), all from one process (one megatron-core start-up)."""
     from megatron_slim.checkpoint.mcore import save_model
     from megatron_slim.models.builder import build_model
     from megatron_slim.models.registry import model_config_from_hf
     from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
 
-    torch.manual_seed(seed)
-    init_model_parallel(ParallelConfig(), seed=seed)
-    cfg = model_config_from_hf(_qwen3_next(layers)).replace(mtp_num_layers=depths)
-    save_model(build_model(cfg, ParallelConfig()), out, cfg)
+    for name, layers, depths, seed in models:
+        torch.manual_seed(seed)
+        init_model_parallel(ParallelConfig(), seed=seed)
+        cfg = model_config_from_hf(_qwen3_next(layers)).replace(mtp_num_layers=depths)
+        save_model(build_model(cfg, ParallelConfig()), f"{root}/{name}_mc", cfg)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,8 @@ def mtp_assets(tmp_path_factory) -> Path:
     """teacher_mc (4 layers, 2 MTP depths), student_mc (2 layers, 2 depths), teacher1_mc (4 layers, 1 depth),
     student0_mc (2 layers, no MTP)."""
     root = tmp_path_factory.mktemp("train_mtp")
-    for name, layers, depths, seed in (("teacher", 4, DEPTHS, 0), ("student", 2, DEPTHS, 1), ("teacher1", 4, 1, 2),
-                                       ("student0", 2, 0, 3)):
-        run_distributed(_save_random, 1, layers, depths, seed, str(root / f"{name}_mc"))
+    models = [("teacher", 4, DEPTHS, 0), ("student", 2, DEPTHS, 1), ("teacher1", 4, 1, 2), ("student0", 2, 0, 3)]
+    run_distributed(_save_random, 1, models, str(root), timeout_s=300)
     write_toy_data(root)
     return root
 

@@ -75,6 +75,9 @@ class _StreamingWriter(FileSystemWriter):
                 results.append(_write_item(self.transforms, out, data, item, name, self.serialization_format))
                 if self._splices is not None:
                     self._splices.check_written(data, item.index.fqn)
+            # the tensors go to disk while `objects()` may still wait (for the layout child), not after it
+            stream.flush()
+            os.fsync(stream.fileno())
             self._written_objects = self._objects()
             # megatron-core stores a sharded object as the torch.save'd list of its shard data (here empty)
             data = io.BytesIO()

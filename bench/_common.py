@@ -157,8 +157,8 @@ def evict(src: Path) -> None:
     _each_file(src, os.O_RDONLY, os.POSIX_FADV_DONTNEED)
 
 
-# Runs the CLI in-process and records its peak RSS (VmHWM, which exec resets; ru_maxrss from wait4 would also count
-# the pages this benchmark process had when it forked the child).
+# Runs a module (the CLI, or the layout child) as a script in-process and records its peak RSS (VmHWM, which exec
+# resets; ru_maxrss from wait4 would also count the pages this benchmark process had when it forked the child).
 _PEAK_WRAPPER = """import runpy, sys
 peak, module, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
 try:

@@ -11,10 +11,11 @@ Every step reads its input from disk (evicted from the page cache with posix_fad
 cached) and its time includes an fsync of every output file, so each step is timed until its output is on disk
 (DCP fsyncs its files itself; cp and the safetensors writer leave that to the kernel). Peak RSS is the conversion
 process's VmHWM; for hf-to-mcore plus that of its layout child (megatron-core's meta model; run on its own as the
-step "layout child" to measure it), an upper bound since the two peaks need not coincide. A `--dry-run` of each direction (imports, layout, headers; no tensor data) gives the
-fixed start-up cost in time and memory; hf-to-mcore's real run overlaps the layout with streaming, so its
-"ratio w/o start-up" understates it. `--repeat N` runs the whole sequence N times and keeps each step's best time
-(the machine is shared) and highest peak RSS.
+step "layout child" to measure it), an upper bound since the two peaks need not coincide. A `--dry-run` of each
+direction (imports, layout, headers; no tensor data) gives the fixed start-up cost in time and memory;
+hf-to-mcore's real run overlaps the layout with streaming, so its "ratio w/o start-up" understates it.
+`--repeat N` runs the whole sequence N times and keeps each step's best time (the machine is shared) and highest
+peak RSS.
 
 Targets: conversion/copy <= 2.0 in both directions; peak RSS a small multiple of the largest group of tensors that
 must be held together (one layer's experts, E*3*F*H*2 bytes, or the largest single tensor such as the embedding if

@@ -83,7 +83,7 @@ def test_spliced_range_past_the_end_of_its_file_is_an_error(tmp_path, source, ke
     splices.close()
 
 
-def test_a_placeholder_not_spliced_is_an_error(tmp_path, source):
+def test_splicing_with_crc32_on_is_refused(tmp_path, source):
     """With torch.save's CRC32 on, a placeholder would have to be read: refused, and reported after the write."""
     path, _ = source
     splices = Splices()

@@ -138,10 +138,13 @@ class LayoutCheck:
 
     def __init__(self, cfg: ModelConfig, job: LayoutJob | None = None) -> None:
         self._cfg = cfg
-        self._result: tuple[McoreLayout, dict] | None = None
-        if job is None and "megatron.core" in sys.modules:
-            self._result = mcore_layout(cfg), json.loads(json.dumps(cfg.to_json()))
-        self._job = job or (LayoutJob(cfg) if self._result is None else None)
+        self._job = job
+        self._layout: McoreLayout | None = None
+        if job is None:
+            if "megatron.core" in sys.modules:
+                self._layout = mcore_layout(cfg)
+            else:
+                self._job = LayoutJob(cfg)
         self._planned: dict[str, tuple[tuple[int, ...], str]] = {}
         self._objects: list[str] | None = None
 
@@ -154,15 +157,19 @@ class LayoutCheck:
 
     def objects(self) -> list[str]:
         if self._objects is None:
-            layout, model_config = self._result or self._job.result()
-            if model_config != json.loads(json.dumps(self._cfg.to_json())):
-                raise RuntimeError(f"the layout child derived another model config than this process:\n"
-                                   f"{model_config}\nvs\n{self._cfg.to_json()}")
+            layout = self._layout or self._from_job()
             for key, (shape, source) in self._planned.items():
                 layout.check_shape(key, shape, source)
             layout.check_complete(self._planned)
             self._objects = layout.objects
         return self._objects
+
+    def _from_job(self) -> McoreLayout:
+        layout, model_config = self._job.result()
+        if model_config != json.loads(json.dumps(self._cfg.to_json())):  # as the child's JSON reads back
+            raise RuntimeError(f"the layout child derived another model config than this process:\n"
+                               f"{model_config}\nvs\n{self._cfg.to_json()}")
+        return layout
 
     def __enter__(self) -> "LayoutCheck":
         return self

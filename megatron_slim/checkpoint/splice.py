@@ -47,10 +47,6 @@ class Splices:
                              f"{MIN_SPLICE_BYTES} bytes")
         self._pending[tensor.data_ptr()] = (tensor, ranges)
 
-    def discard(self, tensor: torch.Tensor) -> None:
-        if tensor.nbytes:
-            self._pending.pop(tensor.data_ptr(), None)
-
     def check_written(self, tensor: torch.Tensor, name: str) -> None:
         """After torch.save of `tensor`: raise what went wrong while splicing it (torch.save itself would have
         replaced the error with one about its own file position), or that it was not spliced at all."""

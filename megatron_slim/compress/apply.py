@@ -306,19 +306,3 @@ def _write_mcore(pruner: Pruner, out_dir: Path, *, overwrite: bool, dry_run: boo
             _copy_side_files(pruner.source.side_files, tmp / TOKENIZER_DIR)
         bar.close()
     return summary
-    cache: Tensors = {}
-    bar = tqdm(total=len(pruner.jobs), desc="prune", disable=not progress)
-
-    def produce(key: str) -> torch.Tensor:
-        if key not in cache:
-            cache.clear()
-            cache.update(_to_mcore(pruner, pruner.jobs[owner[key]], pruner.group(owner[key])))
-            bar.update()
-        return cache.pop(key)
-
-    with _staged(out_dir, overwrite) as tmp:
-        write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects, produce)
-        (tmp / MODEL_CONFIG).write_text(json.dumps(target.to_json(), indent=1))
-        _copy_side_files(pruner.source.side_files, tmp / TOKENIZER_DIR)
-    bar.close()
-    return summary

@@ -62,52 +62,80 @@ def _load_tokenizer(tokenizer_dir: str | Path):
         raise UserError(f"no usable HF tokenizer in {tokenizer_dir}: {e}") from e
 
 
-def _jsonl_documents(path: Path, tokenizer_dir: str | Path | None) -> Iterator[np.ndarray]:
+def _token_ids(value: Any, where: str, vocab_size: int | None) -> np.ndarray:
+    """A document's token ids: integers in [0, vocab_size), else an error naming where they came from."""
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise UserError(f"{where}: 'tokens' must be a list of integer token ids")
+    return _check_range(np.asarray(value, dtype=np.int64), where, vocab_size)
+
+
+def _check_range(ids: np.ndarray, where: str, vocab_size: int | None) -> np.ndarray:
+    if ids.size and ids.min() < 0:
+        raise UserError(f"{where}: negative token id {int(ids.min())}")
+    if vocab_size is not None and ids.size and ids.max() >= vocab_size:
+        raise UserError(f"{where}: token id {int(ids.max())} is outside the model's vocabulary of {vocab_size}")
+    return ids
+
+
+def _jsonl_documents(path: Path, tokenizer_dir: str | Path | None, vocab_size: int | None) -> Iterator[np.ndarray]:
     tokenizer = None
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{where}: expected a JSON object with 'text' or 'tokens'")
             if "tokens" in obj:
-                yield np.asarray(obj["tokens"], dtype=np.int64)
+                yield _token_ids(obj["tokens"], where, vocab_size)
             elif "text" in obj:
+                if not isinstance(obj["text"], str):
+                    raise UserError(f"{where}: 'text' must be a string")
                 if tokenizer is None:
                     if tokenizer_dir is None:
                         raise UserError(f"{path}: text data needs a tokenizer, and the checkpoint has none")
                     tokenizer = _load_tokenizer(tokenizer_dir)
-                yield np.asarray(tokenizer(obj["text"])["input_ids"], dtype=np.int64)
+                yield _check_range(np.asarray(tokenizer(obj["text"])["input_ids"], dtype=np.int64), where,
+                                   vocab_size)
             else:
-                raise UserError(f"{path}:{lineno}: expected a JSON object with 'text' or 'tokens'")
+                raise UserError(f"{where}: expected a JSON object with 'text' or 'tokens'")
 
 
-def _indexed_documents(prefix: str) -> Iterator[np.ndarray]:
+def _indexed_documents(prefix: str, vocab_size: int | None) -> Iterator[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
     bounds = ds.document_indices
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        yield np.concatenate([np.asarray(s, dtype=np.int64) for s in ds[int(start):int(end)]])
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in ds[int(start):int(end)]])
+        yield _check_range(ids, f"{prefix} (document {i})", vocab_size)
 
 
-def documents(path: str | Path, tokenizer_dir: str | Path | None = None) -> Iterator[np.ndarray]:
-    """Token ids of each document, in file order."""
+def documents(path: str | Path, tokenizer_dir: str | Path | None = None,
+              vocab_size: int | None = None) -> Iterator[np.ndarray]:
+    """Token ids of each document, in file order; with `vocab_size`, ids outside the vocabulary are an error."""
     check_source(path)
     p = Path(path)
     if p.suffix in JSONL_SUFFIXES:
-        return _jsonl_documents(p, tokenizer_dir)
-    return _indexed_documents(indexed_prefix(p))
+        return _jsonl_documents(p, tokenizer_dir, vocab_size)
+    return _indexed_documents(indexed_prefix(p), vocab_size)
 
 
 def calibration_windows(path: str | Path, seq_len: int, num_windows: int, eos_id: int,
-                        tokenizer_dir: str | Path | None = None) -> torch.Tensor:
-    """The first `num_windows` windows [n, seq_len] of the EOS-joined document stream (fewer if the data ends)."""
+                        tokenizer_dir: str | Path | None = None, vocab_size: int | None = None) -> torch.Tensor:
+    """The first `num_windows` windows [n, seq_len] of the EOS-joined document stream (fewer if the data ends).
+    With `vocab_size`, every id read must lie in [0, vocab_size): past the embedding, an id is an IndexError deep
+    inside the model at TP=1 and a silent all-zero embedding under vocab-parallel TP."""
     if seq_len < 2 or num_windows < 1:
         raise ValueError(f"need seq_len >= 2 and num_windows >= 1, got {seq_len} and {num_windows}")
     need = seq_len * num_windows
     pieces: list[np.ndarray] = []
     have = 0
-    for doc in documents(path, tokenizer_dir):
+    for doc in documents(path, tokenizer_dir, vocab_size):
         if len(doc) == 0 or doc[-1] != eos_id:
             doc = np.append(doc, eos_id)
         pieces.append(doc)

@@ -56,3 +56,28 @@ def test_indexed_dataset_ids_outside_the_vocabulary_name_the_document(tmp_path):
     with pytest.raises(UserError, match=r"corpus \(document 1\): token id 60 is outside .* vocabulary of 50"):
         calibration_windows(prefix, 2, 4, EOS, vocab_size=50)
     assert calibration_windows(prefix, 2, 4, EOS, vocab_size=61).shape == (4, 2)
+
+
+def test_run_state_paths_survive_another_directory_and_a_moved_workdir(tmp_path, monkeypatch):
+    """state.json stores work-dir paths relative to the work dir: a run resumed from another directory (or a
+    moved work dir) finds its outputs; paths outside it stay absolute; numbers and structure are unchanged."""
+    from megatron_slim.run.state import RunState
+
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path / "launch")
+    work = Path("runs/a")
+    state = RunState(work, "digest")
+    state.start("prepare/data")
+    (work / "data").mkdir(parents=True)
+    state.finish("prepare/data", {"train": [[1.0, str(work / "data" / "train")]], "heldout": "../data.jsonl",
+                                  "steps": 3})
+    stored = json.loads((work / "state.json").read_text())["steps"]["prepare/data"]["outputs"]
+    assert stored == {"train": [[1.0, "data/train"]], "heldout": str(tmp_path / "data.jsonl"), "steps": 3}
+
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "launch" / "runs" / "a").rename(tmp_path / "moved" / "a")
+    monkeypatch.chdir(tmp_path / "moved")
+    out = RunState(Path("a"), "digest").outputs("prepare/data")
+    assert out == {"train": [[1.0, "a/data/train"]], "heldout": str(tmp_path / "data.jsonl"), "steps": 3}
+    assert Path(out["train"][0][1]).parent.is_dir()

@@ -20,6 +20,7 @@ from slurm_assets import build, recipe as chain_recipe, write_recipe as _write
 from train_fixtures import cli
 
 from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
+from megatron_slim.run.state import RunState
 
 
 def _recipe(root: Path, **over) -> dict:
@@ -51,8 +52,7 @@ def finished(assets: Path) -> Path:
 
 
 def _final_weights(work: Path) -> dict[str, torch.Tensor]:
-    state = json.loads((work / "state.json").read_text())
-    return load_file(str(Path(state["steps"]["final/export"]["outputs"]["hf"]) / "model.safetensors"))
+    return load_file(str(Path(RunState.read(work).outputs("final/export")["hf"]) / "model.safetensors"))
 
 
 # ---- validation -------------------------------------------------------------------------------------------------
@@ -136,9 +136,9 @@ def test_run_end_to_end(finished: Path) -> None:
 
 def test_export_matches_megatron_student(finished: Path) -> None:
     """The exported HF student computes what the final Megatron checkpoint computes (transformers vs megatron)."""
-    state = json.loads((finished / "state.json").read_text())["steps"]
-    proc = cli("verify", "--hf", state["final/export"]["outputs"]["hf"], "--mcore",
-               state["width/distill"]["outputs"]["checkpoint"], "--json")
+    state = RunState.read(finished)
+    proc = cli("verify", "--hf", state.outputs("final/export")["hf"], "--mcore",
+               state.outputs("width/distill")["checkpoint"], "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     heads = [h for h in result if h != "layout"]
     assert "main" in heads and len(heads) == 2, result  # the main head and the student's MTP head
@@ -183,6 +183,7 @@ def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None
     (The run starts from the finished run rewound to the start of that distillation.)"""
     work = assets / "work_killed"
     _rewind(finished, work, "width/distill")
+    (assets / "elsewhere").mkdir()
     for written_later in ("width/train", "export", "report"):
         shutil.rmtree(work / written_later)
     cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(assets / "recipe.yaml"), "--workdir", str(work),
@@ -198,7 +199,9 @@ def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None
         proc.wait()
     state = json.loads((work / "state.json").read_text())["steps"]
     assert state["width/distill"]["status"] == "running"  # killed mid-stage
-    out = cli("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--no-progress", timeout=1200)
+    # resumed from another directory, the work dir named relative to it (state.json paths are the work dir's)
+    out = cli("run", str(assets / "recipe.yaml"), "--workdir", os.path.relpath(work, assets / "elsewhere"),
+              "--no-progress", timeout=1200, cwd=assets / "elsewhere")
     assert "skip  depth/distill" in out.stdout and "resumed from" in out.stdout
     resumed, full = _final_weights(work), _final_weights(finished)
     assert resumed.keys() == full.keys()

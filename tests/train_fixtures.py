@@ -18,9 +18,9 @@ import tiny_models
 from hf_fixtures import build_tiny_hf
 
 
-def cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, check: bool = True, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
     if check and proc.returncode:
         raise AssertionError(f"megatron-slim {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -3,6 +3,10 @@
 A step is `done` only after its outputs are complete (every step writes through a temporary name or is itself
 resumable), so a rerun skips done steps and redoes or resumes the rest. Only rank 0 writes; the file is replaced
 atomically, so a kill at any moment leaves the previous record.
+
+Step outputs are numbers, paths, and lists of them; every string is a path. Paths inside the work dir are stored
+relative to it (and handed out joined to the work dir as it was named this time), others as absolute paths, so a
+run killed in one directory resumes from any other, and a work dir that is moved keeps working.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from megatron_slim.errors import UserError
 
@@ -47,7 +51,7 @@ class RunState:
         entry = self.data["steps"].get(step)
         if entry is None or entry.get("status") != "done":
             raise UserError(f"step {step} has not finished")
-        return entry.get("outputs", {})
+        return _map_paths(entry.get("outputs", {}), lambda p: str(self.path.parent / p))
 
     def start(self, step: str) -> None:
         entry = self.data["steps"].setdefault(step, {})
@@ -58,7 +62,13 @@ class RunState:
     def finish(self, step: str, outputs: dict[str, Any]) -> None:
         entry = self.data["steps"][step]
         now = time.time()
-        entry.update(status="done", finished=now, outputs=outputs,
+        workdir = self.path.parent.resolve()
+
+        def stored(path: str) -> str:
+            resolved = Path(path).resolve()
+            return str(resolved.relative_to(workdir)) if resolved.is_relative_to(workdir) else str(resolved)
+
+        entry.update(status="done", finished=now, outputs=_map_paths(outputs, stored),
                      seconds=entry.get("seconds", 0.0) + now - entry["started"])
         self._write()
 
@@ -73,3 +83,14 @@ class RunState:
         tmp = self.path.with_name(STATE + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
+
+
+def _map_paths(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` with `fn` applied to every string (path) inside it, numbers and structure unchanged."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_paths(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_paths(v, fn) for v in value]
+    return value

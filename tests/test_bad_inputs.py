@@ -81,3 +81,61 @@ def test_run_state_paths_survive_another_directory_and_a_moved_workdir(tmp_path,
     out = RunState(Path("a"), "digest").outputs("prepare/data")
     assert out == {"train": [[1.0, "a/data/train"]], "heldout": str(tmp_path / "data.jsonl"), "steps": 3}
     assert Path(out["train"][0][1]).parent.is_dir()
+
+
+# ---- checkpoint files ----------------------------------------------------------------------------------------------
+def _cli(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "megatron_slim.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny sharded Qwen3-MoE HF checkpoint (index + 300 KB shards)."""
+    import tiny_models
+    from hf_fixtures import build_tiny_hf
+
+    out = tmp_path_factory.mktemp("bad") / "hf"
+    build_tiny_hf(tiny_models.qwen3_moe(), 0).save_pretrained(out, max_shard_size="300KB")
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config", r"config\.json: not valid JSON"),
+    ("index", r"model\.safetensors\.index\.json: not valid JSON"),
+    ("header", r"model-00001-of-\d+\.safetensors: corrupt safetensors header"),
+    ("outside", r"shards must be files of the checkpoint directory itself, not \['\.\./outside\.safetensors'\]"),
+])
+def test_corrupt_checkpoint_files_are_named(tiny_hf, tmp_path, damage, message):
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    if damage == "config":
+        (hf / "config.json").write_text('{"architectures": ["Qwen3MoeForCausalLM"], ')
+    elif damage == "index":
+        (hf / "model.safetensors.index.json").write_text('{"weight_map": {')
+    elif damage == "header":
+        shard = sorted(hf.glob("model-00001-*.safetensors"))[0]
+        raw = bytearray(shard.read_bytes())
+        raw[8:12] = b"\xff{{{"
+        shard.write_bytes(bytes(raw))
+    else:
+        index = json.loads((hf / "model.safetensors.index.json").read_text())
+        key = next(iter(index["weight_map"]))
+        (tmp_path / "outside.safetensors").write_bytes((hf / index["weight_map"][key]).read_bytes())
+        index["weight_map"][key] = "../outside.safetensors"
+        (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megatron-slim convert: error: ") and __import__("re").search(message, last), last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()

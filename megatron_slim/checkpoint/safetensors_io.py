@@ -43,8 +43,31 @@ def _read_header(path: Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if 8 + n > size:
             raise CheckpointError(f"{path}: truncated header ({n} bytes announced, file has {size})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header, 8 + n
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight map, checked: JSON, and every shard a plain file name inside the checkpoint directory
+    (an entry such as `../x.safetensors` or an absolute path would read a file the user did not hand us)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{index}: no 'weight_map' object") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    root = index.parent.resolve()
+    outside = sorted({f for f in weight_map.values() if (root / f).resolve().parent != root})
+    if outside:
+        raise CheckpointError(f"{index}: shards must be files of the checkpoint directory itself, not {outside[:5]}")
+    return weight_map
 
 
 class HFReader:
@@ -54,7 +77,7 @@ class HFReader:
         self.dir = Path(hf_dir)
         index = self.dir / INDEX
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index)
             files = sorted(set(weight_map.values()))
         elif (self.dir / SINGLE).is_file():
             weight_map, files = {}, [SINGLE]
@@ -71,14 +94,17 @@ class HFReader:
             for key, meta in header.items():
                 if key == "__metadata__":
                     continue
-                begin, end = meta["data_offsets"]
+                try:
+                    begin, end = meta["data_offsets"]
+                    dtype, shape = meta["dtype"], tuple(meta["shape"])
+                except (KeyError, TypeError, ValueError):
+                    raise CheckpointError(f"{path}: corrupt safetensors header entry for {key}: {meta!r}") from None
                 if data_start + end > size:
                     raise CheckpointError(f"{path}: truncated: tensor {key} ends at byte {data_start + end}, "
                                           f"file has {size}")
-                if meta["dtype"] not in _DTYPES:
-                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
-                self.tensors[key] = TensorInfo(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]),
-                                               data_start + begin, end - begin)
+                if dtype not in _DTYPES:
+                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+                self.tensors[key] = TensorInfo(path, _DTYPES[dtype], shape, data_start + begin, end - begin)
         lost = sorted(k for k, f in weight_map.items() if k not in self.tensors)
         if lost:
             raise CheckpointError(f"{self.dir}: tensors listed in {INDEX} are not in their shards: {lost[:10]}")

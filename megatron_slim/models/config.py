@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_slim.errors import UserError
+from megatron_slim.errors import CheckpointError, UserError
 
 # Hybrid layer symbols (megatron-core's HybridModel pattern language).
 GDN, ATTENTION, MOE, DENSE_MLP = "G", "*", "E", "-"
@@ -102,4 +102,10 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
         p = p / "config.json"
     if not p.is_file():
         raise FileNotFoundError(f"no config.json at {p}")
-    return json.loads(p.read_text())
+    try:
+        config = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{p}: not a JSON object")
+    return config

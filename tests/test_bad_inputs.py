@@ -139,3 +139,48 @@ def test_corrupt_checkpoint_files_are_named(tiny_hf, tmp_path, damage, message):
     assert last.startswith("megatron-slim convert: error: ") and __import__("re").search(message, last), last
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()
+
+
+# ---- plans ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def planned(tiny_hf) -> tuple[Path, dict]:
+    """A valid plan for `tiny_hf`: every layer, 8 experts -> 4 slots (two intact, two merged)."""
+    from megatron_slim.compress.plan import CompressionPlan
+    from megatron_slim.models.registry import model_config_from_hf
+
+    source = model_config_from_hf(tiny_hf)
+    slots = [[(0, 1.0)], [(1, 1.0)], [(2, 0.5), (3, 0.5)], [(4, 0.5), (5, 0.25), (6, 0.25)]]
+    plan = CompressionPlan(source, source.replace(num_experts=4), list(range(source.num_layers)),
+                           experts={f"layers.{i}": slots for i in range(source.num_layers)})
+    return tiny_hf, plan.to_json()
+
+
+def test_a_valid_plan_prunes(planned, tmp_path):
+    hf, plan = planned
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    proc = _cli("prune", "--plan", str(tmp_path / "plan.json"), "--in", str(hf), "--out", str(tmp_path / "out"),
+                "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from megatron_slim.models.registry import model_config_from_hf
+
+    assert model_config_from_hf(tmp_path / "out").num_experts == 4
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.update(expert_weights=[]), r"unknown keys \['expert_weights'\]"),
+    (lambda p: p.pop("layers"), r"missing keys \['layers'\]"),
+    (lambda p: p["source"].update(hidden=3), r"source: unknown fields \['hidden'\]"),
+    (lambda p: p["experts"].update({"layers.0": [[[0, float("nan")], [1, 1.0]]] + p["experts"]["layers.0"][1:]}),
+     r"experts\['layers\.0'\]\[0\]: needs positive weights summing to 1, got \[nan, 1\.0\]"),
+    (lambda p: p["experts"].update({"layers.0": [["a"]] + p["experts"]["layers.0"][1:]}),
+     r"experts must map a layer to slots of \[expert, weight\] pairs"),
+])
+def test_bad_plans_are_refused_before_writing(planned, tmp_path, edit, message):
+    hf, plan = planned
+    plan = json.loads(json.dumps(plan))
+    edit(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    proc = _cli("prune", "--plan", str(tmp_path / "plan.json"), "--in", str(hf), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert __import__("re").search(message, proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

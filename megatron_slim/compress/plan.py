@@ -19,12 +19,17 @@ Every index refers to the SOURCE model. Per-layer entries are keyed by the sourc
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
 
 ExpertSlot = list[tuple[int, float]]
+
+
+class PlanError(UserError, ValueError):
+    """A compression plan does not fit the checkpoint, or its target config does not describe what it keeps."""
 
 
 @dataclass
@@ -47,10 +52,28 @@ class CompressionPlan:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "CompressionPlan":
+    def from_json(cls, d: dict, where: str = "plan") -> "CompressionPlan":
+        """Parse a plan; unknown or missing keys and malformed expert slots are a PlanError naming `where`.
+        (Whether the plan fits a checkpoint is `plan_check.check_plan`'s question.)"""
+        if not isinstance(d, dict):
+            raise PlanError(f"{where}: expected a JSON object")
+        names = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted({"source", "target", "layers"} - set(d))
+        if unknown or missing:
+            parts = ([f"unknown keys {unknown} (known: {sorted(names)})"] if unknown else []) + \
+                ([f"missing keys {missing}"] if missing else [])
+            raise PlanError(f"{where}: " + "; ".join(parts))
         d = dict(d)
-        d["source"], d["target"] = ModelConfig.from_json(d["source"]), ModelConfig.from_json(d["target"])
-        d["experts"] = {k: [[(int(e), float(w)) for e, w in slot] for slot in v] for k, v in d["experts"].items()}
+        try:
+            d["source"] = ModelConfig.from_json(d["source"], f"{where}: source")
+            d["target"] = ModelConfig.from_json(d["target"], f"{where}: target")
+        except UserError as e:
+            raise PlanError(str(e)) from None
+        try:
+            d["experts"] = {k: [[(int(e), float(w)) for e, w in slot] for slot in v]
+                            for k, v in d.get("experts", {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            raise PlanError(f"{where}: experts must map a layer to slots of [expert, weight] pairs") from None
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -58,4 +81,8 @@ class CompressionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "CompressionPlan":
-        return cls.from_json(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PlanError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_json(data, str(path))

@@ -7,18 +7,14 @@ output checkpoint's config. Problems are collected and reported together.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
-from megatron_slim.compress.plan import CompressionPlan
-from megatron_slim.errors import UserError
+from megatron_slim.compress.plan import CompressionPlan, PlanError
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
 
 # Target fields a plan may choose freely: they change no tensor shape.
 FREE_FIELDS = ("topk", "norm_topk_prob", "router_aux_loss_coef", "initializer_range", "mtp_num_layers")
-
-
-class PlanError(UserError, ValueError):
-    """A compression plan does not fit the checkpoint, or its target config does not describe what it keeps."""
 
 
 def kept_layers(plan: CompressionPlan) -> list[tuple[str, str, str]]:
@@ -61,7 +57,7 @@ def _sizes(plan: CompressionPlan, problems: list[str]) -> dict[str, int]:
                 members = [e for e, _ in slot]
                 _check_indices(f"experts[{prefix!r}][{s}]", members, src.num_experts, problems)
                 weights = [w for _, w in slot]
-                if not members or min(weights) <= 0 or abs(sum(weights) - 1) > 1e-4:
+                if not members or not all(math.isfinite(w) and w > 0 for w in weights) or abs(sum(weights) - 1) > 1e-4:
                     problems.append(f"experts[{prefix!r}][{s}]: needs positive weights summing to 1, got {weights}")
             size("num_experts", len(slots))
             neurons = plan.expert_neurons.get(prefix)

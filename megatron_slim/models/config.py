@@ -92,7 +92,19 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_json(cls, d: dict[str, Any], where: str = "model config") -> "ModelConfig":
+        """The config as `to_json` wrote it; anything else (a field unknown to this version, one missing) is an
+        error naming `where`, not a TypeError."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        unknown, missing = sorted(set(d) - names), sorted(required - set(d))
+        if unknown or missing:
+            parts = [f"unknown fields {unknown}"] if unknown else []
+            parts += [f"missing fields {missing}"] if missing else []
+            raise UserError(f"{where}: " + "; ".join(parts))
         return cls(**d)
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from megatron_slim.cli import main as cli_main
-from megatron_slim.demo.assets import smollm2_hf_dir
-from megatron_slim.demo.data import wiki_splits
+from megatron_slim.data.assets import smollm2_hf_dir
+from megatron_slim.data.wiki import wiki_splits
 
 
 def perplexity(model: torch.nn.Module, sequences: list[torch.Tensor]) -> float:

@@ -277,13 +277,15 @@ def test_cli_from_hf_checkpoint_matches_float64_reference(setup, references, tmp
 def importance_sweep(rank: int, world: int, jobs: list[tuple[str, str, dict, str]]) -> None:
     """`importance` at several layouts in one set of processes (process start-up dominates on small machines)."""
     from megatron_slim.commands import importance as cmd
+    from megatron_slim.engines.importance import importance_worker
 
     parser = argparse.ArgumentParser()
     cmd.add_arguments(parser)
     for model, data, layout, out in jobs:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in layout.items()]
-        cmd.worker(parser.parse_args(["--model", model, "--data", data, "--tokens", str(SEQS * SEQ_LEN), "--seq-len",
-                                      str(SEQ_LEN), "--layer-loss", "--no-progress", "--out", out, *flags]))
+        argv = ["--model", model, "--data", data, "--tokens", str(SEQS * SEQ_LEN), "--seq-len", str(SEQ_LEN),
+                "--layer-loss", "--no-progress", "--out", out, *flags]
+        importance_worker(cmd.job(parser.parse_args(argv)))
 
 
 def run_sweep(setup: dict) -> dict[tuple[str, str], Path]:

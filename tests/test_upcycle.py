@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
-from megatron_slim.commands.upcycle import upcycle_model
+from megatron_slim.engines.upcycle import upcycle_model
 from megatron_slim.upcycle import expert_output_norms, neuron_activations, upcycle_ffn
 
 EXPERTS = 4
@@ -160,9 +160,9 @@ def test_upcycled_smollm2_matches_the_teacher() -> None:
     router still the same next-token distributions and answer (about a minute on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_slim.commands.upcycle import calibration_sequences
-    from megatron_slim.demo.assets import smollm2_hf_dir
-    from megatron_slim.demo.data import wiki_splits
+    from megatron_slim.engines.upcycle import calibration_sequences
+    from megatron_slim.data.assets import smollm2_hf_dir
+    from megatron_slim.data.wiki import wiki_splits
 
     directory = smollm2_hf_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -11,7 +11,6 @@ can start it before importing torch (seconds more of overlap). This module impor
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,10 +19,7 @@ from pathlib import Path
 
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
-
-# The child is a lone process whatever launched its parent (torchrun, srun): its process group has one rank.
-_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+from megatron_slim.runtime.launch_env import without_launcher_env
 
 
 @dataclass(frozen=True)
@@ -90,7 +86,7 @@ class LayoutJob:
         d = Path(self._dir.name)
         source = {"hf_dir": str(model)} if isinstance(model, Path) else {"model_config": model.to_json()}
         (d / "source.json").write_text(json.dumps(source))
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+        env = without_launcher_env()  # a lone process whatever launched its parent: its process group has one rank
         self._log = open(d / "log", "wb")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "megatron_slim.checkpoint.layout", str(d / "source.json"), str(d / "layout.json")],

@@ -13,14 +13,9 @@ Rerunning skips what is done (the run is resumable: kill it and run `make demo` 
 from __future__ import annotations
 
 import argparse
-import shutil
-import time
 from pathlib import Path
 
 HELP = "compress the embedded SmolLM2-MoE teacher end to end on this machine (two stages, online teacher)"
-
-DEMO_EXPERTS = 8
-DEMO_TOPK = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,52 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def prepare_assets() -> Path:
-    """Teacher, data splits and recipe in the cache (built once); returns the recipe's path."""
-    from megatron_slim.commands import upcycle
-    from megatron_slim.demo.assets import cache_dir
-    from megatron_slim.demo.data import wiki_splits, write_jsonl
-
-    root = cache_dir() / "demo"
-    teacher = root / "teacher"
-    if not (teacher / "config.json").is_file():
-        print(f"building the teacher (once): SmolLM2-135M -> {DEMO_EXPERTS} experts, top-{DEMO_TOPK}", flush=True)
-        tmp = root / "teacher.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        upcycle.run(argparse.Namespace(dense=upcycle.EMBEDDED_DENSE, experts=DEMO_EXPERTS, topk=DEMO_TOPK, out=tmp,
-                                       calib_tokens=16384, router_scale=1e-3, seed=0))
-        tmp.rename(teacher)
-    if not (root / "heldout.jsonl").is_file():
-        splits = wiki_splits()
-        for name in ("calibration", "train", "heldout"):
-            write_jsonl(getattr(splits, name), root / f"{name}.jsonl.tmp").rename(root / f"{name}.jsonl")
-    recipe = root / "recipe.yaml"
-    template = (Path(__file__).parents[1] / "demo" / "recipe.yaml").read_text()
-    if not recipe.is_file() or recipe.read_text() != template:
-        recipe.write_text(template)
-    return recipe
-
-
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.commands import run as run_cmd
-    from megatron_slim.run.recipe import load_recipe
-    from megatron_slim.run.report import retention_table
-    from megatron_slim.run.state import RunState
+    from megatron_slim.demo.job import DemoJob, run_demo
 
-    workdir = Path(args.workdir)
-    if args.fresh:
-        shutil.rmtree(workdir, ignore_errors=True)
-    t0 = time.time()
-    recipe_path = prepare_assets()
-    t1 = time.time()
-    code = run_cmd.run(argparse.Namespace(recipe=str(recipe_path), workdir=str(workdir), stage=None,
-                                          list_stages=False, dry_run=False, step=None, no_progress=args.no_progress))
-    if code:
-        return code
-    recipe = load_recipe(recipe_path)
-    state = RunState.read(workdir)
-    print(f"\nassets {t1 - t0:.0f} s, run {time.time() - t1:.0f} s\n")
-    print(retention_table(recipe, state))
-    print(f"\nreport: {workdir / 'report' / 'report.md'}")
-    print(f"student (HF): {state.outputs('final/export')['hf']}")
-    return 0
+    return run_demo(DemoJob(workdir=Path(args.workdir), fresh=args.fresh, progress=not args.no_progress))

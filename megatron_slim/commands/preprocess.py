@@ -6,7 +6,6 @@ document. Pre-tokenized input works too: jsonl lines with a list of ids under --
 from __future__ import annotations
 
 import argparse
-import json
 
 HELP = "jsonl/text -> Megatron indexed dataset (.bin/.idx) with an HF or sentencepiece tokenizer"
 
@@ -22,39 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
 
 
-def _documents(args: argparse.Namespace):
-    with open(args.input) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            yield json.loads(line)[args.json_key] if args.input.endswith(".jsonl") else line
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
 
-    from megatron_slim.errors import UserError
-    from megatron_slim.train.data import write_indexed_dataset
-
-    if args.tokenizer == "none":
-        if args.vocab_size is None:
-            raise UserError("--tokenizer none needs --vocab-size")
-        encode, vocab, eod = (lambda ids: list(ids)), args.vocab_size, args.eod_id
-    elif args.tokenizer.endswith(".model"):
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
-        encode, vocab, eod = sp.encode, sp.get_piece_size(), sp.eos_id()
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True, trust_remote_code=False)
-        encode, vocab, eod = (lambda t: tok(t, add_special_tokens=False)["input_ids"]), len(tok), tok.eos_token_id
-    eod = args.eod_id if args.eod_id is not None else eod
-    if eod is None and not args.no_eod:
-        raise UserError("the tokenizer has no EOS token: pass --eod-id or --no-eod")
-    docs = (encode(d) + ([] if args.no_eod else [eod]) for d in tqdm(_documents(args), desc="documents"))
-    n = write_indexed_dataset(docs, args.output_prefix, vocab)
-    print(f"wrote {args.output_prefix}.bin/.idx: {n} tokens")
+    run_preprocess(PreprocessJob(input=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
+                                 json_key=args.json_key, vocab_size=args.vocab_size, eod_id=args.eod_id,
+                                 no_eod=args.no_eod))
     return 0

@@ -10,15 +10,15 @@ import argparse
 import json
 import math
 
+from megatron_slim.commands.options import add_layout_arguments
+
 HELP = "compare HF and Megatron-Core logits on the same tokens (max/mean diff, top-1 agreement)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", required=True, help="HF checkpoint directory (safetensors + config.json)")
     p.add_argument("--mcore", required=True, help="Megatron-Core checkpoint directory (from `convert hf-to-mcore`)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for the Megatron side")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    add_layout_arguments(p, tp_help="tensor-parallel size for the Megatron side")
     p.add_argument("--batch", type=int, default=2, help="sequences to compare")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
@@ -56,10 +56,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.runtime.spawn import launched_world_size, run_local_world
+    from megatron_slim.runtime.spawn import run_on_world
 
-    world = math.lcm(args.tp, args.ep) * args.pp
-    if launched_world_size() is None and world > 1:
-        return run_local_world(worker, world, args)  # a rank exits 1 on a parity failure
-    worker(args)
-    return 0
+    return run_on_world(worker, math.lcm(args.tp, args.ep) * args.pp, args)  # a rank exits 1 on a parity failure

@@ -1,4 +1,3 @@
-"""The embedded demo's real teacher (SmolLM2-135M-Instruct) and text (English Wikipedia lead paragraphs).
-
-Both ship inside pip packages installed with --no-deps (`requirements-nodeps.txt`), so the demo runs offline.
+"""The embedded default job (`make demo`): its recipe (recipe.yaml) and `run_demo`, which builds the teacher and
+data splits from the embedded assets (megatron_slim/data/assets.py, megatron_slim/data/wiki.py) once and runs it.
 """

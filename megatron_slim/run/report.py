@@ -14,7 +14,7 @@ from typing import Any
 
 from megatron_slim.run.recipe import Recipe
 from megatron_slim.run.state import RunState
-from megatron_slim.run.steps import FINAL, PREPARE
+from megatron_slim.run.step_groups import FINAL, PREPARE
 
 LOSS_KEYS = ("loss", "lm", "kd", "mtp_lm", "mtp_kd")
 

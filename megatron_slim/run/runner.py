@@ -9,7 +9,6 @@ after each step, so the work dir must be on a file system all ranks share.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,14 +21,13 @@ import torch.distributed as dist
 from megatron_slim.errors import UserError
 from megatron_slim.run.recipe import Recipe
 from megatron_slim.run.state import RunState
-from megatron_slim.run.steps import FINAL, PREPARE, Context, Step, StepInterrupted, all_steps
+from megatron_slim.run.step_groups import FINAL, PREPARE
+from megatron_slim.run.steps import Context, Step, StepInterrupted, all_steps
+from megatron_slim.runtime.launch_env import without_launcher_env
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 
 # How long ranks wait for rank 0's single-process steps (pruning an 80B checkpoint takes a while).
 BARRIER_TIMEOUT_MINUTES = 24 * 60
-# What makes a process part of the launched job; a single-process child must not see it.
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_PORT", "MASTER_ADDR",
-                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID")
 
 
 def select_steps(recipe: Recipe, state: RunState, stage: str | None) -> list[Step]:
@@ -54,10 +52,9 @@ def _log(msg: str) -> None:
 
 
 def _single_in_child(recipe_path: Path, workdir: Path, step: Step, progress: bool) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
     cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(recipe_path), "--workdir", str(workdir),
            "--step", step.id, *([] if progress else ["--no-progress"])]
-    code = subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, env=without_launcher_env()).returncode
     if code:
         raise RuntimeError(f"step {step.id} failed in its child process (exit status {code}); see the output above")
 

@@ -14,16 +14,13 @@ killed step is safe.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from megatron_slim.run.recipe import Recipe, Stage, stage_run_config
 from megatron_slim.run.state import RunState
-
-PREPARE = "prepare"
-FINAL = "final"
+from megatron_slim.run.step_groups import FINAL, PREPARE
 
 
 @dataclass
@@ -71,8 +68,8 @@ def convert_teacher(ctx: Context) -> dict[str, Any]:
 
 def tokenize_data(ctx: Context) -> dict[str, Any]:
     """jsonl sources -> indexed datasets with the teacher's tokenizer, so every step reads identical tokens."""
-    from megatron_slim.commands import preprocess
     from megatron_slim.data.calibration import indexed_prefix
+    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
 
     tokenizer = ctx.out(f"{PREPARE}/teacher")["tokenizer"]
     data, out = ctx.recipe.data, {}
@@ -84,8 +81,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
         prefix = ctx.workdir / "data" / name
         prefix.parent.mkdir(parents=True, exist_ok=True)
         tmp = prefix.with_name(name + ".tmp")
-        preprocess.run(argparse.Namespace(input=src, output_prefix=str(tmp), tokenizer=tokenizer, json_key="text",
-                                          vocab_size=None, eod_id=None, no_eod=False))
+        run_preprocess(PreprocessJob(input=src, output_prefix=str(tmp), tokenizer=tokenizer))
         for ext in (".idx", ".bin"):  # .idx last: a prefix counts as present once both exist
             Path(str(tmp) + ext).replace(str(prefix) + ext)
         out[name] = [[1.0, str(prefix)]] if name == "train" else str(prefix)
@@ -93,16 +89,15 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
-    from megatron_slim.commands import evaluate
+    from megatron_slim.engines.evaluate import EvaluateJob, evaluate_worker
 
     e = ctx.recipe.evaluation
-    args = argparse.Namespace(model=model, data=ctx.out(f"{PREPARE}/data")["heldout"], tokens=int(e.tokens),
-                              seq_len=ctx.recipe.data.seq_length, micro_batch=e.micro_batch,
-                              tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
-                              mtp_k=e.mtp_k, mtp_prompts=e.mtp_prompts,
-                              prompt_len=e.prompt_len or ctx.recipe.data.seq_length // 2, gen_tokens=e.gen_tokens,
-                              dtype="float32", json=False, out=str(out), converted=None)
-    evaluate.worker(args)
+    evaluate_worker(EvaluateJob(model=model, data=ctx.out(f"{PREPARE}/data")["heldout"], tokens=int(e.tokens),
+                                seq_len=ctx.recipe.data.seq_length, micro_batch=e.micro_batch,
+                                tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
+                                mtp_k=e.mtp_k, mtp_prompts=e.mtp_prompts,
+                                prompt_len=e.prompt_len or ctx.recipe.data.seq_length // 2, gen_tokens=e.gen_tokens,
+                                dtype="float32", json=False, out=out))
     return {"eval": str(out)}
 
 
@@ -113,16 +108,16 @@ def evaluate_teacher(ctx: Context) -> dict[str, Any]:
 # ---- per stage ----------------------------------------------------------------------------------------------------
 def importance(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        from megatron_slim.commands import importance as cmd
+        from megatron_slim.engines.importance import ImportanceJob, importance_worker
 
         imp = ctx.recipe.importance
         out = ctx.workdir / stage.name / "importance.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd.worker(argparse.Namespace(
+        importance_worker(ImportanceJob(
             model=ctx.stage_input(stage), data=ctx.out(f"{PREPARE}/data")["calibration"], tokens=int(imp.tokens),
-            out=str(out), tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
+            out=out, tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
             seq_len=ctx.recipe.data.seq_length, micro_batch=imp.micro_batch, layer_loss=imp.layer_loss,
-            max_tokens=None, dtype=imp.dtype, overwrite=True, no_progress=not ctx.progress, converted=None))
+            max_tokens=None, dtype=imp.dtype, overwrite=True, progress=ctx.progress))
         return {"importance": str(out)}
     return fn
 

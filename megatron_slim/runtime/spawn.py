@@ -37,10 +37,18 @@ def run_local_world(fn: Callable[..., Any], world: int, *args: Any) -> int:
     Returns the command's exit status: 0, or that of a rank which ended with a non-zero status (a non-zero int
     returned by fn, or SystemExit). An exception in a rank propagates with its traceback.
     """
-    from megatron_slim.runtime.distributed import _free_port
+    from megatron_slim.runtime.distributed import free_port
 
     try:
-        mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
     except mp.ProcessExitedException as e:
         return e.exit_code
     return 0
+
+
+def run_on_world(fn: Callable[..., Any], world: int, *args: Any) -> int:
+    """fn(*args) here when launched by torchrun/srun (this process is one of the ranks) or when `world` is 1, else
+    on `world` spawned local ranks; the exit status as `run_local_world` gives it (None from fn counts as 0)."""
+    if launched_world_size() is None and world > 1:
+        return run_local_world(fn, world, *args)
+    return int(fn(*args) or 0)

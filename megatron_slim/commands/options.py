@@ -1,0 +1,21 @@
+"""Flags several commands share, declared once so they read alike in every command's --help."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_layout_arguments(p: argparse.ArgumentParser, tp_help: str = "tensor-parallel size") -> None:
+    """--tp, --ep, --pp: the model-parallel layout (remaining ranks are data-parallel)."""
+    p.add_argument("--tp", type=int, default=1, help=tp_help)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+
+
+def add_model_data_arguments(p: argparse.ArgumentParser, use: str, tokens_help: str) -> None:
+    """--model, --data, --tokens of a command that runs a model over token windows of data (`use`: what for)."""
+    p.add_argument("--model", required=True,
+                   help="Megatron checkpoint directory (model_config.json) or HF checkpoint directory")
+    p.add_argument("--data", required=True,
+                   help=f"{use} data: .jsonl with {{'text': ...}} or {{'tokens': [ids]}} per line, or a Megatron "
+                        "indexed dataset prefix (.bin/.idx)")
+    p.add_argument("--tokens", type=int, required=True, help=tokens_help)

@@ -1,0 +1,106 @@
+"""Evaluate a model on held-out data: `EvaluateJob` and the functions that run it (`run_evaluate` from a command,
+`evaluate_worker` on each rank of a running job, as a recipe's step does), and the table a person reads.
+See megatron_slim/eval/metrics.py for the metrics."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from megatron_slim.engines.source import ModelJob, open_checkpoint, release_checkpoint, run_on_ranks, temp_checkpoint
+from megatron_slim.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateJob(ModelJob):
+    """The `evaluate` command's flags, by the same names; `model` is echoed in the result."""
+
+    mtp_k: int = 4
+    mtp_prompts: int = 8
+    prompt_len: int = 256
+    gen_tokens: int = 32
+    json: bool = False  # print one JSON object instead of the table
+    out: Path | None = None  # also write the JSON result here
+
+    def validate(self) -> None:
+        """Refuse what no layout or data can run; messages name the command's flags."""
+        self.check_sizes(("mtp_prompts", "prompt_len"))
+        if self.mtp_k < 0:
+            raise UserError("--mtp-k must be >= 0")
+        if self.mtp_k and self.gen_tokens <= self.mtp_k:
+            raise UserError(f"--gen-tokens ({self.gen_tokens}) must exceed --mtp-k ({self.mtp_k})")
+
+    def temp_checkpoint(self) -> Path:
+        """Where an HF model is converted: next to `out`, else in the working directory."""
+        base = self.out if self.out else Path.cwd() / f"evaluate-{Path(self.model).resolve().name}"
+        return temp_checkpoint(base)
+
+
+def format_table(result: dict) -> str:
+    """The human-readable report."""
+    lines = [f"tokens     {result['tokens']}", f"loss       {result['loss']:.4f} nats/token",
+             f"ppl        {result['ppl']:.3f}", f"accuracy   {result['accuracy'] * 100:.2f}%"]
+    if result["mtp_acceptance"]:
+        lines.append(f"MTP acceptance over {result['mtp_positions']} drafting positions:")
+        lines += [f"  @{k:<8} {rate * 100:.2f}%" for k, rate in result["mtp_acceptance"].items()]
+        lines.append(f"  mean accepted drafts per step {result['mean_accepted']:.3f}")
+    return "\n".join(lines)
+
+
+def evaluate_worker(job: EvaluateJob) -> None:
+    """One rank of the evaluation (every rank of the job runs it); rank 0 prints the result and writes `job.out`."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_slim.checkpoint.mcore import load_model, load_model_config
+    from megatron_slim.data.calibration import calibration_windows, eos_token_id
+    from megatron_slim.eval.evaluate import evaluate
+    from megatron_slim.models.builder import BuildOptions, build_model
+    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+
+    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    init_model_parallel(parallel)
+    rank = dist.get_rank()
+    ckpt, tokenizer_dir = open_checkpoint(job, job.temp_checkpoint(), progress=False)
+    cfg = load_model_config(ckpt)
+
+    wanted = math.ceil(job.tokens / job.seq_len)
+    with_mtp = job.mtp_k > 0 and cfg.mtp_num_layers > 0
+    windows = calibration_windows(job.data, job.seq_len, max(wanted, job.mtp_prompts if with_mtp else 1),
+                                  eos_token_id(cfg.hf_config, tokenizer_dir), tokenizer_dir)
+    if len(windows) == 0:
+        raise UserError(f"{job.data} holds fewer than {job.seq_len} tokens: not one evaluation window")
+    if len(windows) < wanted and rank == 0:
+        print(f"warning: {job.data} runs out after {len(windows) * job.seq_len} tokens (of "
+              f"{wanted * job.seq_len})", file=sys.stderr)
+    prompts = windows[:job.mtp_prompts, :job.prompt_len] if with_mtp else None
+
+    opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
+    model = build_model(cfg, parallel, opts)
+    load_model(model, ckpt)
+    release_checkpoint(job, ckpt)
+    result = evaluate(model, cfg, windows[:wanted], job.micro_batch, mtp_k=job.mtp_k, prompts=prompts,
+                      gen_tokens=job.gen_tokens)
+    if rank != 0:
+        return
+    report = result | {"data": str(job.data), "model": str(job.model), "seq_len": job.seq_len,
+                       "layout": {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}}
+    text = json.dumps(report)
+    if job.out:
+        tmp = job.out.with_name(job.out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, job.out)
+    print(text if job.json else format_table(result), flush=True)
+
+
+def run_evaluate(job: EvaluateJob) -> int:
+    """Validate the job and evaluate on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status."""
+    from megatron_slim.data.calibration import check_source
+
+    job.validate()
+    job = replace(job, prompt_len=min(job.prompt_len, job.seq_len))
+    check_source(job.data)
+    return run_on_ranks("evaluate", evaluate_worker, job, job.temp_checkpoint(), progress=False)

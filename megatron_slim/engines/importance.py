@@ -1,0 +1,80 @@
+"""Collect calibration statistics of a model into an importance file: `ImportanceJob` and the functions that run
+it (`run_importance` from a command, `importance_worker` on each rank of a running job, as a recipe's step does).
+See megatron_slim/compress/importance_file.py for what is collected."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_slim.engines.source import ModelJob, open_checkpoint, release_checkpoint, run_on_ranks, temp_checkpoint
+from megatron_slim.errors import UserError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportanceJob(ModelJob):
+    """The `importance` command's flags, by the same names (progress: not --no-progress)."""
+
+    out: Path
+    layer_loss: bool = False
+    max_tokens: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Refuse what no layout or data can run; messages name the command's flags."""
+        if self.out.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.out} exists (use --overwrite to replace it)")
+        self.check_sizes()
+
+
+def importance_worker(job: ImportanceJob) -> None:
+    """One rank of the collection (every rank of the job runs it); rank 0 writes `job.out`."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_slim.checkpoint.mcore import load_model, load_model_config
+    from megatron_slim.compress.importance import CollectOptions, collect, sequence_count
+    from megatron_slim.data.calibration import calibration_windows, eos_token_id
+    from megatron_slim.models.builder import BuildOptions, build_model
+    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+
+    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    init_model_parallel(parallel)
+    rank = dist.get_rank()
+    ckpt, tokenizer_dir = open_checkpoint(job, temp_checkpoint(job.out), progress=job.progress)
+    cfg = load_model_config(ckpt)
+
+    group = parallel.dp(dist.get_world_size()) * job.micro_batch
+    wanted = sequence_count(job.tokens, job.seq_len, group, job.max_tokens)
+    windows = calibration_windows(job.data, job.seq_len, wanted, eos_token_id(cfg.hf_config, tokenizer_dir),
+                                  tokenizer_dir)
+    usable = len(windows) - len(windows) % group
+    if usable == 0:
+        raise UserError(f"{job.data} holds {len(windows)} windows of {job.seq_len} tokens; one step needs {group}")
+    if usable < wanted and rank == 0:
+        print(f"warning: {job.data} runs out after {usable * job.seq_len} tokens (of {wanted * job.seq_len})",
+              file=sys.stderr)
+
+    opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
+    model = build_model(cfg, parallel, opts)
+    load_model(model, ckpt)
+    release_checkpoint(job, ckpt)
+    result = collect(model, cfg, windows[:usable],
+                     CollectOptions(micro_batch=job.micro_batch, layer_loss=job.layer_loss, progress=job.progress))
+    if result is not None:
+        result.data = str(job.data)
+        result.options |= {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size(),
+                           "dtype": job.dtype}
+        result.save(job.out)
+        print(f"wrote {job.out}: {result.tokens} tokens ({usable} x {job.seq_len}), LM loss "
+              f"{result.options['lm_loss']:.4f}, {len(result.tensors)} tensors", flush=True)
+
+
+def run_importance(job: ImportanceJob) -> int:
+    """Validate the job and collect on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status."""
+    from megatron_slim.data.calibration import check_source
+
+    job.validate()
+    check_source(job.data)
+    return run_on_ranks("importance", importance_worker, job, temp_checkpoint(job.out), progress=job.progress)

@@ -1,0 +1,147 @@
+"""A job's --model as a Megatron checkpoint, shared by the jobs that load a model on every rank (importance,
+evaluate).
+
+The model is a Megatron checkpoint (model_config.json) or an HF directory. An HF model is converted into a
+temporary Megatron checkpoint first: by the plain process before it spawns local ranks, or under torchrun/srun by
+rank 0 in a child process that does not see the job's ranks, the other ranks waiting at a barrier. The conversion
+is removed once every rank has loaded it, and by the launching process whatever happened.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from megatron_slim.errors import UserError
+from megatron_slim.runtime.launch_env import without_launcher_env
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelJob:
+    """What the jobs that run a model on every rank over token windows of data share (fields named as the
+    commands' flags): the model, the data, the window shape and the layout."""
+
+    model: str  # Megatron checkpoint (model_config.json) or HF checkpoint directory, as given
+    data: str  # .jsonl or Megatron indexed dataset prefix
+    tokens: int
+    seq_len: int = 4096
+    micro_batch: int = 1
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    dtype: str = "float32"  # model parameter dtype
+    converted: Path | None = None  # set by `run_on_ranks` when it converted an HF model before spawning ranks
+
+    def check_sizes(self, more: tuple[str, ...] = ()) -> None:
+        """The counts and sizes (these and the fields in `more`) must be >= 1, --seq-len >= 2."""
+        for field in ("tokens", "tp", "ep", "pp", "micro_batch", *more):
+            if getattr(self, field) < 1:
+                raise UserError(f"--{field.replace('_', '-')} must be >= 1")
+        if self.seq_len < 2:
+            raise UserError("--seq-len must be >= 2")
+
+
+J = TypeVar("J", bound=ModelJob)
+
+
+def checkpoint_kind(model: Path) -> str:
+    """What `model` is: "mcore" (model_config.json) or "hf" (config.json); anything else is the user's mistake."""
+    from megatron_slim.checkpoint.mcore import MODEL_CONFIG
+
+    if (model / MODEL_CONFIG).is_file():
+        return "mcore"
+    if (model / "config.json").is_file():
+        return "hf"
+    raise UserError(f"{model} is neither a Megatron checkpoint ({MODEL_CONFIG}) nor an HF checkpoint (config.json)")
+
+
+def temp_checkpoint(base: Path) -> Path:
+    """Where an HF model is converted for a job writing `base`: a name every rank derives alike."""
+    return base.with_name(base.name + ".mcore-tmp")
+
+
+def convert_in_child(hf_dir: Path, out_dir: Path, progress: bool) -> None:
+    """hf_to_mcore builds a meta model under its own one-process group, which cannot happen inside a running
+    multi-rank job: under torchrun/srun rank 0 converts in a child process that does not see the job's ranks."""
+    cmd = [sys.executable, "-m", "megatron_slim.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir), "--out",
+           str(out_dir), "--overwrite", *([] if progress else ["--no-progress"])]
+    subprocess.run(cmd, env=without_launcher_env(), check=True)
+
+
+def open_checkpoint(job: ModelJob, temp: Path, progress: bool) -> tuple[Path, Path | None]:
+    """On every rank, once the process group exists: (the Megatron checkpoint to load, the tokenizer directory or
+    None); converts an HF model into `temp` unless the launching process did."""
+    import torch.distributed as dist
+
+    from megatron_slim.checkpoint.convert import TOKENIZER_DIR
+
+    model_dir = Path(job.model)
+    if job.converted is not None:
+        ckpt, tokenizer_dir = Path(job.converted), model_dir
+    elif checkpoint_kind(model_dir) == "hf":
+        ckpt, tokenizer_dir = temp, model_dir
+        if dist.get_rank() == 0:
+            convert_in_child(model_dir, ckpt, progress=progress)
+        dist.barrier()
+    else:
+        ckpt, tokenizer_dir = model_dir, model_dir / TOKENIZER_DIR
+    return ckpt, tokenizer_dir if tokenizer_dir.is_dir() else None
+
+
+def release_checkpoint(job: ModelJob, ckpt: Path) -> None:
+    """After loading `ckpt` on every rank: rank 0 removes it when it is a temporary conversion."""
+    import torch.distributed as dist
+
+    if ckpt != Path(job.model):
+        dist.barrier()  # every rank has loaded the temporary conversion
+        if dist.get_rank() == 0:
+            shutil.rmtree(ckpt)
+
+
+def spawned_rank(command: str, worker: Callable[[J], None], job: J) -> None:
+    """A local rank: input errors end the rank with status 2 and one line, as in a single-process run."""
+    try:
+        worker(job)
+    except (UserError, FileNotFoundError) as e:
+        if os.environ.get("RANK") == "0":
+            print(f"megatron-slim {command}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def run_on_ranks(command: str, worker: Callable[[J], None], job: J, temp: Path, progress: bool) -> int:
+    """Check the model against the job's layout, then run `worker(job)` on the launched ranks, or as a plain
+    process on tp*ep*pp spawned local ranks (an HF model converted into `temp` before any process group exists).
+    Returns the exit status; `command` names the command in a spawned rank's error line."""
+    from megatron_slim.checkpoint.convert import hf_to_mcore
+    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.models.builder import validate_layout
+    from megatron_slim.models.config import load_hf_config
+    from megatron_slim.models.registry import model_config_from_hf
+    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.spawn import launched_world_size, run_local_world
+
+    model = Path(job.model)
+    is_mcore = checkpoint_kind(model) == "mcore"
+    cfg = load_model_config(model) if is_mcore else model_config_from_hf(load_hf_config(model))
+    try:
+        validate_layout(cfg, ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp))
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+    launched = launched_world_size() is not None
+    if not launched and not is_mcore:  # convert before any process group exists (cf. `convert_in_child`)
+        hf_to_mcore(model, temp, overwrite=True, progress=progress)
+        job = replace(job, converted=temp)
+    world = job.tp * job.ep * job.pp  # smallest world with room for tp*pp and ep*expert_tp*pp (expert_tp = tp)
+    try:
+        if not launched and world > 1:
+            return run_local_world(spawned_rank, world, command, worker, job)
+        worker(job)
+    finally:
+        if not is_mcore:  # rank 0 removes it once every rank has loaded it; this covers runs that failed earlier
+            shutil.rmtree(temp, ignore_errors=True)
+    return 0

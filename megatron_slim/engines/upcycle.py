@@ -1,0 +1,154 @@
+"""Upcycle a dense Llama-style HF checkpoint into a Mixtral MoE checkpoint (`UpcycleJob`, `run_upcycle`): the
+model-level wrapping of `megatron_slim.upcycle`, which splits one FFN on plain tensors. Used by the `upcycle`
+command and by the demo, which builds its teacher with it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from megatron_slim.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerBase
+
+EMBEDDED_DENSE = "smollm2"
+
+
+@dataclass(frozen=True)
+class UpcycleJob:
+    """The `upcycle` command's flags, by the same names."""
+
+    dense: str  # dense HF checkpoint dir, or EMBEDDED_DENSE for the embedded SmolLM2-135M-Instruct
+    experts: int
+    topk: int
+    out: Path
+    calib_tokens: int = 16384
+    router_scale: float = 1e-3
+    seed: int = 0
+
+
+def run_upcycle(job: UpcycleJob) -> None:
+    """Calibrate on the Wikipedia calibration paragraphs, upcycle and write `job.out` (HF checkpoint + tokenizer)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_slim.data.assets import smollm2_hf_dir
+    from megatron_slim.data.wiki import wiki_splits
+
+    dense_dir = smollm2_hf_dir() if job.dense == EMBEDDED_DENSE else Path(job.dense)
+    if not (dense_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{dense_dir} is not an HF checkpoint dir (no config.json)")
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype="auto").eval()
+    stored_dtype = dense.dtype
+    sequences = calibration_sequences(tokenizer, wiki_splits().calibration, job.calib_tokens)
+    print(f"capturing FFN inputs on {job.calib_tokens} calibration tokens")
+    # calibrate and split in float32; write in the dtype the dense checkpoint was stored in
+    moe = upcycle_model(dense.to(torch.float32), sequences, job.experts, job.topk, router_scale=job.router_scale,
+                        seed=job.seed, progress=True)
+    moe.to(stored_dtype).save_pretrained(job.out)
+    tokenizer.save_pretrained(job.out)
+    print(f"wrote {job.out} ({job.experts} experts, top-{job.topk}) in {time.perf_counter() - start:.0f}s")
+
+
+def calibration_sequences(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                          max_tokens: int) -> list[torch.Tensor]:
+    """Token ids of whole paragraphs (the last one truncated) until `max_tokens`; one sequence per paragraph so
+    no token attends across documents."""
+    sequences = []
+    total = 0
+    for text in texts:
+        if total >= max_tokens:
+            break
+        ids = tokenizer(text, return_tensors="pt").input_ids[0, : max_tokens - total]
+        sequences.append(ids)
+        total += ids.numel()
+    if total < max_tokens:
+        raise UserError(f"calibration texts hold only {total} tokens, fewer than the {max_tokens} requested")
+    return sequences
+
+
+def capture_ffn_inputs(model: LlamaForCausalLM, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs to every layer's FFN (after the post-attention norm), [tokens, hidden] per layer."""
+    import torch
+
+    layers = model.model.layers
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda _module, inputs, i=i: captured[i].append(inputs[0].reshape(-1, inputs[0].shape[-1]).float()))
+        for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ids in sequences:
+                model(ids.unsqueeze(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(chunks) for chunks in captured]
+
+
+def mixtral_config(dense_config: LlamaConfig, num_experts: int, top_k: int) -> MixtralConfig:
+    """Mixtral config with the dense model's attention, norms and vocabulary and F / E neurons per expert."""
+    from transformers import MixtralConfig
+
+    if dense_config.model_type != "llama":
+        raise UserError(f"only Llama-architecture dense models are supported, got {dense_config.model_type!r}")
+    if dense_config.attention_bias or dense_config.mlp_bias or dense_config.hidden_act != "silu":
+        raise UserError("Mixtral has no attention/MLP biases and uses SiLU; this dense model differs")
+    if not 1 <= top_k <= num_experts:
+        raise UserError(f"--topk must be between 1 and --experts ({num_experts}), got {top_k}")
+    if num_experts < 1 or dense_config.intermediate_size % num_experts:
+        raise UserError(f"FFN size {dense_config.intermediate_size} does not split into {num_experts} experts")
+    return MixtralConfig(
+        vocab_size=dense_config.vocab_size,
+        hidden_size=dense_config.hidden_size,
+        intermediate_size=dense_config.intermediate_size // num_experts,
+        num_hidden_layers=dense_config.num_hidden_layers,
+        num_attention_heads=dense_config.num_attention_heads,
+        num_key_value_heads=dense_config.num_key_value_heads,
+        head_dim=dense_config.head_dim,
+        hidden_act=dense_config.hidden_act,
+        max_position_embeddings=dense_config.max_position_embeddings,
+        initializer_range=dense_config.initializer_range,
+        rms_norm_eps=dense_config.rms_norm_eps,
+        rope_parameters=dense_config.rope_parameters,
+        attention_dropout=dense_config.attention_dropout,
+        tie_word_embeddings=dense_config.tie_word_embeddings,
+        bos_token_id=dense_config.bos_token_id,
+        eos_token_id=dense_config.eos_token_id,
+        pad_token_id=dense_config.pad_token_id,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+    )
+
+
+def upcycle_model(dense: LlamaForCausalLM, sequences: list[torch.Tensor], num_experts: int, top_k: int,
+                  router_scale: float = 1e-3, seed: int = 0, progress: bool = False) -> MixtralForCausalLM:
+    """Mixtral model whose every FFN is `dense`'s FFN upcycled on the calibration `sequences`."""
+    import torch
+    from tqdm import tqdm
+    from transformers import MixtralForCausalLM
+
+    from megatron_slim.upcycle import upcycle_ffn
+
+    config = mixtral_config(dense.config, num_experts, top_k)
+    hidden = capture_ffn_inputs(dense, sequences)
+    state = {name: tensor for name, tensor in dense.state_dict().items() if ".mlp." not in name}
+    for i, layer in enumerate(tqdm(dense.model.layers, desc="upcycling layers", disable=not progress)):
+        mlp = layer.mlp
+        moe = upcycle_ffn(mlp.gate_proj.weight.float(), mlp.up_proj.weight.float(), mlp.down_proj.weight.float(),
+                          hidden[i], num_experts, top_k, router_scale=router_scale, seed=seed)
+        hidden[i] = None  # free each layer's calibration inputs once used
+        prefix = f"model.layers.{i}.mlp."
+        state[prefix + "gate.weight"] = moe.router
+        state[prefix + "experts.gate_up_proj"] = torch.cat([moe.gate, moe.up], dim=1)
+        state[prefix + "experts.down_proj"] = moe.down
+    model = MixtralForCausalLM(config).to(dense.dtype)
+    model.load_state_dict(state, strict=True)
+    model.generation_config = dense.generation_config
+    return model.eval()

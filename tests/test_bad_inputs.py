@@ -184,3 +184,33 @@ def test_bad_plans_are_refused_before_writing(planned, tmp_path, edit, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert __import__("re").search(message, proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_importance_refuses_ids_outside_the_vocabulary_before_any_compute(tiny_hf, tmp_path):
+    """An id >= vocab used to be an IndexError traceback from inside the embedding."""
+    data = _jsonl(tmp_path / "calib.jsonl", ['{"tokens": [1, 2, 3, 4]}', '{"tokens": [5, 128, 6]}'])
+    proc = _cli("importance", "--model", str(tiny_hf), "--data", str(data), "--tokens", "8", "--seq-len", "4",
+                "--out", str(tmp_path / "imp.safetensors"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"megatron-slim importance: error: {data}:2: token id 128 is "
+                                                    "outside the model's vocabulary of 128")
+    assert not (tmp_path / "imp.safetensors").exists() and not (tmp_path / "imp.safetensors.mcore-tmp").exists()
+
+
+# ---- verify --------------------------------------------------------------------------------------------------------
+def test_verify_fails_when_the_models_disagree(tiny_hf, tmp_path):
+    """verify used to exit 0 at 0% top-1 agreement; now mismatched models fail (status 1), matching ones pass,
+    and --min-top1 0 turns the check off."""
+    import tiny_models
+    from hf_fixtures import build_tiny_hf
+
+    other = tmp_path / "other_hf"
+    build_tiny_hf(tiny_models.qwen3_moe(), 1).save_pretrained(other)  # same shapes, other weights
+    mc = tmp_path / "mc"
+    assert _cli("convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(mc), "--no-progress").returncode == 0
+    same = _cli("verify", "--hf", str(tiny_hf), "--mcore", str(mc), "--seq-len", "16")
+    assert same.returncode == 0 and "FAILED" not in same.stderr, same.stderr[-2000:]
+    wrong = _cli("verify", "--hf", str(other), "--mcore", str(mc), "--seq-len", "16")
+    assert wrong.returncode == 1, wrong.stderr[-2000:]
+    assert "megatron-slim verify: parity FAILED: main: top-1 agreement" in wrong.stderr
+    assert _cli("verify", "--hf", str(other), "--mcore", str(mc), "--seq-len", "16", "--min-top1", "0").returncode == 0

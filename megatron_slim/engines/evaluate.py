@@ -70,7 +70,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
     wanted = math.ceil(job.tokens / job.seq_len)
     with_mtp = job.mtp_k > 0 and cfg.mtp_num_layers > 0
     windows = calibration_windows(job.data, job.seq_len, max(wanted, job.mtp_prompts if with_mtp else 1),
-                                  eos_token_id(cfg.hf_config, tokenizer_dir), tokenizer_dir)
+                                  eos_token_id(cfg.hf_config, tokenizer_dir), tokenizer_dir, cfg.vocab_size)
     if len(windows) == 0:
         raise UserError(f"{job.data} holds fewer than {job.seq_len} tokens: not one evaluation window")
     if len(windows) < wanted and rank == 0:

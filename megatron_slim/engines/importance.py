@@ -48,7 +48,7 @@ def importance_worker(job: ImportanceJob) -> None:
     group = parallel.dp(dist.get_world_size()) * job.micro_batch
     wanted = sequence_count(job.tokens, job.seq_len, group, job.max_tokens)
     windows = calibration_windows(job.data, job.seq_len, wanted, eos_token_id(cfg.hf_config, tokenizer_dir),
-                                  tokenizer_dir)
+                                  tokenizer_dir, cfg.vocab_size)
     usable = len(windows) - len(windows) % group
     if usable == 0:
         raise UserError(f"{job.data} holds {len(windows)} windows of {job.seq_len} tokens; one step needs {group}")

@@ -25,6 +25,23 @@ class Parity:
         return cls(diff.max().item(), diff.mean().item(), agree.item())
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """What counts as a faithful conversion. The defaults pass any correct fp32 or bf16 conversion (top-1 ties
+    aside) and fail a model with the wrong weights or config, which agrees on almost no next token."""
+    min_top1_agreement: float = 0.98  # every head
+    max_abs_diff: float | None = None  # main head; off by default (its scale depends on the model and dtype)
+
+
+def failures(report: dict, limits: Thresholds) -> list[str]:
+    """Which heads of a `hf_parity` report miss the thresholds, one line each (empty: parity holds)."""
+    out = [f"{head}: top-1 agreement {m['top1_agreement'] * 100:.2f}% < {limits.min_top1_agreement * 100:.2f}%"
+           for head, m in report.items() if head != "layout" and m["top1_agreement"] < limits.min_top1_agreement]
+    if limits.max_abs_diff is not None and report["main"]["max_abs_diff"] > limits.max_abs_diff:
+        out.append(f"main: max |diff| {report['main']['max_abs_diff']:.3e} > {limits.max_abs_diff:.3e}")
+    return out
+
+
 def sample_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 

@@ -1,0 +1,67 @@
+"""`megatron-slim verify` as a typed job: transformers vs Megatron-Core logits on the same tokens, with a verdict.
+
+A conversion that agrees with transformers on almost no next token (wrong weights, a mismatched config, another
+model) is a failure (exit status 1), not a report to be read: `Thresholds` says what passes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+
+from megatron_slim.verify.parity import Thresholds
+
+
+@dataclass(frozen=True)
+class VerifyJob:
+    hf: str  # HF checkpoint directory
+    mcore: str  # Megatron-Core checkpoint directory
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    batch: int = 2
+    seq_len: int = 32
+    seed: int = 0
+    limits: Thresholds = field(default_factory=Thresholds)
+    json: bool = False
+
+
+def verify_worker(job: VerifyJob) -> int:
+    """One rank: Megatron logits at the job's layout; the reporting rank compares them with transformers and
+    prints. Every rank returns 1 when parity fails."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.verify.parity import failures, hf_parity, megatron_logits, sample_tokens
+
+    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    tokens = sample_tokens(load_model_config(job.mcore).vocab_size, job.batch, job.seq_len, job.seed)
+    _, logits, mtp = megatron_logits(job.mcore, tokens, parallel)
+    failed = 0
+    if logits is not None:
+        report = hf_parity(job.hf, tokens, logits, mtp)
+        report["layout"] = {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}
+        if job.json:
+            print(json.dumps(report), flush=True)
+        else:
+            for head, m in report.items():
+                if head != "layout":
+                    print(f"{head:>5}: max |diff| {m['max_abs_diff']:.3e}  mean |diff| {m['mean_abs_diff']:.3e}  "
+                          f"top-1 agreement {m['top1_agreement'] * 100:.2f}%", flush=True)
+        missed = failures(report, job.limits)
+        for line in missed:
+            print(f"megatron-slim verify: parity FAILED: {line}", file=sys.stderr, flush=True)
+        failed = int(bool(missed))
+    flag = torch.tensor([failed])
+    dist.all_reduce(flag)
+    return int(flag.item())
+
+
+def run_verify(job: VerifyJob) -> int:
+    """0 when the heads agree within `job.limits`, 1 when not (on the launched ranks or tp*pp*EP local ones)."""
+    from megatron_slim.runtime.spawn import run_on_world
+
+    return run_on_world(verify_worker, math.lcm(job.tp, job.ep) * job.pp, job)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -107,6 +108,47 @@ def test_cli_reports_every_problem_before_compute(assets: Path) -> None:
         assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not work.exists()  # nothing ran, nothing was written
+
+
+def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_path: Path) -> None:
+    """{"tokens": [...]} jsonl passes validation (it used to pass --dry-run and then crash with KeyError 'text'), and
+    the run's data preparation writes the ids `preprocess --tokenizer none` writes, with the teacher's EOS."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+
+    recipe = _recipe(assets)
+    recipe["data"]["train"] = str(assets / "train.jsonl")
+    load_recipe(_write(assets, "pretokenized", recipe))
+    run_preprocess(PreprocessJob(input=str(assets / "train.jsonl"), output_prefix=str(tmp_path / "run"),
+                                 tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
+    ours, ref = IndexedDataset(str(tmp_path / "run")), IndexedDataset(str(assets / "train"))
+    assert len(ours) == len(ref) == 200
+    assert all(np.array_equal(ours[i], ref[i]) for i in range(len(ref)))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "the cat sat on the mat"}', "train_bad.jsonl:1: the text tokenizes to no token at all"),
+    ('{"tokens": [1, 2, 300]}', "train_bad.jsonl:1: token id 300 is outside the model's vocabulary of 128"),
+    ('{"tokens": [1, 2', "train_bad.jsonl:1: not valid JSON"),
+])
+def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, message: str) -> None:
+    """The teacher has no tokenizer files: text data used to become one end-of-document token per document, with
+    prepare/data recorded done. Now the recipe is refused before anything runs, and so is preparation itself."""
+    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.errors import UserError
+
+    (assets / "train_bad.jsonl").write_text(line + "\n")
+    recipe = _recipe(assets)
+    recipe["data"]["train"] = str(assets / "train_bad.jsonl")
+    work = assets / "never_bad"
+    proc = cli("run", str(_write(assets, "bad_data", recipe)), "--workdir", str(work), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"data.train: {assets / message}" in proc.stderr
+    assert not work.exists()
+    with pytest.raises(UserError, match=message.split(":", 1)[1].strip()):
+        run_preprocess(PreprocessJob(input=str(assets / "train_bad.jsonl"), output_prefix=str(assets / "bad"),
+                                     tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
 
 
 def test_list_stages(assets: Path) -> None:

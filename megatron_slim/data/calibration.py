@@ -47,13 +47,13 @@ def eos_token_id(hf_config: dict[str, Any], tokenizer_dir: str | Path | None) ->
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     if eos is None and tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-        eos = _load_tokenizer(tokenizer_dir).eos_token_id
+        eos = load_tokenizer(tokenizer_dir).eos_token_id
     if eos is None:
         raise UserError("cannot tell the EOS token: the model config has no eos_token_id and no tokenizer defines one")
     return int(eos)
 
 
-def _load_tokenizer(tokenizer_dir: str | Path):
+def load_tokenizer(tokenizer_dir: str | Path):
     from transformers import AutoTokenizer
 
     try:
@@ -62,14 +62,25 @@ def _load_tokenizer(tokenizer_dir: str | Path):
         raise UserError(f"no usable HF tokenizer in {tokenizer_dir}: {e}") from e
 
 
-def _token_ids(value: Any, where: str, vocab_size: int | None) -> np.ndarray:
-    """A document's token ids: integers in [0, vocab_size), else an error naming where they came from."""
+def token_ids(value: Any, where: str, vocab_size: int | None) -> np.ndarray:
+    """A pre-tokenized document's ids: integers in [0, vocab_size), else an error naming where they came from."""
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise UserError(f"{where}: 'tokens' must be a list of integer token ids")
-    return _check_range(np.asarray(value, dtype=np.int64), where, vocab_size)
+    return check_range(np.asarray(value, dtype=np.int64), where, vocab_size)
 
 
-def _check_range(ids: np.ndarray, where: str, vocab_size: int | None) -> np.ndarray:
+def encoded_text(ids: list[int], text: str, where: str) -> list[int]:
+    """A tokenizer's output for `text`, refused when text with any content comes out as no token at all: what a
+    checkpoint without tokenizer files gives (transformers then builds an empty tokenizer), which would otherwise
+    turn a corpus into a stream of end-of-document tokens."""
+    if not ids and text.strip():
+        raise UserError(f"{where}: the text tokenizes to no token at all; is the tokenizer complete? (a checkpoint "
+                        "directory without tokenizer files yields an empty tokenizer)")
+    return ids
+
+
+def check_range(ids: np.ndarray, where: str, vocab_size: int | None) -> np.ndarray:
+    """`ids` when they lie in [0, vocab_size) (vocab_size None: only >= 0), else an error naming `where`."""
     if ids.size and ids.min() < 0:
         raise UserError(f"{where}: negative token id {int(ids.min())}")
     if vocab_size is not None and ids.size and ids.max() >= vocab_size:
@@ -91,16 +102,16 @@ def _jsonl_documents(path: Path, tokenizer_dir: str | Path | None, vocab_size: i
             if not isinstance(obj, dict):
                 raise UserError(f"{where}: expected a JSON object with 'text' or 'tokens'")
             if "tokens" in obj:
-                yield _token_ids(obj["tokens"], where, vocab_size)
+                yield token_ids(obj["tokens"], where, vocab_size)
             elif "text" in obj:
                 if not isinstance(obj["text"], str):
                     raise UserError(f"{where}: 'text' must be a string")
                 if tokenizer is None:
                     if tokenizer_dir is None:
                         raise UserError(f"{path}: text data needs a tokenizer, and the checkpoint has none")
-                    tokenizer = _load_tokenizer(tokenizer_dir)
-                yield _check_range(np.asarray(tokenizer(obj["text"])["input_ids"], dtype=np.int64), where,
-                                   vocab_size)
+                    tokenizer = load_tokenizer(tokenizer_dir)
+                ids = encoded_text(tokenizer(obj["text"])["input_ids"], obj["text"], where)
+                yield check_range(np.asarray(ids, dtype=np.int64), where, vocab_size)
             else:
                 raise UserError(f"{where}: expected a JSON object with 'text' or 'tokens'")
 
@@ -112,7 +123,7 @@ def _indexed_documents(prefix: str, vocab_size: int | None) -> Iterator[np.ndarr
     bounds = ds.document_indices
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         ids = np.concatenate([np.asarray(s, dtype=np.int64) for s in ds[int(start):int(end)]])
-        yield _check_range(ids, f"{prefix} (document {i})", vocab_size)
+        yield check_range(ids, f"{prefix} (document {i})", vocab_size)
 
 
 def documents(path: str | Path, tokenizer_dir: str | Path | None = None,
@@ -123,6 +134,14 @@ def documents(path: str | Path, tokenizer_dir: str | Path | None = None,
     if p.suffix in JSONL_SUFFIXES:
         return _jsonl_documents(p, tokenizer_dir, vocab_size)
     return _indexed_documents(indexed_prefix(p), vocab_size)
+
+
+def check_sample(path: str | Path, tokenizer_dir: str | Path | None, vocab_size: int, docs: int = 64) -> None:
+    """The checks reading `path` makes, on its first `docs` documents: for validating a recipe before any compute
+    (a bad line, text without a tokenizer, or an id outside the vocabulary fails there, not an hour later)."""
+    for i, _ in enumerate(documents(path, tokenizer_dir, vocab_size)):
+        if i + 1 >= docs:
+            break
 
 
 def calibration_windows(path: str | Path, seq_len: int, num_windows: int, eos_id: int,

@@ -389,6 +389,26 @@ def _check_data(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _check_data_sample(recipe: Recipe, teacher: ModelConfig) -> None:
+    """The first documents of every jsonl source read as the run will read them: JSON lines with text (the
+    teacher must carry a tokenizer) or pre-tokenized ids inside the teacher's vocabulary."""
+    from megatron_slim.checkpoint.convert import TOKENIZER_DIR
+    from megatron_slim.checkpoint.mcore import MODEL_CONFIG
+    from megatron_slim.data.calibration import check_sample
+
+    tokenizer = recipe.teacher / TOKENIZER_DIR if (recipe.teacher / MODEL_CONFIG).is_file() else recipe.teacher
+    problems = []
+    for key in ("train", "calibration", "heldout"):
+        source = getattr(recipe.data, key)
+        if isinstance(source, str) and source.endswith(".jsonl"):
+            try:
+                check_sample(source, tokenizer if tokenizer.is_dir() else None, teacher.vocab_size)
+            except UserError as e:
+                problems.append(f"data.{key}: {e}")
+    if problems:
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+
 def validate(recipe: Recipe) -> list[ModelConfig]:
     """Every check that needs no weights; returns the stage configs."""
     from megatron_slim.train.config import run_config_from_dict
@@ -399,6 +419,7 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
     if problems:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
     teacher = teacher_config(recipe)
+    _check_data_sample(recipe, teacher)
     configs = stage_configs(recipe, teacher)
     check_final(recipe, configs[-1], teacher)
     for stage in recipe.stages:

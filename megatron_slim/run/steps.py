@@ -68,10 +68,14 @@ def convert_teacher(ctx: Context) -> dict[str, Any]:
 
 def tokenize_data(ctx: Context) -> dict[str, Any]:
     """jsonl sources -> indexed datasets with the teacher's tokenizer, so every step reads identical tokens."""
-    from megatron_slim.data.calibration import indexed_prefix
+    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.data.calibration import eos_token_id, indexed_prefix
     from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
 
     tokenizer = ctx.out(f"{PREPARE}/teacher")["tokenizer"]
+    teacher = load_model_config(ctx.teacher_ckpt())
+    # the document separator every other step assumes (the config's EOS first, as calibration windows read it)
+    eod = eos_token_id(teacher.hf_config, tokenizer)
     data, out = ctx.recipe.data, {}
     for name in ("train", "calibration", "heldout"):
         src = getattr(data, name)
@@ -81,7 +85,8 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
         prefix = ctx.workdir / "data" / name
         prefix.parent.mkdir(parents=True, exist_ok=True)
         tmp = prefix.with_name(name + ".tmp")
-        run_preprocess(PreprocessJob(input=src, output_prefix=str(tmp), tokenizer=tokenizer))
+        run_preprocess(PreprocessJob(input=src, output_prefix=str(tmp), tokenizer=tokenizer,
+                                     vocab_size=teacher.vocab_size, eod_id=eod))
         for ext in (".idx", ".bin"):  # .idx last: a prefix counts as present once both exist
             Path(str(tmp) + ext).replace(str(prefix) + ext)
         out[name] = [[1.0, str(prefix)]] if name == "train" else str(prefix)

@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from _common import GB, add_model_arguments, dir_bytes, evict, hf_config, hf_shapes, nbytes, run_step, write_synthetic
 
-from megatron_slim.checkpoint.convert import plan_hf_to_mcore
+from megatron_slim.checkpoint.source import plan_hf_to_mcore
 from megatron_slim.compress.plan import CompressionPlan
 from megatron_slim.compress.plan_check import implied_target
 

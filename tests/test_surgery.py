@@ -18,15 +18,15 @@ from safetensors.torch import save_file
 import tiny_models
 from dist import run_distributed
 from hf_fixtures import build_tiny_hf, random_mtp_tensors, saved_shapes
-from megatron_slim.checkpoint.convert import plan_hf_to_mcore
+from megatron_slim.checkpoint.source import plan_hf_to_mcore
 from megatron_slim.compress import surgery
-from megatron_slim.compress.apply import SPECS, Options, prune_checkpoint, spec_for
+from megatron_slim.compress.apply import Options, prune_checkpoint, spec_for
 from megatron_slim.compress.plan import CompressionPlan
 from megatron_slim.compress.plan_check import PlanError, implied_target
-from megatron_slim.compress.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
-                                                 QUERY_GROUPS, SHARED_NEURONS, TensorSpec, units)
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
-from megatron_slim.models.registry import model_config_from_hf
+from megatron_slim.models.registry import FAMILIES as REGISTERED, model_config_from_hf
+from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
+                                               QUERY_GROUPS, SHARED_NEURONS, TensorSpec, units)
 from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
                                                reference_logits)
 
@@ -109,7 +109,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def entries(tensors: dict[str, torch.Tensor], family: str) -> list[tuple[str, TensorSpec]]:
     """(key, surgery table entry) of every tensor."""
-    spec = SPECS[family]
+    spec = REGISTERED[family].surgery
     out = []
     for key in tensors:
         rel = key

@@ -7,44 +7,28 @@ conversion never leaves a directory that looks finished.
 from __future__ import annotations
 
 import json
-import shutil
-from contextlib import closing, contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import closing, nullcontext
 from itertools import accumulate
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 from megatron_slim.checkpoint.dcp_io import McoreReader, write_checkpoint
+from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, check_keys, copy_side_files, staged
 from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
-from megatron_slim.checkpoint.mapping import BoundRule, bind_rules, detect_mtp_layers
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
 from megatron_slim.checkpoint.readahead import ReadAhead
-from megatron_slim.checkpoint.safetensors_io import HFReader, HFWriter
+from megatron_slim.checkpoint.safetensors_io import HFWriter
+from megatron_slim.checkpoint.source import plan_hf_to_mcore
 from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Splices
-from megatron_slim.checkpoint.transforms import IDENTITY
+from megatron_slim.checkpoint.writers import Summary, is_mcore_expert, plan_mcore, summarize
 from megatron_slim.errors import CheckpointError
-from megatron_slim.models.config import ModelConfig, load_hf_config
-from megatron_slim.models.registry import FAMILIES, family_of_hf, hf_config_from, model_config_from_hf
+from megatron_slim.models.mapping import BoundRule, bind_rules
+from megatron_slim.models.registry import FAMILIES, hf_config_from
+from megatron_slim.models.transforms import IDENTITY
 
-TOKENIZER_DIR = "tokenizer"  # HF tokenizer/generation files carried inside Megatron checkpoints
-_HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
-
-
-@dataclass(frozen=True)
-class Summary:
-    tensors: int
-    parameters: int
-    active_parameters: int  # per token: all but the experts a token is not routed to
-    bytes: int
-
-    def describe(self) -> str:
-        return (f"{self.tensors} tensors, {self.parameters / 1e9:.3f}B parameters "
-                f"({self.active_parameters / 1e9:.3f}B active per token), {self.bytes / 2**30:.2f} GiB")
 
 
 class BufferPool:
@@ -70,67 +54,6 @@ class BufferPool:
         self._used.clear()
 
 
-def _summarize(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> Summary:
-    params = sum(t.numel() for t in tensors.values())
-    expert = sum(t.numel() for k, t in tensors.items() if ".experts.experts." in k)
-    active = params - round(expert * (1 - cfg.topk / cfg.num_experts))
-    return Summary(len(tensors), params, active, sum(t.numel() * t.element_size() for t in tensors.values()))
-
-
-@contextmanager
-def staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield `<out>.partial`; move it to `out` only if the body completes."""
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (use --overwrite to replace it)")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-
-
-def check_keys(kind: str, required: list[str], present: set[str], where: str) -> None:
-    """Every tensor the mapping needs is in the checkpoint (one error listing the first missing ones)."""
-    missing = [k for k in required if k not in present]
-    if missing:
-        raise CheckpointError(f"{where}: {len(missing)} {kind} tensors required by the mapping are missing: "
-                              f"{missing[:10]}")
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer and generation files travel with the weights."""
-    for name in _HF_SIDE_FILES:
-        if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
-
-
-def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], HFReader]:
-    """Validate an HF checkpoint against its config and the mapping, reading headers only."""
-    reader = HFReader(hf_dir)
-    hf = load_hf_config(hf_dir)
-    family = family_of_hf(hf)
-    mtp = detect_mtp_layers(reader.keys(), family.mapping) if family.max_mtp_layers else 0
-    cfg = model_config_from_hf(hf, mtp_num_layers=mtp)
-    emb = reader.tensors.get("model.embed_tokens.weight")
-    if emb is not None:
-        cfg.hf_config["dtype"] = str(emb.dtype).replace("torch.", "")
-    rules = bind_rules(family.mapping, cfg)
-    consumed = [k for r in rules for k in r.hf]
-    check_keys("HF", consumed, set(reader.keys()), str(hf_dir))
-    unused = sorted(set(reader.keys()) - set(consumed))
-    if unused:
-        raise CheckpointError(f"{hf_dir}: {len(unused)} HF tensors are not consumed by the {cfg.family} mapping "
-                              f"(nothing is dropped silently): {unused[:10]}")
-    return cfg, rules, reader
-
-
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = False, overwrite: bool = False,
                 progress: bool = True, layout_job: LayoutJob | None = None) -> Summary:
     """`layout_job`: the layout child for `hf_dir`, if the caller started it already (see `LayoutJob`)."""
@@ -140,14 +63,10 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
     # the disk reads ahead and the tensors stream; the plan is checked against it as soon as it is there
     with LayoutCheck(cfg, layout_job) as layout, \
             nullcontext() if dry_run else ReadAhead(reader.ranges([k for r in rules for k in r.hf])) as read_ahead:
-        planned: dict[str, torch.Tensor] = {}
-        owner: dict[str, int] = {}
-        for idx, rule in enumerate(rules):
-            outs = rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg)
-            for key, t in zip(rule.mcore, outs):
-                layout.plan(key, tuple(t.shape), f"{rule.where} ({', '.join(rule.hf[:3])})")
-                planned[key], owner[key] = t, idx
-        summary = _summarize(cfg, planned)
+        planned, owner, summary = plan_mcore(cfg, layout, (
+            (f"{rule.where} ({', '.join(rule.hf[:3])})",
+             dict(zip(rule.mcore, rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg))))
+            for rule in rules))
         if dry_run:
             layout.objects()
             return summary
@@ -213,7 +132,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     for rule in rules:
         metas = [reader.meta(k) for k in rule.mcore]
         plan += [(k, tuple(t.shape), t.dtype) for k, t in zip(rule.hf, rule.transform.to_hf(metas, cfg))]
-    summary = _summarize(cfg, {k: reader.meta(k) for k in needed})
+    summary = summarize(cfg, {k: reader.meta(k) for k in needed}, is_mcore_expert)
     if dry_run:
         return summary
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
@@ -226,7 +145,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
                 writer.write(key, t)
             bar.update(sum(t.numel() * t.element_size() for t in tensors))
         writer.close()
-        (tmp / "config.json").write_text(json.dumps(hf_config_from(cfg), indent=2))
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config_from(cfg), indent=2))
         copy_side_files(mcore_dir / TOKENIZER_DIR, tmp)
         if hf_template is not None:
             copy_side_files(Path(hf_template), tmp)

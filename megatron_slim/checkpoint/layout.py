@@ -181,7 +181,7 @@ def _main(source_path: str, out_path: str) -> None:
     silence_upstream_noise()
     source = json.loads(Path(source_path).read_text())
     if "hf_dir" in source:
-        from megatron_slim.checkpoint.convert import plan_hf_to_mcore
+        from megatron_slim.checkpoint.source import plan_hf_to_mcore
 
         cfg = plan_hf_to_mcore(source["hf_dir"])[0]
     else:

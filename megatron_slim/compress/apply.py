@@ -1,43 +1,29 @@
 """Apply a CompressionPlan to a checkpoint, streaming one layer at a time: `megatron-slim prune`.
 
-Surgery always sees HF-layout tensors, whatever the input format: HF checkpoints are read as they are, Megatron
-checkpoints through the family mapping's `to_hf` transforms. Each student layer is cut from its source layer by the
-family's surgery table (`models/<family>/surgery_spec.py`) and the operations in `surgery.py`, then written as
-HF safetensors or converted with `to_mcore` into a Megatron-Core checkpoint. Output shapes are planned first on
-meta tensors (HFWriter and the DCP writer need them up front), and the result lands in `<out>.partial`, renamed
-into place only when complete. Memory holds one layer's tensors (source and pruned) plus I/O buffers.
+Surgery always sees HF-layout tensors, whatever the input format (`checkpoint.source` reads either). Each student
+layer is cut from its source layer by the family's surgery table (its registered `Family.surgery`) and the
+operations in `surgery.py`; `checkpoint.writers` plans the output on meta tensors and writes it as HF safetensors
+or a Megatron-Core checkpoint. Memory holds one layer's tensors (source and pruned) plus I/O buffers.
 """
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from megatron_slim.checkpoint.convert import TOKENIZER_DIR, Summary, plan_hf_to_mcore
-from megatron_slim.checkpoint.convert import check_keys as _check_keys, copy_side_files as _copy_side_files
-from megatron_slim.checkpoint.convert import staged as _staged
-from megatron_slim.checkpoint.dcp_io import McoreReader
-from megatron_slim.checkpoint.mapping import BoundRule, bind_rules
-from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
-from megatron_slim.checkpoint.safetensors_io import HFWriter
-from megatron_slim.errors import CheckpointError
+from megatron_slim.checkpoint.source import Source, rule_groups
+from megatron_slim.checkpoint.writers import GroupStream, Summary, write_hf, write_mcore
 from megatron_slim.compress import surgery
 from megatron_slim.compress.plan import CompressionPlan, ExpertSlot
 from megatron_slim.compress.plan_check import check_plan
-from megatron_slim.compress.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
-                                                 QUERY_GROUPS, SHARED_NEURONS, SurgerySpec, TensorSpec, units)
+from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.models.mixtral.surgery_spec import SPEC as MIXTRAL
-from megatron_slim.models.qwen3_moe.surgery_spec import SPEC as QWEN3_MOE
-from megatron_slim.models.qwen3_next.surgery_spec import SPEC as QWEN3_NEXT
-from megatron_slim.models.registry import FAMILIES, hf_config_from
+from megatron_slim.models.registry import FAMILIES
+from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
+                                               QUERY_GROUPS, SHARED_NEURONS, SurgerySpec, TensorSpec, units)
 
-SPECS: dict[str, SurgerySpec] = {"qwen3_moe": QWEN3_MOE, "qwen3_next": QWEN3_NEXT, "mixtral": MIXTRAL}
 Tensors = dict[str, torch.Tensor]
 
 
@@ -120,51 +106,6 @@ def prune_layer(tensors: Tensors, spec: SurgerySpec, cfg: ModelConfig, sel: Sele
     return out
 
 
-class _Source:
-    """A checkpoint read as HF-layout tensors, grouped by mapping location ("embeddings", "layer 3", "mtp 0")."""
-
-    def __init__(self, path: Path) -> None:
-        if (path / MODEL_CONFIG).is_file():
-            self.cfg = load_model_config(path)
-            self._mcore = McoreReader(path)
-            rules = bind_rules(FAMILIES[self.cfg.family].mapping, self.cfg)
-            _check_keys("Megatron", [k for r in rules for k in r.mcore], set(self._mcore.tensors), str(path))
-            self.side_files = path / TOKENIZER_DIR
-        elif (path / "config.json").is_file():
-            self.cfg, rules, self._hf = plan_hf_to_mcore(path)
-            self._mcore = None
-            self.side_files = path
-        else:
-            raise FileNotFoundError(f"{path}: neither an HF checkpoint (config.json) nor a megatron-slim checkpoint "
-                                    f"({MODEL_CONFIG})")
-        self.groups = _grouped(rules)
-
-    def prefetch(self, where: str) -> None:
-        """Start reading a group into the page cache, so its reads overlap the current group's work."""
-        for rule in self.groups[where]:
-            if self._mcore is None:
-                self._hf.prefetch(rule.hf)
-            else:
-                self._mcore.prefetch(rule.mcore)
-
-    def read(self, where: str, meta: bool) -> Tensors:
-        out: Tensors = {}
-        for rule in self.groups[where]:
-            if self._mcore is None:
-                out |= {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
-            else:
-                mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
-                out |= dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))
-        return out
-
-
-def _grouped(rules: list[BoundRule]) -> dict[str, list[BoundRule]]:
-    groups: dict[str, list[BoundRule]] = {}
-    for rule in rules:
-        groups.setdefault(rule.where, []).append(rule)
-    return groups
-
-
 @dataclass(frozen=True)
 class _Job:
     """One student group: which source group it is cut from, and how names move."""
@@ -196,11 +137,11 @@ class Pruner:
     """Runs the plan's jobs against a source, producing each student group's HF tensors in the order of the target
     mapping (the order both writers stream them in)."""
 
-    def __init__(self, plan: CompressionPlan, source: _Source, opts: Options) -> None:
+    def __init__(self, plan: CompressionPlan, source: Source, opts: Options) -> None:
         self.source, self.opts = source, opts
-        self.spec = SPECS[plan.source.family]
+        self.spec = FAMILIES[plan.source.family].surgery
         self.target = plan.target.replace(hf_config={**source.cfg.hf_config, **plan.target.hf_config})
-        self.target_groups = _grouped(bind_rules(FAMILIES[self.target.family].mapping, self.target))
+        self.target_groups = rule_groups(self.target)
         self.jobs = _jobs(plan, list(self.target_groups))
 
     def group(self, idx: int, meta: bool = False) -> Tensors:
@@ -220,17 +161,6 @@ class Pruner:
                                   f"mapping expects {sorted(set(want) - set(out))[:8]}")
         return {k: out[k] for k in want}
 
-    def stream(self, meta: bool = False) -> Iterator[tuple[_Job, Tensors]]:
-        for idx, job in enumerate(self.jobs):
-            yield job, self.group(idx, meta)
-
-
-def _summary(cfg: ModelConfig, tensors: Tensors, is_expert: Callable[[str], bool]) -> Summary:
-    params = sum(t.numel() for t in tensors.values())
-    expert = sum(t.numel() for k, t in tensors.items() if is_expert(k))
-    active = params - round(expert * (1 - cfg.topk / cfg.num_experts))
-    return Summary(len(tensors), params, active, sum(t.numel() * t.element_size() for t in tensors.values()))
-
 
 def prune_checkpoint(plan: CompressionPlan, in_dir: str | Path, out_dir: str | Path, out_format: str = "hf", *,
                      opts: Options = Options(), overwrite: bool = False, dry_run: bool = False,
@@ -239,70 +169,11 @@ def prune_checkpoint(plan: CompressionPlan, in_dir: str | Path, out_dir: str | P
     if out_format not in ("hf", "mcore"):
         raise ValueError(f"out_format must be 'hf' or 'mcore', got {out_format!r}")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    source = _Source(in_dir)
+    source = Source(in_dir)
     check_plan(plan, source.cfg)
     pruner = Pruner(plan, source, opts)
-    write = _write_hf if out_format == "hf" else _write_mcore
-    return write(pruner, out_dir, overwrite=overwrite, dry_run=dry_run, progress=progress)
+    stream = GroupStream(pruner.target, pruner.group, source.side_files, desc="prune", origin="pruned")
+    write = write_hf if out_format == "hf" else write_mcore
+    return write(stream, out_dir, overwrite=overwrite, dry_run=dry_run, progress=progress)
 
 
-def _write_hf(pruner: Pruner, out_dir: Path, *, overwrite: bool, dry_run: bool, progress: bool) -> Summary:
-    planned: Tensors = {}
-    for _, tensors in pruner.stream(meta=True):
-        planned |= tensors
-    expert = re.compile(r".*\.experts\.\d+\.")
-    summary = _summary(pruner.target, planned, lambda k: bool(expert.match(k)))
-    if dry_run:
-        return summary
-    with _staged(out_dir, overwrite) as tmp:
-        writer = HFWriter(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()])
-        for _, tensors in tqdm(pruner.stream(), total=len(pruner.jobs), desc="prune", disable=not progress):
-            for key, t in tensors.items():
-                writer.write(key, t)
-        writer.close()
-        (tmp / "config.json").write_text(json.dumps(hf_config_from(pruner.target), indent=2))
-        _copy_side_files(pruner.source.side_files, tmp)
-    return summary
-
-
-def _to_mcore(pruner: Pruner, job: _Job, hf: Tensors) -> Tensors:
-    out: Tensors = {}
-    for rule in pruner.target_groups[job.where]:
-        out |= dict(zip(rule.mcore, rule.transform.to_mcore([hf[k] for k in rule.hf], pruner.target)))
-    return out
-
-
-def _write_mcore(pruner: Pruner, out_dir: Path, *, overwrite: bool, dry_run: bool, progress: bool) -> Summary:
-    from megatron_slim.checkpoint.dcp_io import write_checkpoint
-    from megatron_slim.checkpoint.layout import LayoutCheck
-
-    target = pruner.target
-    with LayoutCheck(target) as layout:  # computed by a child process while the pruned layers stream
-        planned: Tensors = {}
-        owner: dict[str, int] = {}
-        for idx, (job, hf) in enumerate(pruner.stream(meta=True)):
-            for key, t in _to_mcore(pruner, job, hf).items():
-                layout.plan(key, tuple(t.shape), f"pruned {job.where}")
-                planned[key], owner[key] = t, idx
-        summary = _summary(target, planned, lambda k: ".experts.experts." in k)
-        if dry_run:
-            layout.objects()
-            return summary
-        cache: Tensors = {}
-        bar = tqdm(total=len(pruner.jobs), desc="prune", disable=not progress)
-
-        def produce(key: str) -> torch.Tensor:
-            layout.poll()
-            if key not in cache:
-                cache.clear()
-                cache.update(_to_mcore(pruner, pruner.jobs[owner[key]], pruner.group(owner[key])))
-                bar.update()
-            return cache.pop(key)
-
-        with _staged(out_dir, overwrite) as tmp:
-            write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,
-                             produce)
-            (tmp / MODEL_CONFIG).write_text(json.dumps(target.to_json(), indent=1))
-            _copy_side_files(pruner.source.side_files, tmp / TOKENIZER_DIR)
-        bar.close()
-    return summary

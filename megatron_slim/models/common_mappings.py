@@ -1,8 +1,8 @@
 """Rule tables shared by several families (attention, SwiGLU MLPs); family adapters compose them."""
 from __future__ import annotations
 
-from megatron_slim.checkpoint.mapping import Rule
-from megatron_slim.checkpoint.transforms import EXPERTS_FC1, EXPERTS_FC2, GLU, QKV
+from megatron_slim.models.mapping import Rule
+from megatron_slim.models.transforms import EXPERTS_FC1, EXPERTS_FC2, GLU, QKV
 
 EMBEDDING = Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",))
 FINAL_NORM = Rule(("decoder.final_norm.weight",), ("model.norm.weight",))

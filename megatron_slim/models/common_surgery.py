@@ -1,8 +1,8 @@
 """Surgery tables shared by several families (attention, SwiGLU MLPs, embeddings and head); see
-`compress/surgery_spec.py`. Family tables in `models/<family>/surgery_spec.py` compose them."""
+`models/surgery_spec.py`. Family tables in `models/<family>/surgery_spec.py` compose them."""
 from __future__ import annotations
 
-from megatron_slim.compress.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, HIDDEN, QUERY_GROUPS, Dim,
+from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, HIDDEN, QUERY_GROUPS, Dim,
                                                  TensorSpec)
 
 HIDDEN_COLUMNS = TensorSpec((Dim(HIDDEN, 1),))  # [*, H]: embedding, LM head, a gate reading the stream

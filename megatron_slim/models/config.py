@@ -23,7 +23,7 @@ class UnsupportedModelError(UserError, ValueError):
 
 @dataclass
 class ModelConfig:
-    family: str  # "qwen3_moe" | "qwen3_next" | "mixtral"
+    family: str  # a registered family's name (models/registry.py): "qwen3_moe", "qwen3_next", "mixtral"
     vocab_size: int
     hidden_size: int
     num_layers: int  # HF decoder layers; each is one mixer + one MLP in the hybrid pattern

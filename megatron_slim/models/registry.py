@@ -1,42 +1,40 @@
-"""Per family: HF config parser, HF config writer and parameter mapping. A new family is a folder + one entry."""
+"""The registered model families, by name (`ModelConfig.family`) and HF architecture.
+
+A family is one folder (`models/<family>/`, whose `__init__.py` builds its `Family` record) and one entry in
+`BUILTIN`; everything else (conversion, pruning, accounting) asks the record found here.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from megatron_slim.checkpoint.mapping import FamilyMapping
+from megatron_slim.models import mixtral, qwen3_moe, qwen3_next
 from megatron_slim.models.config import ModelConfig, UnsupportedModelError, load_hf_config
-from megatron_slim.models.mixtral import config as mixtral_config, state_dict_adapter as mixtral_map
-from megatron_slim.models.qwen3_moe import config as qwen3_moe_config, state_dict_adapter as qwen3_moe_map
-from megatron_slim.models.qwen3_next import config as qwen3_next_config, state_dict_adapter as qwen3_next_map
+from megatron_slim.models.family import Family
+
+BUILTIN: tuple[Family, ...] = (qwen3_moe.FAMILY, qwen3_next.FAMILY, mixtral.FAMILY)
+FAMILIES: dict[str, Family] = {}
 
 
-@dataclass(frozen=True)
-class Family:
-    architecture: str
-    from_hf: Callable[[dict[str, Any]], ModelConfig]
-    to_hf: Callable[[ModelConfig], dict[str, Any]]
-    mapping: FamilyMapping
-    max_mtp_layers: int = 0
+def register(family: Family) -> None:
+    """Make `family` known to every tool; a name or architecture is registered once."""
+    taken = [f.name for f in FAMILIES.values() if family.name == f.name or family.architecture == f.architecture]
+    if taken:
+        raise ValueError(f"family {family.name!r} ({family.architecture}) clashes with the registered {taken[0]!r}")
+    FAMILIES[family.name] = family
 
 
-FAMILIES: dict[str, Family] = {
-    "qwen3_moe": Family("Qwen3MoeForCausalLM", qwen3_moe_config.from_hf, qwen3_moe_config.to_hf, qwen3_moe_map.MAPPING),
-    # The HF Qwen3-Next layout has one set of MTP fc/norm tensors, so one MTP depth.
-    "qwen3_next": Family("Qwen3NextForCausalLM", qwen3_next_config.from_hf, qwen3_next_config.to_hf,
-                         qwen3_next_map.MAPPING, max_mtp_layers=1),
-    "mixtral": Family("MixtralForCausalLM", mixtral_config.from_hf, mixtral_config.to_hf, mixtral_map.MAPPING),
-}
-_BY_ARCH = {f.architecture: f for f in FAMILIES.values()}
+for _family in BUILTIN:
+    register(_family)
 
 
 def family_of_hf(hf: dict[str, Any]) -> Family:
+    by_arch = {f.architecture: f for f in FAMILIES.values()}
     archs = hf.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in _BY_ARCH:
+    if len(archs) != 1 or archs[0] not in by_arch:
         raise UnsupportedModelError(
-            f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(_BY_ARCH)}")
-    return _BY_ARCH[archs[0]]
+            f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(by_arch)}")
+    return by_arch[archs[0]]
 
 
 def model_config_from_hf(hf: dict[str, Any] | str | Path, mtp_num_layers: int = 0) -> ModelConfig:

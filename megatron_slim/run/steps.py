@@ -56,10 +56,10 @@ class Step:
 # ---- prepare -----------------------------------------------------------------------------------------------------
 def convert_teacher(ctx: Context) -> dict[str, Any]:
     from megatron_slim.checkpoint.convert import hf_to_mcore
-    from megatron_slim.checkpoint.mcore import MODEL_CONFIG
+    from megatron_slim.checkpoint.files import checkpoint_kind
 
     teacher = ctx.recipe.teacher
-    if (teacher / MODEL_CONFIG).is_file():
+    if checkpoint_kind(teacher) == "mcore":
         return {"mcore": str(teacher), "tokenizer": str(teacher / "tokenizer")}
     out = ctx.workdir / "teacher" / "mcore"
     hf_to_mcore(teacher, out, overwrite=True, progress=ctx.progress)

@@ -6,7 +6,8 @@ from typing import Any
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, MOE, ModelConfig
 from megatron_slim.models.hf_fields import decoder_fields, require_values
 
-FAMILY = "qwen3_moe"
+NAME = "qwen3_moe"
+ARCHITECTURE = "Qwen3MoeForCausalLM"
 
 
 def moe_layer_types(hf: dict[str, Any], num_experts: int) -> list[str]:
@@ -18,11 +19,11 @@ def moe_layer_types(hf: dict[str, Any], num_experts: int) -> list[str]:
 
 
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
-    require_values(hf, {"hidden_act": ("silu",), "attention_bias": (False,), "use_sliding_window": (False,)}, FAMILY)
+    require_values(hf, {"hidden_act": ("silu",), "attention_bias": (False,), "use_sliding_window": (False,)}, NAME)
     n = hf["num_hidden_layers"]
     num_experts = hf.get("num_experts", hf.get("num_local_experts"))
     return ModelConfig(
-        **decoder_fields(hf, FAMILY),
+        **decoder_fields(hf, NAME),
         num_experts=num_experts,
         topk=hf["num_experts_per_tok"],
         moe_ffn_hidden_size=hf["moe_intermediate_size"],
@@ -39,7 +40,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf = dict(cfg.hf_config)
     experts_key = "num_experts" if "num_experts" in hf or "num_local_experts" not in hf else "num_local_experts"
     hf.update(
-        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=cfg.vocab_size,
+        architectures=[ARCHITECTURE], model_type="qwen3_moe", vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim, num_experts_per_tok=cfg.topk,
         moe_intermediate_size=cfg.moe_ffn_hidden_size, norm_topk_prob=cfg.norm_topk_prob,

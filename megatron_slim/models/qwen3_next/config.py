@@ -8,7 +8,8 @@ from megatron_slim.models.config import ATTENTION, GDN, ModelConfig, Unsupported
 from megatron_slim.models.hf_fields import decoder_fields, partial_rotary, require_values
 from megatron_slim.models.qwen3_moe.config import moe_layer_types
 
-FAMILY = "qwen3_next"
+NAME = "qwen3_next"
+ARCHITECTURE = "Qwen3NextForCausalLM"
 _MIXERS = {"linear_attention": GDN, "full_attention": ATTENTION}
 
 
@@ -20,16 +21,16 @@ def _layer_types(hf: dict[str, Any]) -> list[str]:
         types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
     unknown = set(types) - set(_MIXERS)
     if unknown or len(types) != n:
-        raise UnsupportedModelError(f"{FAMILY}: unsupported layer_types {sorted(unknown) or types}")
+        raise UnsupportedModelError(f"{NAME}: unsupported layer_types {sorted(unknown) or types}")
     return [_MIXERS[t] for t in types]
 
 
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
-    require_values(hf, {"hidden_act": ("silu",), "attention_bias": (False,)}, FAMILY)
+    require_values(hf, {"hidden_act": ("silu",), "attention_bias": (False,)}, NAME)
     num_experts = hf.get("num_experts", hf.get("num_local_experts"))
     shared = hf.get("shared_expert_intermediate_size", 0) or 0
     return ModelConfig(
-        **decoder_fields(hf, FAMILY),
+        **decoder_fields(hf, NAME),
         rotary_percent=partial_rotary(hf),
         num_experts=num_experts,
         topk=hf["num_experts_per_tok"],
@@ -58,7 +59,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf = moe_to_hf(cfg)
     names = {v: k for k, v in _MIXERS.items()}
     hf.update(
-        architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
+        architectures=[ARCHITECTURE], model_type="qwen3_next",
         layer_types=[names[t] for t in cfg.mixer_types],
         shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_size,
         linear_num_key_heads=cfg.linear_num_key_heads, linear_num_value_heads=cfg.linear_num_value_heads,

@@ -4,10 +4,10 @@ Gated attention (q_proj holds [query, gate] per head), Gated DeltaNet (grouped i
 A_log, dt_bias, plain gated output norm), MoE with a sigmoid-gated shared expert, and the MTP head
 (`mtp.fc` projects [norm(embedding), norm(hidden)], like megatron-core's eh_proj).
 """
-from megatron_slim.checkpoint.mapping import FamilyMapping, Rule
-from megatron_slim.checkpoint.transforms import GDN_BA, GDN_CONV, GDN_QKVZ, GLU, NORM_MINUS_ONE
 from megatron_slim.models.common_mappings import DENSE_MLP, EMBEDDING, FINAL_NORM, OUTPUT, attention, routed_experts
 from megatron_slim.models.config import ATTENTION, DENSE_MLP as DENSE, GDN, MOE
+from megatron_slim.models.mapping import FamilyMapping, Rule
+from megatron_slim.models.transforms import GDN_BA, GDN_CONV, GDN_QKVZ, GLU, NORM_MINUS_ONE
 
 _IN = "self_attention.in_proj.weight."
 _CONV = "self_attention.conv1d.weight."

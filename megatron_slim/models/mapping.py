@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from megatron_slim.checkpoint.transforms import IDENTITY, Transform
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.transforms import IDENTITY, Transform
 
 
 @dataclass(frozen=True)

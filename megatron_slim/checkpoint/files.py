@@ -1,0 +1,61 @@
+"""What every checkpoint reader and writer shares: which format a directory holds, the files that travel with the
+weights, staging an output so that only a complete one ever appears, and the check that a mapping's tensors are
+all there."""
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Literal
+
+from megatron_slim.checkpoint.mcore import MODEL_CONFIG
+from megatron_slim.errors import CheckpointError, UserError
+
+HF_CONFIG = "config.json"  # marks an HF checkpoint directory
+TOKENIZER_DIR = "tokenizer"  # HF tokenizer/generation files carried inside Megatron checkpoints
+_HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def checkpoint_kind(path: str | Path) -> Literal["mcore", "hf"]:
+    """Whether `path` is a megatron-slim Megatron checkpoint or an HF one, by its marker file."""
+    path = Path(path)
+    if (path / MODEL_CONFIG).is_file():
+        return "mcore"
+    if (path / HF_CONFIG).is_file():
+        return "hf"
+    raise UserError(f"{path} is neither a Megatron checkpoint ({MODEL_CONFIG}) nor an HF checkpoint ({HF_CONFIG})")
+
+
+@contextmanager
+def staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield `<out>.partial`; move it to `out` only if the body completes."""
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (use --overwrite to replace it)")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def check_keys(kind: str, required: list[str], present: set[str], where: str) -> None:
+    """Every tensor the mapping needs is in the checkpoint (one error listing the first missing ones)."""
+    missing = [k for k in required if k not in present]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} {kind} tensors required by the mapping are missing: "
+                              f"{missing[:10]}")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer and generation files travel with the weights."""
+    for name in _HF_SIDE_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)

@@ -1,0 +1,90 @@
+"""Reading a checkpoint as HF-layout tensors, whatever its format, one mapping group at a time.
+
+An HF checkpoint is validated against its config and family mapping from the headers alone
+(`plan_hf_to_mcore`); a Megatron checkpoint is read through the mapping's `to_hf` transforms. Either way a reader
+hands out the tensors of one group ("embeddings", "layer 3", "head", "mtp 0") under their HF names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_slim.checkpoint.dcp_io import McoreReader
+from megatron_slim.checkpoint.files import TOKENIZER_DIR, check_keys, checkpoint_kind
+from megatron_slim.checkpoint.mcore import load_model_config
+from megatron_slim.checkpoint.safetensors_io import HFReader
+from megatron_slim.errors import CheckpointError
+from megatron_slim.models.config import ModelConfig, load_hf_config
+from megatron_slim.models.mapping import BoundRule, bind_rules, detect_mtp_layers
+from megatron_slim.models.registry import FAMILIES, family_of_hf, model_config_from_hf
+
+Tensors = dict[str, torch.Tensor]
+
+
+def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], HFReader]:
+    """Validate an HF checkpoint against its config and the mapping, reading headers only."""
+    reader = HFReader(hf_dir)
+    hf = load_hf_config(hf_dir)
+    family = family_of_hf(hf)
+    mtp = detect_mtp_layers(reader.keys(), family.mapping) if family.max_mtp_layers else 0
+    cfg = model_config_from_hf(hf, mtp_num_layers=mtp)
+    emb = reader.tensors.get("model.embed_tokens.weight")
+    if emb is not None:
+        cfg.hf_config["dtype"] = str(emb.dtype).replace("torch.", "")
+    rules = bind_rules(family.mapping, cfg)
+    consumed = [k for r in rules for k in r.hf]
+    check_keys("HF", consumed, set(reader.keys()), str(hf_dir))
+    unused = sorted(set(reader.keys()) - set(consumed))
+    if unused:
+        raise CheckpointError(f"{hf_dir}: {len(unused)} HF tensors are not consumed by the {cfg.family} mapping "
+                              f"(nothing is dropped silently): {unused[:10]}")
+    return cfg, rules, reader
+
+
+def grouped(rules: list[BoundRule]) -> dict[str, list[BoundRule]]:
+    """Bound rules by location, in checkpoint order."""
+    groups: dict[str, list[BoundRule]] = {}
+    for rule in rules:
+        groups.setdefault(rule.where, []).append(rule)
+    return groups
+
+
+def rule_groups(cfg: ModelConfig) -> dict[str, list[BoundRule]]:
+    """`cfg`'s family mapping bound to `cfg`, by location in checkpoint order."""
+    return grouped(bind_rules(FAMILIES[cfg.family].mapping, cfg))
+
+
+class Source:
+    """A checkpoint read as HF-layout tensors, grouped by mapping location ("embeddings", "layer 3", "mtp 0")."""
+
+    def __init__(self, path: Path) -> None:
+        if checkpoint_kind(path) == "mcore":
+            self.cfg = load_model_config(path)
+            self._mcore = McoreReader(path)
+            rules = bind_rules(FAMILIES[self.cfg.family].mapping, self.cfg)
+            check_keys("Megatron", [k for r in rules for k in r.mcore], set(self._mcore.tensors), str(path))
+            self.side_files = path / TOKENIZER_DIR
+        else:
+            self.cfg, rules, self._hf = plan_hf_to_mcore(path)
+            self._mcore = None
+            self.side_files = path
+        self.groups = grouped(rules)
+
+    def prefetch(self, where: str) -> None:
+        """Start reading a group into the page cache, so its reads overlap the current group's work."""
+        for rule in self.groups[where]:
+            if self._mcore is None:
+                self._hf.prefetch(rule.hf)
+            else:
+                self._mcore.prefetch(rule.mcore)
+
+    def read(self, where: str, meta: bool) -> Tensors:
+        out: Tensors = {}
+        for rule in self.groups[where]:
+            if self._mcore is None:
+                out |= {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
+            else:
+                mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
+                out |= dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))
+        return out

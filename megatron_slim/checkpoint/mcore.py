@@ -13,14 +13,9 @@ import torch.distributed as dist
 
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.unwrap import unwrap_model
 
 MODEL_CONFIG = "model_config.json"
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def save_model(model: torch.nn.Module, ckpt_dir: str | Path, cfg: ModelConfig) -> None:
@@ -31,7 +26,7 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, cfg: ModelConfig) -
     if dist.get_rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_unwrap(model).sharded_state_dict(), str(ckpt_dir))
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), str(ckpt_dir))
     if dist.get_rank() == 0:
         (ckpt_dir / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
     dist.barrier()
@@ -44,7 +39,7 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     sharded = inner.sharded_state_dict()
     state = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
     # A training checkpoint's common (non-sharded) entries (step, scheduler, optimizer hyper-parameters) come back

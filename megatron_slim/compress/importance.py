@@ -41,6 +41,7 @@ from tqdm import tqdm
 from megatron_slim.compress.importance_file import Importance, layer_prefix
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
+from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.distributed import local_device
 
 _LM_LOSS = "_lm_loss"  # internal sums: [sum of per-token LM loss, predicted tokens]
@@ -96,12 +97,6 @@ def stat_shapes(cfg: ModelConfig, layer_loss: bool) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
@@ -151,7 +146,7 @@ class _Collector:
         self.replica_leader = self.tp_rank == 0 and ps.get_data_parallel_rank() == 0
         self._handles: list = []
         self._block_inputs: dict[str, torch.Tensor] = {}
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         for layer in inner.decoder.layers:
             index = layer.layer_number - 1  # global hybrid layer index (1-based layer_number)
             self._watch(layer, layer_prefix(index // 2), mixer=index % 2 == 0, main=True)
@@ -279,7 +274,7 @@ def _identity_layer(hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch
 @contextmanager
 def skipped_layer(model: torch.nn.Module, layer: int) -> Iterator[None]:
     """Run decoder layer `layer` (hybrid layers 2i and 2i+1) as the identity, on the stage that holds it."""
-    targets = [m for m in _unwrap(model).decoder.layers if (m.layer_number - 1) // 2 == layer]
+    targets = [m for m in unwrap_model(model).decoder.layers if (m.layer_number - 1) // 2 == layer]
     for m in targets:
         m.forward = _identity_layer
     try:

@@ -19,13 +19,8 @@ from megatron_slim.eval.metrics import (acceptance_counts, acceptance_summary, d
                                         vocab_parallel_argmax)
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.forward import forward_microbatches
+from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.distributed import local_device
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _tp_group() -> dist.ProcessGroup | None:
@@ -55,7 +50,7 @@ def _forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int
     from megatron.core import parallel_state as ps
 
     seq = tokens.shape[1]
-    multiple = ps.get_tensor_model_parallel_world_size() if _unwrap(model).config.sequence_parallel else 1
+    multiple = ps.get_tensor_model_parallel_world_size() if unwrap_model(model).config.sequence_parallel else 1
     padded = F.pad(tokens, (0, -seq % multiple))
     bulk = len(tokens) - len(tokens) % micro_batch
     for lo, hi, size in ((0, bulk, micro_batch), (bulk, len(tokens), len(tokens) - bulk)):
@@ -85,7 +80,7 @@ def recursive_mtp_depths(model: torch.nn.Module, depths: int) -> Iterator[list[l
     records the last layer's call and output, and a hook on the block feeds that output back into the same layer
     with the same mask and rotary embeddings. Yields a list that receives, per forward, the hidden states [S, b, H]
     of depths L+1..depths (L = mtp_num_layers); it stays empty when depths <= L."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     extra: list[list[torch.Tensor]] = []
     num_layers = inner.config.mtp_num_layers or 0
     if depths <= num_layers or not getattr(inner, "mtp_process", False):
@@ -181,7 +176,7 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
         weights = weights.to(device)
         first = prompts.shape[1] - 1
         seqs = greedy_continuation(model, prompts[idx].to(device), gen_tokens, micro_batch)
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         with recursive_mtp_depths(model, k) as extra:
             def on_mtp_logits(depth_logits: list[torch.Tensor], rows: slice) -> None:
                 depth_logits = depth_logits[:k]

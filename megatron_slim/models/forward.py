@@ -5,6 +5,8 @@ from typing import Callable
 
 import torch
 
+from megatron_slim.models.unwrap import unwrap_model
+
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -20,16 +22,10 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(logits)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def mtp_logits_from_hidden(model: torch.nn.Module, mtp_hidden: torch.Tensor) -> list[torch.Tensor]:
     """Vocab-parallel logits [b, S, V/tp] of each MTP depth from the MTP block's output, which megatron-core
     concatenates along the sequence as [main; depth 1; ...] (the same split its MTP loss uses)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     chunks = torch.chunk(mtp_hidden, 1 + inner.config.mtp_num_layers, dim=0)[1:]
     weight = inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights else None
     return [inner.output_layer(h, weight=weight)[0].transpose(0, 1) for h in chunks]
@@ -43,7 +39,7 @@ def forward_microbatches(model: torch.nn.Module, tokens: torch.Tensor, micro_bat
     `on_mtp_logits(per_depth_logits, rows)` the MTP heads' logits (position t of depth k predicts token t+k+1)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     captured: list[torch.Tensor] = []
     hook = None
     if on_mtp_logits is not None and getattr(inner, "mtp_process", False):

@@ -43,6 +43,7 @@ import yaml
 from megatron_slim.compress.target import SIZE_FIELDS, TargetError, TargetSpec
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.runtime.config_loader import load_dataclass
 
 PRESETS = ("one_shot", "depth_first")
 # run-config sections that the run owns: a recipe setting them would be silently overridden
@@ -55,7 +56,9 @@ class RecipeError(UserError):
 
 
 @dataclass(frozen=True)
-class DataSection:
+class DataSources:
+    """The recipe's raw data, one source per use (the run tokenizes .jsonl files once); each stage's distillation
+    then reads the training source as the run config's `data.blend` (train/config.py DataSection)."""
     train: str | list[list[Any]] = ""
     calibration: str = ""
     heldout: str = ""
@@ -100,7 +103,7 @@ class Stage:
 class Recipe:
     name: str
     teacher: Path
-    data: DataSection
+    data: DataSources
     parallel: ParallelSection
     nproc: int
     importance: ImportanceSection
@@ -121,40 +124,6 @@ class Recipe:
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
-def _section(cls: type, data: Any, where: str, problems: list[str]) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping, got {type(data).__name__}")
-        return cls()
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        problems.append(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-    values = {}
-    for k, v in data.items():
-        if k not in known:
-            continue
-        default = known[k].default
-        if isinstance(default, bool):
-            ok = isinstance(v, bool)
-        elif isinstance(default, float):
-            try:
-                v = float(v)  # YAML reads 5e7 as a string
-                ok = True
-            except (TypeError, ValueError):
-                ok = False
-        elif isinstance(default, int):
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        else:
-            ok = True
-        if ok:
-            values[k] = v
-        else:
-            problems.append(f"{where}.{k}: wrong type ({v!r})")
-    return cls(**values)
-
-
 def _merge(base: dict, over: dict) -> dict:
     """Deep merge of run-config sections (mappings merge, values replace)."""
     out = copy.deepcopy(base)
@@ -232,7 +201,7 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
 
     if not raw.get("teacher"):
         problems.append("teacher is required (HF or Megatron checkpoint directory)")
-    data = _section(DataSection, raw.get("data"), "data", problems)
+    data = load_dataclass(DataSources, raw.get("data"), "data", problems)
     train = data.train
     if isinstance(train, str):
         train = str(path(train)) if train else ""
@@ -247,12 +216,12 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     for key in ("calibration", "heldout"):
         if not getattr(data, key):
             problems.append(f"data.{key} is required")
-    parallel = _section(ParallelSection, raw.get("parallel"), "parallel", problems)
+    parallel = load_dataclass(ParallelSection, raw.get("parallel"), "parallel", problems)
     nproc = raw.get("nproc", parallel.tp * parallel.pp * parallel.ep)
     if not isinstance(nproc, int) or nproc < 1:
         problems.append(f"nproc must be a positive integer, got {nproc!r}")
-    importance = _section(ImportanceSection, raw.get("importance"), "importance", problems)
-    evaluation = _section(EvaluationSection, raw.get("evaluation"), "evaluation", problems)
+    importance = load_dataclass(ImportanceSection, raw.get("importance"), "importance", problems)
+    evaluation = load_dataclass(EvaluationSection, raw.get("evaluation"), "evaluation", problems)
     training = _check_training(raw.get("training"), "training", problems)
 
     final = _target(raw.get("target", {}), "target", problems) if "target" in raw else None

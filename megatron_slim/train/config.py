@@ -1,4 +1,5 @@
-"""The run config (`megatron-slim train --config RUN.yaml`): explicit dataclasses, unknown keys are errors."""
+"""The run config (`megatron-slim train --config RUN.yaml`): explicit dataclasses read by the recipes' loader
+(`runtime/config_loader.py`: unknown keys and wrong types are errors, all reported at once)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,9 @@ from typing import Any
 
 import yaml
 
+from megatron_slim.distill.objective import Objective
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import load_dataclass
 
 
 @dataclass
@@ -77,15 +80,8 @@ class PrecisionSection:
 
 
 @dataclass
-class LossSection:
-    kd_weight: float = 0.5  # alpha: total = alpha * KD + (1 - alpha) * LM (+ MTP terms + MoE aux)
-    kd_kind: str = "fkl"  # fkl | rkl | jsd
-    temperature: float = 1.0
-    mtp_lm_weight: float = 0.1
-    mtp_kd_weight: float = 0.1  # student MTP depth k distilled toward the teacher distribution chosen below
-    # main: the teacher's main head at position t+k (predicts the same token); mtp: the teacher's own MTP depth k
-    # at position t (the teacher needs at least as many MTP depths as the student)
-    mtp_kd_source: str = "main"
+class LossSection(Objective):
+    """The objective's terms, plus the MoE auxiliary losses megatron-core adds inside the model."""
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: float | None = None
 
@@ -170,42 +166,22 @@ class RunConfig:
             raise UserError("invalid run config: " + "; ".join(problems))
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise UserError(f"{where}: unknown keys {unknown} (known: {sorted(fields)})")
-    kwargs = {}
-    for name, value in data.items():
-        ftype = fields[name].type
-        sub = _SECTIONS.get(name) if cls is RunConfig else None
-        if sub is not None:
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
-        elif "float" in str(ftype) and isinstance(value, (int, float, str)) and value is not None:
-            kwargs[name] = float(value)  # YAML reads 400e9 as a string
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-_SECTIONS: dict[str, type] = {
-    "model": ModelSection, "teacher": ModelSection, "data": DataSection, "parallel": ParallelSection,
-    "batch": BatchSection, "train": TrainSection, "optimizer": OptimizerSection, "schedule": ScheduleSection,
-    "precision": PrecisionSection, "loss": LossSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
-}
+def _build(data: Any, where: str) -> RunConfig:
+    """Every problem of the config in one error."""
+    problems: list[str] = []
+    cfg = load_dataclass(RunConfig, data, where, problems)
+    if problems:
+        raise UserError("; ".join(problems))
+    return cfg
 
 
 def load_run_config(path: str | Path) -> RunConfig:
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return _build(RunConfig, data, str(path))
+    return _build(data, str(path))
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
-    return _build(RunConfig, data, "config")
+    return _build(data, "config")
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:

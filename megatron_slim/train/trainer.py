@@ -3,13 +3,11 @@
 Student: HybridModel wrapped in megatron-core DDP with the distributed optimizer; micro-batches and gradient
 accumulation (and pipeline schedules when pp > 1) through `get_forward_backward_func`. Teacher (optional): built
 from its own checkpoint at the same TP/PP/EP layout, frozen, forward-only on the same micro-batch; with pp > 1 its
-activations travel with the student's through the pipeline (`train/pair.py`). Losses come from
-`megatron_slim.distill.losses` on vocab-parallel logits (never gathered):
-    total = alpha * KD + (1 - alpha) * LM + w_mtp_lm * mean_k MTP-LM_k + w_mtp_kd * mean_k MTP-KD_k (+ MoE aux)
-MTP-KD_k distils the student's MTP depth k at position t toward the teacher's main head at t+k (loss.mtp_kd_source:
-main, the default) or toward the teacher's own MTP depth k at t (mtp; the teacher is then built with the student's
-number of MTP depths). With bf16 the student is loaded before the optimizer is built: megatron-core's optimizer
-keeps fp32 master copies of the bf16 weights, taken when it is built.
+activations travel with the student's through the pipeline (`train/pair.py`). The loop is generic: the objective
+(LM, KD and MTP terms, `megatron_slim.distill.objective`) is the forward step it hands to megatron-core's schedule;
+with loss.mtp_kd_source: mtp the teacher is built with the student's number of MTP depths. With bf16 the student is
+loaded before the optimizer is built: megatron-core's optimizer keeps fp32 master copies of the bf16 weights, taken
+when it is built.
 SIGTERM/SIGUSR1 (SLURM preemption, time limit) -> checkpoint at the next step boundary and exit 75, launch.sh's
 "requeue me" status.
 """
@@ -23,15 +21,12 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from megatron_slim.distill.objective import forward_step
 from megatron_slim.errors import UserError
-from megatron_slim.runtime.distributed import local_device
+from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 from megatron_slim.train import checkpointing
 from megatron_slim.train.config import RunConfig, run_config_to_dict
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 class _RouterLoad:
@@ -160,6 +155,7 @@ class Trainer:
         self._build_data()
         self.router_load = _RouterLoad(student)
         self.stop = StopFlag()
+        self.forward_step = forward_step(c.loss, student, self.tp_group, distilled=self.teacher is not None)
         self.reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                          and self.dp_rank == 0)
         self.logger = None
@@ -204,57 +200,6 @@ class Trainer:
             print(msg, flush=True)
 
     # ---- one step -----------------------------------------------------------------------------------------------
-    def _forward_step(self, data_iterator, model):
-        from megatron_slim.distill.losses import kd_loss, lm_loss, mtp_kd_loss
-        from megatron_slim.models.forward import mtp_logits_from_hidden
-
-        batch = next(data_iterator)
-        dev = local_device()
-        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
-        loss_mask = batch["loss_mask"].to(dev).float()
-        pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-        inner = self.student
-        captured: list[torch.Tensor] = []
-        hook = (inner.mtp.register_forward_hook(lambda m, a, out: captured.append(out))
-                if getattr(inner, "mtp_process", False) else None)
-        try:
-            output = model(tokens, pos, None)
-        finally:
-            if hook is not None:
-                hook.remove()
-        pair = _unwrap(model) if self.teacher is not None else None
-        teacher_logits = pair.teacher_logits if pair is not None else None
-        teacher_mtp = pair.teacher_mtp_logits if pair is not None else []
-        c = self.cfg.loss
-
-        def loss_func(logits: torch.Tensor):
-            lm = lm_loss(logits, labels, loss_mask, tp_group=self.tp_group)
-            parts = {"lm": lm}
-            total = (1.0 - c.kd_weight) * lm
-            if teacher_logits is not None and c.kd_weight > 0:
-                parts["kd"] = kd_loss(logits, teacher_logits, kind=c.kd_kind, temperature=c.temperature,
-                                      loss_mask=loss_mask, tp_group=self.tp_group)
-                total = total + c.kd_weight * parts["kd"]
-            if captured:
-                depths = mtp_logits_from_hidden(inner, captured[0])
-                mtp_lm = sum(lm_loss(lg[:, :-k], labels[:, k:], loss_mask[:, k:], tp_group=self.tp_group)
-                             for k, lg in enumerate(depths, start=1)) / len(depths)
-                parts["mtp_lm"] = mtp_lm
-                total = total + c.mtp_lm_weight * mtp_lm
-                if teacher_logits is not None and c.mtp_kd_weight > 0:
-                    targets = teacher_mtp if c.mtp_kd_source == "mtp" else [teacher_logits] * len(depths)
-                    mtp_kd = sum(mtp_kd_loss(lg, target, k, loss_mask, source=c.mtp_kd_source, kind=c.kd_kind,
-                                             temperature=c.temperature, tp_group=self.tp_group)
-                                 for k, (lg, target) in enumerate(zip(depths, targets, strict=True), start=1)
-                                 ) / len(depths)
-                    parts["mtp_kd"] = mtp_kd
-                    total = total + c.mtp_kd_weight * mtp_kd
-            parts["loss"] = total
-            # clone: the schedule scales the returned loss in place by 1/num_microbatches
-            return total, {k: v.detach().float().clone() for k, v in parts.items()}
-
-        return output, loss_func
-
     def train_step(self) -> dict:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -267,9 +212,9 @@ class Trainer:
         nmb = c.batch.global_batch_size // (c.batch.micro_batch_size * self.dp_size)
         it = microbatches(self.train_ds, self.step, c.batch.global_batch_size, c.batch.micro_batch_size,
                           self.dp_rank, self.dp_size)
-        widen = _unwrap(self.model).pipeline_shapes if self.teacher is not None and self.parallel.pp > 1 else None
+        widen = unwrap_model(self.model).pipeline_shapes if self.teacher is not None and self.parallel.pp > 1 else None
         results = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=it, model=[self.model], num_microbatches=nmb,
+            forward_step_func=self.forward_step, data_iterator=it, model=[self.model], num_microbatches=nmb,
             seq_length=c.data.seq_length, micro_batch_size=c.batch.micro_batch_size, forward_only=False,
             adjust_tensor_shapes_fn=widen)
         ok, grad_norm, _ = self.optimizer.step()
@@ -296,12 +241,14 @@ class Trainer:
                            c.checkpoint.keep_last)
 
     def train(self) -> int:
+        """Steps to the end, to an exit_interval boundary (0) or to an agreed stop signal (REQUEUE_EXIT_CODE); each
+        way out saves a checkpoint first."""
         c = self.cfg
         total = c.total_iters
         active = 0.0
         if c.logging.peak_tflops:  # training FLOPs ~ 6 * active params per token; the teacher adds a forward (2x)
             active = _active_params(self.model_cfg) + (_active_params(self.teacher_cfg) / 3 if self.teacher else 0)
-        t_last, steps_since = time.time(), 0
+        t_last, steps_since, status = time.time(), 0, 0
         while self.step < total:
             record = self.train_step()
             steps_since += 1
@@ -320,17 +267,14 @@ class Trainer:
                 self.save()
             if c.train.exit_interval and self.step % c.train.exit_interval == 0 and self.step < total:
                 self._log_rank0(f"exit_interval: checkpointing at step {self.step} and exiting")
-                self.save()
-                self._close()
-                return 0
+                break
             if self.stop.agreed():
                 self._log_rank0(f"stop signal: checkpointing at step {self.step} and exiting for requeue")
-                self.save()
-                self._close()
-                return REQUEUE_EXIT_CODE
+                status = REQUEUE_EXIT_CODE
+                break
         self.save()
         self._close()
-        return 0
+        return status
 
     def _close(self) -> None:
         self.stop.restore()

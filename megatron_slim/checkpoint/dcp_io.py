@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.api import CheckpointException
@@ -31,6 +31,7 @@ from torch.futures import Future
 from torch.utils.serialization import config as serialization_config
 
 from megatron_slim.checkpoint.readahead import advise_willneed
+from megatron_slim.checkpoint.safe_metadata import SafeFileSystemReader
 from megatron_slim.checkpoint.splice import Splices, SpliceStream
 
 
@@ -123,8 +124,8 @@ def write_checkpoint(out_dir: str | Path, entries: list[tuple[str, tuple[int, ..
     (out / MCORE_CONFIG_FILE).write_text(json.dumps(MCORE_CONFIG))
 
 
-class _CachedReader(FileSystemReader):
-    """Reads the DCP metadata once, not once per load call."""
+class _CachedReader(SafeFileSystemReader):
+    """Reads the DCP metadata once (refusing anything but metadata records), not once per load call."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)

@@ -36,12 +36,13 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Collective: load this rank's shards of every parameter; a parameter missing from the checkpoint is an
     error. Extra checkpoint entries (optimizer state of training checkpoints, a teacher's MTP head when it is built
     without one) are left unread."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_slim.checkpoint import safe_metadata
 
     inner = unwrap_model(model)
     sharded = inner.sharded_state_dict()
-    state = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
+    state = safe_metadata.load(sharded, ckpt_dir, strict=StrictHandling.RAISE_UNEXPECTED)
     # A training checkpoint's common (non-sharded) entries (step, scheduler, optimizer hyper-parameters) come back
     # merged at the top level: keep the model's own keys.
     inner.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=True)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_slim.checkpoint import safe_metadata
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
@@ -121,7 +122,6 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
 
 def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
     """Collective: restore model, optimizer, scheduler and RNG; returns {"step", "extra"}."""
-    from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     path = iter_dir(Path(save_dir), step)
@@ -130,7 +130,7 @@ def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
     # creates it; everything it touches is overwritten by the load below.
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         opt._init_optimizer_states_with_dummy_values()
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path))
+    state = safe_metadata.load(_sharded_state(model, optimizer, loading=True), path)
     model.load_state_dict(state["model"], strict=True)
     with torch.no_grad():  # fp32 models: the optimizer's main params are views of the (grad-requiring) weights
         try:

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_slim.errors import CheckpointError
-from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.config import ModelConfig, read_json_object
 from megatron_slim.models.unwrap import unwrap_model
 
 MODEL_CONFIG = "model_config.json"
@@ -52,8 +51,4 @@ def load_model_config(ckpt_dir: str | Path) -> ModelConfig:
     p = Path(ckpt_dir) / MODEL_CONFIG
     if not p.is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron-slim checkpoint (no {MODEL_CONFIG})")
-    try:
-        data = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
-    return ModelConfig.from_json(data, str(p))
+    return ModelConfig.from_json(read_json_object(p), str(p))

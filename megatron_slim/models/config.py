@@ -108,16 +108,21 @@ class ModelConfig:
         return cls(**d)
 
 
+def read_json_object(p: Path) -> dict[str, Any]:
+    """A config file's JSON object; broken JSON or another kind of value is an error naming the file."""
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: not a JSON object")
+    return data
+
+
 def load_hf_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
         raise FileNotFoundError(f"no config.json at {p}")
-    try:
-        config = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{p}: not a JSON object")
-    return config
+    return read_json_object(p)

@@ -214,3 +214,29 @@ def test_verify_fails_when_the_models_disagree(tiny_hf, tmp_path):
     assert wrong.returncode == 1, wrong.stderr[-2000:]
     assert "megatron-slim verify: parity FAILED: main: top-1 agreement" in wrong.stderr
     assert _cli("verify", "--hf", str(other), "--mcore", str(mc), "--seq-len", "16", "--min-top1", "0").returncode == 0
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["input", "parent", "unrelated"])
+def test_convert_never_overwrites_its_input_or_a_foreign_directory(tiny_hf, tmp_path, where):
+    """`--overwrite` used to delete the input (--out equal to --hf) or a whole parent directory, exit 0; now the
+    conversion is refused before anything is touched, and only our own outputs are ever replaced."""
+    hf = _copy(tiny_hf, tmp_path / "models" / "hf")
+    (tmp_path / "models" / "notes.txt").write_text("keep me")
+    out = {"input": hf, "parent": tmp_path / "models", "unrelated": tmp_path / "photos"}[where]
+    if where == "unrelated":
+        out.mkdir()
+        (out / "cat.jpg").write_bytes(b"\xff\xd8")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(out), "--overwrite", "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "models" / "notes.txt").read_text() == "keep me"
+
+
+def test_convert_overwrites_its_own_output(tiny_hf, tmp_path):
+    out = tmp_path / "mc"
+    for _ in range(2):
+        proc = _cli("convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(out), "--overwrite", "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model_config.json").is_file() and not (tmp_path / "mc.partial").exists()

@@ -108,7 +108,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
             bar.update(t.numel() * t.element_size())
             return t
 
-        with staged(out_dir, overwrite) as tmp, closing(Splices()) as splices:
+        with staged(out_dir, overwrite, [hf_dir]) as tmp, closing(Splices()) as splices:
             write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,
                              produce, splices)
             (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
@@ -136,7 +136,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     if dry_run:
         return summary
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
-    with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite) as tmp:
+    with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite, [mcore_dir]) as tmp:
         writer = HFWriter(tmp, plan)
         for rule in rules:
             tensors = reader.read(rule.mcore)

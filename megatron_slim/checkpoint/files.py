@@ -6,10 +6,11 @@ from __future__ import annotations
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import CheckpointError, UserError
+from megatron_slim.runtime.outputs import claim_output
 
 HF_CONFIG = "config.json"  # marks an HF checkpoint directory
 TOKENIZER_DIR = "tokenizer"  # HF tokenizer/generation files carried inside Megatron checkpoints
@@ -28,21 +29,11 @@ def checkpoint_kind(path: str | Path) -> Literal["mcore", "hf"]:
 
 
 @contextmanager
-def staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield `<out>.partial`; move it to `out` only if the body completes."""
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (use --overwrite to replace it)")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+def staged(out_dir: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield `<out>.partial`, which becomes `out` only if the body completes: `runtime.outputs.claim_output` (an
+    exclusive lock on `out`, `out` overlapping an input refused, only our own outputs overwritten)."""
+    with claim_output(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
 
 
 def check_keys(kind: str, required: list[str], present: set[str], where: str) -> None:

@@ -89,7 +89,7 @@ def write_hf(stream: GroupStream, out_dir: Path, *, overwrite: bool, dry_run: bo
     summary = summarize(stream.cfg, planned, lambda k: bool(expert.match(k)))
     if dry_run:
         return summary
-    with staged(out_dir, overwrite) as tmp:
+    with staged(out_dir, overwrite, [stream.side_files]) as tmp:
         writer = HFWriter(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()])
         for idx in tqdm(range(n), desc=stream.desc, disable=not progress):
             for key, t in stream.group(idx, False).items():
@@ -128,7 +128,7 @@ def write_mcore(stream: GroupStream, out_dir: Path, *, overwrite: bool, dry_run:
                 bar.update()
             return cache.pop(key)
 
-        with staged(out_dir, overwrite) as tmp:
+        with staged(out_dir, overwrite, [stream.side_files]) as tmp:
             write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,
                              produce)
             (tmp / MODEL_CONFIG).write_text(json.dumps(target.to_json(), indent=1))

@@ -159,18 +159,27 @@ def _replace_dir(staging: Path, out: Path) -> None:
 
 
 @contextmanager
+def _locked_target(out: Path, inputs: Iterable[str | os.PathLike], *, directory: bool,
+                   overwrite: bool) -> Iterator[None]:
+    """Check `out` before touching anything, lock it, and check again under the lock (another writer may have
+    changed it in between)."""
+    inputs = list(inputs)
+    check_not_overlapping(out, inputs)
+    _check_target(out, directory=directory, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        check_not_overlapping(out, inputs)
+        _check_target(out, directory=directory, overwrite=overwrite)
+        yield
+
+
+@contextmanager
 def claim_output(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
                  kind: str = "checkpoint") -> Iterator[Path]:
     """Yield the staging directory `<out>.partial`, locked for this process; on success it becomes `out`,
     marked as ours with `kind`. Semantics in the module docstring."""
     out = Path(out)
-    inputs = list(inputs)
-    check_not_overlapping(out, inputs)
-    _check_target(out, directory=True, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
-        check_not_overlapping(out, inputs)
-        _check_target(out, directory=True, overwrite=overwrite)
+    with _locked_target(out, inputs, directory=True, overwrite=overwrite):
         partial = sibling(out, PARTIAL)
         _take_partial(partial, kind)
         try:
@@ -188,13 +197,7 @@ def claim_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
     """Yield a fresh temporary path beside `out`, locked for this process; on success it atomically replaces
     `out`. Semantics in the module docstring."""
     out = Path(out)
-    inputs = list(inputs)
-    check_not_overlapping(out, inputs)
-    _check_target(out, directory=False, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(out):
-        check_not_overlapping(out, inputs)
-        _check_target(out, directory=False, overwrite=overwrite)
+    with _locked_target(out, inputs, directory=False, overwrite=overwrite):
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=PARTIAL, dir=out.parent)
         os.close(fd)
         staging = Path(name)

@@ -4,7 +4,7 @@ same tokens and evaluated on the same held-out windows, run as one study so that
 Findings: init (pruned vs random init), criterion (expert frequency vs soft logits vs REAP), preserve (preserve
 ratio 1.0 vs 0.5 vs 0.0), loss (KD only vs KD + LM vs LM only), mtp (a student with one fresh MTP depth trained on
 plain MTP LM loss vs MTP KD; acceptance@1..k), schedule (one-shot vs depth first at equal tokens). By default on
-the embedded teacher (SmolLM2-135M upcycled into 8 experts with top-4 routing, built once) and Wikipedia data; with
+the embedded teacher (SmolLM2-135M upcycled into 8 experts with top-6 routing, built once) and Wikipedia data; with
 --base on a recipe of yours. Prints: finding, the paper's direction, the measured values ± standard error, and a
 verdict (agrees / disagrees / inconclusive: a difference counts only when it exceeds twice its standard error).
 Writes <workdir>/report/{compare.md, findings.md, findings.json}. Rerunning resumes; adding findings later reuses

@@ -22,7 +22,7 @@ import yaml
 from megatron_slim.errors import UserError
 
 SUITE_EXPERTS = 8
-SUITE_TOPK = 4
+SUITE_TOPK = 6
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class AblateJob:
 
 
 def base_recipe() -> dict[str, Any]:
-    """The suite's recipe (paths relative to the assets directory): one_shot to 20 layers and 6 experts of top-3,
+    """The suite's recipe (paths relative to the assets directory): one_shot to 20 layers and 6 experts of top-4,
     frequency criterion, partial preservation 0.5, KD + LM; the variants override it."""
     return {
         "name": "slimqwen-findings",
@@ -92,7 +92,7 @@ def base_recipe() -> dict[str, Any]:
         "importance": {"tokens": 4096},
         "evaluation": {"tokens": 8192, "micro_batch": 8, "mtp_k": 2, "mtp_prompts": 8, "gen_tokens": 24,
                        "every_tokens": 8192},
-        "target": {"num_layers": 20, "num_experts": 6, "topk": 3, "expert_criterion": "frequency",
+        "target": {"num_layers": 20, "num_experts": 6, "topk": 4, "expert_criterion": "frequency",
                    "preserve_ratio": 0.5},
         "preset": "one_shot",
         "train_tokens": 24576,  # 24 steps of 8 x 128 tokens
@@ -232,6 +232,60 @@ def as_json(found: list[Verdict]) -> dict[str, Any]:
                           "evidence": v.evidence, "variants": v.variants} for v in found]}
 
 
+def _study_view(recipe_path: Path, workdir: Path, variant: str):
+    from megatron_slim.run.recipe import read_study
+    from megatron_slim.run.runner import plan_runs, shared_state
+    from megatron_slim.run.state import RunState, RunView
+
+    run = next(r for r in plan_runs(read_study(recipe_path), workdir) if r.name == variant)
+    return run.recipe, RunView(RunState(run.workdir, run.recipe.digest), shared_state(workdir), run.shared)
+
+
+def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path | None) -> dict[str, Any]:
+    """Whether the teacher makes the criteria findings meaningful: its held-out quality (and, for the embedded
+    teacher, the dense model's: the same SmolLM2 as an all-experts-active MoE, exact to it), and how differently
+    the expert criteria rank its experts (compress/criteria.py) in the importance pass the variants share."""
+    from megatron_slim.compress.criteria import criteria_agreement
+    from megatron_slim.compress.importance_file import Importance
+
+    recipe, view = _study_view(recipe_path, workdir, reference)
+    def quality(path: str | Path) -> dict[str, Any]:
+        return {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "window_losses"}
+
+    out: dict[str, Any] = {"teacher": quality(view.outputs("prepare/eval_teacher")["eval"])}
+    first = recipe.stages[0]
+    if view.done(f"{first.name}/importance"):
+        imp = Importance.load(view.outputs(f"{first.name}/importance")["importance"])
+        keep = first.target.num_experts or imp.model.num_experts
+        out["criteria"] = [vars(a) for a in criteria_agreement(imp, keep)]
+        out["criteria_keep"] = keep
+    if dense is not None:
+        from megatron_slim.engines.evaluate import EvaluateJob, run_evaluate
+
+        e, path = recipe.evaluation, workdir / "report" / "dense_eval.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            run_evaluate(EvaluateJob(model=str(dense), data=view.outputs("prepare/data")["heldout"],
+                                     tokens=int(e.tokens), seq_len=recipe.data.seq_length, micro_batch=e.micro_batch,
+                                     mtp_k=0, out=path))
+        out["dense"] = quality(path)
+    return out
+
+
+def format_teacher_check(check: dict[str, Any]) -> str:
+    t = check["teacher"]
+    lines = [f"suite teacher: held-out loss {t['loss']:.4f} ± {t['loss_se']:.4f} (perplexity {t['ppl']:.1f})"]
+    if "dense" in check:
+        d = check["dense"]
+        lines.append(f"the dense model (every expert active, exact to it): loss {d['loss']:.4f} ± {d['loss_se']:.4f} "
+                     f"(perplexity {d['ppl']:.1f})")
+    for a in check.get("criteria", []):
+        rho = "constant in every layer" if a["constant_layers"] == a["layers"] else f"Spearman {a['spearman']:+.2f}"
+        lines.append(f"{a['first']} vs {a['second']}: {rho}; they keep different experts (top "
+                     f"{check['criteria_keep']}) in {a['layers_differing']} of {a['layers']} MoE layers")
+    return "\n".join(lines)
+
+
 def run_ablation(job: AblateJob) -> int:
     """Run the chosen findings' variants (shared steps once) and print the verdicts; the exit status."""
     from megatron_slim.run.job import RunJob, run_recipe
@@ -244,7 +298,17 @@ def run_ablation(job: AblateJob) -> int:
     if code:
         return code
     found = verdicts(recipe_path, job.workdir, chosen)
-    (job.workdir / "report" / "findings.json").write_text(json.dumps(as_json(found), indent=1))
-    (job.workdir / "report" / "findings.md").write_text(format_table(found) + "\n")
-    print(json.dumps(as_json(found)) if job.json else "\n" + format_table(found), flush=True)
+    dense = None
+    if job.base is None:
+        from megatron_slim.data.assets import cache_dir
+        from megatron_slim.demo.job import DEMO_EXPERTS, upcycled_teacher
+
+        dense = cache_dir() / "demo" / "teacher"
+        upcycled_teacher(dense, DEMO_EXPERTS, DEMO_EXPERTS)
+    check = teacher_check(recipe_path, job.workdir, chosen[0].variants[0], dense)
+    result = as_json(found) | {"teacher_check": check}
+    (job.workdir / "report" / "findings.json").write_text(json.dumps(result, indent=1))
+    text = format_teacher_check(check) + "\n\n" + format_table(found)
+    (job.workdir / "report" / "findings.md").write_text(text + "\n")
+    print(json.dumps(result) if job.json else "\n" + text, flush=True)
     return 0

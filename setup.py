@@ -19,7 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12,<3.13",
     packages=find_packages(include=["megatron_slim", "megatron_slim.*"]),
-    package_data={"megatron_slim.demo": ["recipe.yaml"]},
+    package_data={"megatron_slim.demo": ["recipe.yaml"], "megatron_slim.eval.tasks": ["*.yaml"]},
     install_requires=_requirements(),
     extras_require={
         "te": ["transformer-engine[pytorch]"],

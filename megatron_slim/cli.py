@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "run": "run",
     "export": "export",
+    "bench-inference": "bench_inference",
 }
 
 

@@ -148,15 +148,26 @@ def test_shipped_tasks_are_deterministic_and_well_formed():
 
 
 def test_unknown_or_unavailable_task_is_named(tmp_path):
-    with pytest.raises(UserError, match="unknown lm-eval task.*no_such_task"):
-        check_tasks(TaskSpec(tasks=("wiki_cloze", "no_such_task")))
     (tmp_path / "absent.yaml").write_text(
         "task: absent_hub_task\ndataset_path: megatron-slim-tests/no-such-dataset\noutput_type: loglikelihood\n"
         "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n")
-    with pytest.raises(UserError, match="task absent_hub_task: its data could not be loaded.*--include-path"):
-        check_tasks(TaskSpec(tasks=("wiki_cloze", "absent_hub_task"), include_path=(tmp_path,)))
+    with pytest.raises(UserError) as caught:
+        check_tasks(TaskSpec(tasks=("wiki_cloze", "no_such_task", "absent_hub_task"), include_path=(tmp_path,)))
+    problems = str(caught.value).splitlines()[1:]  # one line per failing task; wiki_cloze loads
+    assert len(problems) == 2, problems
+    assert problems[0].strip().startswith("task no_such_task: unknown"), problems
+    assert problems[1].strip().startswith("task absent_hub_task: its data could not be loaded"), problems
+    assert "--include-path" in problems[1]
     with pytest.raises(UserError, match="--num-fewshot"):
         TaskSpec(tasks=("wiki_cloze",), num_fewshot=-1).validate()
+
+
+def test_table_has_a_row_per_task_metric():
+    from megatron_slim.engines.evaluate import format_table
+
+    text = format_table({"tasks": {"wiki_cloze": {"perplexity": 12.5, "acc": 0.25}, "wiki_perplexity": {}}})
+    assert text.splitlines()[1:] == ["wiki_cloze       perplexity       12.5000", "wiki_cloze       acc              0.2500"]
+    assert "loss" not in text
 
 
 def test_checkpoint_without_tokenizer_is_refused(tiny, tmp_path):

@@ -101,7 +101,6 @@ def evaluate_worker(job: EvaluateJob) -> None:
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
     from megatron_slim.eval.evaluate import evaluate
-    from megatron_slim.eval.harness import score_tasks
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
 
@@ -134,6 +133,8 @@ def evaluate_worker(job: EvaluateJob) -> None:
         result = evaluate(model, cfg, windows, job.micro_batch, mtp_k=job.mtp_k, prompts=prompts,
                           gen_tokens=job.gen_tokens)
     if job.tasks:
+        from megatron_slim.eval.harness import score_tasks  # lm-eval (and datasets) load only when asked for
+
         result["tasks"] = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
                                       micro_batch=job.micro_batch)
     if rank != 0:

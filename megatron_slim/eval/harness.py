@@ -21,6 +21,7 @@ before any scoring, naming the task.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -298,33 +299,36 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: i
 
 # ---------------------------------------------------------------------- tasks
 
-def _task_manager(spec: TaskSpec) -> Any:
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: tuple[Path, ...]) -> Any:
+    """lm-eval's task index over its registry, the shipped tasks and `include_path` (indexing its thousands of
+    YAMLs takes seconds: built once per process for the check and the scoring)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, spec.include_path)])
+    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, include_path)])
 
 
 def check_tasks(spec: TaskSpec) -> None:
-    """Every task name is known and its data loads; otherwise a UserError naming each failing task and how to make
-    its data available. Runs before any model is built (the command calls it before spawning ranks)."""
-    manager = _task_manager(spec)
+    """Every task name is known and its data loads; otherwise one UserError naming each failing task and how to
+    make its data available. Runs before any model is built (the command calls it before spawning ranks)."""
+    manager = _task_manager(tuple(spec.include_path))
     known = set(manager.all_tasks)
-    unknown = [t for t in spec.tasks if t not in known]
-    if unknown:
-        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)} (lm-eval's registry, the shipped tasks "
-                        f"{', '.join(shipped_task_names())} and --include-path directories hold "
-                        f"{len(known)} names)")
-    problems = []
+    problems = [f"task {name}: unknown (not in lm-eval's registry, the shipped tasks "
+                f"{', '.join(shipped_task_names())} or an --include-path directory)"
+                for name in spec.tasks if name not in known]
     for name in spec.tasks:
+        if name not in known:
+            continue
         try:
             manager.load([name])
         except Exception as e:  # datasets/hub raise many types (ConnectionError, FileNotFoundError, ValueError...)
             problems.append(f"task {name}: its data could not be loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})")
+                            f"{str(e).splitlines()[0] if str(e) else ''}), make it available offline: run lm-eval "
+                            "once with network access so the HF datasets cache holds it (HF_HOME / "
+                            "HF_DATASETS_CACHE), or define the task in a YAML with local data_files and pass its "
+                            "directory with --include-path")
     if problems:
-        raise UserError("; ".join(problems) + ". Make the data available offline: run lm-eval once with network "
-                        "access so the HF datasets cache holds it (HF_HOME / HF_DATASETS_CACHE), or define the task "
-                        "in a YAML with local data_files and pass its directory with --include-path")
+        raise UserError("cannot score the tasks:\n  " + "\n  ".join(problems))
 
 
 def shipped_task_names() -> list[str]:
@@ -357,7 +361,7 @@ def score_tasks(model: torch.nn.Module, cfg: ModelConfig, tokenizer_dir: Path | 
                     micro_batch=micro_batch)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     results = simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
-                              task_manager=_task_manager(spec), log_samples=False,
+                              task_manager=_task_manager(tuple(spec.include_path)), log_samples=False,
                               bootstrap_iters=0, verbosity="ERROR")  # no bootstrap: values, not stderrs
     scores = [None]
     if dist.get_rank() == 0:

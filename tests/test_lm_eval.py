@@ -82,7 +82,7 @@ def hf_reference(tiny) -> dict:
 
 
 def layout_sweep(rank: int, world: int, mcore: str, args: dict[str, list[tuple]]) -> dict:
-    """Our backend at every layout in the same 2 processes; the tasks at TP2."""
+    """Our backend at every layout in the same processes (one: TP1 alone; two: every layout, the tasks at TP2)."""
     from megatron_slim.checkpoint.files import TOKENIZER_DIR
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.eval.harness import MegatronLM, context_length, score_tasks
@@ -92,14 +92,14 @@ def layout_sweep(rank: int, world: int, mcore: str, args: dict[str, list[tuple]]
     cfg = load_model_config(mcore)
     tokenizer = text_tokenizer(Path(mcore) / TOKENIZER_DIR)
     out = {}
-    for name, layout in LAYOUTS.items():
+    for name, layout in LAYOUTS.items() if world > 1 else [("tp1", {})]:
         parallel = ParallelConfig(**layout)
         init_model_parallel(parallel, seed=100 + rank)
         model = build_model(cfg, parallel)
         load_model(model, mcore)
         lm = MegatronLM(model, tokenizer, context_length(cfg.hf_config, tokenizer), batch_size=3, micro_batch=2)
         out[name] = run_requests(lm, args)
-        if name == "tp2":
+        if world > 1 and name == "tp2":
             out["tasks"] = score_tasks(model, cfg, Path(mcore) / TOKENIZER_DIR, TaskSpec(tasks=TASKS, limit=LIMIT),
                                        batch_size=4, micro_batch=2)
     return out
@@ -108,6 +108,11 @@ def layout_sweep(rank: int, world: int, mcore: str, args: dict[str, list[tuple]]
 @pytest.fixture(scope="module")
 def sweep(tiny) -> list[dict]:
     return run_distributed(layout_sweep, 2, str(tiny["mcore"]), requests(), timeout_s=300)
+
+
+@pytest.fixture(scope="module")
+def single(tiny) -> dict:
+    return run_distributed(layout_sweep, 1, str(tiny["mcore"]), requests(), timeout_s=300)[0]
 
 
 def test_requests_are_informative(hf_reference):
@@ -127,6 +132,12 @@ def test_backend_matches_lm_eval_hf_backend(sweep, hf_reference, layout):
         assert got["loglikelihood_rolling"] == pytest.approx(hf_reference["loglikelihood_rolling"], abs=1e-3,
                                                              rel=1e-5), layout
         assert got["generate_until"] == hf_reference["generate_until"], layout
+
+
+def test_backend_alone_in_a_world_of_one_matches(single, hf_reference):
+    assert [lp for lp, _ in single["tp1"]["loglikelihood"]] == pytest.approx(
+        [lp for lp, _ in hf_reference["loglikelihood"]], abs=1e-4, rel=1e-5)
+    assert single["tp1"]["generate_until"] == hf_reference["generate_until"]
 
 
 def test_task_scores_match_lm_eval_hf_backend(sweep, hf_reference):
@@ -166,7 +177,8 @@ def test_table_has_a_row_per_task_metric():
     from megatron_slim.engines.evaluate import format_table
 
     text = format_table({"tasks": {"wiki_cloze": {"perplexity": 12.5, "acc": 0.25}, "wiki_perplexity": {}}})
-    assert text.splitlines()[1:] == ["wiki_cloze       perplexity       12.5000", "wiki_cloze       acc              0.2500"]
+    assert text.splitlines()[1:] == ["wiki_cloze       perplexity       12.5000",
+                                     "wiki_cloze       acc              0.2500"]
     assert "loss" not in text
 
 
@@ -190,11 +202,11 @@ def test_checkpoint_without_tokenizer_is_refused(tiny, tmp_path):
 def test_cli_scores_tasks_on_an_hf_checkpoint(tiny, hf_reference, tmp_path):
     out = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", "evaluate", "--model", str(tiny["hf"]),
-                           "--tasks", "wiki_cloze,wiki_continuation", "--limit", str(LIMIT), "--json", "--out",
+                           "--tasks", "wiki_cloze,wiki_cloze_gen", "--limit", str(LIMIT), "--json", "--out",
                            str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert "loss" not in printed and printed["layout"]["world"] == 1
-    for task in ("wiki_cloze", "wiki_continuation"):
+    for task in ("wiki_cloze", "wiki_cloze_gen"):  # one rank: generation's answers gathered over a world of 1
         assert printed["tasks"][task] == pytest.approx(hf_reference["tasks"][task], rel=1e-4)

@@ -57,7 +57,8 @@ class BenchInferenceJob:
         for model in self.models:
             path = Path(model)
             if not (path / "config.json").is_file():
-                hint = " (a Megatron checkpoint: export it to HF first)" if (path / "model_config.json").is_file() else ""
+                megatron = (path / "model_config.json").is_file()
+                hint = " (a Megatron checkpoint: export it to HF first)" if megatron else ""
                 raise UserError(f"--model {model} is not an HF checkpoint directory (config.json){hint}")
 
     def resolved_device(self) -> str:

@@ -10,9 +10,12 @@ pipeline stage's answers reach every rank through one all-reduce to which only t
 (last stage, TP rank 0) contributes. Scores are computed on vocab-parallel logits (eval/metrics.py), never
 gathering the vocabulary.
 
-Generation is a batched greedy loop without a KV cache: one forward of each unfinished batch's whole prefix per
-new token. It is exact (the same tokens as transformers' greedy `generate`) and serves short answers on small and
-medium models; long generations on a large teacher pay O(length^2) compute.
+Generation is a batched greedy loop without a KV cache: one forward of each batch's whole prefix per new token,
+through the same pipeline schedule as scoring, so it runs at every layout. It gives the same tokens as transformers'
+greedy `generate`; long generations on a large teacher pay O(length^2) compute. megatron-core's inference contexts
+(KV cache) are not used: in megatron-core 0.19 its Gated DeltaNet layers (Qwen3-Next) refuse any inference context
+("GDN does not support inference for now") and sequence parallelism, and its static context does not go through
+the pipeline schedules.
 
 Tasks come from lm-eval's registry, the tasks shipped in megatron_slim/eval/tasks/ (built from the demo's held-out
 Wikipedia text) and `include_path` YAML directories. Data are read as the user's environment allows
@@ -184,7 +187,8 @@ class MegatronLM(TemplateLM):
             if max_new >= self.max_length:
                 raise UserError(f"task {requests[members[0]].task_name}: max_gen_toks {max_new} leaves no room for "
                                 f"a prompt in the context length {self.max_length}")
-            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in members]
+            prompts = [(self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])[-(self.max_length - max_new):]
+                       for i in members]
 
             def finished(tokens: list[int], stops: list[str] = until) -> bool:
                 text = self.tok_decode(tokens)
@@ -266,7 +270,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: i
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device, tp = local_device(), tp_group()
-    result = torch.full((len(prompts), max_new), -1, dtype=torch.long, device=device)
+    result = torch.zeros(len(prompts), max_new, dtype=torch.long, device=device)  # token id + 1; 0: none
     for rows, weights in _my_batches(len(prompts), [len(p) for p in prompts], batch_size):
         conts: list[list[int]] = [[] for _ in rows]
         done = [w == 0 for w in weights.tolist()]  # padding rows never hold the loop open
@@ -289,12 +293,12 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: i
                     done[r] = finished(conts[r])
             if _world_max(int(not all(done))) == 0:
                 break
-        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        if _reporting():
             for r, i in enumerate(rows.tolist()):
                 if weights[r] > 0:
                     result[i, :len(conts[r])] = torch.tensor(conts[r], dtype=torch.long, device=device) + 1
-    dist.all_reduce(result)  # one contributor per row, ids stored + 1 over a -1 fill: the sum is id + 1 - 1
-    return [[t for t in row if t >= 0] for row in result.tolist()]
+    dist.all_reduce(result)  # each row has one contributor: the reporting rank of the DP rank that generated it
+    return [[t - 1 for t in row if t > 0] for row in result.tolist()]
 
 
 # ---------------------------------------------------------------------- tasks

@@ -158,6 +158,22 @@ def test_shipped_tasks_are_deterministic_and_well_formed():
     assert all(any(d["context"] in p for p in heldout) for d in mc[:50])
 
 
+def test_shipped_cloze_requests_put_the_space_in_the_continuation():
+    """lm-eval adds no target delimiter to loglikelihood requests: without the space in the target, every word is
+    scored glued to its context (a real model then scores ~0%; SmolLM2-135M gets ~68% with it)."""
+    from lm_eval.tasks import TaskManager
+
+    from megatron_slim.eval.harness import SHIPPED_TASKS
+
+    tasks = TaskManager(include_path=[str(SHIPPED_TASKS)]).load(["wiki_cloze", "wiki_cloze_gen"])["tasks"]
+    doc = wiki_docs.cloze_docs()[0]
+    cloze, gen = (next(t for name, t in tasks.items() if str(name).endswith(n)) for n in ("wiki_cloze", "_gen"))
+    cloze.build_all_requests(limit=1)
+    gen.build_all_requests(limit=1)
+    assert cloze.instances[0].args == (doc["context"], " " + doc["word"])
+    assert gen.instances[0].args[0] == doc["context"] and gen.doc_to_target(doc) == doc["word"]
+
+
 def test_unknown_or_unavailable_task_is_named(tmp_path):
     (tmp_path / "absent.yaml").write_text(
         "task: absent_hub_task\ndataset_path: megatron-slim-tests/no-such-dataset\noutput_type: loglikelihood\n"

@@ -19,7 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_slim", "megatron_slim.*"]),
-    package_data={"megatron_slim.demo": ["recipe.yaml"]},
+    package_data={"megatron_slim.demo": ["recipe.yaml"], "megatron_slim.eval.tasks": ["*.yaml"]},
     install_requires=[
         "torch>=2.11.0a0",  # a0: NVIDIA containers build 2.11 as 2.11.0a0+<commit>
         "megatron-core>=0.19.2,<0.20",
@@ -35,6 +35,7 @@ setup(
         "matplotlib>=3.8",
         "gguf>=0.10",
         "accelerate>=1.0",
+        "lm-eval>=0.4.13,<0.5",  # benchmarks through lm-evaluation-harness (evaluate --tasks)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

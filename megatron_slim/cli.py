@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "run": "run",
     "export": "export",
+    "bench-inference": "bench_inference",
 }
 
 

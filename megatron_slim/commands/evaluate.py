@@ -1,4 +1,5 @@
-"""Evaluate a model on held-out data: LM loss, perplexity, next-token accuracy and MTP speculative acceptance.
+"""Evaluate a model on held-out data (LM loss, perplexity, next-token accuracy, MTP speculative acceptance) and on
+lm-evaluation-harness tasks.
 
 Windows of --seq-len tokens are cut from --data exactly as for `importance` (data/calibration.py): the first
 ceil(--tokens / --seq-len) windows, whatever the layout, so a teacher and its students evaluated on the same data
@@ -12,6 +13,13 @@ iter_XXXXXXX directory) or an HF directory, converted first into a temporary Meg
 process it spawns tp*ep*pp local ranks. Prints a small table, or with --json one JSON object with the keys
 tokens, loss, ppl, accuracy, mtp_acceptance {k: rate}, mean_accepted, mtp_positions (plus data and layout);
 --out writes that object to a file (replacing it).
+
+--tasks T1,T2 scores lm-eval tasks (its registry, the shipped wiki_cloze, wiki_cloze_gen, wiki_continuation and
+wiki_perplexity built from the demo's held-out Wikipedia text, and YAML tasks under --include-path) with the model at
+its layout, in place: loglikelihood, rolling loglikelihood and greedy generation (no KV cache: one forward of the
+prefix per generated token). With --tasks, --data/--tokens are optional. --json adds "tasks": {TASK: {METRIC:
+value}}. Data are read as the environment allows (HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1: local cache and files
+only); a task whose data cannot be loaded is refused before the model is loaded. The tokenizer is the checkpoint's.
 """
 from __future__ import annotations
 
@@ -21,12 +29,12 @@ from pathlib import Path
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
 from megatron_slim.engines.evaluate import EvaluateJob, run_evaluate
 
-HELP = "evaluate LM loss, perplexity, accuracy and MTP speculative acceptance on held-out data"
+HELP = "evaluate LM loss, perplexity, accuracy and MTP acceptance on held-out data, and lm-eval tasks"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_data_arguments(p, "evaluation",
-                             "evaluation tokens (rounded up to whole windows of --seq-len)")
+    add_model_data_arguments(p, "evaluation", "evaluation tokens (rounded up to whole windows of --seq-len)",
+                             required=False)
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per evaluation window")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward micro-batch")
     add_layout_arguments(p)
@@ -36,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-tokens", type=int, default=32,
                    help="greedy tokens generated per prompt (one full forward each); must exceed --mtp-k")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model parameter dtype")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task or group names")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
+    p.add_argument("--include-path", action="append", default=[],
+                   help="directory of extra lm-eval YAML tasks (repeatable)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval requests per forward")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
 
@@ -45,7 +59,10 @@ def job(args: argparse.Namespace) -> EvaluateJob:
     return EvaluateJob(model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
                        micro_batch=args.micro_batch, tp=args.tp, ep=args.ep, pp=args.pp, mtp_k=args.mtp_k,
                        mtp_prompts=args.mtp_prompts, prompt_len=args.prompt_len, gen_tokens=args.gen_tokens,
-                       dtype=args.dtype, json=args.json, out=Path(args.out) if args.out else None)
+                       dtype=args.dtype, json=args.json, out=Path(args.out) if args.out else None,
+                       tasks=tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else (),
+                       num_fewshot=args.num_fewshot, limit=args.limit,
+                       include_path=tuple(Path(p) for p in args.include_path), batch_size=args.batch_size)
 
 
 def run(args: argparse.Namespace) -> int:

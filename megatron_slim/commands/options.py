@@ -11,11 +11,12 @@ def add_layout_arguments(p: argparse.ArgumentParser, tp_help: str = "tensor-para
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
 
 
-def add_model_data_arguments(p: argparse.ArgumentParser, use: str, tokens_help: str) -> None:
-    """--model, --data, --tokens of a command that runs a model over token windows of data (`use`: what for)."""
+def add_model_data_arguments(p: argparse.ArgumentParser, use: str, tokens_help: str, required: bool = True) -> None:
+    """--model, --data, --tokens of a command that runs a model over token windows of data (`use`: what for);
+    `required=False` when the command has other work to do without data."""
     p.add_argument("--model", required=True,
                    help="Megatron checkpoint directory (model_config.json) or HF checkpoint directory")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data", required=required,
                    help=f"{use} data: .jsonl with {{'text': ...}} or {{'tokens': [ids]}} per line, or a Megatron "
                         "indexed dataset prefix (.bin/.idx)")
-    p.add_argument("--tokens", type=int, required=True, help=tokens_help)
+    p.add_argument("--tokens", type=int, required=required, default=None if required else 0, help=tokens_help)

@@ -1,6 +1,6 @@
-"""Evaluate a model on held-out data: `EvaluateJob` and the functions that run it (`run_evaluate` from a command,
-`evaluate_worker` on each rank of a running job, as a recipe's step does), and the table a person reads.
-See megatron_slim/eval/metrics.py for the metrics."""
+"""Evaluate a model on held-out data and on lm-eval tasks: `EvaluateJob` and the functions that run it
+(`run_evaluate` from a command, `evaluate_worker` on each rank of a running job, as a recipe's step does), and the
+table a person reads. See megatron_slim/eval/metrics.py for the held-out metrics, eval/harness.py for the tasks."""
 from __future__ import annotations
 
 import json
@@ -10,14 +10,28 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from megatron_slim.engines.source import ModelJob, open_checkpoint, release_checkpoint, run_on_ranks, temp_checkpoint
+from typing import TYPE_CHECKING
+
+from megatron_slim.engines.source import (ModelJob, checkpoint_kind, open_checkpoint, release_checkpoint, run_on_ranks,
+                                          temp_checkpoint)
 from megatron_slim.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron_slim.eval.harness import TaskSpec
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateJob(ModelJob):
-    """The `evaluate` command's flags, by the same names; `model` is echoed in the result."""
+    """The `evaluate` command's flags, by the same names; `model` is echoed in the result. Held-out metrics need
+    `data` and `tokens`; lm-eval scores need `tasks`; either or both."""
 
+    data: str | None = None
+    tokens: int = 0
+    tasks: tuple[str, ...] = ()  # lm-eval task or group names
+    num_fewshot: int | None = None
+    limit: float | None = None  # documents per task (a fraction when < 1)
+    include_path: tuple[Path, ...] = ()  # extra lm-eval YAML task directories
+    batch_size: int = 8  # lm-eval requests per forward
     mtp_k: int = 4
     mtp_prompts: int = 8
     prompt_len: int = 256
@@ -27,11 +41,33 @@ class EvaluateJob(ModelJob):
 
     def validate(self) -> None:
         """Refuse what no layout or data can run; messages name the command's flags."""
-        self.check_sizes(("mtp_prompts", "prompt_len"))
+        if self.data is None and not self.tasks:
+            raise UserError("nothing to evaluate: give --data and --tokens (held-out metrics), --tasks, or both")
+        if self.data is None:
+            self.check_sizes(("batch_size",) if self.tasks else ())
+        else:
+            self.check_sizes(("mtp_prompts", "prompt_len", "batch_size"))
+        if self.tasks:
+            self.task_spec().validate()
         if self.mtp_k < 0:
             raise UserError("--mtp-k must be >= 0")
         if self.mtp_k and self.gen_tokens <= self.mtp_k:
             raise UserError(f"--gen-tokens ({self.gen_tokens}) must exceed --mtp-k ({self.mtp_k})")
+
+    def check_sizes(self, more: tuple[str, ...] = ()) -> None:
+        """As ModelJob's, except that --tokens only counts with --data."""
+        if self.data is not None:
+            super().check_sizes(more)
+            return
+        for name in ("tp", "ep", "pp", "micro_batch", *more):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+
+    def task_spec(self) -> TaskSpec:
+        from megatron_slim.eval.harness import TaskSpec
+
+        return TaskSpec(tasks=self.tasks, num_fewshot=self.num_fewshot, limit=self.limit,
+                        include_path=self.include_path)
 
     def temp_checkpoint(self) -> Path:
         """Where an HF model is converted: next to `out`, else in the working directory."""
@@ -40,15 +76,22 @@ class EvaluateJob(ModelJob):
 
 
 def format_table(result: dict) -> str:
-    """The human-readable report."""
-    lines = [f"tokens     {result['tokens']}",
-             f"loss       {result['loss']:.4f} ± {result['loss_se']:.4f} nats/token (standard error over "
-             f"{len(result['window_losses'])} windows)",
-             f"ppl        {result['ppl']:.3f}", f"accuracy   {result['accuracy'] * 100:.2f}%"]
-    if result["mtp_acceptance"]:
+    """The human-readable report: held-out metrics (when evaluated), then one row per task and metric."""
+    lines = []
+    if "loss" in result:
+        lines += [f"tokens     {result['tokens']}",
+                  f"loss       {result['loss']:.4f} ± {result['loss_se']:.4f} nats/token (standard error over "
+                  f"{len(result['window_losses'])} windows)",
+                  f"ppl        {result['ppl']:.3f}", f"accuracy   {result['accuracy'] * 100:.2f}%"]
+    if result.get("mtp_acceptance"):
         lines.append(f"MTP acceptance over {result['mtp_positions']} drafting positions:")
         lines += [f"  @{k:<8} {rate * 100:.2f}%" for k, rate in result["mtp_acceptance"].items()]
         lines.append(f"  mean accepted drafts per step {result['mean_accepted']:.3f}")
+    if result.get("tasks"):
+        width = max(len(t) for t in result["tasks"])
+        lines.append(f"{'task':<{width}}  {'metric':<16} value")
+        lines += [f"{task:<{width}}  {metric:<16} {value:.4f}"
+                  for task, metrics in result["tasks"].items() for metric, value in metrics.items()]
     return "\n".join(lines)
 
 
@@ -69,27 +112,39 @@ def evaluate_worker(job: EvaluateJob) -> None:
     ckpt, tokenizer_dir = open_checkpoint(job, job.temp_checkpoint(), progress=False)
     cfg = load_model_config(ckpt)
 
-    wanted = math.ceil(job.tokens / job.seq_len)
-    with_mtp = job.mtp_k > 0 and cfg.mtp_num_layers > 0
-    windows = calibration_windows(job.data, job.seq_len, max(wanted, job.mtp_prompts if with_mtp else 1),
-                                  eos_token_id(cfg.hf_config, tokenizer_dir), tokenizer_dir, cfg.vocab_size)
-    if len(windows) == 0:
-        raise UserError(f"{job.data} holds fewer than {job.seq_len} tokens: not one evaluation window")
-    if len(windows) < wanted and rank == 0:
-        print(f"warning: {job.data} runs out after {len(windows) * job.seq_len} tokens (of "
-              f"{wanted * job.seq_len})", file=sys.stderr)
-    prompts = windows[:job.mtp_prompts, :job.prompt_len] if with_mtp else None
+    windows = prompts = None
+    if job.data is not None:
+        wanted = math.ceil(job.tokens / job.seq_len)
+        with_mtp = job.mtp_k > 0 and cfg.mtp_num_layers > 0
+        windows = calibration_windows(job.data, job.seq_len, max(wanted, job.mtp_prompts if with_mtp else 1),
+                                      eos_token_id(cfg.hf_config, tokenizer_dir), tokenizer_dir, cfg.vocab_size)
+        if len(windows) == 0:
+            raise UserError(f"{job.data} holds fewer than {job.seq_len} tokens: not one evaluation window")
+        if len(windows) < wanted and rank == 0:
+            print(f"warning: {job.data} runs out after {len(windows) * job.seq_len} tokens (of "
+                  f"{wanted * job.seq_len})", file=sys.stderr)
+        prompts = windows[:job.mtp_prompts, :job.prompt_len] if with_mtp else None
+        windows = windows[:wanted]
 
     opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
     model = build_model(cfg, parallel, opts)
     load_model(model, ckpt)
     release_checkpoint(job, ckpt)
-    result = evaluate(model, cfg, windows[:wanted], job.micro_batch, mtp_k=job.mtp_k, prompts=prompts,
-                      gen_tokens=job.gen_tokens)
+    result: dict = {}
+    if windows is not None:
+        result = evaluate(model, cfg, windows, job.micro_batch, mtp_k=job.mtp_k, prompts=prompts,
+                          gen_tokens=job.gen_tokens)
+    if job.tasks:
+        from megatron_slim.eval.harness import score_tasks  # lm-eval (and datasets) load only when asked for
+
+        result["tasks"] = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
+                                      micro_batch=job.micro_batch)
     if rank != 0:
         return
-    report = result | {"data": str(job.data), "model": str(job.model), "seq_len": job.seq_len,
+    report = result | {"model": str(job.model),
                        "layout": {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}}
+    if job.data is not None:
+        report |= {"data": str(job.data), "seq_len": job.seq_len}
     text = json.dumps(report)
     if job.out:
         tmp = job.out.with_name(job.out.name + ".tmp")
@@ -99,10 +154,20 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
 
 def run_evaluate(job: EvaluateJob) -> int:
-    """Validate the job and evaluate on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status."""
+    """Validate the job (data files exist, every task is known and its data loads) and evaluate on the launched
+    ranks, or on tp*ep*pp spawned local ranks; the exit status."""
     from megatron_slim.data.calibration import check_source
 
     job.validate()
     job = replace(job, prompt_len=min(job.prompt_len, job.seq_len))
-    check_source(job.data)
+    if job.data is not None:
+        check_source(job.data)
+    if job.tasks:
+        from megatron_slim.checkpoint.files import TOKENIZER_DIR
+        from megatron_slim.eval.harness import check_tasks, text_tokenizer
+
+        model = Path(job.model)
+        tokenizer_dir = model if checkpoint_kind(model) == "hf" else model / TOKENIZER_DIR
+        text_tokenizer(tokenizer_dir if tokenizer_dir.is_dir() else None)
+        check_tasks(job.task_spec())
     return run_on_ranks("evaluate", evaluate_worker, job, job.temp_checkpoint(), progress=False)

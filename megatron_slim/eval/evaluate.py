@@ -24,7 +24,7 @@ from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.distributed import local_device
 
 
-def _tp_group() -> dist.ProcessGroup | None:
+def tp_group() -> dist.ProcessGroup | None:
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
@@ -39,7 +39,7 @@ def dp_share(rows: int, dp: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tens
             torch.cat([torch.ones(len(mine)), torch.zeros(pad)]).double())
 
 
-def _forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
+def forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
                   on_logits: Callable[[torch.Tensor, slice], None],
                   on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None) -> None:
     """forward_microbatches over every row of `tokens` [B, S], the remainder as one smaller micro-batch; callbacks
@@ -117,14 +117,14 @@ def greedy_continuation(model: torch.nn.Module, prompts: torch.Tensor, new_token
     One full forward of the whole prefix per token (no KV cache)."""
     from megatron.core import parallel_state as ps
 
-    tp = _tp_group()
+    tp = tp_group()
     seqs = prompts
     for _ in range(new_tokens):
         nxt = torch.zeros(len(seqs), dtype=torch.long, device=seqs.device)
 
         def on_logits(logits: torch.Tensor, rows: slice) -> None:
             nxt[rows] = vocab_parallel_argmax(logits[:, -1], tp)
-        _forward_rows(model, seqs, micro_batch, on_logits)
+        forward_rows(model, seqs, micro_batch, on_logits)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
@@ -155,7 +155,7 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
     if with_mtp and (gen_tokens <= mtp_k or prompts.shape[1] < 1 or len(prompts) == 0):
         raise ValueError(f"MTP acceptance needs non-empty prompts and gen_tokens > mtp_k, got {tuple(prompts.shape)}"
                          f", gen_tokens {gen_tokens}, mtp_k {mtp_k}")
-    device, tp = local_device(), _tp_group()
+    device, tp = local_device(), tp_group()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     reporting = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     k = mtp_k if with_mtp else 0
@@ -178,7 +178,7 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
                 window_sums[window] += s.loss
                 sums[:2] += torch.tensor([s.tokens, s.correct], dtype=torch.float64, device=device)
 
-    _forward_rows(model, tokens, micro_batch, on_logits)
+    forward_rows(model, tokens, micro_batch, on_logits)
 
     if with_mtp:
         idx, weights = dp_share(len(prompts), dp, dp_rank)
@@ -198,7 +198,7 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
                     sums[2:2 + k] += acceptance_counts(drafts, targets, w)
                     sums[2 + k] += w.sum()
 
-            _forward_rows(model, seqs, micro_batch, lambda logits, rows: None, on_mtp_logits)
+            forward_rows(model, seqs, micro_batch, lambda logits, rows: None, on_mtp_logits)
 
     dist.all_reduce(sums)  # one reporting rank per DP replica contributes; each window is owned by one replica
     count, correct = sums[:2].tolist()

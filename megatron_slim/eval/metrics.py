@@ -59,6 +59,27 @@ def vocab_parallel_argmax(logits: Tensor, tp_group: dist.ProcessGroup | None = N
     return ids
 
 
+def token_logprobs(logits: Tensor, labels: Tensor, tp_group: dist.ProcessGroup | None = None) -> Tensor:
+    """log softmax(logits)[label] per position, [...] in float32 (float64 for float64 logits): what lm-eval's
+    loglikelihood sums. Two all-reduces over `tp_group` (per-position maxima, then exp-sums and the label's logit
+    from the shard that owns it) instead of a vocab gather."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != logits token shape {tuple(logits.shape[:-1])}")
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    shard = x.shape[-1]
+    local = labels - (dist.get_rank(tp_group) * shard if tp_group is not None else 0)
+    owned = (local >= 0) & (local < shard)
+    shift = x.amax(-1)
+    if tp_group is not None:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=tp_group)
+    x = x - shift[..., None]
+    picked = torch.where(owned, x.gather(-1, local.clamp(0, shard - 1)[..., None])[..., 0], torch.zeros_like(shift))
+    sums = torch.stack([x.exp().sum(-1), picked])
+    if tp_group is not None:
+        dist.all_reduce(sums, group=tp_group)
+    return sums[1] - sums[0].log()
+
+
 def lm_sums(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
             tp_group: dist.ProcessGroup | None = None) -> LMSums:
     """Summed cross entropy, token count and top-1 hits of `logits` [..., V or V/tp] against `labels` [...] (global

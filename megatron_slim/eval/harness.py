@@ -1,0 +1,374 @@
+"""lm-evaluation-harness tasks scored by a Megatron-Core model at any TP/PP/EP layout, in place.
+
+`MegatronLM` is lm-eval's `LM` interface over a built, loaded model: `loglikelihood`, `loglikelihood_rolling` and
+greedy `generate_until`. Every rank of the job runs `score_tasks` with the same tasks, so lm-eval builds the same
+requests on every rank (the LM reports rank 0 of 1: lm-eval does not split requests itself). Requests are sorted by
+length and batched; the batch rows are dealt to data-parallel ranks as in eval/evaluate.py (`dp_share`: equal
+counts, weight-0 padding rows), every forward is right-padded to one width across the world (causal layers, so
+padding on the right changes nothing before it, and expert-parallel collectives see equal shapes), and the last
+pipeline stage's answers reach every rank through one all-reduce to which only the reporting rank of each replica
+(last stage, TP rank 0) contributes. Scores are computed on vocab-parallel logits (eval/metrics.py), never
+gathering the vocabulary.
+
+Generation is a batched greedy loop without a KV cache: one forward of each batch's whole prefix per new token,
+through the same pipeline schedule as scoring, so it runs at every layout. It gives the same tokens as transformers'
+greedy `generate`; long generations on a large teacher pay O(length^2) compute. megatron-core's inference contexts
+(KV cache) are not used: in megatron-core 0.19 its Gated DeltaNet layers (Qwen3-Next) refuse any inference context
+("GDN does not support inference for now") and sequence parallelism, and its static context does not go through
+the pipeline schedules.
+
+Tasks come from lm-eval's registry, the tasks shipped in megatron_slim/eval/tasks/ (built from the demo's held-out
+Wikipedia text) and `include_path` YAML directories. Data are read as the user's environment allows
+(`HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1` for no network at all); a task whose data cannot be loaded is refused
+before any scoring, naming the task.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lm_eval import utils as lm_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from megatron_slim.data.calibration import encoded_text, load_tokenizer
+from megatron_slim.errors import UserError
+from megatron_slim.eval.evaluate import dp_share, forward_rows, tp_group
+from megatron_slim.eval.metrics import token_logprobs, vocab_parallel_argmax
+from megatron_slim.models.config import ModelConfig
+from megatron_slim.runtime.distributed import local_device
+
+SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's HF backend default when neither config nor tokenizer gives a context length
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend default when a task gives no max_gen_toks
+_LENGTH_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")  # the HF backend's order
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """Which lm-eval tasks to score and how (the `evaluate --tasks` flags; a recipe's evaluation section)."""
+
+    tasks: tuple[str, ...]  # task or group names
+    num_fewshot: int | None = None  # None: each task's own default (0 when it names none)
+    limit: float | None = None  # documents per task (a fraction when < 1); None: all
+    include_path: tuple[Path, ...] = field(default_factory=tuple)  # extra YAML task directories
+
+    def validate(self) -> None:
+        """Refuse what lm-eval would fail on later; messages name the command's flags."""
+        if not self.tasks or any(not t.strip() for t in self.tasks):
+            raise UserError("--tasks needs at least one task name (comma-separated, no empty names)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UserError("--num-fewshot must be >= 0")
+        if self.limit is not None and self.limit <= 0:
+            raise UserError("--limit must be > 0")
+        for path in self.include_path:
+            if not Path(path).is_dir():
+                raise UserError(f"--include-path {path} is not a directory")
+
+
+def text_tokenizer(tokenizer_dir: Path | None) -> Any:
+    """The checkpoint's HF tokenizer, refused when missing or empty: lm-eval tasks are text."""
+    if tokenizer_dir is None:
+        raise UserError("lm-eval tasks are text, and the checkpoint carries no tokenizer files (convert or export it "
+                        "from an HF directory that has them)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    encoded_text(tokenizer("The")["input_ids"], "The", f"lm-eval tasks need the tokenizer in {tokenizer_dir}")
+    return tokenizer
+
+
+def context_length(hf_config: dict[str, Any], tokenizer: Any) -> int:
+    """The model's context length as lm-eval's HF backend resolves it (config fields, tokenizer, default), so both
+    backends truncate alike."""
+    for name in _LENGTH_FIELDS:
+        if hf_config.get(name) is not None:
+            return int(hf_config[name])
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit < int(1e30) else DEFAULT_MAX_LENGTH
+
+
+class MegatronLM(TemplateLM):
+    """lm-eval's LM over a Megatron-Core model built and loaded on every rank of the job. Collective: every rank
+    must make the same calls with the same requests; every rank gets the same answers."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int, *, batch_size: int = 8,
+                 micro_batch: int = 1) -> None:
+        super().__init__()
+        if batch_size < 1 or micro_batch < 1:
+            raise ValueError(f"batch_size and micro_batch must be >= 1, got {batch_size}, {micro_batch}")
+        if tokenizer.eos_token_id is None:
+            raise UserError("the tokenizer defines no EOS token, which lm-eval needs to end generations and to "
+                            "condition on empty contexts")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.micro_batch = micro_batch
+        self._device = local_device()
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: BOS, else EOS (as lm-eval's HF backend)."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """The tokenizer's ids; special tokens as the tokenizer adds them by default, except that a string already
+        starting with the prefix token does not get a second one (as lm-eval's HF backend)."""
+        special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+            special = {"add_special_tokens": False}
+        return self.tokenizer.encode(string, **special)
+
+    def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ lm-eval's request types
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), whether greedy decoding gives the continuation) per (key, context ids,
+        continuation ids); a sequence longer than the context length + 1 loses tokens on the left."""
+        seqs, conts = [], []
+        for _, context, continuation in requests:
+            if not context or not continuation or len(continuation) > self.max_length:
+                raise ValueError(f"need a context, and a continuation of 1..{self.max_length} tokens; got "
+                                 f"{len(context)} and {len(continuation)} tokens")
+            seqs.append((context + continuation)[-(self.max_length + 1):])
+            conts.append(len(continuation))
+        scores = score_sequences(self.model, seqs, conts, self.batch_size, self.micro_batch)
+        return [(float(lp), bool(greedy)) for lp, greedy in scores.tolist()]
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Each string's total log-likelihood in disjoint windows of at most the context length, the first
+        conditioned on the prefix token, each later one with the longest context that fits."""
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, self._loglikelihood_tokens(windows)):
+            totals[i] += logprob
+        return totals
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, cut at the first stop sequence (the task's `until` and EOS) or after
+        `max_gen_toks` tokens; requests with the same generation settings are batched together."""
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        out = [""] * len(requests)
+        for members in groups.values():
+            kwargs = normalize_gen_kwargs(requests[members[0]].args[1], DEFAULT_MAX_GEN_TOKS)
+            if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
+                raise UserError(f"task {requests[members[0]].task_name}: only greedy generation is supported "
+                                f"(the task asks for sampling: {requests[members[0]].args[1]})")
+            until = handle_stop_sequences(kwargs.get("until"), eos=eos_text)
+            max_new = int(kwargs["max_gen_toks"])
+            if max_new >= self.max_length:
+                raise UserError(f"task {requests[members[0]].task_name}: max_gen_toks {max_new} leaves no room for "
+                                f"a prompt in the context length {self.max_length}")
+            prompts = [(self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])[-(self.max_length - max_new):]
+                       for i in members]
+
+            def finished(tokens: list[int], stops: list[str] = until) -> bool:
+                text = self.tok_decode(tokens)
+                return bool(tokens) and (tokens[-1] == self.eot_token_id or any(s and s in text for s in stops))
+
+            for i, tokens in zip(members, greedy_generate(self.model, prompts, max_new, finished, self.batch_size,
+                                                          self.micro_batch)):
+                out[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
+        return out
+
+
+# ---------------------------------------------------------------------- collective scoring and generation on ids
+
+def _reporting() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+
+def _world_max(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.long, device=local_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _padded(rows: list[list[int]], width: int) -> torch.Tensor:
+    """Rows right-padded with token 0 to `width`, [len(rows), width]."""
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        out[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out.to(local_device())
+
+
+def _my_batches(count: int, lengths: list[int], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This DP rank's (row indices, weights) in batches of `batch_size`, rows sorted longest first (so a batch pads
+    little), the same number of batches of the same sizes on every DP rank."""
+    from megatron.core import parallel_state as ps
+
+    order = torch.tensor(sorted(range(count), key=lambda i: -lengths[i]), dtype=torch.long)
+    idx, weights = dp_share(count, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
+    return [(order[idx[lo:lo + batch_size]], weights[lo:lo + batch_size]) for lo in range(0, len(idx), batch_size)]
+
+
+def score_sequences(model: torch.nn.Module, seqs: list[list[int]], conts: list[int], batch_size: int,
+                    micro_batch: int) -> torch.Tensor:
+    """[n, 2] float64 on every rank: (sum of log P(token) over the last conts[i] tokens of seqs[i] given the tokens
+    before them, 1.0 if each of those tokens is the argmax else 0.0). Collective over every rank."""
+    out = torch.zeros(len(seqs), 2, dtype=torch.float64, device=local_device())
+    if not seqs:
+        return out
+    tp, reporting = tp_group(), _reporting()
+    for rows, weights in _my_batches(len(seqs), [len(s) for s in seqs], batch_size):
+        batch = [seqs[i] for i in rows.tolist()]
+        tokens = _padded(batch, _world_max(max(len(s) for s in batch)))
+
+        def on_logits(logits: torch.Tensor, sl: slice, batch: list[list[int]] = batch, rows: torch.Tensor = rows,
+                      weights: torch.Tensor = weights, tokens: torch.Tensor = tokens) -> None:
+            labels = tokens[sl, 1:]
+            logp = token_logprobs(logits[:, :-1], labels, tp)
+            hits = vocab_parallel_argmax(logits[:, :-1], tp) == labels
+            for r in range(sl.start, sl.stop):
+                if reporting and weights[r] > 0:
+                    row, n = int(rows[r]), len(batch[r])
+                    span = slice(n - 1 - conts[row], n - 1)
+                    out[row, 0] = logp[r - sl.start, span].double().sum()
+                    out[row, 1] = float(hits[r - sl.start, span].all())
+        forward_rows(model, tokens, micro_batch, on_logits)
+    dist.all_reduce(out)  # each row has one contributor: the reporting rank of the DP rank that scored it
+    return out
+
+
+def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: int,
+                    finished: Callable[[list[int]], bool], batch_size: int, micro_batch: int) -> list[list[int]]:
+    """Each prompt's greedy continuation (main head), ended after the first token where `finished(continuation)`
+    holds or after `max_new` tokens; the same lists on every rank. Collective over every rank; `finished` must be
+    deterministic. No KV cache: each step forwards the whole prefix of every row of the batch."""
+    from megatron.core import parallel_state as ps
+
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device, tp = local_device(), tp_group()
+    result = torch.zeros(len(prompts), max_new, dtype=torch.long, device=device)  # token id + 1; 0: none
+    for rows, weights in _my_batches(len(prompts), [len(p) for p in prompts], batch_size):
+        conts: list[list[int]] = [[] for _ in rows]
+        done = [w == 0 for w in weights.tolist()]  # padding rows never hold the loop open
+        for _ in range(max_new):
+            seqs = [prompts[i] + c for i, c in zip(rows.tolist(), conts)]
+            lengths = torch.tensor([len(s) for s in seqs], device=device)
+            nxt = torch.zeros(len(seqs), dtype=torch.long, device=device)
+
+            def on_logits(logits: torch.Tensor, sl: slice, lengths: torch.Tensor = lengths,
+                          nxt: torch.Tensor = nxt) -> None:
+                last = logits[torch.arange(sl.stop - sl.start, device=device), lengths[sl] - 1]
+                nxt[sl] = vocab_parallel_argmax(last, tp)
+            forward_rows(model, _padded(seqs, _world_max(max(len(s) for s in seqs))), micro_batch, on_logits)
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+            for r, token in enumerate(nxt.tolist()):
+                if not done[r]:
+                    conts[r].append(token)
+                    done[r] = finished(conts[r])
+            if _world_max(int(not all(done))) == 0:
+                break
+        if _reporting():
+            for r, i in enumerate(rows.tolist()):
+                if weights[r] > 0:
+                    result[i, :len(conts[r])] = torch.tensor(conts[r], dtype=torch.long, device=device) + 1
+    dist.all_reduce(result)  # each row has one contributor: the reporting rank of the DP rank that generated it
+    return [[t - 1 for t in row if t > 0] for row in result.tolist()]
+
+
+# ---------------------------------------------------------------------- tasks
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: tuple[Path, ...]) -> Any:
+    """lm-eval's task index over its registry, the shipped tasks and `include_path` (indexing its thousands of
+    YAMLs takes seconds: built once per process for the check and the scoring)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, include_path)])
+
+
+def check_tasks(spec: TaskSpec) -> None:
+    """Every task name is known and its data loads; otherwise one UserError naming each failing task and how to
+    make its data available. Runs before any model is built (the command calls it before spawning ranks)."""
+    manager = _task_manager(tuple(spec.include_path))
+    known = set(manager.all_tasks)
+    problems = [f"task {name}: unknown (not in lm-eval's registry, the shipped tasks "
+                f"{', '.join(shipped_task_names())} or an --include-path directory)"
+                for name in spec.tasks if name not in known]
+    for name in spec.tasks:
+        if name not in known:
+            continue
+        try:
+            manager.load([name])
+        except Exception as e:  # datasets/hub raise many types (ConnectionError, FileNotFoundError, ValueError...)
+            problems.append(f"task {name}: its data could not be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}), make it available offline: run lm-eval "
+                            "once with network access so the HF datasets cache holds it (HF_HOME / "
+                            "HF_DATASETS_CACHE), or define the task in a YAML with local data_files and pass its "
+                            "directory with --include-path")
+    if problems:
+        raise UserError("cannot score the tasks:\n  " + "\n  ".join(problems))
+
+
+def shipped_task_names() -> list[str]:
+    """Names of the tasks under megatron_slim/eval/tasks/."""
+    return sorted(p.stem for p in SHIPPED_TASKS.glob("*.yaml"))
+
+
+def _metric_values(task_results: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's `{"acc,none": v, "alias": ..., "sample_len": n}` as `{"acc": v}`; a filter other than "none"
+    stays in the name ("exact_match,strict-match")."""
+    out = {}
+    for key, value in task_results.items():
+        if key in ("alias", "sample_len") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        metric, _, filt = key.partition(",")
+        out[metric if filt in ("", "none") else key] = float(value)
+    return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+def score_tasks(model: torch.nn.Module, cfg: ModelConfig, tokenizer_dir: Path | None, spec: TaskSpec, *,
+                batch_size: int = 8, micro_batch: int = 1) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of lm-eval's tasks scored by `model` (built and loaded on every rank of the job at
+    its layout); collective over every rank, the same dict returned on each. `tokenizer_dir`: the checkpoint's
+    HF tokenizer files (None refuses: text tasks cannot run on ids alone)."""
+    from lm_eval import simple_evaluate
+
+    spec.validate()
+    tokenizer = text_tokenizer(tokenizer_dir)
+    lm = MegatronLM(model, tokenizer, context_length(cfg.hf_config, tokenizer), batch_size=batch_size,
+                    micro_batch=micro_batch)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    results = simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
+                              task_manager=_task_manager(tuple(spec.include_path)), log_samples=False,
+                              bootstrap_iters=0, verbosity="ERROR")  # no bootstrap: values, not stderrs
+    scores = [None]
+    if dist.get_rank() == 0:
+        scores[0] = {task: _metric_values(values) for task, values in results["results"].items()}
+    dist.broadcast_object_list(scores, src=0)
+    return scores[0]

@@ -1,0 +1,57 @@
+"""`megatron-slim bench-inference`: the --json schema on two tiny HF checkpoints, each measured in its own process,
+the smaller reporting lower peak memory than the larger on the same settings, and the inputs it refuses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny_models
+from hf_fixtures import build_tiny_hf
+from megatron_slim.engines.bench_inference import BenchInferenceJob
+from megatron_slim.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, int]]:
+    """(directory, parameter count) of a small and a ~25x larger Mixtral."""
+    root = tmp_path_factory.mktemp("bench_inference")
+    out = {}
+    for name, over in (("small", {}), ("large", {"hidden_size": 256, "intermediate_size": 256, "head_dim": 64})):
+        model = build_tiny_hf(tiny_models.mixtral(**over), seed=0)
+        model.save_pretrained(root / name)
+        out[name] = (root / name, sum(p.numel() for p in model.parameters()))
+    return out
+
+
+def test_json_schema_and_memory_ordering(checkpoints):
+    large, small = checkpoints["large"], checkpoints["small"]
+    proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", "bench-inference", "--model", str(large[0]),
+                           "--model", str(small[0]), "--prompt-len", "32", "--gen-len", "4", "--dtype", "float32",
+                           "--device", "cpu", "--repeats", "2", "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["settings"] == {"batch": 1, "prompt_len": 32, "gen_len": 4, "dtype": "float32", "device": "cpu",
+                                  "repeats": 2}
+    got = report["models"]
+    assert [set(m) for m in got] == [{"path", "params", "peak_memory_bytes", "prefill_s", "decode_tokens_per_s"}] * 2
+    assert [(m["path"], m["params"]) for m in got] == [(str(large[0]), large[1]), (str(small[0]), small[1])]
+    assert all(m["prefill_s"] > 0 and m["decode_tokens_per_s"] > 0 for m in got)
+    assert 0 < got[1]["peak_memory_bytes"] < got[0]["peak_memory_bytes"]
+    assert got[0]["peak_memory_bytes"] >= 4 * large[1]  # the float32 weights at least
+
+
+def test_refused_inputs(checkpoints, tmp_path):
+    (tmp_path / "model_config.json").write_text("{}")
+    small = str(checkpoints["small"][0])
+    cases = [(BenchInferenceJob(models=(str(tmp_path),)), "export it to HF first"),
+             (BenchInferenceJob(models=(small,), batch=0), "--batch must be >= 1"),
+             (BenchInferenceJob(models=(small,), dtype="int8"), "--dtype"),
+             (BenchInferenceJob(models=()), "at least one --model")]
+    for job, match in cases:
+        with pytest.raises(UserError, match=match):
+            job.validate()

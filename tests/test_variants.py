@@ -30,7 +30,7 @@ def _study(root: Path, **over) -> dict:
     distillation) and random init (shares the teacher, data, importance and plan steps)."""
     recipe = chain_recipe(root, name="tiny-variants", preset="one_shot", train_tokens=STEPS * 8 * 32,
                           evaluation={"tokens": 256, "mtp_k": 2, "mtp_prompts": 2, "gen_tokens": 6,
-                                      "every_tokens": 2 * 8 * 32})
+                                      "every_tokens": 2 * 8 * 32, "tasks": ["wiki_continuation"], "limit": 8})
     recipe["training"]["checkpoint"] = {"save_interval": 1, "keep_last": 2}
     recipe["variants"] = {"pruned": {}, "kd_only": {"training": {"loss": {"kd_weight": 1.0}}},
                           "random_init": {"init": "random"}}
@@ -156,7 +156,9 @@ def test_comparison_report(study: Path) -> None:
     for row in ("| teacher |", "| pruned (reference) |", "| kd_only |", "| random_init |", "MTP accept@2"):
         assert row in report, report
     assert (study / "report" / "loss_vs_tokens.png").stat().st_size > 1000
+    assert "## Benchmarks" in report and "wiki_continuation acc" in report
     compare = json.loads((study / "report" / "compare.json").read_text())
+    assert set(compare["variants"]["kd_only"]["tasks"]["wiki_continuation"]) >= {"acc", "acc_norm"}
     ref = json.loads((study / "variants" / "pruned" / "one_shot" / "eval.json").read_text())
     for name in ("kd_only", "random_init"):
         ev = json.loads((study / "variants" / name / "one_shot" / "eval.json").read_text())

@@ -15,6 +15,7 @@ from typing import Any
 
 from megatron_slim.eval.stats import PairedDiff, paired_difference
 from megatron_slim.run.recipe import Recipe, Study
+from megatron_slim.run.report import benchmark_table
 from megatron_slim.run.runner import plan_runs, shared_state
 from megatron_slim.run.state import STATE, RunState, RunView
 from megatron_slim.run.step_groups import PREPARE
@@ -43,6 +44,7 @@ class VariantResult:
         ev = self.eval or {}
         return {"loss": ev.get("loss"), "loss_se": ev.get("loss_se"), "ppl": ev.get("ppl"),
                 "accuracy": ev.get("accuracy"), "mtp_acceptance": ev.get("mtp_acceptance") or {},
+                "tasks": ev.get("tasks") or {},
                 "tokens_trained": self.tokens_trained, "seconds": self.seconds, "finished": self.finished,
                 "diff_vs_reference": asdict(self.diff) if self.diff else None}
 
@@ -155,6 +157,9 @@ def write_comparison(study: Study, workdir: Path) -> Path:
     parts = [f"# Variants of {next(iter(study.recipes.values())).name}", "",
              f"Reference `{study.reference}`; work dir `{workdir}`; each variant's own report is "
              "`variants/<name>/report/report.md`.", "", comparison_table(teacher, results, study.reference), ""]
+    benchmarks = benchmark_table([("teacher", teacher)] + [(name, r.eval) for name, r in results.items()], teacher)
+    if benchmarks:
+        parts += ["## Benchmarks (lm-evaluation-harness; retention vs the teacher in parentheses)", "", benchmarks, ""]
     if plot_curves(results, out / "loss_vs_tokens.png"):
         parts += ["## Held-out loss along distillation", "", "![loss vs tokens](loss_vs_tokens.png)", ""]
     (out / "compare.json").write_text(json.dumps(

@@ -100,6 +100,9 @@ class EvaluationSection:
     prompt_len: int = 0  # prompt tokens (0: half the sequence length)
     gen_tokens: int = 32  # greedy tokens generated after each prompt (one full forward each)
     every_tokens: float = 0.0  # also evaluate the student during distillation every N tokens (0: only after)
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks every evaluation also scores (offline data)
+    num_fewshot: int | None = None  # lm-eval few-shot examples (None: each task's default)
+    limit: float | None = None  # lm-eval documents per task (a fraction when < 1; None: all)
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,8 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         problems.append(f"nproc must be a positive integer, got {nproc!r}")
     importance = load_dataclass(ImportanceSection, raw.get("importance"), "importance", problems)
     evaluation = load_dataclass(EvaluationSection, raw.get("evaluation"), "evaluation", problems)
+    if not isinstance(evaluation.tasks, list) or not all(isinstance(t, str) and t for t in evaluation.tasks):
+        problems.append(f"evaluation.tasks must be a list of lm-eval task names, got {evaluation.tasks!r}")
     training = _check_training(raw.get("training"), "training", problems)
 
     final = _target(raw.get("target", {}), "target", problems) if "target" in raw else None
@@ -496,6 +501,14 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
     teacher = teacher_config(recipe)
     _check_data_sample(recipe, teacher)
+    if recipe.evaluation.tasks:  # unknown tasks and task data that is not available offline
+        from megatron_slim.eval.harness import TaskSpec, check_tasks
+
+        e = recipe.evaluation
+        try:
+            check_tasks(TaskSpec(tasks=tuple(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit))
+        except UserError as err:
+            raise RecipeError(f"invalid recipe: evaluation.tasks: {err}") from err
     configs = stage_configs(recipe, teacher)
     check_final(recipe, configs[-1], teacher)
     for stage in recipe.stages:

@@ -64,6 +64,27 @@ def retention_table(recipe: Recipe, state: RunView) -> str:
     return "\n".join(lines)
 
 
+def benchmark_table(rows: list[tuple[str, dict[str, Any] | None]], teacher: dict[str, Any] | None) -> str:
+    """Markdown: lm-eval task scores per model (rows of (label, evaluation)), each with its retention vs the
+    teacher's score in parentheses; empty when no evaluation scored tasks."""
+    columns = sorted({(task, metric) for _, ev in rows for task, metrics in ((ev or {}).get("tasks") or {}).items()
+                      for metric in metrics})
+    if not columns:
+        return ""
+    ref = (teacher or {}).get("tasks") or {}
+    lines = ["| model | " + " | ".join(f"{t} {m}" for t, m in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for label, ev in rows:
+        tasks = (ev or {}).get("tasks") or {}
+        cells = []
+        for task, metric in columns:
+            value = tasks.get(task, {}).get(metric)
+            base = ref.get(task, {}).get(metric)
+            retention = f" ({value / base:.0%})" if value is not None and base and label != "teacher" else ""
+            cells.append("" if value is None else f"{value:.4g}{retention}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -148,6 +169,10 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     parts = [f"# Run report: {recipe.name}", "",
              f"Teacher `{recipe.teacher}`; stages: {', '.join(s.name for s in recipe.stages)}; work dir `{workdir}`.",
              "", "## Retention (held-out data, same tokens for every model)", "", retention_table(recipe, state), ""]
+    rows = _evals(recipe, state)
+    benchmarks = benchmark_table(rows, rows[0][1] if rows and rows[0][0] == "teacher" else None)
+    if benchmarks:
+        parts += ["## Benchmarks (lm-evaluation-harness; retention vs the teacher in parentheses)", "", benchmarks, ""]
     if plot_retention(recipe, state, out / "retention.png"):
         parts += ["![retention](retention.png)", ""]
     parts += ["## Distillation loss", ""]

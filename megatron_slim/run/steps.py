@@ -136,6 +136,7 @@ def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
                                 tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
                                 mtp_k=e.mtp_k, mtp_prompts=e.mtp_prompts,
                                 prompt_len=e.prompt_len or ctx.recipe.data.seq_length // 2, gen_tokens=e.gen_tokens,
+                                tasks=tuple(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit,
                                 dtype="float32", json=False, out=out))
     return {"eval": str(out)}
 

@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_slim.checkpoint.dcp_io import McoreReader, write_checkpoint
-from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, check_keys, copy_side_files, staged
+from megatron_slim.checkpoint.dcp_io import write_checkpoint
+from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, copy_side_files, staged
 from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
-from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
+from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.checkpoint.readahead import ReadAhead
 from megatron_slim.checkpoint.safetensors_io import HFWriter
-from megatron_slim.checkpoint.source import plan_hf_to_mcore
+from megatron_slim.checkpoint.source import open_mcore, plan_hf_to_mcore
 from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Splices
 from megatron_slim.checkpoint.writers import Summary, is_mcore_expert, plan_mcore, summarize
 from megatron_slim.errors import CheckpointError
-from megatron_slim.models.mapping import BoundRule, bind_rules
-from megatron_slim.models.registry import FAMILIES, hf_config_from
+from megatron_slim.models.mapping import BoundRule
+from megatron_slim.models.registry import hf_config_from
 from megatron_slim.models.transforms import IDENTITY
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
@@ -120,11 +120,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str | Path | None = None,
                 dry_run: bool = False, overwrite: bool = False, progress: bool = True) -> Summary:
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
-    cfg = load_model_config(mcore_dir)
-    reader = McoreReader(mcore_dir)
-    rules = bind_rules(FAMILIES[cfg.family].mapping, cfg)
+    cfg, rules, reader = open_mcore(mcore_dir)
     needed = [k for r in rules for k in r.mcore]
-    check_keys("Megatron", needed, set(reader.tensors), str(mcore_dir))
     unused = sorted(k for k in reader.tensors if k.startswith(_MODEL_PREFIXES) and k not in set(needed))
     if unused:
         raise CheckpointError(f"{mcore_dir}: model tensors not consumed by the {cfg.family} mapping: {unused[:10]}")

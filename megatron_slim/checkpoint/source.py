@@ -6,12 +6,14 @@ hands out the tensors of one group ("embeddings", "layer 3", "head", "mtp 0") un
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from megatron_slim.checkpoint.dcp_io import McoreReader
 from megatron_slim.checkpoint.files import TOKENIZER_DIR, check_keys, checkpoint_kind
+from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mismatch
 from megatron_slim.checkpoint.mcore import load_model_config
 from megatron_slim.checkpoint.safetensors_io import HFReader
 from megatron_slim.errors import CheckpointError
@@ -23,7 +25,7 @@ Tensors = dict[str, torch.Tensor]
 
 
 def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], HFReader]:
-    """Validate an HF checkpoint against its config and the mapping, reading headers only."""
+    """Validate an HF checkpoint against its config and the mapping (keys and shapes), reading headers only."""
     reader = HFReader(hf_dir)
     hf = load_hf_config(hf_dir)
     family = family_of_hf(hf)
@@ -39,7 +41,39 @@ def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], 
     if unused:
         raise CheckpointError(f"{hf_dir}: {len(unused)} HF tensors are not consumed by the {cfg.family} mapping "
                               f"(nothing is dropped silently): {unused[:10]}")
+    stored = {k: info.shape for k, info in reader.tensors.items()}
+    check_mapping_shapes(Path(hf_dir), cfg, rules, stored, "hf", lambda: describe_mismatch(hf, stored))
     return cfg, rules, reader
+
+
+def open_mcore(path: Path) -> tuple[ModelConfig, list[BoundRule], McoreReader]:
+    """A Megatron checkpoint's config, bound mapping and reader, validated: every tensor the mapping needs is
+    there with the shape the config implies (reading metadata only)."""
+    cfg = load_model_config(path)
+    reader = McoreReader(path)
+    rules = bind_rules(FAMILIES[cfg.family].mapping, cfg)
+    check_keys("Megatron", [k for r in rules for k in r.mcore], set(reader.tensors), str(path))
+    stored = {k: shape for k, (shape, _) in reader.tensors.items()}
+    check_mapping_shapes(path, cfg, rules, stored, "mcore", lambda: _describe_mcore_mismatch(cfg, stored))
+    return cfg, rules, reader
+
+
+def _describe_mcore_mismatch(cfg: ModelConfig, stored: dict[str, tuple[int, ...]], limit: int = 3) -> str | None:
+    """Like `describe_mismatch`, from the layout megatron-core builds for `cfg` (error path only: seconds)."""
+    from megatron_slim.checkpoint.layout import LayoutJob, mcore_layout
+
+    try:
+        if "megatron.core" in sys.modules:
+            want = mcore_layout(cfg).tensors
+        else:
+            with LayoutJob(cfg) as job:
+                want = job.result()[0].tensors
+    except (RuntimeError, ValueError):
+        return None
+    wrong = [f"{k}: the config implies {want[k]}, the checkpoint holds {s}"
+             for k, s in stored.items() if k in want and want[k] != s]
+    more = f" (and {len(wrong) - limit} more)" if len(wrong) > limit else ""
+    return "config/weight shape mismatch: " + "; ".join(wrong[:limit]) + more if wrong else None
 
 
 def grouped(rules: list[BoundRule]) -> dict[str, list[BoundRule]]:
@@ -60,10 +94,7 @@ class Source:
 
     def __init__(self, path: Path) -> None:
         if checkpoint_kind(path) == "mcore":
-            self.cfg = load_model_config(path)
-            self._mcore = McoreReader(path)
-            rules = bind_rules(FAMILIES[self.cfg.family].mapping, self.cfg)
-            check_keys("Megatron", [k for r in rules for k in r.mcore], set(self._mcore.tensors), str(path))
+            self.cfg, rules, self._mcore = open_mcore(path)
             self.side_files = path / TOKENIZER_DIR
         else:
             self.cfg, rules, self._hf = plan_hf_to_mcore(path)

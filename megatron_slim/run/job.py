@@ -64,11 +64,10 @@ def run_recipe(job: RunJob) -> int:
 
     recipe_path, workdir = job.recipe, job.workdir
     if job.list_stages:
-        import yaml
-
         from megatron_slim.run.recipe import parse_recipe
+        from megatron_slim.runtime.config_loader import load_yaml
 
-        for stage in parse_recipe(yaml.safe_load(recipe_path.read_text()), recipe_path.parent).stages:
+        for stage in parse_recipe(load_yaml(recipe_path), recipe_path.parent).stages:
             print(stage.name)
         return 0
     recipe = load_recipe(recipe_path)

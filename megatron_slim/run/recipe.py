@@ -38,12 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_slim.compress.target import SIZE_FIELDS, TargetError, TargetSpec
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.runtime.config_loader import load_dataclass
+from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
 
 PRESETS = ("one_shot", "depth_first")
 # run-config sections that the run owns: a recipe setting them would be silently overridden
@@ -332,11 +330,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from e
-    recipe = parse_recipe(raw, path.parent)
+    recipe = parse_recipe(load_yaml(path), path.parent)
     validate(recipe)
     return recipe
 

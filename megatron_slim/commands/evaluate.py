@@ -11,7 +11,7 @@ iter_XXXXXXX directory) or an HF directory, converted first into a temporary Meg
 (or in the working directory) that is removed afterwards. Under torchrun/srun the given ranks are used; as a plain
 process it spawns tp*ep*pp local ranks. Prints a small table, or with --json one JSON object with the keys
 tokens, loss, ppl, accuracy, mtp_acceptance {k: rate}, mean_accepted, mtp_positions (plus data and layout);
---out writes that object to a file (replacing it).
+--out writes that object to a file (an existing one only with --overwrite).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model parameter dtype")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def job(args: argparse.Namespace) -> EvaluateJob:
@@ -45,7 +46,8 @@ def job(args: argparse.Namespace) -> EvaluateJob:
     return EvaluateJob(model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
                        micro_batch=args.micro_batch, tp=args.tp, ep=args.ep, pp=args.pp, mtp_k=args.mtp_k,
                        mtp_prompts=args.mtp_prompts, prompt_len=args.prompt_len, gen_tokens=args.gen_tokens,
-                       dtype=args.dtype, json=args.json, out=Path(args.out) if args.out else None)
+                       dtype=args.dtype, json=args.json, out=Path(args.out) if args.out else None,
+                       overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

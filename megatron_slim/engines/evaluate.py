@@ -10,7 +10,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from megatron_slim.engines.source import ModelJob, open_checkpoint, release_checkpoint, run_on_ranks, temp_checkpoint
+from megatron_slim.engines.source import (ModelJob, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
+                                          temp_checkpoint)
 from megatron_slim.errors import UserError
 
 
@@ -24,6 +25,8 @@ class EvaluateJob(ModelJob):
     gen_tokens: int = 32
     json: bool = False  # print one JSON object instead of the table
     out: Path | None = None  # also write the JSON result here
+    overwrite: bool = False  # replace an existing `out` (`run_evaluate` refuses one otherwise)
+    write_to: Path | None = None  # where rank 0 writes `out` (its staging path, see `run_evaluate`)
 
     def validate(self) -> None:
         """Refuse what no layout or data can run; messages name the command's flags."""
@@ -89,7 +92,9 @@ def evaluate_worker(job: EvaluateJob) -> None:
     report = result | {"data": str(job.data), "model": str(job.model), "seq_len": job.seq_len,
                        "layout": {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}}
     text = json.dumps(report)
-    if job.out:
+    if job.write_to:
+        job.write_to.write_text(text + "\n")
+    elif job.out:
         tmp = job.out.with_name(job.out.name + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, job.out)
@@ -97,10 +102,16 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
 
 def run_evaluate(job: EvaluateJob) -> int:
-    """Validate the job and evaluate on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status."""
+    """Validate the job and evaluate on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status.
+    `out` is claimed first, so an existing or unwritable one fails before any compute."""
     from megatron_slim.data.calibration import check_source
 
     job.validate()
     job = replace(job, prompt_len=min(job.prompt_len, job.seq_len))
     check_source(job.data)
-    return run_on_ranks("evaluate", evaluate_worker, job, job.temp_checkpoint(), progress=False)
+    with claimed_file(job.out, [job.model, job.data], job.overwrite) as staging:
+        status = run_on_ranks("evaluate", evaluate_worker, replace(job, write_to=staging), job.temp_checkpoint(),
+                              progress=False)
+        if status:
+            raise SystemExit(status)  # leaves `out` as it was
+    return 0

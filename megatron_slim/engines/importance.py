@@ -4,10 +4,11 @@ See megatron_slim/compress/importance_file.py for what is collected."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from megatron_slim.engines.source import ModelJob, open_checkpoint, release_checkpoint, run_on_ranks, temp_checkpoint
+from megatron_slim.engines.source import (ModelJob, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
+                                          temp_checkpoint)
 from megatron_slim.errors import UserError
 
 
@@ -20,11 +21,10 @@ class ImportanceJob(ModelJob):
     max_tokens: int | None = None
     overwrite: bool = False
     progress: bool = True
+    write_to: Path | None = None  # where rank 0 writes the file (`out`'s staging path, see `run_importance`)
 
     def validate(self) -> None:
         """Refuse what no layout or data can run; messages name the command's flags."""
-        if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out} exists (use --overwrite to replace it)")
         self.check_sizes()
 
 
@@ -66,15 +66,21 @@ def importance_worker(job: ImportanceJob) -> None:
         result.data = str(job.data)
         result.options |= {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size(),
                            "dtype": job.dtype}
-        result.save(job.out)
+        result.save(job.write_to or job.out)
         print(f"wrote {job.out}: {result.tokens} tokens ({usable} x {job.seq_len}), LM loss "
               f"{result.options['lm_loss']:.4f}, {len(result.tensors)} tensors", flush=True)
 
 
 def run_importance(job: ImportanceJob) -> int:
-    """Validate the job and collect on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status."""
+    """Validate the job and collect on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status.
+    The output is claimed first, so an existing or unwritable one fails before any compute."""
     from megatron_slim.data.calibration import check_source
 
     job.validate()
     check_source(job.data)
-    return run_on_ranks("importance", importance_worker, job, temp_checkpoint(job.out), progress=job.progress)
+    with claimed_file(job.out, [job.model, job.data], job.overwrite) as staging:
+        status = run_on_ranks("importance", importance_worker, replace(job, write_to=staging),
+                              temp_checkpoint(job.out), progress=job.progress)
+        if status:
+            raise SystemExit(status)  # leaves `out` as it was
+    return 0

@@ -8,7 +8,8 @@ converter (`checkpoint.layout`).
 
 The error then names the tensor, the shape the config implies and the shape the file holds: for an HF checkpoint
 from transformers' own model class built on the meta device (`describe_mismatch`; only on that error path, as it
-costs the transformers import and seconds at 80B scale), otherwise from the failing rule's tensors.
+costs the transformers import and seconds at 80B scale; for a Megatron checkpoint through the mapping from the HF
+shapes of its config, `describe_mcore_mismatch`), otherwise from the failing rule's tensors.
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ import torch
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.mapping import BoundRule
+from megatron_slim.models.registry import hf_config_from
+
+Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape
 
 
-def expected_hf_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(hf_config: dict[str, Any]) -> Shapes:
     """{HF tensor name: shape} of the model `hf_config` describes (no memory: meta tensors, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -33,7 +37,7 @@ def expected_hf_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def describe_mismatch(hf_config: dict[str, Any], found: dict[str, tuple[int, ...]], limit: int = 3) -> str | None:
+def describe_mismatch(hf_config: dict[str, Any], found: Shapes, limit: int = 3) -> str | None:
     """'<tensor>: the config implies (a, b), the checkpoint holds (c, d)' for the first mismatching tensors of
     `found` (name -> stored shape), or None when every tensor transformers knows has the shape the config implies
     (or transformers cannot build the model the config describes at all)."""
@@ -43,13 +47,34 @@ def describe_mismatch(hf_config: dict[str, Any], found: dict[str, tuple[int, ...
         return None
     wrong = [f"{k}: the config implies {want[k]}, the checkpoint holds {tuple(s)}"
              for k, s in found.items() if k in want and want[k] != tuple(s)]
+    return _listed(wrong, limit)
+
+
+def describe_mcore_mismatch(cfg: ModelConfig, rules: list[BoundRule], stored: Shapes, limit: int = 3) -> str | None:
+    """`describe_mismatch` for a Megatron checkpoint (`stored`: its tensors' shapes): the shapes transformers gives
+    the HF config of `cfg`, taken through each rule's `to_mcore` (rules whose HF tensors transformers names)."""
+    try:
+        want_hf = expected_hf_shapes(hf_config_from(cfg))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None
+    wrong = []
+    for rule in rules:
+        if not all(k in want_hf for k in rule.hf):
+            continue
+        try:
+            want = rule.transform.to_mcore([torch.empty(want_hf[k], device="meta") for k in rule.hf], cfg)
+        except (RuntimeError, ValueError):
+            continue
+        wrong += [f"{k}: the config implies {tuple(w.shape)}, the checkpoint holds {stored[k]}"
+                  for k, w in zip(rule.mcore, want) if k in stored and tuple(w.shape) != stored[k]]
+    return _listed(wrong, limit)
+
+
+def _listed(wrong: list[str], limit: int) -> str | None:
     if not wrong:
         return None
     more = f" (and {len(wrong) - limit} more)" if len(wrong) > limit else ""
     return "config/weight shape mismatch: " + "; ".join(wrong[:limit]) + more
-
-
-Shapes = dict[str, tuple[int, ...]]
 
 
 def check_mapping_shapes(path: Path, cfg: ModelConfig, rules: list[BoundRule], stored: Shapes, side: str,

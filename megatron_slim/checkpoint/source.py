@@ -6,14 +6,13 @@ hands out the tensors of one group ("embeddings", "layer 3", "head", "mtp 0") un
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from megatron_slim.checkpoint.dcp_io import McoreReader
 from megatron_slim.checkpoint.files import TOKENIZER_DIR, check_keys, checkpoint_kind
-from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mismatch
+from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mcore_mismatch, describe_mismatch
 from megatron_slim.checkpoint.mcore import load_model_config
 from megatron_slim.checkpoint.safetensors_io import HFReader
 from megatron_slim.errors import CheckpointError
@@ -54,26 +53,8 @@ def open_mcore(path: Path) -> tuple[ModelConfig, list[BoundRule], McoreReader]:
     rules = bind_rules(FAMILIES[cfg.family].mapping, cfg)
     check_keys("Megatron", [k for r in rules for k in r.mcore], set(reader.tensors), str(path))
     stored = {k: shape for k, (shape, _) in reader.tensors.items()}
-    check_mapping_shapes(path, cfg, rules, stored, "mcore", lambda: _describe_mcore_mismatch(cfg, stored))
+    check_mapping_shapes(path, cfg, rules, stored, "mcore", lambda: describe_mcore_mismatch(cfg, rules, stored))
     return cfg, rules, reader
-
-
-def _describe_mcore_mismatch(cfg: ModelConfig, stored: dict[str, tuple[int, ...]], limit: int = 3) -> str | None:
-    """Like `describe_mismatch`, from the layout megatron-core builds for `cfg` (error path only: seconds)."""
-    from megatron_slim.checkpoint.layout import LayoutJob, mcore_layout
-
-    try:
-        if "megatron.core" in sys.modules:
-            want = mcore_layout(cfg).tensors
-        else:
-            with LayoutJob(cfg) as job:
-                want = job.result()[0].tensors
-    except (RuntimeError, ValueError):
-        return None
-    wrong = [f"{k}: the config implies {want[k]}, the checkpoint holds {s}"
-             for k, s in stored.items() if k in want and want[k] != s]
-    more = f" (and {len(wrong) - limit} more)" if len(wrong) > limit else ""
-    return "config/weight shape mismatch: " + "; ".join(wrong[:limit]) + more if wrong else None
 
 
 def grouped(rules: list[BoundRule]) -> dict[str, list[BoundRule]]:
@@ -113,9 +94,12 @@ class Source:
     def read(self, where: str, meta: bool) -> Tensors:
         out: Tensors = {}
         for rule in self.groups[where]:
-            if self._mcore is None:
-                out |= {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
-            else:
-                mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
-                out |= dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))
+            out |= self.read_rule(rule, meta)
         return out
+
+    def read_rule(self, rule: BoundRule, meta: bool = False) -> Tensors:
+        """The HF tensors of one rule (on meta tensors: shapes and dtypes only)."""
+        if self._mcore is None:
+            return {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
+        mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
+        return dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))

@@ -31,11 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--dry-run", action="store_true",
                        help="validate and print what would be written (tensors, parameters, bytes); write nothing")
         q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        q.add_argument("--allow-nonfinite", action="store_true",
+                       help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    common = dict(dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress)
+    common = dict(dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress,
+                  allow_nonfinite=args.allow_nonfinite)
     if args.direction == "hf-to-mcore":
         from megatron_slim.checkpoint.layout import LayoutJob
 

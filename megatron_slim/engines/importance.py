@@ -6,10 +6,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_slim.engines.source import (ModelJob, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
                                           temp_checkpoint)
 from megatron_slim.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +37,7 @@ def importance_worker(job: ImportanceJob) -> None:
     import torch
     import torch.distributed as dist
 
+    from megatron_slim.checkpoint.fingerprint import model_fingerprint
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.compress.importance import CollectOptions, collect, sequence_count
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
@@ -44,6 +49,7 @@ def importance_worker(job: ImportanceJob) -> None:
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, temp_checkpoint(job.out), progress=job.progress)
     cfg = load_model_config(ckpt)
+    fingerprint = model_fingerprint(job.model) if rank == 0 else None  # of the model as given, HF or Megatron
 
     group = parallel.dp(dist.get_world_size()) * job.micro_batch
     wanted = sequence_count(job.tokens, job.seq_len, group, job.max_tokens)
@@ -60,15 +66,32 @@ def importance_worker(job: ImportanceJob) -> None:
     model = build_model(cfg, parallel, opts)
     load_model(model, ckpt)
     release_checkpoint(job, ckpt)
+    refuse_nonfinite(model, job.model)
     result = collect(model, cfg, windows[:usable],
                      CollectOptions(micro_batch=job.micro_batch, layer_loss=job.layer_loss, progress=job.progress))
     if result is not None:
-        result.data = str(job.data)
+        result.data, result.fingerprint = str(job.data), fingerprint
         result.options |= {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size(),
                            "dtype": job.dtype}
         result.save(job.write_to or job.out)
         print(f"wrote {job.out}: {result.tokens} tokens ({usable} x {job.seq_len}), LM loss "
               f"{result.options['lm_loss']:.4f}, {len(result.tensors)} tensors", flush=True)
+
+
+def refuse_nonfinite(model: torch.nn.Module, where: str) -> None:
+    """Collective: NaN/Inf weights make every statistic NaN ("LM loss nan"), so they are refused, naming the first
+    such parameter, on every rank alike (a rank holding none must not wait for one that raised)."""
+    import torch.distributed as dist
+
+    from megatron_slim.checkpoint.finite import nonfinite_error
+
+    local = next((str(e) for name, p in model.named_parameters()
+                  if (e := nonfinite_error(where, name, p.detach())) is not None), None)
+    found: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, local)
+    error = next((e for e in found if e is not None), None)
+    if error is not None:
+        raise UserError(error)
 
 
 def run_importance(job: ImportanceJob) -> int:

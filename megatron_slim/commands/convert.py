@@ -6,6 +6,8 @@ generation config and tokenizer files, loadable by transformers' from_pretrained
 memory) and write to `<out>.partial` first, renaming only when complete. hf-to-mcore copies tensors that only move
 bytes file to file (copy_file_range) and checks everything it writes against the layout megatron-core expects,
 which a child process learns meanwhile by building the model on the meta device (about 10 s of one core).
+Both refuse, naming the tensor, a config whose shapes disagree with the weights (before writing anything) and
+weights holding NaN or Inf (as they stream; `--allow-nonfinite` converts them anyway).
 """
 from __future__ import annotations
 

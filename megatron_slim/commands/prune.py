@@ -4,6 +4,8 @@ GDN heads and FFN neurons, and keep or merge experts, writing a student checkpoi
 The input is an HF checkpoint directory or a Megatron-Core checkpoint from `convert hf-to-mcore`; the output is
 either format. Streams one layer at a time (memory: about one layer's weights) and writes `<out>.partial` first,
 renaming it only when complete. Run `megatron-slim verify` on the result to check HF/Megatron parity.
+The plan must have been computed on --in's weights: its source fingerprint (recorded by `importance`) is compared
+with --in's, and another model of the same shapes is refused unless --allow-other-model.
 """
 from __future__ import annotations
 

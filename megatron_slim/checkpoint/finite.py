@@ -17,6 +17,20 @@ from megatron_slim.errors import CheckpointError
 _CHUNK_BYTES = 64 << 20  # bounds the read buffer and the boolean masks of one check
 
 
+# 16-bit floats are NaN or Inf exactly when all their exponent bits are set: a test on the bits, several times
+# faster on CPU than `isfinite`, which converts every element to float32 first.
+_EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def _all_finite(chunk: torch.Tensor) -> bool:
+    mask = _EXPONENT_BITS.get(chunk.dtype)
+    if mask is not None:
+        return chunk.numel() == 0 or int((chunk.view(torch.int16) & mask).amax()) != mask
+    if chunk.dtype in (torch.float32, torch.float64):  # a sum is NaN/Inf if any term is (or if it overflows)
+        return bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all())
+    return bool(torch.isfinite(chunk).all())
+
+
 def _counts(t: torch.Tensor) -> tuple[int, int] | None:
     """(NaN count, Inf count) of a floating-point tensor that holds any, else None; checked in bounded chunks."""
     if not t.is_floating_point() or t.is_meta:
@@ -24,7 +38,7 @@ def _counts(t: torch.Tensor) -> tuple[int, int] | None:
     flat = t.reshape(-1)
     step = max(1, _CHUNK_BYTES // max(1, t.element_size()))
     for start in range(0, flat.numel(), step):
-        if not torch.isfinite(flat[start:start + step]).all():
+        if not _all_finite(flat[start:start + step]):
             return int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
     return None
 

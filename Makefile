@@ -5,13 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test ablate clean
 
 venv:
 	@bash scripts/ensure_venv.sh
 
 demo: venv
 	$(PY) -m megatron_slim.cli demo
+
+ablate: venv
+	$(PY) -m megatron_slim.cli ablate --suite paper
 
 test: venv
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -63,6 +63,9 @@ Job chains (--submit --chain):
                            --wait blocks until the chain has ended and exits with the status of the first
                            stage that failed (0 when all completed). --dry-run prints the sbatch commands,
                            one per stage, `<STAGE>` standing for that stage's job id.
+                           A recipe with variants lists `shared` (the steps its variants share) and then
+                           VARIANT/STAGE: each variant becomes its own chain after the shared job, so variants
+                           train side by side (job names <job-name>-VARIANT-STAGE).
   --stages A,B,...         submit these stages instead of listing them (e.g. where this machine cannot run
                            the program, or to continue a chain from a later stage)
 
@@ -297,24 +300,44 @@ submit_chain() {
     listed="$(chain_stages)" || exit "$?"
     while IFS= read -r stage; do
         [ -n "$stage" ] || continue
-        [[ "$stage" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] ||
-            die "unusable stage name '$stage' (letters, digits, _ . -, not starting with . or -)"
+        [[ "$stage" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$ ]] ||
+            die "unusable stage name '$stage' (letters, digits, _ . -, not starting with . or -; VARIANT/STAGE)"
         stages+=("$stage")
     done <<<"$listed"
     [ "${#stages[@]}" -gt 0 ] || die "the recipe has no stages to submit"
 
+    # Each job's predecessor: the stage before it in its chain. A recipe with variants lists `shared` (the steps
+    # variants share) and VARIANT/STAGE: each variant is its own chain, starting after the shared job.
+    local i j parents=() shared_index=""
+    for i in "${!stages[@]}"; do
+        parents[i]=""
+        if [ "${stages[$i]}" = shared ]; then
+            shared_index="$i"
+        elif [[ "${stages[$i]}" == */* ]]; then
+            for ((j = i - 1; j >= 0; j--)); do
+                if [ "${stages[$j]%%/*}" = "${stages[$i]%%/*}" ] && [[ "${stages[$j]}" == */* ]]; then
+                    parents[i]="$j"
+                    break
+                fi
+            done
+            [ -n "${parents[$i]}" ] || parents[i]="$shared_index"
+        elif [ "$i" -gt 0 ]; then
+            parents[i]=$((i - 1))
+        fi
+    done
+
     build_submit
     [ "$dry_run" = 1 ] || prepare_submit
-    local i previous="" dep cmd ids=() fds=() fd out rc id
+    local dep cmd ids=() fds=() fd out rc id
     for i in "${!stages[@]}"; do
         stage="${stages[$i]}"
-        cmd=(sbatch --parsable "--job-name=$job_name-$stage" "${sbatch_common[@]}")
-        if [ "$i" = 0 ]; then
+        cmd=(sbatch --parsable "--job-name=$job_name-${stage//\//-}" "${sbatch_common[@]}")
+        if [ -z "${parents[$i]}" ]; then
             dep="$dependency"
         elif [ "$dry_run" = 1 ]; then
-            dep="afterok:<${stages[$((i - 1))]}>"
+            dep="afterok:<${stages[${parents[$i]}]}>"
         else
-            dep="afterok:$previous"
+            dep="afterok:${ids[${parents[$i]}]}"
         fi
         if [ -n "$dep" ]; then
             # A stage whose predecessor failed is cancelled instead of pending forever.
@@ -347,12 +370,12 @@ submit_chain() {
             die "sbatch failed for stage $stage (exit $rc)"
         fi
         ids+=("$id")
-        previous="$id"
         printf '%s %s\n' "$id" "$stage"
     done
     [ "$wait" = 1 ] && [ "$dry_run" = 0 ] || return 0
 
-    local status=0
+    # A job whose predecessor failed (or was not run) is cancelled by SLURM and reports 0: name it as not run.
+    local status=0 failed=()
     for i in "${!fds[@]}"; do
         out=""
         while IFS= read -r -u "${fds[$i]}" out; do
@@ -360,11 +383,14 @@ submit_chain() {
         done
         rc="${out#exit }"
         is_count "$rc" || rc=1
-        if [ "$status" != 0 ]; then
-            note "stage ${stages[$i]} (job ${ids[$i]}): not run, an earlier stage failed"
+        failed[i]=0
+        if [ -n "${parents[$i]}" ] && [ "${failed[${parents[$i]}]}" = 1 ]; then
+            note "stage ${stages[$i]} (job ${ids[$i]}): not run, stage ${stages[${parents[$i]}]} before it failed"
+            failed[i]=1
         elif [ "$rc" != 0 ]; then
             note "stage ${stages[$i]} (job ${ids[$i]}) failed with exit status $rc"
-            status="$rc"
+            failed[i]=1
+            [ "$status" != 0 ] || status="$rc"
         fi
     done
     return "$status"

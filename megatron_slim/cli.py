@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "preprocess": "preprocess",
     "train": "train",
     "demo": "demo",
+    "ablate": "ablate",
     "upcycle": "upcycle",
     "prune": "prune",
     "plan": "plan",

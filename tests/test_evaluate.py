@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ import tiny_models
 from dist import run_distributed
 from hf_fixtures import build_tiny_hf, random_mtp_tensors, saved_shapes, write_shard
 from megatron_slim.data.calibration import calibration_windows
+from megatron_slim.engines.evaluate import format_table
 from megatron_slim.eval.metrics import acceptance_counts, acceptance_summary, draft_windows, lm_sums
+from megatron_slim.eval.stats import mean_se, paired_difference
 
 EOS, SEQ_LEN, WINDOWS = 1, 16, 3  # 3 windows: DP=2 ranks get 2 and 1 (+ a weight-0 copy)
 PROMPTS, PROMPT_LEN, GEN, K = 3, 6, 12, 4
@@ -99,6 +102,43 @@ def sharded_metrics(rank: int, world: int) -> tuple[float, int, int]:
     return s.loss, s.tokens, s.correct
 
 
+# ---------------------------------------------------------------- noise: standard errors and paired differences
+
+def test_mean_se_matches_the_statistics_module():
+    gen = torch.Generator().manual_seed(4)
+    values = (torch.randn(37, generator=gen, dtype=torch.float64) * 0.3 + 3.0).tolist()
+    mean, se = mean_se(values)
+    assert mean == pytest.approx(statistics.fmean(values), rel=1e-15)
+    assert se == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)), rel=1e-12)
+    assert mean_se(torch.tensor(values, dtype=torch.float32)) == pytest.approx((mean, se), rel=1e-6)
+    one = mean_se([2.5])
+    assert one[0] == 2.5 and math.isnan(one[1])  # one window: no spread to estimate
+    assert mean_se([1.0, 1.0, 1.0]) == (1.0, 0.0)
+    for bad in ([], [[1.0, 2.0]]):
+        with pytest.raises(ValueError, match="non-empty 1-D"):
+            mean_se(bad)
+
+
+def test_paired_difference_matches_direct_formulas():
+    gen = torch.Generator().manual_seed(5)
+    windows = torch.randn(40, generator=gen, dtype=torch.float64) * 2 + 4  # between-window spread dominates
+    noise = lambda: torch.randn(40, generator=gen, dtype=torch.float64) * 0.05  # noqa: E731
+    a, b = (windows + noise()).tolist(), (windows + 0.1 + noise()).tolist()
+    d = [x - y for x, y in zip(a, b)]
+    got = paired_difference(a, b)
+    assert (got.mean, got.se, got.n) == (pytest.approx(statistics.fmean(d), rel=1e-12),
+                                         pytest.approx(statistics.stdev(d) / math.sqrt(40), rel=1e-12), 40)
+    assert got.significant and abs(got.mean) > 2 * got.se
+    # unpaired, the same 0.1 difference hides in the spread of the windows
+    assert abs(mean_se(a)[0] - mean_se(b)[0]) < 2 * math.hypot(mean_se(a)[1], mean_se(b)[1])
+    same = paired_difference(a, (torch.tensor(a) + noise()).tolist())
+    assert not same.significant and abs(same.mean) <= 2 * same.se
+    single = paired_difference([3.0], [1.0])
+    assert (single.mean, single.n, single.significant) == (2.0, 1, False) and math.isnan(single.se)
+    with pytest.raises(ValueError, match="same windows: got 40 and 39"):
+        paired_difference(a, b[:-1])
+
+
 # ---------------------------------------------------------------- a tiny Qwen3-Next whose MTP drafts are often right
 
 def save_hf(out: Path, seed: int = 0) -> Path:
@@ -150,6 +190,7 @@ def reference(hf_dir: Path, windows: torch.Tensor, prompts: torch.Tensor) -> dic
     model = load_hf_reference(hf_dir, dtype=torch.float64)
     logits = reference_logits(model, windows)
     loss, tokens, correct = reference_sums(logits[:, :-1], windows[:, 1:], torch.ones_like(windows[:, 1:]))
+    window_losses = [F.cross_entropy(lg[:-1].double(), w[1:]).item() for lg, w in zip(logits, windows)]
     seqs = prompts.clone()
     for _ in range(GEN):
         seqs = torch.cat([seqs, reference_logits(model, seqs)[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -167,7 +208,9 @@ def reference(hf_dir: Path, windows: torch.Tensor, prompts: torch.Tensor) -> dic
                 context = torch.cat([context, draft[None]])
             counts = [c + (k < accepted) for k, c in enumerate(counts)]
             positions += 1
-    return {"tokens": tokens, "loss": loss / tokens, "accuracy": correct / tokens, "greedy": seqs,
+    return {"tokens": tokens, "loss": loss / tokens, "window_losses": window_losses,
+            "loss_se": statistics.stdev(window_losses) / math.sqrt(len(window_losses)),
+            "accuracy": correct / tokens, "greedy": seqs,
             "mtp_acceptance": {k: c / positions for k, c in enumerate(counts, start=1)},
             "mean_accepted": sum(counts) / positions, "mtp_positions": positions}
 
@@ -180,6 +223,9 @@ def ref(setup) -> dict:
 def assert_matches(got: dict, want: dict, where: str) -> None:
     assert got["tokens"] == want["tokens"] == WINDOWS * (SEQ_LEN - 1), where
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), where
+    assert got["window_losses"] == pytest.approx(want["window_losses"], rel=1e-5), where
+    assert got["loss"] == pytest.approx(statistics.fmean(got["window_losses"]), rel=1e-12), where
+    assert got["loss_se"] == pytest.approx(want["loss_se"], rel=1e-4), where
     assert got["ppl"] == pytest.approx(math.exp(want["loss"]), rel=1e-5), where
     assert got["accuracy"] == want["accuracy"], where
     assert got["mtp_positions"] == want["mtp_positions"] == PROMPTS * (GEN - K), where
@@ -240,6 +286,8 @@ def test_layouts_agree_and_greedy_tokens_match(sweep, ref):
     for layout in LAYOUTS:
         got = sweep[0][layout]
         assert got["loss"] == pytest.approx(tp1["loss"], rel=1e-6), layout
+        assert got["window_losses"] == pytest.approx(tp1["window_losses"], rel=1e-6), layout
+        assert all(r[layout]["window_losses"] == got["window_losses"] for r in sweep), layout  # same on every rank
         assert (got["accuracy"], got["mtp_acceptance"]) == (tp1["accuracy"], tp1["mtp_acceptance"]), layout
     assert all(torch.equal(r["greedy"], ref["greedy"]) for r in sweep)
     no_mtp = sweep[0]["no_mtp"]
@@ -259,6 +307,8 @@ def test_cli_json_from_hf_checkpoint_at_tp2(setup, ref, tmp_path):
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert_matches(printed, ref, "cli")
+    assert f"loss       {printed['loss']:.4f} ± {printed['loss_se']:.4f} nats/token (standard error over 3 " \
+        "windows)" in format_table(printed)
     assert printed["layout"] == {"tp": 2, "ep": 1, "pp": 1, "world": 2}  # spawned its own 2 ranks
     assert not out.with_name(out.name + ".mcore-tmp").exists(), "the on-the-fly conversion is removed"
 

@@ -299,6 +299,19 @@ def test_chain_dry_run_one_job_per_stage(tmp_path: Path) -> None:
     assert [any(w.startswith("--dependency=") for w in words) for words in jobs] == [False, True]
 
 
+def test_chain_submits_variants_as_chains_after_the_shared_job() -> None:
+    """With variants: `shared` first, then each variant its own chain, its first stage after the shared job."""
+    jobs = _chain_dry_run("--stages", "shared,a/depth,a/width,b/depth,b/width", "--job-name", "s", "--", "run",
+                          "r.yaml", "--workdir", "w")
+    deps = {words[-1]: [w for w in words if w.startswith("--dependency=")] for words in jobs}
+    assert deps == {"shared": [], "a/depth": ["--dependency=afterok:<shared>"],
+                    "a/width": ["--dependency=afterok:<a/depth>"], "b/depth": ["--dependency=afterok:<shared>"],
+                    "b/width": ["--dependency=afterok:<b/depth>"]}
+    assert [w for words in jobs for w in words if w.startswith("--job-name=")] == [
+        "--job-name=s-shared", "--job-name=s-a-depth", "--job-name=s-a-width", "--job-name=s-b-depth",
+        "--job-name=s-b-width"]
+
+
 def test_chain_lists_the_recipe_stages() -> None:
     """Without --stages, the stages are those `megatron-slim run RECIPE --workdir DIR --list-stages` prints."""
     _needs_run_command()
@@ -314,7 +327,7 @@ def test_chain_lists_the_recipe_stages() -> None:
     (["--submit", "--chain", "--exec", "--", "run", "r", "--workdir", "w"], "not --exec"),
     (["--submit", "--chain", "--stages", "a", "--", "run", "r", "--workdir", "w", "--stage", "a"],
      "do not give --stage"),
-    (["--submit", "--chain", "--stages", "a,b/c", "--", "run", "r", "--workdir", "w"], "unusable stage name 'b/c'"),
+    (["--submit", "--chain", "--stages", "a,b/c/d", "--", "run", "r", "--workdir", "w"], "unusable stage name 'b/c/d'"),
     (["--submit", "--stages", "a", "--", "run", "r", "--workdir", "w"], "--stages only applies with --chain"),
     (["--chain", "--", "run", "r", "--workdir", "w"], "--chain only applies with --submit"),
 ])

@@ -17,6 +17,8 @@ from transformers import PreTrainedModel
 import tiny_models
 from hf_fixtures import build_tiny_hf
 
+EOD = 127  # the toy language's document separator, the tiny models' eos_token_id
+
 
 def cli(*args: str, check: bool = True, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", *args], capture_output=True, text=True,
@@ -36,10 +38,11 @@ def convert(model: PreTrainedModel, root: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
-    """teacher_mc (4 layers), student_mc (2 layers), both Qwen3-MoE with 8 experts top-2, and data.bin/.idx."""
+    """teacher_mc (4 layers), student_mc (2 layers), both Qwen3-MoE with 8 experts top-2, and data.bin/.idx (from
+    data.jsonl, which also serves as held-out data)."""
     root = tmp_path_factory.mktemp("train")
-    convert(build_tiny_hf(tiny_models.qwen3_moe(), 0), root, "teacher")
-    convert(build_tiny_hf(tiny_models.qwen3_moe(num_hidden_layers=2), 1), root, "student")
+    convert(build_tiny_hf(tiny_models.qwen3_moe(eos_token_id=EOD), 0), root, "teacher")
+    convert(build_tiny_hf(tiny_models.qwen3_moe(num_hidden_layers=2, eos_token_id=EOD), 1), root, "student")
     write_toy_data(root)
     return root
 
@@ -52,7 +55,7 @@ def write_toy_data(root: Path) -> None:
             start, step = rng.randrange(120), rng.choice([1, 2, 3])
             f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
     cli("preprocess", "--input", str(root / "data.jsonl"), "--output-prefix", str(root / "data"), "--tokenizer",
-        "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127")
+        "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", str(EOD))
 
 
 def write_config(root: Path, name: str, teacher: bool = True, **sections) -> Path:

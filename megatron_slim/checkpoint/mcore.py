@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,20 +32,23 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, cfg: ModelConfig) -
     dist.barrier()
 
 
-def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path, keep: Callable[[str], bool] | None = None) -> None:
     """Collective: load this rank's shards of every parameter; a parameter missing from the checkpoint is an
     error. Extra checkpoint entries (optimizer state of training checkpoints, a teacher's MTP head when it is built
-    without one) are left unread."""
+    without one) are left unread. `keep(key)` true: the model's own value of that key stays (it is not in the
+    checkpoint: e.g. fresh MTP depths)."""
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_slim.checkpoint import safe_metadata
 
     inner = unwrap_model(model)
     sharded = inner.sharded_state_dict()
+    if keep is not None:
+        sharded = {k: v for k, v in sharded.items() if not keep(k)}
     state = safe_metadata.load(sharded, ckpt_dir, strict=StrictHandling.RAISE_UNEXPECTED)
     # A training checkpoint's common (non-sharded) entries (step, scheduler, optimizer hyper-parameters) come back
     # merged at the top level: keep the model's own keys.
-    inner.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=True)
+    inner.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=keep is None)
 
 
 def load_model_config(ckpt_dir: str | Path) -> ModelConfig:

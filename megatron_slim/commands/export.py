@@ -27,9 +27,9 @@ def _run_student(workdir: Path) -> tuple[str, str | None]:
 
     from megatron_slim.errors import UserError
     from megatron_slim.run.recipe import parse_recipe
-    from megatron_slim.run.state import RunState
+    from megatron_slim.run.state import RunState, RunView
 
-    state = RunState.read(workdir)
+    state = RunView(RunState.read(workdir))
     recipe = parse_recipe(yaml.safe_load((workdir / "recipe.yaml").read_text()), workdir)  # for the stage order
     last = recipe.stages[-1].name
     if not state.done(f"{last}/distill"):

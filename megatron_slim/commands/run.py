@@ -10,6 +10,10 @@ validated completely (keys, files, every stage's shapes, run configs) before any
 Under torchrun/srun the given ranks are used; as a plain process it spawns the recipe's `nproc` local ranks.
 `--stage NAME` runs one stage (the first also prepares, the last also exports and reports): what
 `launch.sh --submit --chain` submits as one SLURM job per stage.
+
+A recipe with `variants` runs each variant in <workdir>/variants/<name>/ (`--variant NAME` one of them); steps
+whose inputs agree across variants (teacher conversion, data, importance and plans a variant does not change) run
+once, in <workdir>/shared/, and <workdir>/report/compare.md compares the variants against the reference.
 """
 from __future__ import annotations
 
@@ -22,8 +26,12 @@ HELP = "run a recipe (stages of importance/plan/prune/distill/evaluate, export, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (see examples/slimqwen/recipe.yaml and megatron_slim/run/recipe.py)")
     p.add_argument("--workdir", required=True, help="directory for every output and the run's state")
-    p.add_argument("--stage", help="run only this stage (earlier stages must be done)")
-    p.add_argument("--list-stages", action="store_true", help="print the stage names, one per line, and exit")
+    p.add_argument("--stage", help="run only this stage (earlier stages must be done); with variants VARIANT/STAGE, "
+                   "or `shared` for only the steps variants share (what --list-stages prints)")
+    p.add_argument("--variant", help="run only this variant of a recipe that declares variants (default: every "
+                   "variant in turn; steps they share run once)")
+    p.add_argument("--list-stages", action="store_true",
+                   help="print the stage names, one per line, and exit (with variants: `shared`, then VARIANT/STAGE)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the steps with their status and each stage's student")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: one single-process step (child of a multi-rank job)
@@ -34,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     from megatron_slim.run.job import RunJob, run_recipe
 
     return run_recipe(RunJob(recipe=Path(args.recipe), workdir=Path(args.workdir), stage=args.stage,
+                             variant=args.variant,
                              list_stages=args.list_stages, dry_run=args.dry_run, step=args.step,
                              progress=not args.no_progress))

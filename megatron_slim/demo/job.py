@@ -23,22 +23,10 @@ class DemoJob:
 def prepare_assets() -> Path:
     """Teacher, data splits and recipe in the cache (built once); returns the recipe's path."""
     from megatron_slim.data.assets import cache_dir
-    from megatron_slim.data.wiki import wiki_splits, write_jsonl
-    from megatron_slim.engines.upcycle import EMBEDDED_DENSE, UpcycleJob, run_upcycle
 
     root = cache_dir() / "demo"
-    teacher = root / "teacher"
-    if not (teacher / "config.json").is_file():
-        print(f"building the teacher (once): SmolLM2-135M -> {DEMO_EXPERTS} experts, top-{DEMO_TOPK}", flush=True)
-        tmp = root / "teacher.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        run_upcycle(UpcycleJob(dense=EMBEDDED_DENSE, experts=DEMO_EXPERTS, topk=DEMO_TOPK, out=tmp,
-                               calib_tokens=16384, router_scale=1e-3, seed=0))
-        tmp.rename(teacher)
-    if not (root / "heldout.jsonl").is_file():
-        splits = wiki_splits()
-        for name in ("calibration", "train", "heldout"):
-            write_jsonl(getattr(splits, name), root / f"{name}.jsonl.tmp").rename(root / f"{name}.jsonl")
+    upcycled_teacher(root / "teacher", DEMO_EXPERTS, DEMO_TOPK)
+    prepare_data(root)
     recipe = root / "recipe.yaml"
     template = (Path(__file__).parent / "recipe.yaml").read_text()
     if not recipe.is_file() or recipe.read_text() != template:
@@ -46,12 +34,37 @@ def prepare_assets() -> Path:
     return recipe
 
 
+def upcycled_teacher(teacher: Path, experts: int, topk: int) -> None:
+    """SmolLM2-135M upcycled into a Mixtral-style MoE at `teacher` (built once, through a .partial directory)."""
+    from megatron_slim.engines.upcycle import EMBEDDED_DENSE, UpcycleJob, run_upcycle
+
+    if (teacher / "config.json").is_file():
+        return
+    print(f"building the teacher (once): SmolLM2-135M -> {experts} experts, top-{topk}", flush=True)
+    tmp = teacher.with_name(teacher.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run_upcycle(UpcycleJob(dense=EMBEDDED_DENSE, experts=experts, topk=topk, out=tmp, calib_tokens=16384,
+                           router_scale=1e-3, seed=0))
+    tmp.rename(teacher)
+
+
+def prepare_data(root: Path) -> None:
+    """The Wikipedia calibration, training and held-out paragraphs as jsonl files in `root` (written once)."""
+    from megatron_slim.data.wiki import wiki_splits, write_jsonl
+
+    if not (root / "heldout.jsonl").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        splits = wiki_splits()
+        for name in ("calibration", "train", "heldout"):
+            write_jsonl(getattr(splits, name), root / f"{name}.jsonl.tmp").rename(root / f"{name}.jsonl")
+
+
 def run_demo(job: DemoJob) -> int:
     """Build the assets, run the demo recipe in `job.workdir` and print the retention table; the exit status."""
     from megatron_slim.run.job import RunJob, run_recipe
     from megatron_slim.run.recipe import load_recipe
     from megatron_slim.run.report import retention_table
-    from megatron_slim.run.state import RunState
+    from megatron_slim.run.state import RunState, RunView
 
     workdir = job.workdir
     if job.fresh:
@@ -63,7 +76,7 @@ def run_demo(job: DemoJob) -> int:
     if code:
         return code
     recipe = load_recipe(recipe_path)
-    state = RunState.read(workdir)
+    state = RunView(RunState.read(workdir))
     print(f"\nassets {t1 - t0:.0f} s, run {time.time() - t1:.0f} s\n")
     print(retention_table(recipe, state))
     print(f"\nreport: {workdir / 'report' / 'report.md'}")

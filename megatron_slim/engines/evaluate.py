@@ -44,7 +44,9 @@ class EvaluateJob(ModelJob):
 
 def format_table(result: dict) -> str:
     """The human-readable report."""
-    lines = [f"tokens     {result['tokens']}", f"loss       {result['loss']:.4f} nats/token",
+    lines = [f"tokens     {result['tokens']}",
+             f"loss       {result['loss']:.4f} ± {result['loss_se']:.4f} nats/token (standard error over "
+             f"{len(result['window_losses'])} windows)",
              f"ppl        {result['ppl']:.3f}", f"accuracy   {result['accuracy'] * 100:.2f}%"]
     if result["mtp_acceptance"]:
         lines.append(f"MTP acceptance over {result['mtp_positions']} drafting positions:")

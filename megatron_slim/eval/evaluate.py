@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from megatron_slim.eval.metrics import (acceptance_counts, acceptance_summary, draft_windows, lm_sums,
                                         vocab_parallel_argmax)
+from megatron_slim.eval.stats import mean_se
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.forward import forward_microbatches
 from megatron_slim.models.unwrap import unwrap_model
@@ -140,7 +141,10 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
     prompt's `gen_tokens`-token greedy continuation with `mtp_k` drafts per step; skipped (empty acceptance,
     mean_accepted None) without prompts, with mtp_k = 0 or for a model without MTP layers.
 
-    Returns {tokens, loss (mean nats/token), ppl, accuracy, mtp_acceptance {k: rate}, mean_accepted, mtp_positions}.
+    Returns {tokens, loss (mean nats/token), loss_se, window_losses, ppl, accuracy, mtp_acceptance {k: rate},
+    mean_accepted, mtp_positions}. window_losses holds each window's mean loss in the order of `windows`: every
+    window is scored by one rank in a forward of its own row, whatever the layout; every window has S-1 tokens, so
+    `loss` (token-weighted) is their mean, and loss_se their standard error (eval/stats.py; nan for one window).
     """
     from megatron.core import parallel_state as ps
 
@@ -155,19 +159,24 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     reporting = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     k = mtp_k if with_mtp else 0
-    # loss, tokens, correct, acceptance counts of depths 1..k, drafting positions
-    sums = torch.zeros(4 + k, dtype=torch.float64, device=device)
+    # tokens, correct, acceptance counts of depths 1..k, drafting positions, then each window's summed loss
+    sums = torch.zeros(3 + k + len(windows), dtype=torch.float64, device=device)
+    window_sums = sums[3 + k:]
     model.eval()
 
     idx, weights = dp_share(len(windows), dp, dp_rank)
-    tokens, weights = windows[idx].to(device), weights.to(device)
+    tokens = windows[idx].to(device)
+    owner_of = [window if weight else None for window, weight in zip(idx.tolist(), weights.tolist())]  # None: pad
 
     def on_logits(logits: torch.Tensor, rows: slice) -> None:
-        batch = tokens[rows]
-        mask = weights[rows, None].expand(-1, batch.shape[1] - 1)
-        s = lm_sums(logits[:, :-1], batch[:, 1:], mask, tp)
-        if reporting:
-            sums[:3] += torch.tensor([s.loss, s.tokens, s.correct], dtype=torch.float64, device=device)
+        for r, window in enumerate(owner_of[rows]):  # row by row: a sum per window
+            if window is None:
+                continue
+            row = tokens[rows.start + r]
+            s = lm_sums(logits[r, :-1], row[1:], None, tp)
+            if reporting:
+                window_sums[window] += s.loss
+                sums[:2] += torch.tensor([s.tokens, s.correct], dtype=torch.float64, device=device)
 
     _forward_rows(model, tokens, micro_batch, on_logits)
 
@@ -186,18 +195,20 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
                 drafts, targets = draft_windows(ids, seqs[rows], first)
                 w = weights[rows].repeat_interleave(len(drafts) // len(weights[rows]))
                 if reporting:
-                    sums[3:3 + k] += acceptance_counts(drafts, targets, w)
-                    sums[3 + k] += w.sum()
+                    sums[2:2 + k] += acceptance_counts(drafts, targets, w)
+                    sums[2 + k] += w.sum()
 
             _forward_rows(model, seqs, micro_batch, lambda logits, rows: None, on_mtp_logits)
 
-    dist.all_reduce(sums)  # one reporting rank per DP replica contributes
-    loss_sum, count, correct = sums[:3].tolist()
-    loss = loss_sum / count
-    result = {"tokens": int(count), "loss": loss, "ppl": math.exp(loss), "accuracy": correct / count,
+    dist.all_reduce(sums)  # one reporting rank per DP replica contributes; each window is owned by one replica
+    count, correct = sums[:2].tolist()
+    loss = window_sums.sum().item() / count
+    window_losses = (window_sums / (windows.shape[1] - 1)).tolist()
+    result = {"tokens": int(count), "loss": loss, "loss_se": mean_se(window_losses)[1],
+              "window_losses": window_losses, "ppl": math.exp(loss), "accuracy": correct / count,
               "mtp_acceptance": {}, "mean_accepted": None, "mtp_positions": 0}
     if with_mtp:
-        summary = acceptance_summary(sums[3:3 + k], sums[3 + k].item())
+        summary = acceptance_summary(sums[2:2 + k], sums[2 + k].item())
         result.update(mtp_acceptance=summary["acceptance"], mean_accepted=summary["mean_accepted"],
-                      mtp_positions=int(sums[3 + k].item()))
+                      mtp_positions=int(sums[2 + k].item()))
     return result

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_slim.models.config import ModelConfig
-from megatron_slim.run.recipe import Recipe
+from megatron_slim.errors import UserError
+from megatron_slim.run.recipe import Study
+from megatron_slim.run.state import RunView
 
 
 @dataclass(frozen=True)
@@ -16,79 +17,125 @@ class RunJob:
 
     recipe: Path
     workdir: Path
-    stage: str | None = None  # run only this stage (earlier stages must be done)
+    stage: str | None = None  # run only this stage (earlier stages must be done); VARIANT/STAGE or `shared`
+    variant: str | None = None  # run only this variant (default: every variant in turn)
     list_stages: bool = False  # print the stage names and return
     dry_run: bool = False  # validate the recipe and print the steps with their status
     step: str | None = None  # one single-process step (the child of a multi-rank job)
     progress: bool = True
 
+    def target(self) -> tuple[str | None, str | None]:
+        """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""
+        if self.stage and "/" in self.stage:
+            variant, stage = self.stage.split("/", 1)
+            if self.variant and self.variant != variant:
+                raise UserError(f"--stage {self.stage} names variant {variant!r}, --variant {self.variant!r}")
+            return variant, stage
+        return self.variant, self.stage
 
-def _prepare_workdir(recipe: Recipe, recipe_path: Path, workdir: Path) -> None:
+
+def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
     import yaml
 
-    from megatron_slim.run.state import RunState
+    from megatron_slim.run.runner import plan_runs
+    from megatron_slim.run.state import STATE, RunState
 
     workdir.mkdir(parents=True, exist_ok=True)
-    RunState(workdir, recipe.digest)  # refuses a work dir of another recipe
+    if study.variants and (workdir / STATE).is_file():
+        raise UserError(f"{workdir} holds a run of a recipe without variants; use another --workdir")
+    for run in plan_runs(study, workdir):
+        RunState(run.workdir, run.recipe.digest)  # refuses a work dir of another recipe (or variant)
     copy = workdir / "recipe.yaml"
-    if not copy.is_file():
+    if not copy.is_file() or study.variants:  # variants may be added to a study: keep the latest
         copy.write_text(yaml.safe_dump(yaml.safe_load(recipe_path.read_text()), sort_keys=False))
 
 
-def _dry_run(recipe: Recipe, workdir: Path, configs: list[ModelConfig]) -> None:
-    from megatron_slim.compress.accounting import account, human
-    from megatron_slim.run.state import RunState
-    from megatron_slim.run.steps import all_steps
+def list_stages(study: Study) -> list[str]:
+    """What `--list-stages` prints: the stage names; with variants, `shared` (the steps variants share) and then
+    VARIANT/STAGE for each variant's stages (what `launch.sh --submit --chain` submits, one job each)."""
+    if not study.variants:
+        return [s.name for s in study.recipe(None).stages]
+    return ["shared"] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
 
-    state = RunState(workdir, recipe.digest) if (workdir / "state.json").is_file() else None
-    for stage, cfg in zip(recipe.stages, configs):
-        acc = account(cfg)
-        print(f"stage {stage.name}: {cfg.num_layers} layers ({cfg.hybrid_pattern}), hidden {cfg.hidden_size}, "
-              f"{cfg.num_experts} experts top-{cfg.topk}; {human(acc.total)} params, {human(acc.active)} active")
-    for step in all_steps(recipe):
-        print(f"  {step.id:<28} {state.status(step.id) if state else 'pending'}")
+
+def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
+    from megatron_slim.compress.accounting import account, human
+    from megatron_slim.run.recipe import validate
+    from megatron_slim.run.runner import SHARED, plan_runs, shared_state
+    from megatron_slim.run.state import STATE, RunState
+
+    shared = shared_state(workdir) if (workdir / SHARED / STATE).is_file() else None
+    for run in plan_runs(study, workdir):
+        if variant is not None and run.name != variant:
+            continue
+        if run.name is not None:
+            print(f"variant {run.name} ({run.workdir}){' [reference]' if run.name == study.reference else ''}")
+        for stage, cfg in zip(run.recipe.stages, validate(run.recipe)):
+            acc = account(cfg)
+            print(f"stage {stage.name}: {cfg.num_layers} layers ({cfg.hybrid_pattern}), hidden {cfg.hidden_size}, "
+                  f"{cfg.num_experts} experts top-{cfg.topk}; {human(acc.total)} params, {human(acc.active)} active")
+        own = RunState(run.workdir, run.recipe.digest) if (run.workdir / STATE).is_file() else None
+        view = RunView(own, shared, run.shared) if own is not None else None
+        for step in run.steps:
+            where = f"  shared {run.shared[step.id]}" if step.id in run.shared else ""
+            if view is not None:
+                status = view.status(step.id)
+            elif step.id in run.shared and shared is not None:
+                status = shared.status(run.shared[step.id])
+            else:
+                status = "pending"
+            print(f"  {step.id:<28} {status}{where}")
 
 
 def _worker(job: RunJob) -> int:
-    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.recipe import load_study
     from megatron_slim.run.runner import run_steps
 
-    recipe = load_recipe(job.recipe)
-    return run_steps(recipe, job.recipe, job.workdir, job.stage, progress=job.progress)
+    import torch.distributed as dist
+
+    variant, stage = job.target()
+    study = load_study(job.recipe)
+    code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress)
+    if study.variants and dist.get_rank() == 0:  # with whatever has finished, by every job of the study
+        from megatron_slim.run.compare import write_comparison
+
+        print(f"[run] comparison of the variants: {write_comparison(study, job.workdir)}", flush=True)
+    return code
 
 
 def run_recipe(job: RunJob) -> int:
     """Do what the job asks; the exit status (75 when a stop signal interrupted the run: requeue it)."""
-    from megatron_slim.run.recipe import load_recipe, validate
+    from megatron_slim.run.recipe import load_study, read_study
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
     recipe_path, workdir = job.recipe, job.workdir
     if job.list_stages:
-        from megatron_slim.run.recipe import parse_recipe
-        from megatron_slim.runtime.config_loader import load_yaml
-
-        for stage in parse_recipe(load_yaml(recipe_path), recipe_path.parent).stages:
-            print(stage.name)
+        print("\n".join(list_stages(read_study(recipe_path))))
         return 0
-    recipe = load_recipe(recipe_path)
+    study = load_study(recipe_path)
+    variant, _ = job.target()
+    if variant is not None:
+        study.recipe(variant)
     if job.step:
         from megatron_slim.run.runner import run_one_step
 
-        return run_one_step(recipe, workdir, job.step, progress=job.progress)
+        return run_one_step(study, workdir, variant, job.step, progress=job.progress)
     if job.dry_run:
-        _dry_run(recipe, workdir, validate(recipe))
+        _dry_run(study, workdir, variant)
         return 0
-    _prepare_workdir(recipe, recipe_path, workdir)
+    _prepare_workdir(study, recipe_path, workdir)
+    nprocs = {r.nproc for r in study.recipes.values()}
+    if len(nprocs) > 1:
+        raise UserError(f"variants disagree on nproc {sorted(nprocs)}: one job runs them all")
     world = launched_world_size()
-    if world is None and recipe.nproc > 1:
-        return run_local_world(_worker, recipe.nproc, job)
+    if world is None and nprocs.pop() > 1:
+        return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job)
     if world is not None:
-        from megatron_slim.errors import UserError
         from megatron_slim.runtime.distributed import ParallelConfig
 
-        p = recipe.parallel
-        try:
-            ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp).validate_world(world)
-        except ValueError as e:
-            raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
+        for tp, ep, pp in {(r.parallel.tp, r.parallel.ep, r.parallel.pp) for r in study.recipes.values()}:
+            try:
+                ParallelConfig(tp=tp, ep=ep, pp=pp).validate_world(world)
+            except ValueError as e:
+                raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
     return _worker(job)

@@ -22,10 +22,20 @@
         target: {num_layers: 36}        # sizes are absolute; unset sizes keep the previous stage's
         training: {train: {train_tokens: 2e11}, optimizer: {lr: 2e-4}}   # merged over `training`
         align_neurons: false            # prune options (see `megatron-slim prune --help`)
+    init: pruned                        # pruned | random: the first stage's student pruned from the teacher,
+                                        # or of the same shape, initialised as megatron-core initialises a model
+    add_mtp_layers: 0                   # MTP depths the first stage's student gains beyond the teacher's, fresh
+                                        # (initialised as megatron-core does), trained by the MTP loss terms
+    export: true                        # false: skip the final HF export (e.g. ablations)
+    variants:                           # optional: settings to compare, each the recipe deep-merged with its
+      pruned: {}                        # overrides (any key above); steps whose inputs agree run once
+      random_init: {init: random}
+      kd_only: {training: {loss: {kd_weight: 1.0}}}
+    reference: pruned                   # the variant the comparison report measures the others against
 
 Everything is checked by `load_recipe` before any compute: unknown keys, missing files, each stage's target
 against the model it starts from (the configs are chained without touching weights), the final student against
-`target`, and each stage's run config.
+`target`, and each stage's run config; with variants, every variant, each problem naming its variant.
 """
 from __future__ import annotations
 
@@ -44,8 +54,9 @@ from megatron_slim.models.config import ModelConfig
 from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
 
 PRESETS = ("one_shot", "depth_first")
+INITS = ("pruned", "random")
 # run-config sections that the run owns: a recipe setting them would be silently overridden
-_RUN_OWNED = {"model", "teacher", "parallel"}
+_RUN_OWNED = {"model", "teacher", "parallel", "evaluation"}
 _RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir"}
 
 
@@ -86,6 +97,7 @@ class EvaluationSection:
     mtp_prompts: int = 8  # held-out prompts the acceptance is measured on
     prompt_len: int = 0  # prompt tokens (0: half the sequence length)
     gen_tokens: int = 32  # greedy tokens generated after each prompt (one full forward each)
+    every_tokens: float = 0.0  # also evaluate the student during distillation every N tokens (0: only after)
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,10 @@ class Recipe:
     evaluation: EvaluationSection
     stages: list[Stage]
     source: dict[str, Any] = field(repr=False)  # the parsed YAML, for the work dir's record
+    init: str = "pruned"  # pruned | random (the first stage's student)
+    add_mtp_layers: int = 0  # fresh MTP depths the first stage's student gains
+    export: bool = True  # the final HF export
+    variant: str | None = None  # the variant's name when the recipe declares variants
 
     @property
     def digest(self) -> str:
@@ -181,7 +197,9 @@ def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list
 
 
 _TOP_KEYS = {"name", "teacher", "data", "parallel", "nproc", "importance", "evaluation", "training", "target",
-             "preset", "train_tokens", "stage_token_split", "stages"}
+             "preset", "train_tokens", "stage_token_split", "stages", "init", "add_mtp_layers", "export"}
+# names the run gives its own step groups and work-dir entries
+RESERVED = ("prepare", "final", "shared", "variants")
 _STAGE_KEYS = {"name", "target", "training", "align_neurons", "rescale_norms"}
 
 
@@ -255,7 +273,7 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
             problems.append(f"{where}: name must be a non-empty word (letters, digits, - and _), got {name!r}")
             continue
-        if name in ("prepare", "final"):
+        if name in RESERVED:
             problems.append(f"{where}: {name!r} is reserved for the run's own steps")
             continue
         spec = _target(s.get("target", {}), f"{where}.target", problems)
@@ -269,11 +287,20 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         problems.append(f"stage names must be unique, got {names}")
+    init = raw.get("init", "pruned")
+    if init not in INITS:
+        problems.append(f"init must be one of {list(INITS)}, got {init!r}")
+    add_mtp, export = raw.get("add_mtp_layers", 0), raw.get("export", True)
+    if not isinstance(add_mtp, int) or isinstance(add_mtp, bool) or add_mtp < 0:
+        problems.append(f"add_mtp_layers must be an integer >= 0, got {add_mtp!r}")
+    if not isinstance(export, bool):
+        problems.append(f"export must be true or false, got {export!r}")
     if problems:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
     return Recipe(name=str(raw.get("name", "run")), teacher=path(raw["teacher"]), data=data, parallel=parallel,
                   nproc=nproc, importance=importance, evaluation=evaluation, stages=stages,
-                  source=raw | {"_final_target": dataclasses.asdict(final) if final else None})
+                  source=raw | {"_final_target": dataclasses.asdict(final) if final else None}, init=init,
+                  add_mtp_layers=add_mtp, export=export)
 
 
 # ---- checks against the models (configs only) -------------------------------------------------------------------
@@ -304,6 +331,8 @@ def stage_configs(recipe: Recipe, teacher: ModelConfig) -> list[ModelConfig]:
                             f"{e}")
             break
         source = spec.target_config(source, spec.placeholder_layers(source))
+        if not configs and recipe.add_mtp_layers:
+            source = source.replace(mtp_num_layers=source.mtp_num_layers + recipe.add_mtp_layers)
         configs.append(source)
     if problems:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
@@ -317,6 +346,7 @@ def check_final(recipe: Recipe, final: ModelConfig, teacher: ModelConfig) -> Non
         return
     spec = TargetSpec.from_dict({k: v for k, v in wanted.items()})
     expected = spec.target_config(teacher, spec.placeholder_layers(teacher))
+    expected = expected.replace(mtp_num_layers=expected.mtp_num_layers + recipe.add_mtp_layers)
     diffs = [f"{k}: stages give {getattr(final, k)}, target wants {getattr(expected, k)}"
              for k in ("num_layers", "hidden_size", "num_experts", "topk", "moe_ffn_hidden_size",
                        "shared_expert_ffn_hidden_size", "num_query_groups", "linear_num_key_heads", "mtp_num_layers")
@@ -325,14 +355,91 @@ def check_final(recipe: Recipe, final: ModelConfig, teacher: ModelConfig) -> Non
         raise RecipeError("invalid recipe: the stages do not end at `target`:\n  - " + "\n  - ".join(diffs))
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and fully validate a recipe file (structure, files, model shapes, run configs); no compute."""
+@dataclass(frozen=True)
+class Study:
+    """What a recipe file asks for: one run (`variants` empty, the recipe under the key None), or variants of it,
+    each a complete recipe, compared against `reference`."""
+
+    recipes: dict[str | None, Recipe]
+    reference: str | None = None
+
+    @property
+    def variants(self) -> list[str]:
+        return [name for name in self.recipes if name is not None]
+
+    def recipe(self, variant: str | None) -> Recipe:
+        if variant not in self.recipes:
+            if variant is None:
+                raise RecipeError(f"the recipe declares variants {self.variants}: name one with --variant, or run "
+                                  "them all")
+            raise RecipeError(f"no variant {variant!r} in the recipe (variants: {self.variants or 'none'})")
+        return self.recipes[variant]
+
+
+def parse_study(raw: Any, base_dir: Path) -> Study:
+    """The recipe as written, or each of its variants: the recipe deep-merged with the variant's overrides (any
+    recipe key; mappings merge, other values replace). Every problem of every variant is reported at once."""
+    if not isinstance(raw, dict) or "variants" not in raw:
+        if isinstance(raw, dict) and "reference" in raw:
+            raise RecipeError("invalid recipe:\n  - reference only applies with variants")
+        return Study({None: parse_recipe(raw, base_dir)})
+    variants, base = raw["variants"], {k: v for k, v in raw.items() if k not in ("variants", "reference")}
+    if not isinstance(variants, dict) or not variants:
+        raise RecipeError("invalid recipe:\n  - variants: give a mapping of variant name -> overrides ({} for the "
+                          "recipe as written)")
+    recipes: dict[str | None, Recipe] = {}
+    problems: list[str] = []
+    for name, over in variants.items():
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            problems.append(f"variant {name!r}: a name is a word (letters, digits, - and _)")
+            continue
+        if name in RESERVED:
+            problems.append(f"variant {name!r}: the name is reserved for the run's own steps")
+            continue
+        if not isinstance(over, dict):
+            problems.append(f"variant {name!r}: overrides must be a mapping of recipe keys, got {over!r}")
+            continue
+        nested = sorted({"variants", "reference"} & set(over))
+        if nested:
+            problems.append(f"variant {name!r}: {nested} cannot be set by a variant")
+            continue
+        try:
+            recipes[name] = dataclasses.replace(parse_recipe(_merge(base, over), base_dir), variant=name)
+        except RecipeError as e:
+            problems += [f"variant {name!r}: {line.strip()[2:]}" for line in str(e).splitlines()[1:]]
+    reference = raw.get("reference", next(iter(variants)))
+    if reference not in variants:
+        problems.append(f"reference {reference!r} is not one of the variants {list(variants)}")
+    if problems:
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
+    return Study(recipes, reference)
+
+
+def read_study(path: str | Path) -> Study:
+    """Parse a recipe file (structure only: no model or data is read)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
-    recipe = parse_recipe(load_yaml(path), path.parent)
-    validate(recipe)
-    return recipe
+    return parse_study(load_yaml(path), path.parent)
+
+
+def load_study(path: str | Path) -> Study:
+    """Parse and fully validate a recipe file, every variant (structure, files, model shapes, run configs); no
+    compute."""
+    study = read_study(path)
+    for name, recipe in study.recipes.items():
+        try:
+            validate(recipe)
+        except RecipeError as e:
+            if name is None:
+                raise
+            raise RecipeError(f"variant {name!r}: {e}") from e
+    return study
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and fully validate a recipe file without variants (structure, files, model shapes, run configs)."""
+    return load_study(path).recipe(None)
 
 
 def _check_data(recipe: Recipe) -> list[str]:
@@ -395,9 +502,14 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
 
 
 def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, blend: list[list[Any]],
-                     save_dir: str) -> dict[str, Any]:
-    """The `train --config` dict of a stage's distillation."""
+                     save_dir: str, heldout: str = "<heldout>") -> dict[str, Any]:
+    """The `train --config` dict of a stage's distillation (held-out evaluation along training when the recipe's
+    evaluation.every_tokens asks for it)."""
     cfg = copy.deepcopy(stage.training)
+    e = recipe.evaluation
+    if e.every_tokens:
+        cfg["evaluation"] = {"data": heldout, "tokens": e.tokens, "every_tokens": e.every_tokens,
+                             "micro_batch": e.micro_batch}
     cfg["model"] = {"checkpoint": student}
     cfg["teacher"] = {"checkpoint": teacher}
     cfg.setdefault("data", {})

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_slim.run.recipe import Recipe
-from megatron_slim.run.state import RunState
-from megatron_slim.run.step_groups import FINAL, PREPARE
+from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import FINAL, PREPARE, student_step
 
 LOSS_KEYS = ("loss", "lm", "kd", "mtp_lm", "mtp_kd")
 
@@ -23,7 +23,7 @@ def _read_json(path: str | Path | None) -> dict[str, Any] | None:
     return json.loads(Path(path).read_text()) if path and Path(path).is_file() else None
 
 
-def _evals(recipe: Recipe, state: RunState) -> list[tuple[str, dict[str, Any]]]:
+def _evals(recipe: Recipe, state: RunView) -> list[tuple[str, dict[str, Any]]]:
     """(label, evaluation) rows in run order, for every evaluation that finished."""
     rows = []
 
@@ -35,12 +35,13 @@ def _evals(recipe: Recipe, state: RunState) -> list[tuple[str, dict[str, Any]]]:
 
     add("teacher", f"{PREPARE}/eval_teacher")
     for s in recipe.stages:
-        add(f"{s.name}: pruned, before training", f"{s.name}/eval_pruned")
+        made = "initialised at random" if student_step(recipe, s).endswith("/init") else "pruned"
+        add(f"{s.name}: {made}, before training", f"{s.name}/eval_pruned")
         add(f"{s.name}: distilled", f"{s.name}/eval")
     return rows
 
 
-def retention_table(recipe: Recipe, state: RunState) -> str:
+def retention_table(recipe: Recipe, state: RunView) -> str:
     """Markdown table; retention = student next-token accuracy / teacher's (and the perplexity ratio)."""
     rows = _evals(recipe, state)
     if not rows:
@@ -69,7 +70,7 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def plot_losses(recipe: Recipe, state: RunState, path: Path) -> bool:
+def plot_losses(recipe: Recipe, state: RunView, path: Path) -> bool:
     """Loss parts against consumed tokens, stages side by side on one token axis."""
     fig = _figure(8, 4)
     ax = fig.add_subplot()
@@ -104,7 +105,7 @@ def plot_losses(recipe: Recipe, state: RunState, path: Path) -> bool:
     return True
 
 
-def plot_retention(recipe: Recipe, state: RunState, path: Path) -> bool:
+def plot_retention(recipe: Recipe, state: RunView, path: Path) -> bool:
     rows = _evals(recipe, state)
     if len(rows) < 2:
         return False
@@ -122,15 +123,15 @@ def plot_retention(recipe: Recipe, state: RunState, path: Path) -> bool:
     return True
 
 
-def _accounting(recipe: Recipe, state: RunState) -> str:
+def _accounting(recipe: Recipe, state: RunView) -> str:
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.compress.accounting import account, human, human_bytes
 
     models = []
     if state.done(f"{PREPARE}/teacher"):
         models.append(("teacher", state.outputs(f"{PREPARE}/teacher")["mcore"]))
-    models += [(f"{s.name} student", state.outputs(f"{s.name}/prune")["checkpoint"])
-               for s in recipe.stages if state.done(f"{s.name}/prune")]
+    models += [(f"{s.name} student", state.outputs(student_step(recipe, s))["checkpoint"])
+               for s in recipe.stages if state.done(student_step(recipe, s))]
     lines = ["| model | layers | hidden | experts (top-k) | total params | active params | bf16 weights |",
              "|---|---|---|---|---|---|---|"]
     for label, ckpt in models:
@@ -141,7 +142,7 @@ def _accounting(recipe: Recipe, state: RunState) -> str:
     return "\n".join(lines)
 
 
-def write_report(recipe: Recipe, workdir: Path, state: RunState) -> Path:
+def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# Run report: {recipe.name}", "",
@@ -162,7 +163,7 @@ def write_report(recipe: Recipe, workdir: Path, state: RunState) -> Path:
             parts += [f"**{s.name}**: {Path(plot).stem}", "", f"![{name}]({name})", ""]
     parts += ["## Steps", "", "| step | status | time |", "|---|---|---|"]
     total = 0.0
-    for step, entry in state.data["steps"].items():
+    for step, entry in state.entries().items():
         if step == f"{FINAL}/report":  # this step, still running
             continue
         total += entry.get("seconds", 0.0)

@@ -44,6 +44,10 @@ class RunState:
     def status(self, step: str) -> str:
         return self.data["steps"].get(step, {}).get("status", "pending")
 
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Step id -> its record (status, seconds, attempts, outputs as stored)."""
+        return dict(self.data["steps"])
+
     def done(self, step: str) -> bool:
         return self.status(step) == "done"
 
@@ -83,6 +87,34 @@ class RunState:
         tmp = self.path.with_name(STATE + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
+
+
+class RunView:
+    """A variant's view of its run: its own steps' records, and the records of the steps it shares with other
+    variants (`shared`: the variant's step id -> the record id in `shared_state`), under the variant's step ids."""
+
+    def __init__(self, own: RunState, shared_state: RunState | None = None,
+                 shared: dict[str, str] | None = None) -> None:
+        self.own, self.shared_state, self.shared = own, shared_state, shared or {}
+
+    def _where(self, step: str) -> tuple[RunState, str]:
+        return (self.shared_state, self.shared[step]) if step in self.shared else (self.own, step)
+
+    def status(self, step: str) -> str:
+        state, record = self._where(step)
+        return state.status(record)
+
+    def done(self, step: str) -> bool:
+        return self.status(step) == "done"
+
+    def outputs(self, step: str) -> dict[str, Any]:
+        state, record = self._where(step)
+        return state.outputs(record)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        shared = {step: self.shared_state.entries()[record] for step, record in self.shared.items()
+                  if record in self.shared_state.entries()}
+        return shared | self.own.entries()
 
 
 def _map_paths(value: Any, fn: Callable[[str], str]) -> Any:

@@ -4,9 +4,15 @@ work dir's state). Layout of the work dir:
     teacher/mcore/            the teacher as a Megatron checkpoint (when the recipe names an HF directory)
     teacher/eval.json         the teacher's held-out evaluation
     data/{train,calibration,heldout}.bin/.idx   tokenized once with the teacher's tokenizer
-    <stage>/importance.safetensors, plan.json, plots/, pruned/, eval_pruned.json, train.yaml, train/, eval.json
+    <stage>/importance.safetensors, plan.json, plots/, pruned/ (or init/), eval_pruned.json, train.yaml, train/,
+            eval.json
     export/hf/                the final student as an HF checkpoint
     report/report.md + PNGs
+
+With variants, each variant has this layout under `variants/<name>/`, except for the steps that variants share:
+a step's outputs depend only on its parameters and the steps it reads (`Step.params`, `Step.deps`), so each step
+has a key, the digest of both (`step_keys`), and a step whose key two variants agree on runs once, under
+`shared/<key>/` (`shared/state.json` records it).
 
 `single` steps run on one process (rank 0); the others run on every rank of the job (model-parallel layout from
 the recipe). Every step's outputs appear atomically or the step resumes itself (distillation), so rerunning a
@@ -14,32 +20,42 @@ killed step is safe.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from megatron_slim.run.recipe import Recipe, Stage, stage_run_config
-from megatron_slim.run.state import RunState
-from megatron_slim.run.step_groups import FINAL, PREPARE
+from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import FINAL, PREPARE, input_step, student_step
 
 
 @dataclass
 class Context:
+    """What a step sees: its recipe, where it writes (`workdir`: the variant's work dir, or the shared step's own
+    directory), and the outputs of the steps before it (`view`: the variant's own and shared records)."""
+
     recipe: Recipe
     workdir: Path
-    state: RunState
+    view: RunView
     progress: bool = True
 
     def out(self, step: str) -> dict[str, Any]:
-        return self.state.outputs(step)
+        return self.view.outputs(step)
 
     def teacher_ckpt(self) -> str:
         return self.out(f"{PREPARE}/teacher")["mcore"]
 
     def stage_input(self, stage: Stage) -> str:
         """The checkpoint a stage compresses: the teacher, or the previous stage's distilled student."""
-        i = [s.name for s in self.recipe.stages].index(stage.name)
-        return self.teacher_ckpt() if i == 0 else self.out(f"{self.recipe.stages[i - 1].name}/distill")["checkpoint"]
+        source = input_step(self.recipe, stage)
+        return self.teacher_ckpt() if source == f"{PREPARE}/teacher" else self.out(source)["checkpoint"]
+
+    def student(self, stage: Stage) -> str:
+        """The stage's student before training: pruned, or randomly initialised (init: random)."""
+        return self.out(student_step(self.recipe, stage))["checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -47,10 +63,27 @@ class Step:
     id: str
     single: bool  # one process (rank 0) instead of every rank
     fn: Callable[[Context], dict[str, Any]]
+    deps: tuple[str, ...] = ()  # the steps whose outputs it reads
+    params: Any = None  # everything else its outputs depend on (JSON-serialisable)
 
     @property
     def group(self) -> str:
         return self.id.split("/")[0]
+
+    @property
+    def kind(self) -> str:
+        return self.id.split("/")[1]
+
+
+def step_keys(steps: list[Step]) -> dict[str, str]:
+    """Step id -> digest of what its outputs depend on: its kind, parameters and the keys of the steps it reads
+    (not its stage's name, a label). Equal keys mean interchangeable outputs."""
+    keys: dict[str, str] = {}
+    for step in steps:
+        blob = json.dumps({"kind": step.kind, "params": step.params, "deps": [keys[d] for d in step.deps]},
+                          sort_keys=True, default=str)
+        keys[step.id] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return keys
 
 
 # ---- prepare -----------------------------------------------------------------------------------------------------
@@ -155,19 +188,75 @@ def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         from megatron_slim.compress.plan import CompressionPlan
 
         out = ctx.workdir / stage.name / "pruned"
+        grow = added_mtp_depths(ctx.recipe, stage)
+        cut = out.with_name("pruned.without-new-mtp") if grow else out
         summary = prune_checkpoint(CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]),
-                                   ctx.stage_input(stage), out, "mcore",
+                                   ctx.stage_input(stage), cut, "mcore",
                                    opts=Options(align_neurons=stage.align_neurons, rescale_norms=stage.rescale_norms),
                                    overwrite=True, progress=ctx.progress)
         print(f"pruned {stage.name}: {summary.describe()}", flush=True)
+        if grow:
+            import shutil
+
+            from megatron_slim.engines.mtp import add_mtp_depths
+
+            add_mtp_depths(cut, out, grow, seed=init_seed(stage))
+            shutil.rmtree(cut)
+            print(f"added {grow} fresh MTP depth(s) to the {stage.name} student", flush=True)
         return {"checkpoint": str(out)}
     return fn
 
 
+def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
+    """The stage's student shape (from the teacher's config and the stage target), initialised as megatron-core
+    initialises a new model at the run's layout and seed: the baseline pruning is measured against."""
+    def fn(ctx: Context) -> dict[str, Any]:
+        import shutil
+
+        import torch
+        import torch.distributed as dist
+
+        from megatron_slim.checkpoint.files import TOKENIZER_DIR, copy_side_files
+        from megatron_slim.checkpoint.mcore import load_model_config, save_model
+        from megatron_slim.models.builder import BuildOptions, build_model
+        from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+
+        p, seed = ctx.recipe.parallel, init_seed(stage)
+        source = load_model_config(ctx.stage_input(stage))
+        spec = dataclasses.replace(stage.target, tp=p.tp, ep=p.ep, pp=p.pp)
+        cfg = spec.target_config(source, spec.placeholder_layers(source))
+        cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
+        parallel = ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp)
+        torch.manual_seed(seed)
+        init_model_parallel(parallel, seed=seed)
+        model = build_model(cfg, parallel, BuildOptions(perform_initialization=True))
+        out = ctx.workdir / stage.name / "init"
+        tmp = out.with_name("init.partial")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp, cfg)
+        if dist.get_rank() == 0:
+            copy_side_files(Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]), tmp / TOKENIZER_DIR)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        dist.barrier()
+        return {"checkpoint": str(out)}
+    return fn
+
+
+def added_mtp_depths(recipe: Recipe, stage: Stage) -> int:
+    """Fresh MTP depths this stage's student gains (the recipe's add_mtp_layers, on the first stage)."""
+    return recipe.add_mtp_layers if stage is recipe.stages[0] else 0
+
+
+def init_seed(stage: Stage) -> int:
+    """The random student's seed: the stage's training seed, so `init: random` follows `train.seed`."""
+    return int((stage.training.get("train") or {}).get("seed", 1234))
+
+
 def evaluate_pruned(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        return _evaluate(ctx, ctx.out(f"{stage.name}/prune")["checkpoint"],
-                         ctx.workdir / stage.name / "eval_pruned.json")
+        return _evaluate(ctx, ctx.student(stage), ctx.workdir / stage.name / "eval_pruned.json")
     return fn
 
 
@@ -182,8 +271,9 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         from megatron_slim.train.trainer import Trainer
 
         save_dir = ctx.workdir / stage.name / "train"
-        cfg = stage_run_config(ctx.recipe, stage, ctx.out(f"{stage.name}/prune")["checkpoint"], ctx.teacher_ckpt(),
-                               ctx.out(f"{PREPARE}/data")["train"], str(save_dir))
+        data = ctx.out(f"{PREPARE}/data")
+        cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data["train"],
+                               str(save_dir), heldout=data["heldout"])
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             (ctx.workdir / stage.name / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
@@ -219,7 +309,7 @@ def export(ctx: Context) -> dict[str, Any]:
 def report(ctx: Context) -> dict[str, Any]:
     from megatron_slim.run.report import write_report
 
-    path = write_report(ctx.recipe, ctx.workdir, ctx.state)
+    path = write_report(ctx.recipe, ctx.workdir, ctx.view)
     return {"report": str(path)}
 
 
@@ -232,10 +322,31 @@ class StepInterrupted(Exception):
 
 
 def all_steps(recipe: Recipe) -> list[Step]:
-    steps = [Step(f"{PREPARE}/teacher", True, convert_teacher), Step(f"{PREPARE}/data", True, tokenize_data),
-             Step(f"{PREPARE}/eval_teacher", False, evaluate_teacher)]
-    for s in recipe.stages:
-        steps += [Step(f"{s.name}/importance", False, importance(s)), Step(f"{s.name}/plan", True, plan(s)),
-                  Step(f"{s.name}/prune", True, prune(s)), Step(f"{s.name}/eval_pruned", False, evaluate_pruned(s)),
-                  Step(f"{s.name}/distill", False, distill(s)), Step(f"{s.name}/eval", False, evaluate_student(s))]
-    return steps + [Step(f"{FINAL}/export", True, export), Step(f"{FINAL}/report", True, report)]
+    r = recipe
+    evaluation = {"evaluation": {k: v for k, v in dataclasses.asdict(r.evaluation).items() if k != "every_tokens"},
+                  "seq_length": r.data.seq_length, "parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
+    teacher, data = f"{PREPARE}/teacher", f"{PREPARE}/data"
+    steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}),
+             Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}),
+             Step(f"{PREPARE}/eval_teacher", False, evaluate_teacher, (teacher, data), evaluation)]
+    for s in r.stages:
+        source, layout = input_step(r, s), {"parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
+        target = {"target": dataclasses.asdict(s.target)} | layout
+        student = student_step(r, s)
+        grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": init_seed(s)} if added_mtp_depths(r, s) else {}
+        if student.endswith("/init"):
+            steps.append(Step(student, False, random_init(s), (source,), target | grow | {"seed": init_seed(s)}))
+        else:
+            steps += [Step(f"{s.name}/importance", False, importance(s), (source, data),
+                           {"importance": dataclasses.asdict(r.importance), "seq_length": r.data.seq_length} | layout),
+                      Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target),
+                      Step(student, True, prune(s), (f"{s.name}/plan", source),
+                           {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow)]
+        distill_params = {"training": s.training, "seq_length": r.data.seq_length, "every_tokens":
+                          r.evaluation.every_tokens} | evaluation
+        steps += [Step(f"{s.name}/eval_pruned", False, evaluate_pruned(s), (student, data), evaluation),
+                  Step(f"{s.name}/distill", False, distill(s), (student, teacher, data), distill_params),
+                  Step(f"{s.name}/eval", False, evaluate_student(s), (f"{s.name}/distill", data), evaluation)]
+    if r.export:
+        steps.append(Step(f"{FINAL}/export", True, export, (f"{r.stages[-1].name}/distill", teacher)))
+    return steps + [Step(f"{FINAL}/report", True, report, params={"variant": r.variant, "recipe": r.digest})]

@@ -100,6 +100,20 @@ class LoggingSection:
 
 
 @dataclass
+class EvaluationSection:
+    """Held-out evaluation along training: the student's loss on the same windows every `every_tokens` training
+    tokens (and at step 0 and the end), appended to <save_dir>/eval.jsonl, so runs compare as loss-vs-tokens."""
+    data: str = ""  # held-out .jsonl or Megatron indexed-dataset prefix, read as calibration data are
+    tokens: float = 0.0  # held-out tokens per evaluation, in windows of data.seq_length
+    every_tokens: float = 0.0  # 0 = off
+    micro_batch: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_tokens > 0
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     teacher: ModelSection | None = None
@@ -113,6 +127,7 @@ class RunConfig:
     loss: LossSection = field(default_factory=LossSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
 
     @property
     def tokens_per_step(self) -> int:
@@ -154,6 +169,7 @@ class RunConfig:
             problems.append("loss.kd_weight > 0 needs a teacher (or set it to 0 for plain training)")
         if self.precision.fp8 and self.precision.fp8 not in ("e4m3", "hybrid"):
             problems.append(f"precision.fp8 must be e4m3 or hybrid, not {self.precision.fp8!r}")
+        problems += self._evaluation_problems()
         if world_size is not None:
             dp = world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
             per_step = self.batch.micro_batch_size * dp
@@ -162,6 +178,22 @@ class RunConfig:
                                 f"micro_batch_size * data-parallel size = {per_step}")
         if problems:
             raise UserError("invalid run config: " + "; ".join(problems))
+
+    def _evaluation_problems(self) -> list[str]:
+        e = self.evaluation
+        problems = []
+        if e.every_tokens < 0 or e.tokens < 0:
+            problems.append("evaluation.every_tokens and evaluation.tokens must be >= 0 (every_tokens 0 = off)")
+        if e.micro_batch < 1:
+            problems.append("evaluation.micro_batch must be >= 1")
+        if e.enabled and not e.data:
+            problems.append("evaluation.every_tokens > 0 needs evaluation.data (a held-out .jsonl or indexed-dataset "
+                            "prefix)")
+        if e.enabled and e.tokens <= 0:
+            problems.append("evaluation.every_tokens > 0 needs evaluation.tokens > 0 (held-out tokens per evaluation)")
+        if e.enabled and self.parallel.cp > 1:
+            problems.append("evaluation along training does not run with parallel.cp > 1 (it forwards whole windows)")
+        return problems
 
 
 def _build(data: Any, where: str) -> RunConfig:

@@ -27,6 +27,7 @@ from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 from megatron_slim.train import checkpointing
 from megatron_slim.train.config import RunConfig, run_config_to_dict
+from megatron_slim.train.evaluation import HeldOutEvaluation, evaluation_due, keep_records_up_to
 
 
 class _RouterLoad:
@@ -93,6 +94,10 @@ class Trainer:
         dtype = torch.bfloat16 if c.precision.bf16 else torch.float32
 
         self.model_cfg = load_model_config(c.model.checkpoint)
+        self.evaluation = None
+        if c.evaluation.enabled:  # the held-out windows are read before any model is built: data errors come first
+            self.evaluation = HeldOutEvaluation(c.evaluation, c.data.seq_length, Path(c.model.checkpoint),
+                                                self.model_cfg, Path(c.checkpoint.save_dir))
         tcfg = None
         if c.teacher is not None:  # every check on the pair before any model is built
             tcfg = load_model_config(c.teacher.checkpoint)
@@ -146,6 +151,7 @@ class Trainer:
             lr_wsd_decay_style=c.schedule.wsd_decay_style if style == "WSD" else None)
 
         self.step = 0
+        self.resumed_step = resume
         if resume is not None:
             state = checkpointing.load(c.checkpoint.save_dir, resume, student, self.optimizer, self.scheduler)
             self.step = state["step"]
@@ -164,6 +170,8 @@ class Trainer:
 
             self.logger = MetricsLogger(c.checkpoint.save_dir, Path(c.checkpoint.save_dir).name,
                                         run_config_to_dict(c), c.logging.wandb_project, c.logging.wandb_mode)
+            if self.evaluation is not None:  # the steps after the checkpoint run again, and so do their records
+                keep_records_up_to(self.evaluation.path, resume)
 
     def _teacher_mtp_depths(self, available: int) -> int:
         """MTP depths to build in the teacher: none unless the student's MTP heads learn from the teacher's own
@@ -240,14 +248,22 @@ class Trainer:
                            self.model_cfg, {"consumed_tokens": self.step * c.tokens_per_step},
                            c.checkpoint.keep_last)
 
+    def evaluate(self) -> float:
+        """Collective: the held-out evaluation of the student as it is now (train/evaluation.py); seconds taken."""
+        start = time.time()
+        self.evaluation.run(self.student, self.step, self.step * self.cfg.tokens_per_step, write=self.reporter)
+        return time.time() - start
+
     def train(self) -> int:
         """Steps to the end, to an exit_interval boundary (0) or to an agreed stop signal (REQUEUE_EXIT_CODE); each
-        way out saves a checkpoint first."""
+        way out saves a checkpoint first, after the step's held-out evaluation when one is due."""
         c = self.cfg
         total = c.total_iters
         active = 0.0
         if c.logging.peak_tflops:  # training FLOPs ~ 6 * active params per token; the teacher adds a forward (2x)
             active = _active_params(self.model_cfg) + (_active_params(self.teacher_cfg) / 3 if self.teacher else 0)
+        if self.evaluation is not None and self.resumed_step is None:
+            self.evaluate()  # step 0: the student as initialised
         t_last, steps_since, status = time.time(), 0, 0
         while self.step < total:
             record = self.train_step()
@@ -263,6 +279,9 @@ class Trainer:
                                        else psutil.Process().memory_info().rss / 2**30)
                 self.logger.log(record)
                 t_last, steps_since = time.time(), 0
+            if self.evaluation is not None and evaluation_due(self.step, total, c.tokens_per_step,
+                                                              c.evaluation.every_tokens):
+                t_last += self.evaluate()  # not part of the next logged step's time
             if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0 and self.step < total:
                 self.save()
             if c.train.exit_interval and self.step % c.train.exit_interval == 0 and self.step < total:

@@ -1,0 +1,61 @@
+"""Noise of a held-out loss: the standard error over evaluation windows, and paired differences between two models.
+
+A held-out loss is the mean of per-window losses; windows differ far more from each other (topic, length of the
+documents, how predictable the text is) than two similar models differ on one window. Comparing two models by
+their separate standard errors therefore drowns small real differences in between-window variance. Evaluated on
+the SAME windows, the per-window differences d_i = a_i - b_i cancel what the windows share, and the standard error
+of mean(d) measures only how consistently one model beats the other.
+
+Plain float64 arithmetic on sequences or tensors; no I/O.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """mean(a - b) over shared windows, its standard error, the number of windows, and whether |mean| > 2 se."""
+
+    mean: float
+    se: float  # nan for a single window
+    n: int
+    significant: bool
+
+
+def _as_float64(values: Sequence[float] | torch.Tensor, name: str) -> np.ndarray:
+    """A 1-D float64 array of at least one value."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D sequence of values, got shape {array.shape}")
+    return array
+
+
+def mean_se(values: Sequence[float] | torch.Tensor) -> tuple[float, float]:
+    """(mean, standard error of the mean) with se = sample std (ddof=1) / sqrt(n).
+
+    One value has no spread to estimate: its se is nan (never 0, which would claim certainty)."""
+    x = _as_float64(values, "mean_se")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, math.nan
+    return mean, float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def paired_difference(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> PairedDiff:
+    """Paired comparison of two models' per-window values on the same windows, in the same order: d_i = a_i - b_i.
+
+    Significant iff |mean(d)| > 2 se(d) with at least two windows (about 95% two-sided for a normal mean); pairing
+    removes the between-window variance that unpaired standard errors would include."""
+    x, y = _as_float64(a, "paired_difference a"), _as_float64(b, "paired_difference b")
+    if x.size != y.size:
+        raise ValueError(f"paired_difference needs values of the same windows: got {x.size} and {y.size} values")
+    mean, se = mean_se(x - y)
+    return PairedDiff(mean=mean, se=se, n=int(x.size), significant=bool(x.size >= 2 and abs(mean) > 2 * se))

@@ -115,13 +115,15 @@ def main() -> None:
             print(f"  {name}: {seconds:.1f} s (CPU {cpu:.1f} s)" + (f", peak RSS {rss / GB:.2f} GB" if rss else ""),
                   flush=True)
 
-        layout_source = root / "layout-source.json"  # what hf-to-mcore gives its layout child
+        layout_dir = root / "layout-child"  # what hf-to-mcore gives its layout child (removed if it is killed)
+        layout_dir.mkdir()
+        layout_source = layout_dir / "source.json"
         layout_source.write_text(json.dumps({"hf_dir": str(hf)}))
         for r in range(a.repeat):
             print(f"run {r + 1}/{a.repeat} (load average {os.getloadavg()[0]:.1f})")
             step("dry hf-to-mcore", hf, cli("hf-to-mcore", "--hf", str(hf), "--out", str(mc), "--dry-run"))
             step("layout child", hf, ["-m", "megatron_slim.checkpoint.layout", str(layout_source),
-                                      str(root / "layout.json")])
+                                      str(layout_dir / "layout.json"), str(os.getpid())])
             step("copy HF", hf, ["cp", "-r", str(hf), str(root / "copy")], root / "copy")
             shutil.rmtree(root / "copy")
             shutil.rmtree(mc, ignore_errors=True)  # the previous run's output, deleted outside the timing

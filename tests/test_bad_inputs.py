@@ -6,6 +6,7 @@ table of bad inputs and faults and the tests that cover them).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_corrupt_checkpoint_files_are_named(tiny_hf, tmp_path, damage, message):
     proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("megatron-slim convert: error: ") and __import__("re").search(message, last), last
+    assert last.startswith("megatron-slim convert: error: ") and re.search(message, last), last
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()
 
@@ -182,7 +183,7 @@ def test_bad_plans_are_refused_before_writing(planned, tmp_path, edit, message):
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     proc = _cli("prune", "--plan", str(tmp_path / "plan.json"), "--in", str(hf), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert __import__("re").search(message, proc.stderr), proc.stderr[-2000:]
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -240,3 +241,351 @@ def test_convert_overwrites_its_own_output(tiny_hf, tmp_path):
         proc = _cli("convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(out), "--overwrite", "--no-progress")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model_config.json").is_file() and not (tmp_path / "mc.partial").exists()
+
+
+# ---- configs that disagree with their weights ------------------------------------------------------------------
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", 32, "lm_head.weight: the config implies (128, 32), the checkpoint holds (128, 64)"),
+    ("num_attention_heads", 8,
+     "model.layers.0.self_attn.o_proj.weight: the config implies (64, 128), the checkpoint holds (64, 64)"),
+    ("head_dim", 8, "model.layers.0.self_attn.k_norm.weight: the config implies (8,), the checkpoint holds (16,)"),
+])
+def test_config_shapes_disagreeing_with_the_weights_name_the_tensor(tiny_hf, tmp_path, field, value, message):
+    """Used to be `RuntimeError: shape '[2, 32, 32]' is invalid for input of size 4096` from inside a transform."""
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    _edit_json(hf / "config.json", **{field: value})
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"megatron-slim convert: error: {hf}: config/weight shape mismatch: "), proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()
+
+
+def test_prune_names_config_weight_mismatches_of_either_format(planned, tmp_path):
+    """prune (HF or Megatron input) and mcore-to-hf check the shapes before anything is written."""
+    from megatron_slim.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from megatron_slim.compress.apply import prune_checkpoint
+    from megatron_slim.compress.plan import CompressionPlan
+    from megatron_slim.errors import CheckpointError
+
+    hf, plan = planned
+    plan = CompressionPlan.from_json(plan)
+    bad_hf = _copy(hf, tmp_path / "hf")
+    _edit_json(bad_hf / "config.json", hidden_size=32)
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight: the config implies \(128, 32\), the "
+                                              r"checkpoint holds \(128, 64\)"):
+        prune_checkpoint(plan, bad_hf, tmp_path / "out", progress=False)
+    mc = tmp_path / "mc"
+    hf_to_mcore(hf, mc, progress=False)
+    _edit_json(mc / "model_config.json", num_attention_heads=8)
+    qkv = (r"decoder\.layers\.0\.self_attention\.linear_qkv\.weight: the config implies \(192, 64\), the checkpoint "
+           r"holds \(128, 64\)")
+    with pytest.raises(CheckpointError, match=qkv):
+        prune_checkpoint(plan, mc, tmp_path / "out", progress=False)
+    with pytest.raises(CheckpointError, match=qkv):
+        mcore_to_hf(mc, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_model_type_must_agree_with_architectures():
+    """A config whose `model_type` names another family used to be read as whatever `architectures` said."""
+    import tiny_models
+
+    from megatron_slim.models.config import UnsupportedModelError
+    from megatron_slim.models.registry import model_config_from_hf
+
+    with pytest.raises(UnsupportedModelError, match=r"architectures \['Qwen3MoeForCausalLM'\] is model_type "
+                                                    r"'qwen3_moe', but model_type is 'mixtral'"):
+        model_config_from_hf(tiny_models.qwen3_moe(model_type="mixtral"))
+    assert model_config_from_hf(tiny_models.mixtral()).family == "mixtral"
+
+
+# ---- non-finite weights --------------------------------------------------------------------------------------------
+def _poison(hf: Path, key: str, values: dict[tuple[int, ...], float]) -> None:
+    """Set entries of tensor `key` in its shard (other tensors untouched)."""
+    from safetensors.torch import load_file, save_file
+
+    shard = hf / json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    for at, v in values.items():
+        tensors[key][at] = v
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("key, how", [
+    ("model.layers.1.mlp.experts.3.down_proj.weight", "copied file to file"),
+    ("model.layers.2.input_layernorm.weight", "read into memory"),
+])
+def test_nonfinite_weights_are_refused_at_conversion_both_ways(tiny_hf, tmp_path, key, how):
+    """NaN/Inf weights used to convert (and calibrate: "LM loss nan") silently."""
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    at = (0, 1) if "experts" in key else (1,)
+    _poison(hf, key, {at: float("nan"), (2,) * len(at): float("inf")})
+    mc = tmp_path / "mc"
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(mc), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: {hf}: {key} holds 1 NaN and 1 infinite values" in proc.stderr, proc.stderr[-2000:]
+    assert not mc.exists() and not (tmp_path / "mc.partial").exists()
+
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(mc), "--no-progress", "--allow-nonfinite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mc_key = ("decoder.layers.3.mlp.experts.experts.linear_fc2.weight" if "experts" in key
+              else "decoder.layers.4.self_attention.linear_qkv.layer_norm_weight")
+    back = _cli("convert", "mcore-to-hf", "--mcore", str(mc), "--out", str(tmp_path / "back"), "--no-progress")
+    assert back.returncode == 2 and f"error: {mc}: {mc_key} holds 1 NaN and 1 infinite values" in back.stderr, \
+        back.stderr[-2000:]
+    assert not (tmp_path / "back").exists()
+    back = _cli("convert", "mcore-to-hf", "--mcore", str(mc), "--out", str(tmp_path / "back"), "--no-progress",
+                "--allow-nonfinite")
+    assert back.returncode == 0, back.stderr[-2000:]
+
+
+def test_file_range_check_finds_a_nonfinite_value_in_any_chunk(tmp_path, monkeypatch):
+    """Stored tensors are checked through one small buffer, chunk by chunk; the count covers the whole tensor."""
+    from safetensors.torch import save_file
+
+    from megatron_slim.checkpoint import finite
+    from megatron_slim.checkpoint.safetensors_io import HFReader
+    from megatron_slim.errors import CheckpointError
+
+    monkeypatch.setattr(finite, "_CHUNK_BYTES", 64)  # 16 float32 per chunk
+    t = torch.randn(10, 10)
+    t[9, 9], t[0, 3] = float("-inf"), float("nan")
+    save_file({"w": t, "ok": torch.randn(10, 10), "ids": torch.arange(10)}, tmp_path / "model.safetensors")
+    info = HFReader(tmp_path).tensors
+    check = finite.FileRangeCheck()
+    for name in ("ok", "ids"):
+        check.check("m", name, info[name].file, info[name].start, info[name].nbytes, info[name].dtype)
+    with pytest.raises(CheckpointError, match=r"m: w holds 1 NaN and 1 infinite values \(of 100\)"):
+        check.check("m", "w", info["w"].file, info["w"].start, info["w"].nbytes, info["w"].dtype)
+    t[0, 3] = 0.0
+    save_file({"w": t}, tmp_path / "model.safetensors")
+    info = HFReader(tmp_path).tensors["w"]
+    with pytest.raises(CheckpointError, match=r"w holds 0 NaN and 1 infinite values"):  # in the last chunk only
+        check.check("m", "w", info.file, info.start, info.nbytes, info.dtype)
+
+
+def _with_eos(mcore: Path) -> Path:
+    """The tiny models have no tokenizer: their config names the document separator instead."""
+    config = json.loads((mcore / "model_config.json").read_text())
+    config["hf_config"]["eos_token_id"] = 0
+    (mcore / "model_config.json").write_text(json.dumps(config))
+    return mcore
+
+
+def test_importance_refuses_nonfinite_weights_before_collecting(tiny_hf, tmp_path):
+    """A Megatron checkpoint holding NaN (converted with --allow-nonfinite) used to calibrate to "LM loss nan"; an
+    HF one is refused by the conversion importance runs first."""
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    _poison(hf, "model.layers.2.input_layernorm.weight", {(1,): float("nan"), (2,): float("inf")})
+    mc = tmp_path / "mc"
+    assert _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(mc), "--no-progress",
+                "--allow-nonfinite").returncode == 0
+    _with_eos(mc)
+    data = _jsonl(tmp_path / "calib.jsonl", ['{"tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9]}'])
+    for model, name in ((mc, r"decoder\.layers\.4\.\S*norm\S*"), (hf, r"model\.layers\.2\.input_layernorm\.weight")):
+        out = tmp_path / "imp.safetensors"
+        proc = _cli("importance", "--model", str(model), "--data", str(data), "--tokens", "8", "--seq-len", "4",
+                    "--out", str(out), "--no-progress")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert re.search(rf"error: {re.escape(str(model))}: {name} holds 1 NaN and 1 infinite values",
+                         proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+        assert "LM loss" not in proc.stdout and not out.exists()
+
+
+# ---- plan fingerprints ---------------------------------------------------------------------------------------------
+def test_fingerprint_is_format_independent_and_sees_weights(tiny_hf, tmp_path):
+    """Same for an HF checkpoint and its Megatron conversion; another seed, one norm gain of the last layer or one
+    weight of the first layer's attention changes it."""
+    import tiny_models
+    from hf_fixtures import build_tiny_hf
+
+    from megatron_slim.checkpoint.convert import hf_to_mcore
+    from megatron_slim.checkpoint.fingerprint import model_fingerprint
+
+    base = model_fingerprint(tiny_hf)
+    hf_to_mcore(tiny_hf, tmp_path / "mc", progress=False)
+    assert model_fingerprint(tmp_path / "mc") == base
+    build_tiny_hf(tiny_models.qwen3_moe(), 1).save_pretrained(tmp_path / "seed1")
+    assert model_fingerprint(tmp_path / "seed1") != base
+    for key, at in (("model.layers.3.post_attention_layernorm.weight", (5,)),
+                    ("model.layers.0.self_attn.q_proj.weight", (7, 9))):
+        edited = _copy(tiny_hf, tmp_path / key)
+        _poison(edited, key, {at: 0.125})
+        assert model_fingerprint(edited) != base, key
+
+
+def test_prune_refuses_a_plan_computed_on_another_model(tiny_hf, tmp_path):
+    """`prune` used to apply a plan computed on a different model of the same shapes without a word."""
+    import tiny_models
+    from hf_fixtures import build_tiny_hf
+
+    other = tmp_path / "other"
+    build_tiny_hf(tiny_models.qwen3_moe(), 1).save_pretrained(other)
+    data = _jsonl(tmp_path / "calib.jsonl", ['{"tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]}'])
+    imp, plan = tmp_path / "imp.safetensors", tmp_path / "plan.json"
+    proc = _cli("importance", "--model", str(tiny_hf), "--data", str(data), "--tokens", "16", "--seq-len", "4",
+                "--out", str(imp), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _cli("plan", "--importance", str(imp), "--out", str(plan), "--num-experts", "4").returncode == 0
+    fingerprint = json.loads(plan.read_text())["source_fingerprint"]
+    assert fingerprint.startswith("v1:")
+
+    refused = _cli("prune", "--plan", str(plan), "--in", str(other), "--out", str(tmp_path / "s1"), "--no-progress")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert (f"the plan was computed on another model than {other}: same config, other weights (fingerprint "
+            f"{fingerprint}") in refused.stderr
+    assert not (tmp_path / "s1").exists()
+    assert _cli("prune", "--plan", str(plan), "--in", str(other), "--out", str(tmp_path / "s1"), "--no-progress",
+                "--allow-other-model").returncode == 0
+    same = _cli("prune", "--plan", str(plan), "--in", str(tiny_hf), "--out", str(tmp_path / "s0"), "--no-progress")
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr[-2000:]
+
+    old = json.loads(plan.read_text())
+    del old["source_fingerprint"]  # a plan written before plans carried one
+    plan.write_text(json.dumps(old))
+    legacy = _cli("prune", "--plan", str(plan), "--in", str(other), "--out", str(tmp_path / "s2"), "--no-progress")
+    assert legacy.returncode == 0, legacy.stderr[-2000:]
+    assert "warning: the plan carries no fingerprint of the model it was computed on" in legacy.stderr
+
+
+# ---- a killed converter --------------------------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_convert_leaves_no_layout_child_or_temporary_directory(tiny_hf, tmp_path, sig):
+    """The layout child used to outlive a killed `convert` and leave /tmp/megatron-slim-layout-* behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_slim.cli", "convert", "hf-to-mcore", "--hf",
+                             str(tiny_hf), "--out", str(tmp_path / "mc"), "--no-progress"],
+                            env=os.environ | {"TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, child = time.monotonic() + 60, None
+    while child is None and time.monotonic() < deadline and proc.poll() is None:
+        child = next((c for c in _children(proc.pid) if b"megatron_slim.checkpoint.layout" in
+                      Path(f"/proc/{c}/cmdline").read_bytes()), None)
+        time.sleep(0.01)
+    assert child is not None, "the layout child was not seen"
+    assert list(tmp.glob("megatron-slim-layout-*"))
+    os.kill(proc.pid, getattr(signal, sig))
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while (_alive(child) or list(tmp.glob("megatron-slim-layout-*"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the layout child outlived its parent"
+    assert not list(tmp.glob("megatron-slim-layout-*"))
+
+
+# ---- YAML files ----------------------------------------------------------------------------------------------------
+def test_yaml_syntax_errors_name_file_and_line(tmp_path):
+    """Run configs, recipes and targets with a YAML syntax error used to raise PyYAML's multi-line error (a
+    traceback for run configs) instead of one line naming the file and line."""
+    from megatron_slim.compress.target import TargetSpec
+    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.train.config import load_run_config
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  checkpoint: a\n  teacher: [b, c\nparallel:\n  tp: 1\n")
+    for load in (load_run_config, load_recipe, TargetSpec.from_yaml):
+        with pytest.raises(UserError, match=rf"^{broken}:4:\d+: not valid YAML: "):
+            load(broken)
+    proc = _cli("train", "--config", str(broken))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"megatron-slim train: error: {broken}:4:")
+
+
+# ---- single-file outputs -------------------------------------------------------------------------------------------
+def _without_root_override(*args: str) -> "subprocess.CompletedProcess[str]":
+    """The CLI without the capability that lets root write into read-only directories (as any other user)."""
+    import shutil
+    import subprocess
+    import sys
+
+    caps = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", "--bounding-set", caps, "--inh-caps", caps] if shutil.which("setpriv") else []
+    return subprocess.run([*prefix, sys.executable, "-m", "megatron_slim.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_mcore(tiny_hf, tmp_path_factory) -> Path:
+    from megatron_slim.checkpoint.convert import hf_to_mcore
+
+    out = tmp_path_factory.mktemp("bad_mc") / "mc"
+    hf_to_mcore(tiny_hf, out, progress=False)
+    return _with_eos(out)
+
+
+def test_single_file_outputs_are_claimed_before_any_compute(tiny_mcore, tmp_path):
+    """A read-only output directory used to fail importance and plan only after all their compute (a
+    PermissionError traceback); evaluate replaced an existing --out without being asked."""
+    data = _jsonl(tmp_path / "calib.jsonl", ['{"tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9]}'])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        proc = _without_root_override("importance", "--model", str(tiny_mcore), "--data", str(data), "--tokens",
+                                      "8", "--seq-len", "4", "--out", str(ro / "imp.safetensors"), "--no-progress")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"cannot use {ro / 'imp.safetensors.lock'} as the lock of {ro / 'imp.safetensors'} (Permission " \
+               "denied)" in proc.stderr
+        assert "LM loss" not in proc.stdout
+        imp = tmp_path / "imp.safetensors"
+        assert _cli("importance", "--model", str(tiny_mcore), "--data", str(data), "--tokens", "8", "--seq-len", "4",
+                    "--out", str(imp), "--no-progress").returncode == 0
+        proc = _without_root_override("plan", "--importance", str(imp), "--out", str(ro / "plan.json"),
+                                      "--num-experts", "4")
+        assert proc.returncode == 2 and "Permission denied" in proc.stderr and "Traceback" not in proc.stderr, \
+            proc.stderr[-2000:]
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+    result = tmp_path / "eval.json"
+    result.write_text("earlier result\n")
+    proc = _cli("evaluate", "--model", str(tiny_mcore), "--data", str(data), "--tokens", "8", "--seq-len", "4",
+                "--mtp-k", "0", "--out", str(result))
+    assert proc.returncode == 2 and f"{result} exists (use --overwrite to replace it)" in proc.stderr
+    assert result.read_text() == "earlier result\n" and "loss" not in proc.stdout
+    proc = _cli("evaluate", "--model", str(tiny_mcore), "--data", str(data), "--tokens", "8", "--seq-len", "4",
+                "--mtp-k", "0", "--out", str(result), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(result.read_text())["model"] == str(tiny_mcore)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".eval", "eval"))) == ["eval.json"]
+
+
+def test_checkpoint_output_that_is_a_file_is_refused_with_overwrite(tiny_hf, tmp_path):
+    """`--out` naming a file, with --overwrite: one clear line, the file untouched, no `*.partial` left."""
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(out), "--overwrite", "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"megatron-slim convert: error: output {out} exists and is not " \
+                                                   "a directory"
+    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

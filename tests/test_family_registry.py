@@ -28,9 +28,10 @@ NAME, ARCH = "toy_moe", "ToyMoeForCausalLM"
 
 
 def toy_family() -> Family:
-    """Qwen3-MoE's config reader/writer, mapping and surgery table under another name and architecture."""
+    """Qwen3-MoE's config reader/writer, mapping and surgery table under another name and architecture (its
+    configs keep Qwen3-MoE's `model_type`, which the family declares)."""
     base = qwen3_moe.FAMILY
-    return dataclasses.replace(base, name=NAME, architecture=ARCH,
+    return dataclasses.replace(base, name=NAME, architecture=ARCH, model_type=base.hf_model_type,
                                from_hf=lambda hf: base.from_hf(hf).replace(family=NAME),
                                to_hf=lambda cfg: base.to_hf(cfg) | {"architectures": [ARCH]})
 

@@ -14,18 +14,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_slim.checkpoint.dcp_io import McoreReader, write_checkpoint
-from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, check_keys, copy_side_files, staged
+from megatron_slim.checkpoint.dcp_io import write_checkpoint
+from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, copy_side_files, staged
+from megatron_slim.checkpoint.finite import FileRangeCheck, check_finite
 from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
-from megatron_slim.checkpoint.mcore import MODEL_CONFIG, load_model_config
+from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.checkpoint.readahead import ReadAhead
 from megatron_slim.checkpoint.safetensors_io import HFWriter
-from megatron_slim.checkpoint.source import plan_hf_to_mcore
+from megatron_slim.checkpoint.source import open_mcore, plan_hf_to_mcore
 from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Splices
 from megatron_slim.checkpoint.writers import Summary, is_mcore_expert, plan_mcore, summarize
 from megatron_slim.errors import CheckpointError
-from megatron_slim.models.mapping import BoundRule, bind_rules
-from megatron_slim.models.registry import FAMILIES, hf_config_from
+from megatron_slim.models.mapping import BoundRule
+from megatron_slim.models.registry import hf_config_from
 from megatron_slim.models.transforms import IDENTITY
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
@@ -55,8 +56,9 @@ class BufferPool:
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = False, overwrite: bool = False,
-                progress: bool = True, layout_job: LayoutJob | None = None) -> Summary:
-    """`layout_job`: the layout child for `hf_dir`, if the caller started it already (see `LayoutJob`)."""
+                progress: bool = True, layout_job: LayoutJob | None = None, allow_nonfinite: bool = False) -> Summary:
+    """`layout_job`: the layout child for `hf_dir`, if the caller started it already (see `LayoutJob`).
+    NaN/Inf weights are refused as they are read (`checkpoint.finite`) unless `allow_nonfinite`."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg, rules, reader = plan_hf_to_mcore(hf_dir)
     # megatron-core's layout (seconds of imports and a meta model) is made by a child process on another core while
@@ -73,6 +75,20 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
 
         cache: dict[str, torch.Tensor] = {}
         pool = BufferPool()
+        file_check = None if allow_nonfinite else FileRangeCheck()
+        where = str(hf_dir)
+
+        def checked(key: str, t: torch.Tensor) -> torch.Tensor:
+            if file_check is not None:
+                check_finite(where, key, t)
+            return t
+
+        def check_stored(keys: list[str]) -> None:
+            """Tensors whose bytes are copied file to file: checked from the file (the page cache) first."""
+            if file_check is not None:
+                for k in keys:
+                    info = reader.tensors[k]
+                    file_check.check(where, k, info.file, info.start, info.nbytes, info.dtype)
         bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="hf->mcore", disable=not progress)
 
         def group(rule: BoundRule) -> list[torch.Tensor]:
@@ -84,17 +100,20 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
                 if out.nbytes < MIN_SPLICE_BYTES:
                     for k, view in zip(rule.hf, views, strict=True):
                         reader.read_into(k, view)
+                        checked(k, view)
                     return [out]
                 placed = sorted(zip((v.data_ptr() - out.data_ptr() for v in views), range(len(infos))))
                 if [at for at, _ in placed] != list(accumulate((infos[i].nbytes for _, i in placed[:-1]), initial=0)):
                     raise RuntimeError(f"{rule.where}: the slots of {rule.transform.name} do not tile its output")
+                check_stored(rule.hf)
                 splices.add(out, [(infos[i].file, infos[i].start, infos[i].nbytes) for _, i in placed])
                 return [out]
             if rule.transform is IDENTITY and infos[0].nbytes >= MIN_SPLICE_BYTES:
+                check_stored(rule.hf)
                 out = torch.empty(infos[0].shape, dtype=infos[0].dtype)  # never touched: no memory
                 splices.add(out, [(infos[0].file, infos[0].start, infos[0].nbytes)])
                 return [out]
-            return rule.transform.to_mcore([reader.read(k) for k in rule.hf], cfg)
+            return rule.transform.to_mcore([checked(k, reader.read(k)) for k in rule.hf], cfg)
 
         def produce(key: str) -> torch.Tensor:
             layout.poll()
@@ -118,13 +137,12 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
 
 
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str | Path | None = None,
-                dry_run: bool = False, overwrite: bool = False, progress: bool = True) -> Summary:
+                dry_run: bool = False, overwrite: bool = False, progress: bool = True,
+                allow_nonfinite: bool = False) -> Summary:
+    """NaN/Inf weights are refused as they are read (`checkpoint.finite`) unless `allow_nonfinite`."""
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
-    cfg = load_model_config(mcore_dir)
-    reader = McoreReader(mcore_dir)
-    rules = bind_rules(FAMILIES[cfg.family].mapping, cfg)
+    cfg, rules, reader = open_mcore(mcore_dir)
     needed = [k for r in rules for k in r.mcore]
-    check_keys("Megatron", needed, set(reader.tensors), str(mcore_dir))
     unused = sorted(k for k in reader.tensors if k.startswith(_MODEL_PREFIXES) and k not in set(needed))
     if unused:
         raise CheckpointError(f"{mcore_dir}: model tensors not consumed by the {cfg.family} mapping: {unused[:10]}")
@@ -140,6 +158,9 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
         writer = HFWriter(tmp, plan)
         for rule in rules:
             tensors = reader.read(rule.mcore)
+            if not allow_nonfinite:
+                for key, t in zip(rule.mcore, tensors):
+                    check_finite(str(mcore_dir), key, t)
             read_ahead.consumed(sum(t.nbytes for t in tensors))
             for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg)):
                 writer.write(key, t)

@@ -1,17 +1,32 @@
-"""The tensor shapes an HF config implies, from transformers' own model class built on the meta device.
+"""Checking that a checkpoint's stored shapes are those its config implies, before anything is written.
 
-Used to explain a config that disagrees with its weights (say `hidden_size` edited by hand): the mapping's reshapes
-then fail with a bare `shape '[...]' is invalid`, and this names the tensor, the shape the config implies and the
-shape the file holds. Only on that error path: building the meta model costs the transformers import.
+`check_mapping_shapes` runs every mapping rule's transforms on meta tensors (no data read), from the stored side
+to the other and back: a config that disagrees with its weights (say `hidden_size` or `head_dim` edited by hand)
+makes a reshape fail or the round trip change a shape. That costs microseconds per rule, so it always runs. What
+no reshape notices (an embedding's row count, an expert's width) is caught by the Megatron layout check of the
+converter (`checkpoint.layout`).
+
+The error then names the tensor, the shape the config implies and the shape the file holds: for an HF checkpoint
+from transformers' own model class built on the meta device (`describe_mismatch`; only on that error path, as it
+costs the transformers import and seconds at 80B scale; for a Megatron checkpoint through the mapping from the HF
+shapes of its config, `describe_mcore_mismatch`), otherwise from the failing rule's tensors.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from megatron_slim.errors import CheckpointError
+from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.mapping import BoundRule
+from megatron_slim.models.registry import hf_config_from
 
-def expected_hf_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape
+
+
+def expected_hf_shapes(hf_config: dict[str, Any]) -> Shapes:
     """{HF tensor name: shape} of the model `hf_config` describes (no memory: meta tensors, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -22,13 +37,63 @@ def expected_hf_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def describe_mismatch(hf_config: dict[str, Any], found: dict[str, tuple[int, ...]], limit: int = 3) -> str | None:
+def describe_mismatch(hf_config: dict[str, Any], found: Shapes, limit: int = 3) -> str | None:
     """'<tensor>: the config implies (a, b), the checkpoint holds (c, d)' for the first mismatching tensors of
-    `found` (name -> stored shape), or None when every tensor transformers knows has the shape the config implies."""
-    want = expected_hf_shapes(hf_config)
+    `found` (name -> stored shape), or None when every tensor transformers knows has the shape the config implies
+    (or transformers cannot build the model the config describes at all)."""
+    try:
+        want = expected_hf_shapes(hf_config)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None
     wrong = [f"{k}: the config implies {want[k]}, the checkpoint holds {tuple(s)}"
              for k, s in found.items() if k in want and want[k] != tuple(s)]
+    return _listed(wrong, limit)
+
+
+def describe_mcore_mismatch(cfg: ModelConfig, rules: list[BoundRule], stored: Shapes, limit: int = 3) -> str | None:
+    """`describe_mismatch` for a Megatron checkpoint (`stored`: its tensors' shapes): the shapes transformers gives
+    the HF config of `cfg`, taken through each rule's `to_mcore` (rules whose HF tensors transformers names)."""
+    try:
+        want_hf = expected_hf_shapes(hf_config_from(cfg))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None
+    wrong = []
+    for rule in rules:
+        if not all(k in want_hf for k in rule.hf):
+            continue
+        try:
+            want = rule.transform.to_mcore([torch.empty(want_hf[k], device="meta") for k in rule.hf], cfg)
+        except (RuntimeError, ValueError):
+            continue
+        wrong += [f"{k}: the config implies {tuple(w.shape)}, the checkpoint holds {stored[k]}"
+                  for k, w in zip(rule.mcore, want) if k in stored and tuple(w.shape) != stored[k]]
+    return _listed(wrong, limit)
+
+
+def _listed(wrong: list[str], limit: int) -> str | None:
     if not wrong:
         return None
     more = f" (and {len(wrong) - limit} more)" if len(wrong) > limit else ""
     return "config/weight shape mismatch: " + "; ".join(wrong[:limit]) + more
+
+
+def check_mapping_shapes(path: Path, cfg: ModelConfig, rules: list[BoundRule], stored: Shapes, side: str,
+                         explain: Callable[[], str | None] = lambda: None) -> None:
+    """Raise a CheckpointError when `cfg` disagrees with the `stored` shapes of a checkpoint at `path`, whose
+    tensors are the rules' `side` ("hf" or "mcore"); `explain()` may name the tensors and shapes better."""
+    for rule in rules:
+        names = rule.hf if side == "hf" else rule.mcore
+        metas = [torch.empty(stored[k], device="meta") for k in names]
+        forth, back = ((rule.transform.to_mcore, rule.transform.to_hf) if side == "hf"
+                       else (rule.transform.to_hf, rule.transform.to_mcore))
+        try:
+            returned = back(forth(metas, cfg), cfg)
+            wrong = [f"{k}: the config implies {tuple(r.shape)}, the checkpoint holds {stored[k]}"
+                     for k, r in zip(names, returned, strict=True) if tuple(r.shape) != stored[k]]
+            failure = "config/weight shape mismatch: " + "; ".join(wrong[:3]) if wrong else None
+        except (RuntimeError, ValueError) as e:
+            held = ", ".join(f"{k} {stored[k]}" for k in names[:3])
+            failure = (f"config/weight shape mismatch: the config cannot describe {held}"
+                       f"{' ...' if len(names) > 3 else ''} ({rule.where}: {e})")
+        if failure:
+            raise CheckpointError(f"{path}: {explain() or failure}")

@@ -7,10 +7,18 @@ about 10 s of CPU, as long as streaming a few GB. `LayoutCheck` therefore comput
 writer streams tensors, and checks the plan as soon as it arrives; `python -m megatron_slim.checkpoint.layout`
 is that child. Given an HF directory instead of a config, the child derives the config itself, so that a converter
 can start it before importing torch (seconds more of overlap). This module imports torch only in the child.
+
+The child never outlives its parent: on Linux it asks the kernel for SIGTERM when the parent dies (SIGKILL
+included, where no cleanup of the parent's runs), checks that the parent it was started by is still there (it may
+have died before that request), and on SIGTERM removes the temporary directory it shares with the parent.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,7 +97,8 @@ class LayoutJob:
         env = without_launcher_env()  # a lone process whatever launched its parent: its process group has one rank
         self._log = open(d / "log", "wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "megatron_slim.checkpoint.layout", str(d / "source.json"), str(d / "layout.json")],
+            [sys.executable, "-m", "megatron_slim.checkpoint.layout", str(d / "source.json"), str(d / "layout.json"),
+             str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._result: tuple[McoreLayout, dict] | None = None
 
@@ -175,7 +184,26 @@ class LayoutCheck:
             self._job.close()
 
 
-def _main(source_path: str, out_path: str) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int, workdir: Path) -> None:
+    """SIGTERM (from the kernel when `parent` dies, or from anyone) removes `workdir` and ends this process."""
+    def terminate(signum: int, frame: object) -> None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the request above: no signal will come
+        terminate(signal.SIGTERM, None)
+
+
+def _main(source_path: str, out_path: str, parent: str) -> None:
+    _die_with_parent(int(parent), Path(source_path).parent)
     from megatron_slim.runtime.quiet import silence_upstream_noise
 
     silence_upstream_noise()

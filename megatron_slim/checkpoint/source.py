@@ -12,6 +12,7 @@ import torch
 
 from megatron_slim.checkpoint.dcp_io import McoreReader
 from megatron_slim.checkpoint.files import TOKENIZER_DIR, check_keys, checkpoint_kind
+from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mcore_mismatch, describe_mismatch
 from megatron_slim.checkpoint.mcore import load_model_config
 from megatron_slim.checkpoint.safetensors_io import HFReader
 from megatron_slim.errors import CheckpointError
@@ -23,7 +24,7 @@ Tensors = dict[str, torch.Tensor]
 
 
 def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], HFReader]:
-    """Validate an HF checkpoint against its config and the mapping, reading headers only."""
+    """Validate an HF checkpoint against its config and the mapping (keys and shapes), reading headers only."""
     reader = HFReader(hf_dir)
     hf = load_hf_config(hf_dir)
     family = family_of_hf(hf)
@@ -39,6 +40,20 @@ def plan_hf_to_mcore(hf_dir: str | Path) -> tuple[ModelConfig, list[BoundRule], 
     if unused:
         raise CheckpointError(f"{hf_dir}: {len(unused)} HF tensors are not consumed by the {cfg.family} mapping "
                               f"(nothing is dropped silently): {unused[:10]}")
+    stored = {k: info.shape for k, info in reader.tensors.items()}
+    check_mapping_shapes(Path(hf_dir), cfg, rules, stored, "hf", lambda: describe_mismatch(hf, stored))
+    return cfg, rules, reader
+
+
+def open_mcore(path: Path) -> tuple[ModelConfig, list[BoundRule], McoreReader]:
+    """A Megatron checkpoint's config, bound mapping and reader, validated: every tensor the mapping needs is
+    there with the shape the config implies (reading metadata only)."""
+    cfg = load_model_config(path)
+    reader = McoreReader(path)
+    rules = bind_rules(FAMILIES[cfg.family].mapping, cfg)
+    check_keys("Megatron", [k for r in rules for k in r.mcore], set(reader.tensors), str(path))
+    stored = {k: shape for k, (shape, _) in reader.tensors.items()}
+    check_mapping_shapes(path, cfg, rules, stored, "mcore", lambda: describe_mcore_mismatch(cfg, rules, stored))
     return cfg, rules, reader
 
 
@@ -60,10 +75,7 @@ class Source:
 
     def __init__(self, path: Path) -> None:
         if checkpoint_kind(path) == "mcore":
-            self.cfg = load_model_config(path)
-            self._mcore = McoreReader(path)
-            rules = bind_rules(FAMILIES[self.cfg.family].mapping, self.cfg)
-            check_keys("Megatron", [k for r in rules for k in r.mcore], set(self._mcore.tensors), str(path))
+            self.cfg, rules, self._mcore = open_mcore(path)
             self.side_files = path / TOKENIZER_DIR
         else:
             self.cfg, rules, self._hf = plan_hf_to_mcore(path)
@@ -82,9 +94,12 @@ class Source:
     def read(self, where: str, meta: bool) -> Tensors:
         out: Tensors = {}
         for rule in self.groups[where]:
-            if self._mcore is None:
-                out |= {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
-            else:
-                mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
-                out |= dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))
+            out |= self.read_rule(rule, meta)
         return out
+
+    def read_rule(self, rule: BoundRule, meta: bool = False) -> Tensors:
+        """The HF tensors of one rule (on meta tensors: shapes and dtypes only)."""
+        if self._mcore is None:
+            return {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
+        mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
+        return dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))

@@ -6,6 +6,8 @@ generation config and tokenizer files, loadable by transformers' from_pretrained
 memory) and write to `<out>.partial` first, renaming only when complete. hf-to-mcore copies tensors that only move
 bytes file to file (copy_file_range) and checks everything it writes against the layout megatron-core expects,
 which a child process learns meanwhile by building the model on the meta device (about 10 s of one core).
+Both refuse, naming the tensor, a config whose shapes disagree with the weights (before writing anything) and
+weights holding NaN or Inf (as they stream; `--allow-nonfinite` converts them anyway).
 """
 from __future__ import annotations
 
@@ -31,11 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--dry-run", action="store_true",
                        help="validate and print what would be written (tensors, parameters, bytes); write nothing")
         q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        q.add_argument("--allow-nonfinite", action="store_true",
+                       help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    common = dict(dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress)
+    common = dict(dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.no_progress,
+                  allow_nonfinite=args.allow_nonfinite)
     if args.direction == "hf-to-mcore":
         from megatron_slim.checkpoint.layout import LayoutJob
 

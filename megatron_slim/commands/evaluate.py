@@ -12,7 +12,7 @@ iter_XXXXXXX directory) or an HF directory, converted first into a temporary Meg
 (or in the working directory) that is removed afterwards. Under torchrun/srun the given ranks are used; as a plain
 process it spawns tp*ep*pp local ranks. Prints a small table, or with --json one JSON object with the keys
 tokens, loss, ppl, accuracy, mtp_acceptance {k: rate}, mean_accepted, mtp_positions (plus data and layout);
---out writes that object to a file (replacing it).
+--out writes that object to a file (an existing one only with --overwrite).
 
 --tasks T1,T2 scores lm-eval tasks (its registry, the shipped wiki_cloze, wiki_cloze_gen, wiki_continuation and
 wiki_perplexity built from the demo's held-out Wikipedia text, and YAML tasks under --include-path) with the model at
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval requests per forward")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def job(args: argparse.Namespace) -> EvaluateJob:
@@ -62,7 +63,8 @@ def job(args: argparse.Namespace) -> EvaluateJob:
                        dtype=args.dtype, json=args.json, out=Path(args.out) if args.out else None,
                        tasks=tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else (),
                        num_fewshot=args.num_fewshot, limit=args.limit,
-                       include_path=tuple(Path(p) for p in args.include_path), batch_size=args.batch_size)
+                       include_path=tuple(Path(p) for p in args.include_path), batch_size=args.batch_size,
+                       overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,6 @@ sizes left out keep the source's value. The target is validated against the sour
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "importance + target -> compression plan, with parameter accounting (--config: accounting only)"
 
@@ -100,17 +99,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--out PLAN is required with --importance")
         if hasattr(args, "source_mtp_layers"):
             raise UserError("--source-mtp-layers only applies to --config (the importance file knows its model)")
-        if Path(args.out).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} exists (use --overwrite)")
         source = _importance_model(args.importance)
         spec.validate(source)
 
         from megatron_slim.compress.importance_file import Importance
         from megatron_slim.compress.planner import make_plan
+        from megatron_slim.runtime.outputs import claim_output_file
 
-        imp = Importance.load(args.importance)
-        plan = make_plan(imp, spec)
-        plan.save(args.out)
+        with claim_output_file(args.out, inputs=[args.importance], overwrite=args.overwrite) as staging:
+            imp = Importance.load(args.importance)
+            plan = make_plan(imp, spec)
+            plan.save(staging)
         plan_path, target = args.out, plan.target
         if args.plots:
             from megatron_slim.compress.plots import write_plots

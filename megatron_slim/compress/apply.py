@@ -8,15 +8,17 @@ or a Megatron-Core checkpoint. Memory holds one layer's tensors (source and prun
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megatron_slim.checkpoint.fingerprint import model_fingerprint
 from megatron_slim.checkpoint.source import Source, rule_groups
 from megatron_slim.checkpoint.writers import GroupStream, Summary, write_hf, write_mcore
 from megatron_slim.compress import surgery
-from megatron_slim.compress.plan import CompressionPlan, ExpertSlot
+from megatron_slim.compress.plan import CompressionPlan, ExpertSlot, PlanError
 from megatron_slim.compress.plan_check import check_plan
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
@@ -162,15 +164,36 @@ class Pruner:
         return {k: out[k] for k in want}
 
 
+def check_source_model(plan: CompressionPlan, in_dir: Path, allow_other_model: bool = False) -> None:
+    """The plan was computed on the weights of `in_dir` (its fingerprint, `checkpoint/fingerprint.py`), unless
+    `allow_other_model`. A plan without a fingerprint (written before plans carried one) is applied with a warning:
+    `check_plan` still ensures that its config matches, and refusing it would mean recollecting the importance
+    (hours at scale) for plans that are almost always applied to the model they were made for."""
+    if plan.source_fingerprint is None:
+        print(f"warning: the plan carries no fingerprint of the model it was computed on (written by an older "
+              f"version): cannot check that it was made for the weights of {in_dir}", file=sys.stderr)
+        return
+    if allow_other_model:
+        return
+    found = model_fingerprint(in_dir)
+    if found != plan.source_fingerprint:
+        raise PlanError(f"the plan was computed on another model than {in_dir}: same config, other weights "
+                        f"(fingerprint {plan.source_fingerprint}, {in_dir} has {found}); run importance and plan on "
+                        "this model, or pass --allow-other-model to apply the plan anyway (e.g. one computed on a "
+                        "base model, applied to its fine-tune)")
+
+
 def prune_checkpoint(plan: CompressionPlan, in_dir: str | Path, out_dir: str | Path, out_format: str = "hf", *,
                      opts: Options = Options(), overwrite: bool = False, dry_run: bool = False,
-                     progress: bool = True) -> Summary:
-    """Write the student checkpoint `plan` describes, cut from `in_dir` (HF or Megatron), as `out_format`."""
+                     progress: bool = True, allow_other_model: bool = False) -> Summary:
+    """Write the student checkpoint `plan` describes, cut from `in_dir` (HF or Megatron), as `out_format`; the
+    plan must have been computed on `in_dir`'s weights unless `allow_other_model` (`check_source_model`)."""
     if out_format not in ("hf", "mcore"):
         raise ValueError(f"out_format must be 'hf' or 'mcore', got {out_format!r}")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     source = Source(in_dir)
     check_plan(plan, source.cfg)
+    check_source_model(plan, in_dir, allow_other_model)
     pruner = Pruner(plan, source, opts)
     stream = GroupStream(pruner.target, pruner.group, source.side_files, desc="prune", origin="pruned")
     write = write_hf if out_format == "hf" else write_mcore

@@ -1,7 +1,8 @@
 """The importance file: calibration statistics of one model, as named float32 tensors plus a JSON header.
 
 Written by `megatron-slim importance`, read by `megatron-slim plan`. One safetensors file; its `__metadata__`
-holds `header` (JSON: model config, data source, token count, options). Tensor names, per decoder layer `i`
+holds `header` (JSON: model config, data source, token count, options, and the fingerprint of the model's weights
+that a plan carries to `prune`, see `checkpoint/fingerprint.py`). Tensor names, per decoder layer `i`
 (`layers.{i}.`) and per MTP depth `d` (`mtp.{d}.`, statistics of the MTP layer's own MoE/attention):
 
   experts.frequency      [E]    share of tokens routed to each expert (count / tokens; sums to topk)
@@ -48,6 +49,7 @@ class Importance:
     tokens: int
     data: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None  # of the model's weights (`checkpoint.fingerprint`); None in older files
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
@@ -56,7 +58,7 @@ class Importance:
 
     def save(self, path: str | Path) -> None:
         header = {"format_version": FORMAT_VERSION, "model_config": self.model.to_json(), "tokens": self.tokens,
-                  "data": self.data, "options": self.options}
+                  "data": self.data, "options": self.options, "fingerprint": self.fingerprint}
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.tensors.items()}
         save_file(tensors, str(path), metadata={"header": json.dumps(header)})
 
@@ -68,4 +70,4 @@ class Importance:
                 raise ValueError(f"{path}: not a megatron-slim importance file (format {header.get('format_version')})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         return cls(ModelConfig.from_json(header["model_config"]), tensors, header["tokens"], header.get("data", ""),
-                   header.get("options", {}))
+                   header.get("options", {}), header.get("fingerprint"))

@@ -15,6 +15,9 @@ Every index refers to the SOURCE model. Per-layer entries are keyed by the sourc
 - query_groups[prefix]: kept attention query groups (with all their heads), or absent.
 - gdn_key_heads[prefix]: kept Gated DeltaNet key heads (with their value heads), or absent.
 - target: the student's ModelConfig (what `prune` writes into the output checkpoint).
+- source_fingerprint: the fingerprint of the weights the importance was collected on (`checkpoint/fingerprint.py`),
+  which `prune` compares with its input's; None in plans of older versions (then `prune` warns that it cannot
+  check).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class CompressionPlan:
     dense_mlp_neurons: dict[str, list[int]] = field(default_factory=dict)
     query_groups: dict[str, list[int]] = field(default_factory=dict)
     gdn_key_heads: dict[str, list[int]] = field(default_factory=dict)
+    source_fingerprint: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -153,7 +153,8 @@ def make_plan(imp: Importance, spec: TargetSpec) -> CompressionPlan:
     spec.validate(src)
     stats = _Stats(imp)
     layers = select_layers(stats, src, spec)
-    plan = CompressionPlan(source=src, target=spec.target_config(src, layers), layers=layers, router=spec.router)
+    plan = CompressionPlan(source=src, target=spec.target_config(src, layers), layers=layers, router=spec.router,
+                           source_fingerprint=imp.fingerprint)
     h2 = plan.target.hidden_size
     if h2 < src.hidden_size:
         plan.hidden_channels = kept(stats.vector("hidden.channels", src.hidden_size), h2)

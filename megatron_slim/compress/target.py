@@ -18,10 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, ModelConfig
+from megatron_slim.runtime.config_loader import load_yaml
 
 EXPERT_CRITERIA = ("frequency", "soft_logits", "reap")
 DEPTH_CRITERIA = ("block_influence", "loss_increase")
@@ -79,10 +78,7 @@ class TargetSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TargetSpec":
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TargetError(f"{path}: not valid YAML ({e})") from e
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise TargetError(f"{path}: expected a mapping of target fields")
         return cls.from_dict(data, where=str(path))

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import load_yaml
 
 SUITE_EXPERTS = 8
 SUITE_TOPK = 6
@@ -145,7 +146,7 @@ def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None
     else:
         if not base.is_file():
             raise UserError(f"--base {base} does not exist")
-        recipe, base_dir = yaml.safe_load(base.read_text()), base.parent
+        recipe, base_dir = load_yaml(base), base.parent
         if not isinstance(recipe, dict) or "variants" in recipe:
             raise UserError(f"--base {base}: give a recipe without variants (the suite adds its own)")
     recipe = _absolute(recipe, base_dir)

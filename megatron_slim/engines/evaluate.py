@@ -12,7 +12,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from megatron_slim.engines.source import (ModelJob, checkpoint_kind, open_checkpoint, release_checkpoint, run_on_ranks,
+from megatron_slim.engines.source import (ModelJob, checkpoint_kind, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
                                           temp_checkpoint)
 from megatron_slim.errors import UserError
 
@@ -38,6 +38,8 @@ class EvaluateJob(ModelJob):
     gen_tokens: int = 32
     json: bool = False  # print one JSON object instead of the table
     out: Path | None = None  # also write the JSON result here
+    overwrite: bool = False  # replace an existing `out` (`run_evaluate` refuses one otherwise)
+    write_to: Path | None = None  # where rank 0 writes `out` (its staging path, see `run_evaluate`)
 
     def validate(self) -> None:
         """Refuse what no layout or data can run; messages name the command's flags."""
@@ -146,7 +148,9 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if job.data is not None:
         report |= {"data": str(job.data), "seq_len": job.seq_len}
     text = json.dumps(report)
-    if job.out:
+    if job.write_to:
+        job.write_to.write_text(text + "\n")
+    elif job.out:
         tmp = job.out.with_name(job.out.name + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, job.out)
@@ -155,7 +159,8 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
 def run_evaluate(job: EvaluateJob) -> int:
     """Validate the job (data files exist, every task is known and its data loads) and evaluate on the launched
-    ranks, or on tp*ep*pp spawned local ranks; the exit status."""
+    ranks, or on tp*ep*pp spawned local ranks; the exit status. `out` is claimed first, so an existing or unwritable
+    one fails before any compute."""
     from megatron_slim.data.calibration import check_source
 
     job.validate()
@@ -170,4 +175,10 @@ def run_evaluate(job: EvaluateJob) -> int:
         tokenizer_dir = model if checkpoint_kind(model) == "hf" else model / TOKENIZER_DIR
         text_tokenizer(tokenizer_dir if tokenizer_dir.is_dir() else None)
         check_tasks(job.task_spec())
-    return run_on_ranks("evaluate", evaluate_worker, job, job.temp_checkpoint(), progress=False)
+    inputs = [job.model] + ([job.data] if job.data is not None else [])
+    with claimed_file(job.out, inputs, job.overwrite) as staging:
+        status = run_on_ranks("evaluate", evaluate_worker, replace(job, write_to=staging), job.temp_checkpoint(),
+                              progress=False)
+        if status:
+            raise SystemExit(status)  # leaves `out` as it was
+    return 0

@@ -4,11 +4,16 @@ See megatron_slim/compress/importance_file.py for what is collected."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from megatron_slim.engines.source import ModelJob, open_checkpoint, release_checkpoint, run_on_ranks, temp_checkpoint
+from megatron_slim.engines.source import (ModelJob, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
+                                          temp_checkpoint)
 from megatron_slim.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,11 +25,10 @@ class ImportanceJob(ModelJob):
     max_tokens: int | None = None
     overwrite: bool = False
     progress: bool = True
+    write_to: Path | None = None  # where rank 0 writes the file (`out`'s staging path, see `run_importance`)
 
     def validate(self) -> None:
         """Refuse what no layout or data can run; messages name the command's flags."""
-        if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out} exists (use --overwrite to replace it)")
         self.check_sizes()
 
 
@@ -33,6 +37,7 @@ def importance_worker(job: ImportanceJob) -> None:
     import torch
     import torch.distributed as dist
 
+    from megatron_slim.checkpoint.fingerprint import model_fingerprint
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.compress.importance import CollectOptions, collect, sequence_count
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
@@ -44,6 +49,7 @@ def importance_worker(job: ImportanceJob) -> None:
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, temp_checkpoint(job.out), progress=job.progress)
     cfg = load_model_config(ckpt)
+    fingerprint = model_fingerprint(job.model) if rank == 0 else None  # of the model as given, HF or Megatron
 
     group = parallel.dp(dist.get_world_size()) * job.micro_batch
     wanted = sequence_count(job.tokens, job.seq_len, group, job.max_tokens)
@@ -60,21 +66,44 @@ def importance_worker(job: ImportanceJob) -> None:
     model = build_model(cfg, parallel, opts)
     load_model(model, ckpt)
     release_checkpoint(job, ckpt)
+    refuse_nonfinite(model, job.model)
     result = collect(model, cfg, windows[:usable],
                      CollectOptions(micro_batch=job.micro_batch, layer_loss=job.layer_loss, progress=job.progress))
     if result is not None:
-        result.data = str(job.data)
+        result.data, result.fingerprint = str(job.data), fingerprint
         result.options |= {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size(),
                            "dtype": job.dtype}
-        result.save(job.out)
+        result.save(job.write_to or job.out)
         print(f"wrote {job.out}: {result.tokens} tokens ({usable} x {job.seq_len}), LM loss "
               f"{result.options['lm_loss']:.4f}, {len(result.tensors)} tensors", flush=True)
 
 
+def refuse_nonfinite(model: torch.nn.Module, where: str) -> None:
+    """Collective: NaN/Inf weights make every statistic NaN ("LM loss nan"), so they are refused, naming the first
+    such parameter, on every rank alike (a rank holding none must not wait for one that raised)."""
+    import torch.distributed as dist
+
+    from megatron_slim.checkpoint.finite import nonfinite_error
+
+    local = next((str(e) for name, p in model.named_parameters()
+                  if (e := nonfinite_error(where, name, p.detach())) is not None), None)
+    found: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, local)
+    error = next((e for e in found if e is not None), None)
+    if error is not None:
+        raise UserError(error)
+
+
 def run_importance(job: ImportanceJob) -> int:
-    """Validate the job and collect on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status."""
+    """Validate the job and collect on the launched ranks, or on tp*ep*pp spawned local ranks; the exit status.
+    The output is claimed first, so an existing or unwritable one fails before any compute."""
     from megatron_slim.data.calibration import check_source
 
     job.validate()
     check_source(job.data)
-    return run_on_ranks("importance", importance_worker, job, temp_checkpoint(job.out), progress=job.progress)
+    with claimed_file(job.out, [job.model, job.data], job.overwrite) as staging:
+        status = run_on_ranks("importance", importance_worker, replace(job, write_to=staging),
+                              temp_checkpoint(job.out), progress=job.progress)
+        if status:
+            raise SystemExit(status)  # leaves `out` as it was
+    return 0

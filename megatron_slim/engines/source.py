@@ -12,12 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.launch_env import without_launcher_env
+from megatron_slim.runtime.outputs import claim_output_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +60,21 @@ def checkpoint_kind(model: Path) -> str:
     if (model / "config.json").is_file():
         return "hf"
     raise UserError(f"{model} is neither a Megatron checkpoint ({MODEL_CONFIG}) nor an HF checkpoint (config.json)")
+
+
+@contextmanager
+def claimed_file(out: Path | None, inputs: Iterable[str | Path], overwrite: bool) -> Iterator[Path | None]:
+    """A job's single-file output, claimed (`runtime.outputs.claim_output_file`: refused if it exists without
+    `overwrite`, overlaps an input or cannot be created; locked) before any compute, by the process whose rank 0
+    writes it; it appears only if the body completes. Yields the path rank 0 writes to, or None where nothing is
+    claimed (no output, or another rank of a launched job)."""
+    from megatron_slim.runtime.distributed import detect_env
+
+    if out is None or detect_env().rank != 0:
+        yield None
+        return
+    with claim_output_file(out, inputs=inputs, overwrite=overwrite) as staging:
+        yield staging
 
 
 def temp_checkpoint(base: Path) -> Path:

@@ -23,3 +23,8 @@ class Family:
     mapping: FamilyMapping  # HF <-> Megatron-Core parameter names and transforms
     surgery: SurgerySpec  # which dimension of which HF tensor each kind of pruning selects on
     max_mtp_layers: int = 0  # MTP depths its HF layout can hold
+    model_type: str | None = None  # the HF config's `model_type`, when it is not `name`
+
+    @property
+    def hf_model_type(self) -> str:
+        return self.model_type or self.name

@@ -39,6 +39,7 @@ class BoundRule:
     hf: list[str]
     transform: Transform
     where: str  # a human-readable location for errors and progress
+    per_expert: bool = False  # its HF tensors are those of every routed expert (a `{e}` template)
 
 
 def _expand(prefix: str, templates: tuple[str, ...], num_experts: int) -> list[str]:
@@ -49,8 +50,8 @@ def _expand(prefix: str, templates: tuple[str, ...], num_experts: int) -> list[s
 
 
 def _bind(rules: list[Rule], mc_prefix: str, hf_prefix: str, cfg: ModelConfig, where: str) -> list[BoundRule]:
-    return [BoundRule([mc_prefix + m for m in r.mcore], _expand(hf_prefix, r.hf, cfg.num_experts), r.transform, where)
-            for r in rules]
+    return [BoundRule([mc_prefix + m for m in r.mcore], _expand(hf_prefix, r.hf, cfg.num_experts), r.transform, where,
+                      any("{e}" in t for t in r.hf)) for r in rules]
 
 
 def bind_rules(mapping: FamilyMapping, cfg: ModelConfig) -> list[BoundRule]:

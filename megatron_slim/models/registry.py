@@ -29,12 +29,19 @@ for _family in BUILTIN:
 
 
 def family_of_hf(hf: dict[str, Any]) -> Family:
+    """The family of an HF config, by its `architectures`; its `model_type` must name the same family (a config
+    edited by hand or assembled from two models would otherwise be read as whichever the architecture says)."""
     by_arch = {f.architecture: f for f in FAMILIES.values()}
     archs = hf.get("architectures") or []
     if len(archs) != 1 or archs[0] not in by_arch:
         raise UnsupportedModelError(
             f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(by_arch)}")
-    return by_arch[archs[0]]
+    family = by_arch[archs[0]]
+    model_type = hf.get("model_type")
+    if model_type is not None and model_type != family.hf_model_type:
+        raise UnsupportedModelError(f"config.json disagrees with itself: architectures {archs} is model_type "
+                                    f"{family.hf_model_type!r}, but model_type is {model_type!r}")
+    return family
 
 
 def model_config_from_hf(hf: dict[str, Any] | str | Path, mtp_num_layers: int = 0) -> ModelConfig:

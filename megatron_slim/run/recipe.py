@@ -48,12 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_slim.compress.target import SIZE_FIELDS, TargetError, TargetSpec
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.runtime.config_loader import load_dataclass
+from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
 
 PRESETS = ("one_shot", "depth_first")
 INITS = ("pruned", "random")
@@ -427,11 +425,7 @@ def read_study(path: str | Path) -> Study:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from e
-    return parse_study(raw, path.parent)
+    return parse_study(load_yaml(path), path.parent)
 
 
 def load_study(path: str | Path) -> Study:

@@ -11,9 +11,27 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
+from megatron_slim.errors import UserError
+
 T = TypeVar("T")
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a syntax error is one UserError naming the file, line and column (PyYAML's own
+    message spans several lines and names an anonymous stream)."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise UserError(f"{at}: not valid YAML: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
 
 
 def load_dataclass(cls: type[T], data: Any, where: str, problems: list[str]) -> T:

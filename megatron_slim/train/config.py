@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_slim.distill.objective import Objective
 from megatron_slim.errors import UserError
-from megatron_slim.runtime.config_loader import load_dataclass
+from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
 
 
 @dataclass
@@ -208,7 +206,7 @@ def _build(data: Any, where: str) -> RunConfig:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml(path) or {}
     return _build(data, str(path))
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from train_fixtures import assets, cli, metrics, write_config  # noqa: F401  (assets is a fixture)
+from support.train_assets import assets, cli, metrics, write_config  # noqa: F401  (assets is a fixture)
 
 
 def test_distillation_reduces_kd_and_lm(assets):

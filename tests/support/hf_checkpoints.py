@@ -1,4 +1,9 @@
-"""Tiny random HF checkpoints on disk, laid out like hub ones (sharded, with Qwen3-Next's `mtp.*` tensors)."""
+"""Tiny random HF checkpoints, in memory and on disk, laid out like hub ones (sharded, with Qwen3-Next's `mtp.*`
+tensors), and a reader of every tensor a checkpoint directory holds.
+
+The configs come from `support.tiny_models`; `build_tiny_hf(cfg, seed).save_pretrained(dir)` is the plain checkpoint,
+`save_tiny_hf_with_mtp` the hub-like Qwen3-Next one, `write_shard` adds tensors the way a hub index lists them.
+"""
 from __future__ import annotations
 
 import json
@@ -57,6 +62,15 @@ def write_shard(out_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
             total_size += sum(f.get_tensor(k).nbytes for k in f.keys())
     index_path.write_text(json.dumps({"metadata": {"total_size": total_size},
                                       "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+def read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in hf_dir, by name (what the checkpoint holds, shards merged)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    return tensors
 
 
 def saved_shapes(out_dir: Path) -> dict[str, torch.Size]:

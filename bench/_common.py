@@ -77,7 +77,7 @@ def hf_shapes(cfg: dict, mtp: bool) -> dict[str, tuple[int, ...]]:
     for i, kind in enumerate(kinds):
         shapes |= layer(f"model.layers.{i}.", kind)
     shapes |= {"model.norm.weight": (h,), "lm_head.weight": (cfg["vocab_size"], h)}
-    if mtp:  # Qwen3-Next's MTP head: fc + norms, and one full-attention MoE layer (tests/hf_fixtures.py layout)
+    if mtp:  # Qwen3-Next's MTP head: fc + norms, one full-attention MoE layer (tests/support/hf_checkpoints.py)
         shapes |= {"mtp.fc.weight": (h, 2 * h), "mtp.norm.weight": (h,), "mtp.pre_fc_norm_embedding.weight": (h,),
                    "mtp.pre_fc_norm_hidden.weight": (h,)}
         shapes |= layer("mtp.layers.0.", "full_attention")

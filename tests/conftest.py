@@ -1,4 +1,5 @@
-"""Shared test setup: make `tests/` helpers importable, keep torch to one thread per process (2-core machines)."""
+"""Shared test setup: make the `support` helpers importable (here and in spawned workers, which inherit sys.path),
+keep torch to one thread per process (2-core machines)."""
 import os
 import sys
 from pathlib import Path

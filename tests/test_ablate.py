@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm_assets import build, recipe as chain_recipe, write_recipe
-from train_fixtures import cli
+from support.run_assets import build, recipe as chain_recipe, write_recipe
+from support.train_assets import cli
 
 from megatron_slim.demo.ablate import FINDINGS, Finding, judge
 

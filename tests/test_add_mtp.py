@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf
-from tiny_models import mixtral
-from train_fixtures import cli
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf
+from support.tiny_models import mixtral
+from support.train_assets import cli
 
 
 def _state(rank: int, world: int, ckpt: str) -> dict[str, torch.Tensor]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_models
-from dist import run_distributed
+from support import tiny_models
+from support.dist import run_distributed
 from extra_state_backend import portability
-from hf_fixtures import build_tiny_hf
-from train_fixtures import convert
+from support.hf_checkpoints import build_tiny_hf
+from support.train_assets import convert
 
 
 @pytest.fixture(scope="module")

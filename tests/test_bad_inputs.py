@@ -96,8 +96,8 @@ def _cli(*args: str) -> "subprocess.CompletedProcess[str]":
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> Path:
     """A tiny sharded Qwen3-MoE HF checkpoint (index + 300 KB shards)."""
-    import tiny_models
-    from hf_fixtures import build_tiny_hf
+    from support import tiny_models
+    from support.hf_checkpoints import build_tiny_hf
 
     out = tmp_path_factory.mktemp("bad") / "hf"
     build_tiny_hf(tiny_models.qwen3_moe(), 0).save_pretrained(out, max_shard_size="300KB")
@@ -202,8 +202,8 @@ def test_importance_refuses_ids_outside_the_vocabulary_before_any_compute(tiny_h
 def test_verify_fails_when_the_models_disagree(tiny_hf, tmp_path):
     """verify used to exit 0 at 0% top-1 agreement; now mismatched models fail (status 1), matching ones pass,
     and --min-top1 0 turns the check off."""
-    import tiny_models
-    from hf_fixtures import build_tiny_hf
+    from support import tiny_models
+    from support.hf_checkpoints import build_tiny_hf
 
     other = tmp_path / "other_hf"
     build_tiny_hf(tiny_models.qwen3_moe(), 1).save_pretrained(other)  # same shapes, other weights
@@ -405,7 +405,7 @@ def test_fingerprint_is_format_independent_and_sees_weights(tiny_hf, tmp_path):
     """Same for an HF checkpoint and its Megatron conversion; another seed, one norm gain of the last layer or one
     weight of the first layer's attention changes it."""
     import tiny_models
-    from hf_fixtures import build_tiny_hf
+    from support.hf_checkpoints import build_tiny_hf
 
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.checkpoint.fingerprint import model_fingerprint
@@ -425,7 +425,7 @@ def test_fingerprint_is_format_independent_and_sees_weights(tiny_hf, tmp_path):
 def test_prune_refuses_a_plan_computed_on_another_model(tiny_hf, tmp_path):
     """`prune` used to apply a plan computed on a different model of the same shapes without a word."""
     import tiny_models
-    from hf_fixtures import build_tiny_hf
+    from support.hf_checkpoints import build_tiny_hf
 
     other = tmp_path / "other"
     build_tiny_hf(tiny_models.qwen3_moe(), 1).save_pretrained(other)

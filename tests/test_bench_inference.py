@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models
-from hf_fixtures import build_tiny_hf
+from support import tiny_models
+from support.hf_checkpoints import build_tiny_hf
 from megatron_slim.engines.bench_inference import BenchInferenceJob
 from megatron_slim.errors import UserError
 

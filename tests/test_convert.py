@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_slim.checkpoint.readahead import ReadAhead
-
-import tiny_models
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf, random_mtp_tensors, saved_shapes, write_shard
-from mp_models import verify_sweep
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors, read_tensors, saved_shapes, write_shard
+from support.workers import verify_sweep
 
 LAYOUTS = {"tp1": {}, "tp2": {"tp": 2}, "ep2": {"ep": 2}, "pp2": {"pp": 2}}
 TOKENS = torch.randint(0, tiny_models.VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -42,13 +41,6 @@ def save_hf(family: str, out: Path, seed: int = 0, **over) -> Path:
     model.save_pretrained(out, max_shard_size="300KB")
     if family == "qwen3_next":
         write_shard(out, random_mtp_tensors(model, saved_shapes(out), seed + 1, mtp_layers=1))
-    return out
-
-
-def all_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        out |= load_file(f)
     return out
 
 
@@ -78,7 +70,7 @@ def test_round_trip_is_bit_exact(converted):
     back = root / "back"
     cli("convert", "mcore-to-hf", "--mcore", str(root / "mcore"), "--out", str(back), "--no-progress",
         "--overwrite")
-    a, b = all_tensors(hf), all_tensors(back)
+    a, b = read_tensors(hf), read_tensors(back)
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -95,17 +87,17 @@ def test_round_trip_is_bit_exact(converted):
 
 def test_tied_embeddings_round_trip(tmp_path):
     hf = save_hf("qwen3_moe", tmp_path / "hf", tie_word_embeddings=True)
-    assert "lm_head.weight" not in all_tensors(hf)
+    assert "lm_head.weight" not in read_tensors(hf)
     cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress")
     cli("convert", "mcore-to-hf", "--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "back"), "--no-progress")
-    a, b = all_tensors(hf), all_tensors(tmp_path / "back")
+    a, b = read_tensors(hf), read_tensors(tmp_path / "back")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dry_run_writes_nothing_and_counts(tmp_path):
     hf = save_hf("mixtral", tmp_path / "hf")
     proc = cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--dry-run")
-    n_params = sum(t.numel() for t in all_tensors(hf).values())
+    n_params = sum(t.numel() for t in read_tensors(hf).values())
     assert f"{n_params / 1e9:.3f}B parameters" in proc.stdout
     assert not (tmp_path / "mc").exists() and not (tmp_path / "mc.partial").exists()
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny_models
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf, random_mtp_tensors, saved_shapes, write_shard
 from megatron_slim.data.calibration import calibration_windows
 from megatron_slim.engines.evaluate import format_table
 from megatron_slim.eval.metrics import acceptance_counts, acceptance_summary, draft_windows, lm_sums
 from megatron_slim.eval.stats import mean_se, paired_difference
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors, saved_shapes, write_shard
 
 EOS, SEQ_LEN, WINDOWS = 1, 16, 3  # 3 windows: DP=2 ranks get 2 and 1 (+ a weight-0 copy)
 PROMPTS, PROMPT_LEN, GEN, K = 3, 6, 12, 4

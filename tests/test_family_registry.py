@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-import tiny_models
-from hf_fixtures import build_tiny_hf
 from megatron_slim.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from megatron_slim.checkpoint.files import checkpoint_kind
 from megatron_slim.checkpoint.mcore import load_model_config
@@ -23,6 +20,8 @@ from megatron_slim.compress.plan_check import implied_target
 from megatron_slim.models import qwen3_moe, registry
 from megatron_slim.models.config import UnsupportedModelError, load_hf_config
 from megatron_slim.models.family import Family
+from support import tiny_models
+from support.hf_checkpoints import build_tiny_hf, read_tensors
 
 NAME, ARCH = "toy_moe", "ToyMoeForCausalLM"
 
@@ -53,14 +52,6 @@ def registered():
     registry.FAMILIES.pop(NAME)
 
 
-def tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            out |= {k: f.get_tensor(k) for k in f.keys()}
-    return out
-
-
 def test_an_unregistered_architecture_is_refused(toy_hf):
     for read in (registry.model_config_from_hf, plan_hf_to_mcore):
         with pytest.raises(UnsupportedModelError, match=f"unsupported architecture \\['{ARCH}'\\]"):
@@ -78,8 +69,9 @@ def test_a_registered_family_parses_converts_and_prunes(toy_hf, tmp_path, regist
     assert checkpoint_kind(mcore) == "mcore" and load_model_config(mcore).family == NAME
     mcore_to_hf(mcore, back, progress=False)
     assert json.loads((back / "config.json").read_text())["architectures"] == [ARCH]
-    source = tensors(toy_hf)
-    assert all(torch.equal(t, source[k]) for k, t in tensors(back).items()) and tensors(back).keys() == source.keys()
+    source = read_tensors(toy_hf)
+    returned = read_tensors(back)
+    assert returned.keys() == source.keys() and all(torch.equal(t, source[k]) for k, t in returned.items())
 
     src = plan_hf_to_mcore(toy_hf)[0]
     kept = [0, 2, 5, 7]
@@ -92,6 +84,6 @@ def test_a_registered_family_parses_converts_and_prunes(toy_hf, tmp_path, regist
     pruned = registry.model_config_from_hf(tmp_path / "pruned_hf")
     assert (pruned.family, pruned.num_layers, pruned.num_experts) == (NAME, 3, len(kept))
     down = "model.layers.{}.mlp.experts.{}.down_proj.weight"
-    assert torch.equal(tensors(tmp_path / "pruned_hf")[down.format(1, 2)], source[down.format(2, 5)])
+    assert torch.equal(read_tensors(tmp_path / "pruned_hf")[down.format(1, 2)], source[down.format(2, 5)])
     prune_checkpoint(plan, toy_hf, tmp_path / "pruned_mcore", "mcore", progress=False)  # HF in, Megatron out
     assert load_model_config(tmp_path / "pruned_mcore") == plan.target

@@ -23,8 +23,6 @@ import torch
 from packaging.version import Version
 
 import megatron.core.utils as mcore_utils
-import tiny_models
-from hf_fixtures import build_tiny_hf
 from megatron_slim.errors import UserError
 from megatron_slim.models import specs
 from megatron_slim.models.builder import BuildOptions, build_model, transformer_config
@@ -32,7 +30,9 @@ from megatron_slim.models.registry import model_config_from_hf
 from megatron_slim.runtime.distributed import ParallelConfig
 from megatron_slim.train.config import run_config_from_dict
 from megatron_slim.train.data import write_indexed_dataset
-from train_fixtures import cli, convert, write_config
+from support import tiny_models
+from support.hf_checkpoints import build_tiny_hf
+from support.train_assets import cli, convert, write_config
 
 SIMULATED_TE = "2.8.0"
 NO_TE_HERE = pytest.mark.skipif(torch.cuda.is_available() and specs.have_transformer_engine(),

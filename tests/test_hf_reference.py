@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-import tiny_models
-from hf_fixtures import save_tiny_hf_with_mtp, write_shard
 from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
                                                reference_logits, select_torch_kernels)
+from support import tiny_models
+from support.hf_checkpoints import read_tensors, save_tiny_hf_with_mtp, write_shard
 
 EPS = tiny_models.qwen3_next()["rms_norm_eps"]
 
@@ -30,14 +29,6 @@ def qwen3_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tokens(batch: int = 2, seq: int = 10, seed: int = 1) -> torch.LongTensor:
     return torch.randint(0, tiny_models.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in hf_dir.glob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            tensors |= {k: f.get_tensor(k) for k in f.keys()}
-    return tensors
 
 
 def _zc_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -82,7 +73,7 @@ def test_mtp_with_identity_layer_matches_hand_computation(qwen3_next_dir: Path, 
     differ and the norm weights are random, so a swapped concat, a wrong shift or a plain (1 * w) norm shows."""
     for path in qwen3_next_dir.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
-    t = _read_all(tmp_path)
+    t = read_tensors(tmp_path)
     mtp = {k: v for k, v in t.items() if k.startswith("mtp.")}
     for k in mtp:
         if k.endswith(("o_proj.weight", "down_proj.weight")):
@@ -111,7 +102,7 @@ def test_mtp_with_identity_layer_matches_hand_computation(qwen3_next_dir: Path, 
 def test_mtp_layer_matches_transformers_decoder_layer(qwen3_next_dir: Path, tmp_path: Path) -> None:
     """The MTP layer's attention and MoE agree with transformers': a 1-layer Qwen3-Next built from the mtp.*
     tensors (transformers converts their per-expert layout itself) and fed the fc output as inputs_embeds."""
-    t = _read_all(qwen3_next_dir)
+    t = read_tensors(qwen3_next_dir)
     one_layer = {"model.embed_tokens.weight": t["model.embed_tokens.weight"], "lm_head.weight": t["lm_head.weight"],
                  "model.norm.weight": t["mtp.norm.weight"]}
     mtp_layer = "mtp.layers.0."

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-import tiny_models
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf, random_mtp_tensors, saved_shapes, write_shard
 from megatron_slim.compress.importance import sequence_count
 from megatron_slim.compress.importance_file import Importance
 from megatron_slim.data.calibration import calibration_windows, eos_token_id
 from megatron_slim.errors import UserError
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors, saved_shapes, write_shard
 
 EOS, SEQ_LEN, SEQS = 1, 16, 4
 # Qwen3-MoE with a dense layer (dense_mlp.neurons); Qwen3-Next with GDN, gated attention, shared expert and MTP.

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_distributed
 
 from megatron_slim.distill.losses import KD_KINDS, kd_loss, lm_loss, mtp_kd_loss, mtp_kd_targets
+from support.dist import run_distributed
 
 B, S, V = 3, 7, 26
 TEMPERATURE = 2.5

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny_models
-from dist import run_distributed
-from mp_models import layout_sweep
+from support import tiny_models
+from support.dist import run_distributed
+from support.workers import layout_sweep
 
 LAYOUTS = {"tp2": {"tp": 2}, "ep2": {"ep": 2}, "tp2ep2": {"tp": 2, "ep": 2}, "pp2": {"pp": 2}}
 FAMILIES = sorted(tiny_models.FAMILIES)

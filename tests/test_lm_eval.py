@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf
-from test_upcycle import byte_tokenizer
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf, byte_tokenizer
 from megatron_slim.errors import UserError
 from megatron_slim.eval.harness import TaskSpec, check_tasks, shipped_task_names, text_tokenizer
 from megatron_slim.eval.tasks import wiki_docs

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-import tiny_models
-from dist import run_distributed
 from megatron_slim.models.builder import pipeline_pattern, validate_layout
 from megatron_slim.models.config import UnsupportedModelError
 from megatron_slim.models.registry import model_config_from_hf
 from megatron_slim.runtime.distributed import ParallelConfig
-from mp_models import train_steps
+from support import tiny_models
+from support.dist import run_distributed
+from support.workers import train_steps
 
 
 @pytest.mark.parametrize("family", sorted(tiny_models.FAMILIES))

@@ -10,9 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_models
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf, random_mtp_tensors
 from megatron_slim.cli import main as cli_main
 from megatron_slim.compress.accounting import COMPONENTS, account
 from megatron_slim.compress.importance_file import Importance, layer_prefix
@@ -22,7 +19,10 @@ from megatron_slim.compress.target import TargetError, TargetSpec
 from megatron_slim.models.config import ATTENTION, GDN, MOE, ModelConfig
 from megatron_slim.models.registry import hf_config_from, model_config_from_hf
 from megatron_slim.verify.hf_reference import select_torch_kernels
-from mp_plan import parameter_numels
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors
+from support.workers import parameter_numels
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "slimqwen"
 NEXT8 = dict(num_hidden_layers=8, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2)

@@ -17,11 +17,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from slurm_assets import build, recipe as chain_recipe, write_recipe as _write
-from train_fixtures import cli
-
 from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
 from megatron_slim.run.state import RunState
+from support.run_assets import build, recipe as chain_recipe, write_recipe as _write
+from support.train_assets import cli
 
 
 def _recipe(root: Path, **over) -> dict:

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-import tiny_models
 from megatron_slim.models.builder import BuildOptions, transformer_config
 from megatron_slim.models.registry import model_config_from_hf
 from megatron_slim.models.specs import select_backend
 from megatron_slim.runtime import cpu_compat
 from megatron_slim.runtime.distributed import ParallelConfig, _first_slurm_host, detect_env
+from support import tiny_models
 
 _LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                 "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID"]

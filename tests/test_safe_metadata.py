@@ -26,14 +26,14 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-import tiny_models
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf
 from megatron_slim.checkpoint.dcp_io import McoreReader
 from megatron_slim.checkpoint.safe_metadata import load_metadata
 from megatron_slim.errors import CheckpointError
-from mp_models import save_reference
-from train_fixtures import cli, convert, write_config, write_toy_data
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf
+from support.train_assets import cli, convert, write_config, write_toy_data
+from support.workers import save_reference
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_slim"
 

@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch.sh"
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
-TESTS = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parent / "support"
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged")
 
 
@@ -83,7 +83,7 @@ def test_submit_two_tasks_all_reduce(slurm_env: dict[str, str], tmp_path: Path) 
     out = subprocess.run(
         ["bash", str(LAUNCH), "--submit", "--nodes", "1", "--tasks-per-node", "2", "--gpus-per-node", "0",
          "--job-name", "allreduce", "--log-dir", str(logs), "--wait", "--exec", "--",
-         sys.executable, str(TESTS / "slurm_allreduce.py")],
+         sys.executable, str(SUPPORT / "slurm_allreduce.py")],
         capture_output=True, text=True, env=slurm_env, timeout=120)
     job_id = out.stdout.split(";")[0].strip()
     log = (logs / f"allreduce-{job_id}.out").read_text() if job_id.isdigit() else ""
@@ -102,7 +102,7 @@ def test_preempt_requeue_resume(slurm_env: dict[str, str], tmp_path: Path, signa
     out = subprocess.run(
         ["bash", str(LAUNCH), "--submit", "--tasks-per-node", "2", "--gpus-per-node", "0", "--requeue",
          "--job-name", "preempt", "--log-dir", str(logs), "--exec", "--",
-         sys.executable, str(TESTS / "slurm_preemptible.py"), str(state), "--target", str(target),
+         sys.executable, str(SUPPORT / "slurm_preemptible.py"), str(state), "--target", str(target),
          "--interval", "0.1"],
         capture_output=True, text=True, env=slurm_env, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -145,8 +145,8 @@ def test_preempt_requeue_resume(slurm_env: dict[str, str], tmp_path: Path, signa
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny plain-training run: the 2-layer Qwen3-MoE student checkpoint and the toy indexed dataset of
-    tests/train_fixtures.py (no teacher: the run tests the launcher, tests/test_train.py tests distillation)."""
-    from slurm_assets import build
+    support/train_assets.py (no teacher: the run tests the launcher, tests/test_train.py tests distillation)."""
+    from support.run_assets import build
 
     root = tmp_path_factory.mktemp("slurm_train")
     build("train", root, env=_clean_env())
@@ -161,7 +161,7 @@ def test_preempt_requeue_resumes_real_trainer(slurm_env: dict[str, str], tiny_ru
     """`megatron-slim train` on 2 CPU tasks (gloo) through `launch.sh --submit --requeue`: SIGUSR1 mid-training
     (what --signal=B:USR1@120 sends before the time limit) -> checkpoint, exit 75, requeue with the same job id,
     resume from the checkpoint, finish; the loss sequence equals an uninterrupted 2-rank run's."""
-    from slurm_assets import run_config
+    from support.run_assets import run_config
 
     iters = 40
     run, reference = run_config(tiny_run, "requeued", iters), run_config(tiny_run, "straight", iters)
@@ -346,7 +346,7 @@ def _needs_run_command() -> None:
 @pytest.fixture(scope="module")
 def chain_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _needs_run_command()
-    from slurm_assets import build
+    from support.run_assets import build
 
     root = tmp_path_factory.mktemp("slurm_chain")
     build("chain", root, env=_clean_env())
@@ -370,7 +370,7 @@ def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_
     """`launch.sh --submit --chain --requeue --wait -- run RECIPE --workdir DIR`: one job per stage, the second
     after the first; SIGUSR1 during the first stage's distillation requeues that job (same id) and it resumes from
     its checkpoint while the second waits; the second then runs its stage plus the export and report."""
-    from slurm_assets import STAGES, recipe, write_recipe
+    from support.run_assets import STAGES, recipe, write_recipe
 
     path = write_recipe(chain_assets, "chain", recipe(chain_assets, steps_per_stage=20))
     work, logs = tmp_path / "work", tmp_path / "logs"
@@ -443,7 +443,7 @@ def test_chain_jobs_run_one_after_another(slurm_env: dict[str, str], tmp_path: P
     work, logs = tmp_path / "work", tmp_path / "logs"
     out = subprocess.run(
         ["bash", str(LAUNCH), "--submit", "--chain", "--wait", "--stages", "one,two,three", "--requeue",
-         "--python", str(TESTS / "slurm_stage_probe.sh"), "--gpus-per-node", "0", "--tasks-per-node", "1",
+         "--python", str(SUPPORT / "slurm_stage_probe.sh"), "--gpus-per-node", "0", "--tasks-per-node", "1",
          "--job-name", "probe", "--log-dir", str(logs), "--", "run", "recipe.yaml", "--workdir", str(work)],
         capture_output=True, text=True, env=slurm_env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -459,7 +459,7 @@ def test_chain_jobs_run_one_after_another(slurm_env: dict[str, str], tmp_path: P
 def test_chain_stops_at_a_failed_stage(slurm_env: dict[str, str], tmp_path: Path) -> None:
     """A stage that fails cancels the stages after it (--kill-on-invalid-dep); --wait exits with its status."""
     _needs_run_command()
-    from slurm_assets import STAGES, recipe, write_recipe
+    from support.run_assets import STAGES, recipe, write_recipe
 
     # The stages can be listed, but the recipe cannot run: its teacher and data do not exist.
     path = write_recipe(tmp_path, "broken", recipe(tmp_path / "missing"))
@@ -489,7 +489,7 @@ def test_chain_stops_at_a_failed_stage(slurm_env: dict[str, str], tmp_path: Path
 def test_local_torchrun_two_processes() -> None:
     out = subprocess.run(
         ["bash", str(LAUNCH), "--nproc-per-node", "2", "--python", sys.executable, "--exec", "--",
-         sys.executable, str(TESTS / "slurm_allreduce.py")],
+         sys.executable, str(SUPPORT / "slurm_allreduce.py")],
         capture_output=True, text=True, env=_clean_env(), timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank="))

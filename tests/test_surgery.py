@@ -12,12 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-import tiny_models
-from dist import run_distributed
-from hf_fixtures import build_tiny_hf, random_mtp_tensors, saved_shapes
 from megatron_slim.checkpoint.source import plan_hf_to_mcore
 from megatron_slim.compress import surgery
 from megatron_slim.compress.apply import Options, prune_checkpoint, spec_for
@@ -29,6 +25,9 @@ from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EX
                                                QUERY_GROUPS, SHARED_NEURONS, TensorSpec, units)
 from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
                                                reference_logits)
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors, read_tensors, saved_shapes
 
 TOKENS = torch.randint(0, tiny_models.VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
 FAMILIES = sorted(tiny_models.FAMILIES)
@@ -36,14 +35,6 @@ LAYER_PREFIX = ("model.layers.", "mtp.layers.")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            out |= {k: f.get_tensor(k) for k in f.keys()}
-    return out
 
 
 def write_all(hf_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -57,7 +48,7 @@ def make_source(family: str, out: Path, seed: int = 0, dtype: torch.dtype = torc
     """Tiny random HF checkpoint with random norm weights (and an MTP layer for Qwen3-Next)."""
     model = build_tiny_hf(tiny_models.FAMILIES[family](**over), seed)
     model.save_pretrained(out)
-    tensors = read_all(out)
+    tensors = read_tensors(out)
     if family == "qwen3_next":
         tensors |= random_mtp_tensors(model, saved_shapes(out), seed + 1, mtp_layers=1)
     gen = torch.Generator().manual_seed(seed + 2)
@@ -97,7 +88,7 @@ def logits(hf_dir: Path) -> list[torch.Tensor]:
     """float64 logits of the main head and, when the checkpoint has one, the MTP head."""
     model = load_hf_reference(hf_dir, dtype=torch.float64)
     out = [reference_logits(model, TOKENS)]
-    if any(k.startswith("mtp.") for k in read_all(hf_dir)):
+    if any(k.startswith("mtp.") for k in read_tensors(hf_dir)):
         out.append(mtp_reference_logits(hf_dir, TOKENS, reference_hidden(model, TOKENS)))
     return out
 
@@ -153,7 +144,7 @@ def kill_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig, c: int, dea
 @pytest.mark.parametrize("family", FAMILIES)
 def test_removing_never_routed_experts_keeps_logits(tmp_path, family):
     src = make_source(family, tmp_path / "src")
-    cfg, tensors = source_config(src), read_all(src)
+    cfg, tensors = source_config(src), read_tensors(src)
     dead = [1, 4, 6]
     hold_channel_constant(tensors, cfg, c=0)
     kill_experts(tensors, cfg, c=0, dead=dead)
@@ -168,7 +159,7 @@ def test_removing_never_routed_experts_keeps_logits(tmp_path, family):
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
 def test_removing_layers_that_write_nothing_keeps_logits(tmp_path, family):
     src = make_source(family, tmp_path / "src")
-    cfg, tensors = source_config(src), read_all(src)
+    cfg, tensors = source_config(src), read_tensors(src)
     for key, tspec in entries(tensors, family):
         if key.startswith(("model.layers.1.", "model.layers.2.")) and writes_residual(tspec):
             tensors[key].zero_()
@@ -185,7 +176,7 @@ def test_removing_heads_and_neurons_that_write_nothing_keeps_logits(tmp_path, fa
     projection columns are zero contribute nothing; removing them must pick exactly the other units' rows in every
     tensor (q/gate/k/v rows, GDN q/k/v/z/b/a rows, conv channels, A_log/dt_bias, gate/up rows)."""
     src = make_source(family, tmp_path / "src", mlp_only_layers=[1])
-    cfg, tensors = source_config(src), read_all(src)
+    cfg, tensors = source_config(src), read_tensors(src)
     drop = {QUERY_GROUPS: [1], GDN_KEY_HEADS: [0], EXPERT_NEURONS: list(range(0, 32, 2)),
             SHARED_NEURONS: list(range(16, 48)), DENSE_NEURONS: list(range(0, 96, 3))}
     for key, tspec in entries(tensors, family):
@@ -218,7 +209,7 @@ def test_removing_zero_hidden_channels_keeps_logits(tmp_path, family):
     (transformers computes RMSNorm in float32 even in a float64 model). Without the rescale every norm output
     shrinks by sqrt(H'/H) and the logits move by orders of magnitude more."""
     src = make_source(family, tmp_path / "src", rms_norm_eps=1e-12)
-    cfg, tensors = source_config(src), read_all(src)
+    cfg, tensors = source_config(src), read_tensors(src)
     drop = torch.randperm(cfg.hidden_size, generator=torch.Generator().manual_seed(1))[:16].tolist()
     for key, tspec in entries(tensors, family):
         for d in (d for d in tspec.dims if d.axis == HIDDEN):
@@ -259,7 +250,7 @@ def test_merging_a_permuted_copy_into_its_original_keeps_logits(tmp_path, family
     """Expert 3 is expert 2 with its neurons permuted (the same function) and is never routed; merging it into
     expert 2 with neuron alignment reproduces the model (router 'keep'); plain averaging does not."""
     src = make_source(family, tmp_path / "src")
-    cfg, tensors = source_config(src), read_all(src)
+    cfg, tensors = source_config(src), read_tensors(src)
     hold_channel_constant(tensors, cfg, c=0)
     kill_experts(tensors, cfg, c=0, dead=[3])
     perm = torch.randperm(cfg.moe_ffn_hidden_size, generator=torch.Generator().manual_seed(3))
@@ -309,7 +300,7 @@ def cli(*commands: list[str | Path]) -> None:
 
 def parity_and_size(rank: int, world: int, hf_dir: str, mcore_dir: str, target: dict, tokens: torch.Tensor) -> dict:
     """`verify` at LAYOUTS (strict loads), plus the parameter count of a Megatron model built from the target."""
-    from mp_models import verify_sweep
+    from support.workers import verify_sweep
 
     from megatron_slim.checkpoint.layout import mcore_layout
 
@@ -343,7 +334,7 @@ def test_pruned_checkpoints_load_in_transformers_and_megatron(tmp_path):
     cli(["prune", "--plan", tmp_path / "plan.json", "--in", tmp_path / "src_mc", "--out", hf_via_mc, "--no-progress"])
     prune(plan, src, hf)
 
-    a, b = read_all(hf), read_all(hf_via_mc)  # surgery sees the same HF-layout tensors from either input
+    a, b = read_tensors(hf), read_tensors(hf_via_mc)  # surgery sees the same HF-layout tensors from either input
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
     model, info = AutoModelForCausalLM.from_pretrained(hf, output_loading_info=True)
@@ -476,7 +467,7 @@ def test_merged_students_router_keep_vs_average(teacher, tmp_path):
     from megatron_slim.verify.hf_reference import load_hf_reference
 
     freq, _ = teacher_statistics(teacher)
-    tensors = read_all(teacher)
+    tensors = read_tensors(teacher)
     routers = [tensors[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)]
     losses = {"teacher": lm_loss(load_hf_reference(teacher))}
     top4 = [freq[i].argsort(descending=True)[:4].tolist() for i in range(4)]

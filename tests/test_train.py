@@ -16,7 +16,7 @@ import pytest
 from megatron_slim.errors import UserError
 from megatron_slim.train.config import run_config_from_dict
 from megatron_slim.train.evaluation import RECORD_KEYS, evaluation_due
-from train_fixtures import assets, cli, metrics, write_config  # noqa: F401  (assets is a fixture)
+from support.train_assets import assets, cli, metrics, write_config  # noqa: F401  (assets is a fixture)
 
 
 TOKENS_PER_STEP = 8 * 32  # write_config: global batch 8 of 32 tokens

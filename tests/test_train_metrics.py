@@ -6,9 +6,9 @@ import math
 
 import torch
 
-import tiny_models
-from hf_fixtures import build_tiny_hf
-from train_fixtures import assets, cli, convert, metrics, write_config  # noqa: F401  (assets is a fixture)
+from support import tiny_models
+from support.hf_checkpoints import build_tiny_hf
+from support.train_assets import assets, cli, convert, metrics, write_config  # noqa: F401  (assets is a fixture)
 
 EXPERTS, TOPK = 8, 2  # tiny_models.qwen3_moe
 COMMON = ("loss", "lm", "lr", "grad_norm", "tokens_per_s", "memory_gb", "moe_load_imbalance")

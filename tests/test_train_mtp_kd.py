@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from dist import run_distributed
 
-import tiny_models
 from megatron_slim.errors import UserError
 from megatron_slim.train.config import run_config_from_dict
-from train_fixtures import cli, write_config, write_toy_data
+from support import tiny_models
+from support.dist import run_distributed
+from support.train_assets import cli, write_config, write_toy_data
 
 STEPS = 6
 DEPTHS = 2  # student MTP depths: depth 2 checks the same-position pairing beyond the first head

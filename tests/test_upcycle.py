@@ -11,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from megatron_slim.engines.upcycle import upcycle_model
 from megatron_slim.upcycle import expert_output_norms, neuron_activations, upcycle_ffn
+from support.hf_checkpoints import byte_tokenizer
+
 
 EXPERTS = 4
 
@@ -107,19 +109,6 @@ def test_deterministic_for_a_seed(dense, calibration) -> None:
     second = upcycle_model(dense, calibration, EXPERTS, 2, seed=3).state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
-
-
-def byte_tokenizer():
-    """A 256-byte BPE tokenizer without merges (plus EOS), built in memory: the CLI needs tokenizer files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slurm_assets import build, recipe as chain_recipe, write_recipe
-from train_fixtures import cli
+from support.run_assets import build, recipe as chain_recipe, write_recipe
+from support.train_assets import cli
 
 from megatron_slim.eval.stats import paired_difference
 from megatron_slim.run.recipe import RecipeError, load_study

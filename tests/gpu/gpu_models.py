@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ helpers when run as a script
 
-import tiny_models  # noqa: E402
+from support import tiny_models  # noqa: E402
 
 SEQ, BATCH = 256, 2
 

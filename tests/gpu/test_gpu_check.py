@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_models
+from support import tiny_models
 from gpu_models import batch, forward_backward, qwen3_next_hf
-from hf_fixtures import build_tiny_hf
+from support.hf_checkpoints import build_tiny_hf
 from test_kd_losses import ref_kd
-from train_fixtures import cli, convert, metrics, write_config, write_toy_data
+from support.train_assets import cli, convert, metrics, write_config, write_toy_data
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

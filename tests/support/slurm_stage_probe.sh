@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Stand-in for the Python interpreter in launch.sh --chain tests (launch.sh --python tests/slurm_stage_probe.sh):
-# called as `probe -m megatron_slim.cli run RECIPE --workdir DIR ... --stage NAME`, it appends
-# `start NAME <job id>` and then `end NAME` to DIR/probe.log, a second apart, and exits 0.
+# Stand-in for the Python interpreter in launch.sh --chain tests (launch.sh --python
+# tests/support/slurm_stage_probe.sh): called as `probe -m megatron_slim.cli run RECIPE --workdir DIR ... --stage NAME`,
+# it appends `start NAME <job id>` and then `end NAME` to DIR/probe.log, a second apart, and exits 0.
 set -euo pipefail
 workdir="" stage=""
 while [ "$#" -gt 0 ]; do

@@ -1,14 +1,20 @@
-"""Worker functions for multi-process model tests (module level, so spawned workers can import them)."""
+"""Functions that run on every rank of `support.dist.run_distributed`: build, save, load and train tiny Megatron
+models at a given TP/PP/EP layout, and return logits, losses or parameter counts.
+
+Spawned workers import a function by its module and name, so these stay at module level; a worker that one test
+file alone uses may live in that file instead (test_kd_losses.py, test_evaluate.py do so).
+"""
 from __future__ import annotations
 
 import torch
 
-import tiny_models
 from megatron_slim.checkpoint.mcore import load_model, load_model_config, save_model
 from megatron_slim.models.builder import build_model
+from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.forward import full_logits
 from megatron_slim.models.registry import model_config_from_hf
 from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+from support import tiny_models
 
 
 def tiny_config(family: str, **over):
@@ -79,3 +85,11 @@ def verify_sweep(rank: int, world: int, hf_dir: str, mcore_dir: str, layouts: di
         if logits is not None:
             reports[name] = hf_parity(hf_dir, tokens, logits, mtp)
     return reports
+
+
+def parameter_numels(rank: int, world: int, configs: dict[str, ModelConfig]) -> dict[str, dict[str, int]]:
+    """{config name: {parameter name: numel}} of the HybridModel built from each config at TP=PP=EP=1: the real
+    Megatron-Core counts that test_plan.py checks the parameter accounting against."""
+    init_model_parallel(ParallelConfig(), seed=0)
+    return {name: {n: p.numel() for n, p in build_model(cfg, ParallelConfig()).named_parameters()}
+            for name, cfg in configs.items()}

@@ -1,11 +1,12 @@
-"""Training test assets: tiny teacher/student Megatron checkpoints and an indexed dataset, made with the CLI.
+"""Training test assets made in the test process with the CLI: tiny teacher/student Megatron checkpoints, the toy
+indexed dataset, run configs over them, and `cli` (megatron-slim in a subprocess, its stderr in the failure).
 
-Import the fixture into a test module (`from train_fixtures import assets`); pytest registers imported fixtures.
+Import the fixture into a test module (`from support.train_assets import assets`); pytest registers imported
+fixtures. Tests that must not import torch or transformers, or that need the recipe assets, use `support.run_assets`.
 """
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ import pytest
 import yaml
 from transformers import PreTrainedModel
 
-import tiny_models
-from hf_fixtures import build_tiny_hf
+from support import tiny_models
+from support.hf_checkpoints import build_tiny_hf
+from support.toy_data import EOD_ID, preprocess_args, write_toy_jsonl
 
-EOD = 127  # the toy language's document separator, the tiny models' eos_token_id
+EOD = EOD_ID  # the toy language's document separator, the tiny models' eos_token_id
 
 
 def cli(*args: str, check: bool = True, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -48,14 +50,9 @@ def assets(tmp_path_factory) -> Path:
 
 
 def write_toy_data(root: Path) -> None:
-    """root/data.bin/.idx: a learnable toy language (arithmetic progressions) over the tiny models' vocabulary."""
-    rng = random.Random(0)
-    with open(root / "data.jsonl", "w") as f:
-        for _ in range(400):
-            start, step = rng.randrange(120), rng.choice([1, 2, 3])
-            f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
-    cli("preprocess", "--input", str(root / "data.jsonl"), "--output-prefix", str(root / "data"), "--tokenizer",
-        "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", str(EOD))
+    """root/data.bin/.idx: 400 documents of the toy language (`support.toy_data`)."""
+    write_toy_jsonl(root / "data.jsonl", seed=0, docs=400)
+    cli(*preprocess_args(root, "data"))
 
 
 def write_config(root: Path, name: str, teacher: bool = True, **sections) -> Path:

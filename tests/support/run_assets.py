@@ -1,9 +1,9 @@
 """Tiny assets for the launch.sh tests on the local SLURM cluster (tests/test_slurm_launch.py) and the recipe
-runs of tests/test_run.py, built in one subprocess (`python tests/slurm_assets.py train|chain ROOT`) so that the
-test process imports neither torch nor transformers and megatron-core is imported once.
+runs of tests/test_run.py, built in one subprocess (`python tests/support/run_assets.py train|chain ROOT`) so that
+the test process imports neither torch nor transformers and megatron-core is imported once.
 
 train ROOT   the 2-layer Qwen3-MoE student checkpoint ROOT/student_mc and the indexed dataset ROOT/data of
-             tests/train_fixtures.py, and ROOT/plain.yaml, train_fixtures.write_config's run config over them
+             support/train_assets.py, and ROOT/plain.yaml, train_assets.write_config's run config over them
              without a teacher (see `run_config()`)
 chain ROOT   for the two-stage recipe of `recipe()`: a random 8-layer Qwen3-Next teacher with one MTP depth
              (2 full-attention layers, so 4 kept layers keep the 1:3 hybrid ratio; EOS 127) and the indexed datasets
@@ -12,15 +12,13 @@ chain ROOT   for the two-stage recipe of `recipe()`: a random 8-layer Qwen3-Next
 """
 from __future__ import annotations
 
-import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 STAGES = ["depth", "width"]
 
 
@@ -71,33 +69,20 @@ def write_recipe(root: Path, name: str, content: dict) -> Path:
 
 
 # ---- run in the subprocess ------------------------------------------------------------------------------------
-def _toy_jsonl(path: Path, seed: int, docs: int) -> None:
-    rng = random.Random(seed)
-    with open(path, "w") as f:  # the learnable toy language of train_fixtures.assets: arithmetic progressions
-        for _ in range(docs):
-            start, step = rng.randrange(120), rng.choice([1, 2, 3])
-            f.write(json.dumps({"tokens": [(start + step * i) % 120 for i in range(rng.randrange(20, 60))]}) + "\n")
-
-
-def _preprocess(root: Path, name: str) -> list[str]:
-    return ["preprocess", "--input", str(root / f"{name}.jsonl"), "--output-prefix", str(root / name), "--tokenizer",
-            "none", "--json-key", "tokens", "--vocab-size", "128", "--eod-id", "127"]
-
-
 def _main(kind: str, root: Path) -> int:
     sys.path.insert(0, str(TESTS))
-    import tiny_models
-    from hf_fixtures import build_tiny_hf, save_tiny_hf_with_mtp
-
     from megatron_slim.cli import main
+    from support import tiny_models
+    from support.hf_checkpoints import build_tiny_hf, save_tiny_hf_with_mtp
+    from support.toy_data import preprocess_args, write_toy_jsonl
 
     root.mkdir(parents=True, exist_ok=True)
     if kind == "train":
         build_tiny_hf(tiny_models.qwen3_moe(num_hidden_layers=2), 1).save_pretrained(root / "student_hf")
-        _toy_jsonl(root / "data.jsonl", 0, 400)
+        write_toy_jsonl(root / "data.jsonl", seed=0, docs=400)
         commands = [["convert", "hf-to-mcore", "--hf", str(root / "student_hf"), "--out", str(root / "student_mc"),
-                     "--no-progress"], _preprocess(root, "data")]
-        from train_fixtures import write_config
+                     "--no-progress"], preprocess_args(root, "data")]
+        from support.train_assets import write_config
 
         write_config(root, "plain", teacher=False)
     elif kind == "chain":
@@ -108,8 +93,8 @@ def _main(kind: str, root: Path) -> int:
         save_tiny_hf_with_mtp(teacher, root / "teacher_hf", seed=0)
         commands = []
         for name, seed, docs in (("train", 0, 200), ("calibration", 1, 40), ("heldout", 2, 40)):
-            _toy_jsonl(root / f"{name}.jsonl", seed, docs)
-            commands.append(_preprocess(root, name))
+            write_toy_jsonl(root / f"{name}.jsonl", seed, docs)
+            commands.append(preprocess_args(root, name))
     else:
         raise SystemExit(f"unknown assets {kind!r} (train or chain)")
     return max(main(argv) for argv in commands)

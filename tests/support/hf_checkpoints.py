@@ -1,4 +1,10 @@
-"""Tiny random HF checkpoints on disk, laid out like hub ones (sharded, with Qwen3-Next's `mtp.*` tensors)."""
+"""Tiny random HF checkpoints, in memory and on disk, laid out like hub ones (sharded, with Qwen3-Next's `mtp.*`
+tensors), a reader of every tensor a checkpoint directory holds, and a byte-level tokenizer for tiny checkpoints
+that need tokenizer files.
+
+The configs come from `support.tiny_models`; `build_tiny_hf(cfg, seed).save_pretrained(dir)` is the plain checkpoint,
+`save_tiny_hf_with_mtp` the hub-like Qwen3-Next one, `write_shard` adds tensors the way a hub index lists them.
+"""
 from __future__ import annotations
 
 import json
@@ -59,6 +65,15 @@ def write_shard(out_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
                                       "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
 
+def read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in hf_dir, by name (what the checkpoint holds, shards merged)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    return tensors
+
+
 def saved_shapes(out_dir: Path) -> dict[str, torch.Size]:
     """Tensor names and shapes of a saved checkpoint, as they are on disk."""
     shapes: dict[str, torch.Size] = {}
@@ -78,3 +93,16 @@ def save_tiny_hf_with_mtp(hf_config: dict[str, Any], out_dir: str | Path, seed: 
     if mtp_layers:
         write_shard(out_dir, random_mtp_tensors(model, saved_shapes(out_dir), seed + 1, mtp_layers))
     return model
+
+
+def byte_tokenizer():
+    """A 256-byte BPE tokenizer without merges (plus EOS), built in memory: the CLI needs tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")

@@ -296,7 +296,7 @@ def test_prune_names_config_weight_mismatches_of_either_format(planned, tmp_path
 
 def test_model_type_must_agree_with_architectures():
     """A config whose `model_type` names another family used to be read as whatever `architectures` said."""
-    import tiny_models
+    from support import tiny_models
 
     from megatron_slim.models.config import UnsupportedModelError
     from megatron_slim.models.registry import model_config_from_hf
@@ -404,7 +404,7 @@ def test_importance_refuses_nonfinite_weights_before_collecting(tiny_hf, tmp_pat
 def test_fingerprint_is_format_independent_and_sees_weights(tiny_hf, tmp_path):
     """Same for an HF checkpoint and its Megatron conversion; another seed, one norm gain of the last layer or one
     weight of the first layer's attention changes it."""
-    import tiny_models
+    from support import tiny_models
     from support.hf_checkpoints import build_tiny_hf
 
     from megatron_slim.checkpoint.convert import hf_to_mcore
@@ -424,7 +424,7 @@ def test_fingerprint_is_format_independent_and_sees_weights(tiny_hf, tmp_path):
 
 def test_prune_refuses_a_plan_computed_on_another_model(tiny_hf, tmp_path):
     """`prune` used to apply a plan computed on a different model of the same shapes without a word."""
-    import tiny_models
+    from support import tiny_models
     from support.hf_checkpoints import build_tiny_hf
 
     other = tmp_path / "other"

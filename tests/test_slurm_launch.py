@@ -482,7 +482,7 @@ def test_chain_stops_at_a_failed_stage(slurm_env: dict[str, str], tmp_path: Path
     assert proc.returncode == 2, (proc.returncode, stderr, first)  # megatron-slim's status for a bad recipe
     assert "teacher" in first and "does not exist" in first, first
     assert f"stage depth (job {ids['depth']}) failed with exit status 2" in stderr, stderr
-    assert f"stage width (job {ids['width']}): not run, an earlier stage failed" in stderr, stderr
+    assert f"stage width (job {ids['width']}): not run, stage depth before it failed" in stderr, stderr
     assert not list(logs.glob(f"broken-width-{ids['width']}.*")), "the cancelled stage must not have run"
 
 

@@ -182,8 +182,10 @@ def judge(finding: Finding, evals: dict[str, dict[str, Any]]) -> tuple[str, str]
         return "not finished", ""
     if finding.kind == "mtp":
         gap, se = _acceptance_gap(evals[finding.variants[0]], evals[finding.variants[1]])
-        evidence = f"acceptance@1 {finding.variants[0]} - {finding.variants[1]} = {gap:+.2%} ± {se:.2%}"
-        return ("inconclusive" if abs(gap) <= 2 * se else "agrees" if gap > 0 else "disagrees"), evidence
+        significant = abs(gap) > 2 * se
+        evidence = (f"acceptance@1 {finding.variants[0]} - {finding.variants[1]}: {gap:+.2%} ± {se:.2%}"
+                    f"{' *' if significant else ''}")
+        return ("agrees" if gap > 0 else "disagrees") if significant else "inconclusive", evidence
     pairs = ([(finding.variants[0], other) for other in finding.variants[1:]] if finding.kind == "better" else
              [(a, b) for i, a in enumerate(finding.variants) for b in finding.variants[i + 1:]])
     diffs = {(a, b): paired_difference(evals[a]["window_losses"], evals[b]["window_losses"]) for a, b in pairs}
@@ -215,8 +217,9 @@ def verdicts(recipe_path: Path, workdir: Path, chosen: list[Finding]) -> list[Ve
 
 
 def format_table(found: list[Verdict]) -> str:
-    lines = ["| finding | the paper | measured (held-out loss ± SE; MTP: acceptance@1) | verdict |",
-             "|---|---|---|---|"]
+    lines = ["| finding | the paper | measured (held-out loss ± SE; MTP: acceptance@1) "
+             "| differences (paired Δ ± SE; * beyond 2 SE) | verdict |",
+             "|---|---|---|---|---|"]
     for v in found:
         cells = []
         for name, row in v.variants.items():
@@ -224,7 +227,7 @@ def format_table(found: list[Verdict]) -> str:
                 cells.append(f"{name} {float(row['mtp_acceptance'].get('1', math.nan)):.2%}")
             else:
                 cells.append(f"{name} {row['loss']:.4f} ± {row['loss_se']:.4f}")
-        lines.append(f"| {v.finding.name} | {v.finding.paper} | {'; '.join(cells)} | {v.verdict} |")
+        lines.append(f"| {v.finding.name} | {v.finding.paper} | {'; '.join(cells)} | {v.evidence} | {v.verdict} |")
     return "\n".join(lines)
 
 

@@ -139,9 +139,11 @@ def plot_curves(results: dict[str, VariantResult], path: Path) -> bool:
     fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     for i, (name, c) in enumerate(drawn):
-        ax.plot(c.tokens, c.loss, marker="o", ms=3, color=f"C{i}", label=name)
+        # Ten colours, then the next line style: no two variants share a look however many there are.
+        color, style = f"C{i % 10}", ("-", "--", ":", "-.")[i // 10 % 4]
+        ax.plot(c.tokens, c.loss, marker="o", ms=3, color=color, ls=style, label=name)
         ax.fill_between(c.tokens, [m - s for m, s in zip(c.loss, c.loss_se)],
-                        [m + s for m, s in zip(c.loss, c.loss_se)], color=f"C{i}", alpha=0.2, lw=0)
+                        [m + s for m, s in zip(c.loss, c.loss_se)], color=color, alpha=0.2, lw=0)
     ax.set_xlabel("distillation tokens (all stages)")
     ax.set_ylabel("held-out loss (nats/token), ± SE")
     ax.legend(fontsize=8)

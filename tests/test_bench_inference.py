@@ -49,7 +49,7 @@ def test_refused_inputs(checkpoints, tmp_path):
     (tmp_path / "model_config.json").write_text("{}")
     small = str(checkpoints["small"][0])
     cases = [(BenchInferenceJob(models=(str(tmp_path),)), "export it to HF first"),
-             (BenchInferenceJob(models=(small,), batch=0), "--batch must be >= 1"),
+             (BenchInferenceJob(models=(small,), batch=0), "--batch must be an integer >= 1, got 0"),
              (BenchInferenceJob(models=(small,), dtype="int8"), "--dtype"),
              (BenchInferenceJob(models=()), "at least one --model")]
     for job, match in cases:

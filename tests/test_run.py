@@ -33,6 +33,11 @@ def _recipe(root: Path, **over) -> dict:
     return recipe
 
 
+# the efficiency table's measurement, as small as it goes: the run test checks that it reaches the report
+INFERENCE = {"batch": 1, "prompt_len": 16, "gen_len": 4, "dtype": "float32", "device": "cpu", "warmup": 0,
+             "repeats": 1}
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     """A random 8-layer Qwen3-Next HF teacher with one MTP depth and the toy train/calibration/held-out data."""
@@ -45,8 +50,8 @@ def assets(tmp_path_factory) -> Path:
 def finished(assets: Path) -> Path:
     """One uninterrupted two-stage run."""
     work = assets / "work_full"
-    proc = cli("run", str(_write(assets, "recipe", _recipe(assets))), "--workdir", str(work), "--no-progress",
-               timeout=1200)
+    proc = cli("run", str(_write(assets, "recipe", _recipe(assets, inference=INFERENCE))), "--workdir", str(work),
+               "--no-progress", timeout=1200)
     assert "done  final/report" in proc.stdout
     return work
 
@@ -79,6 +84,10 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"training": {"model": {"checkpoint": "x"}}}, "['model'] are set by the run"),
     ({"data": {"train": [[1.0, "/nonexistent/prefix"]], "calibration": "c", "heldout": "h"}}, "do not exist"),
     ({"preset": "two_shot"}, "preset must be one of"),
+    ({"inference": {"batch": 0, "beam": 2}}, "inference: unknown keys ['beam']"),
+    ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
+    ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
+    ({"inference": {}, "export": False}, "inference measures the exported student: it needs export: true"),
     ({"preset": None, "train_tokens": None, "stages": [
         {"name": "a", "target": {"num_layers": 4}, "training": {"train": {"train_iters": 1}}}]},
      "the stages do not end at `target`"),
@@ -173,6 +182,14 @@ def test_run_end_to_end(finished: Path) -> None:
         assert row in report
     for png in ("losses.png", "retention.png"):
         assert (finished / "report" / png).stat().st_size > 1000
+    # the efficiency table: the HF teacher and the exported student, each measured in its own process
+    bench = json.loads((finished / "export" / "bench_inference.json").read_text())
+    teacher_row, student_row = bench["models"]
+    assert (teacher_row["label"], student_row["label"]) == ("teacher", "student")
+    assert student_row["path"] == str(finished / "export" / "hf")
+    assert 0 < student_row["params"] < teacher_row["params"]
+    assert all(m["prefill_s"] > 0 and m["decode_tokens_per_s"] > 0 for m in bench["models"])
+    assert "## Deployment efficiency" in report and "| student |" in report and "vs teacher" in report
 
 
 def test_export_matches_megatron_student(finished: Path) -> None:
@@ -198,7 +215,7 @@ def test_export_command_writes_the_runs_student(finished: Path, tmp_path: Path) 
 def test_rerun_skips_finished_steps(assets: Path, finished: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in (finished / "export" / "hf").iterdir()}
     proc = cli("run", str(assets / "recipe.yaml"), "--workdir", str(finished), "--no-progress")
-    assert "start" not in proc.stdout and proc.stdout.count("skip") == 3 + 2 * 6 + 2
+    assert "start" not in proc.stdout and proc.stdout.count("skip") == 3 + 2 * 6 + 3
     assert before == {p: p.stat().st_mtime_ns for p in (finished / "export" / "hf").iterdir()}
 
 

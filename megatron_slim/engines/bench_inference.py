@@ -17,6 +17,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from megatron_slim.errors import UserError
 
@@ -37,21 +38,31 @@ class BenchInferenceJob:
     repeats: int = 3
     json: bool = False
 
+    def settings_problems(self, name: Callable[[str], str] = lambda f: "--" + f.replace("_", "-")) -> list[str]:
+        """What is wrong with the measurement settings (not the models), each naming its setting through `name`
+        (the command's flags by default; a recipe names its keys)."""
+        problems = []
+        for key in ("batch", "prompt_len", "gen_len", "repeats"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name(key)} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            problems.append(f"{name('warmup')} must be an integer >= 0, got {self.warmup!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"{name('dtype')} must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"{name('device')} must be auto, cpu or cuda, got {self.device!r}")
+        return problems
+
     def validate(self) -> None:
         """Refuse what cannot be measured, before any model is loaded; messages name the command's flags."""
         import torch
 
         if not self.models:
             raise UserError("give at least one --model")
-        for name in ("batch", "prompt_len", "gen_len", "repeats"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.warmup < 0:
-            raise UserError("--warmup must be >= 0")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError("--device must be auto, cpu or cuda")
+        problems = self.settings_problems()
+        if problems:
+            raise UserError(problems[0])
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available")
         for model in self.models:
@@ -149,11 +160,28 @@ def bench_models(job: BenchInferenceJob) -> list[Measurement]:
     return results
 
 
+def settings_line(job: BenchInferenceJob) -> str:
+    return (f"batch {job.batch}, prompt {job.prompt_len} tokens, {job.gen_len} generated tokens, {job.dtype} on "
+            f"{job.resolved_device()}, median of {job.repeats}")
+
+
+def markdown_table(results: list[tuple[str, Measurement]]) -> str:
+    """The efficiency table of labelled measurements in markdown, ratios against the first (the run report's)."""
+    base = results[0][1]
+    lines = [f"| model | params | peak memory | prefill | decode | vs {results[0][0]}: params, memory, prefill "
+             "speed-up, decode speed-up |", "|---|---|---|---|---|---|"]
+    for label, r in results:
+        lines.append(f"| {label} | {r.params / 1e6:.1f}M | {r.peak_memory_bytes / 1e9:.3f} GB | "
+                     f"{r.prefill_s * 1e3:.1f} ms | {r.decode_tokens_per_s:.1f} tok/s | "
+                     f"{r.params / base.params:.3f}x, {r.peak_memory_bytes / base.peak_memory_bytes:.3f}x, "
+                     f"{base.prefill_s / r.prefill_s:.2f}x, {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x |")
+    return "\n".join(lines)
+
+
 def format_table(results: list[Measurement], job: BenchInferenceJob) -> str:
     """The paper's efficiency table: figures per model and ratios to the first model."""
     base = results[0]
-    lines = [f"batch {job.batch}, prompt {job.prompt_len} tokens, {job.gen_len} generated tokens, {job.dtype} on "
-             f"{job.resolved_device()}, median of {job.repeats}",
+    lines = [settings_line(job),
              f"{'model':<40} {'params':>12} {'peak memory':>12} {'prefill':>10} {'decode':>12}  vs first: "
              "params, memory, prefill speed-up, decode speed-up"]
     for r in results:

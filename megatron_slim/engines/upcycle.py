@@ -74,7 +74,8 @@ def calibration_sequences(tokenizer: PreTrainedTokenizerBase, texts: list[str],
 
 
 def capture_ffn_inputs(model: LlamaForCausalLM, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inputs to every layer's FFN (after the post-attention norm), [tokens, hidden] per layer."""
+    """Inputs to every layer's FFN (after the post-attention norm), [tokens, hidden] per layer. Runs the decoder
+    without its LM head: a fifth of SmolLM2's forward would go to logits nobody reads."""
     import torch
 
     layers = model.model.layers
@@ -85,7 +86,7 @@ def capture_ffn_inputs(model: LlamaForCausalLM, sequences: list[torch.Tensor]) -
     try:
         with torch.no_grad():
             for ids in sequences:
-                model(ids.unsqueeze(0))
+                model.model(ids.unsqueeze(0))
     finally:
         for hook in hooks:
             hook.remove()

@@ -27,6 +27,8 @@
     add_mtp_layers: 0                   # MTP depths the first stage's student gains beyond the teacher's, fresh
                                         # (initialised as megatron-core does), trained by the MTP loss terms
     export: true                        # false: skip the final HF export (e.g. ablations)
+    inference: {batch: 1, prompt_len: 512, gen_len: 64}   # optional: after the export, the deployment-efficiency
+                                        # table (bench-inference on the HF teacher and the exported student)
     variants:                           # optional: settings to compare, each the recipe deep-merged with its
       pruned: {}                        # overrides (any key above); steps whose inputs agree run once
       random_init: {init: random}
@@ -104,6 +106,19 @@ class EvaluationSection:
 
 
 @dataclass(frozen=True)
+class InferenceSection:
+    """`bench-inference` settings for the run's deployment-efficiency table (engines/bench_inference.py)."""
+
+    batch: int = 1
+    prompt_len: int = 512
+    gen_len: int = 64
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    warmup: int = 1
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     target: TargetSpec
@@ -126,6 +141,7 @@ class Recipe:
     init: str = "pruned"  # pruned | random (the first stage's student)
     add_mtp_layers: int = 0  # fresh MTP depths the first stage's student gains
     export: bool = True  # the final HF export
+    inference: InferenceSection | None = None  # the efficiency table after the export (None: not measured)
     variant: str | None = None  # the variant's name when the recipe declares variants
 
     @property
@@ -200,7 +216,8 @@ def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list
 
 
 _TOP_KEYS = {"name", "teacher", "data", "parallel", "nproc", "importance", "evaluation", "training", "target",
-             "preset", "train_tokens", "stage_token_split", "stages", "init", "add_mtp_layers", "export"}
+             "preset", "train_tokens", "stage_token_split", "stages", "init", "add_mtp_layers", "export",
+             "inference"}
 # names the run gives its own step groups and work-dir entries
 RESERVED = ("prepare", "final", "shared", "variants")
 _STAGE_KEYS = {"name", "target", "training", "align_neurons", "rescale_norms"}
@@ -300,12 +317,21 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         problems.append(f"add_mtp_layers must be an integer >= 0, got {add_mtp!r}")
     if not isinstance(export, bool):
         problems.append(f"export must be true or false, got {export!r}")
+    inference = None
+    if raw.get("inference") is not None:
+        from megatron_slim.engines.bench_inference import BenchInferenceJob
+
+        inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
+        problems += BenchInferenceJob(models=(), **dataclasses.asdict(inference)).settings_problems(
+            lambda key: f"inference.{key}")
+        if export is not True:
+            problems.append("inference measures the exported student: it needs export: true")
     if problems:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
     return Recipe(name=str(raw.get("name", "run")), teacher=path(raw["teacher"]), data=data, parallel=parallel,
                   nproc=nproc, importance=importance, evaluation=evaluation, stages=stages,
                   source=raw | {"_final_target": dataclasses.asdict(final) if final else None}, init=init,
-                  add_mtp_layers=add_mtp, export=export)
+                  add_mtp_layers=add_mtp, export=export, inference=inference)
 
 
 # ---- checks against the models (configs only) -------------------------------------------------------------------

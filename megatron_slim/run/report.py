@@ -163,6 +163,14 @@ def _accounting(recipe: Recipe, state: RunView) -> str:
     return "\n".join(lines)
 
 
+def _efficiency(state: RunView) -> str:
+    from megatron_slim.engines.bench_inference import Measurement, markdown_table
+
+    bench = json.loads(Path(state.outputs(f"{FINAL}/bench_inference")["bench"]).read_text())
+    rows = [(m.pop("label"), Measurement(**m)) for m in bench["models"]]
+    return bench["settings"] + "\n\n" + markdown_table(rows)
+
+
 def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +186,8 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     parts += ["## Distillation loss", ""]
     parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
+    if state.done(f"{FINAL}/bench_inference"):
+        parts += ["## Deployment efficiency (transformers, HF checkpoints)", "", _efficiency(state), ""]
     parts += ["## Importance and plans", ""]
     for s in recipe.stages:
         if not state.done(f"{s.name}/plan"):

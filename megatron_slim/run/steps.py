@@ -7,6 +7,7 @@ work dir's state). Layout of the work dir:
     <stage>/importance.safetensors, plan.json, plots/, pruned/ (or init/), eval_pruned.json, train.yaml, train/,
             eval.json
     export/hf/                the final student as an HF checkpoint
+    export/bench_inference.json   the deployment-efficiency figures (recipe `inference`)
     report/report.md + PNGs
 
 With variants, each variant has this layout under `variants/<name>/`, except for the steps that variants share:
@@ -310,6 +311,26 @@ def export(ctx: Context) -> dict[str, Any]:
     return {"hf": str(out)}
 
 
+def bench_inference(ctx: Context) -> dict[str, Any]:
+    """The deployment-efficiency table: the HF teacher (when the recipe names one) and the exported student, each
+    measured in a fresh process (engines/bench_inference.py); figures in export/bench_inference.json."""
+    from megatron_slim.checkpoint.files import checkpoint_kind
+    from megatron_slim.engines.bench_inference import BenchInferenceJob, bench_models, settings_line
+
+    models = {}
+    if checkpoint_kind(ctx.recipe.teacher) == "hf":
+        models["teacher"] = str(ctx.recipe.teacher)
+    models["student"] = ctx.out(f"{FINAL}/export")["hf"]
+    job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
+    results = bench_models(job)
+    out = ctx.workdir / "export" / "bench_inference.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"settings": settings_line(job), "models": [
+        {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
+    tmp.replace(out)
+    return {"bench": str(out)}
+
+
 def report(ctx: Context) -> dict[str, Any]:
     from megatron_slim.run.report import write_report
 
@@ -354,4 +375,7 @@ def all_steps(recipe: Recipe) -> list[Step]:
                   Step(f"{s.name}/eval", False, evaluate_student(s), (f"{s.name}/distill", data), evaluation)]
     if r.export:
         steps.append(Step(f"{FINAL}/export", True, export, (f"{r.stages[-1].name}/distill", teacher)))
+        if r.inference is not None:
+            steps.append(Step(f"{FINAL}/bench_inference", True, bench_inference, (f"{FINAL}/export",),
+                              {"inference": dataclasses.asdict(r.inference), "teacher": str(r.teacher)}))
     return steps + [Step(f"{FINAL}/report", True, report, params={"variant": r.variant, "recipe": r.digest})]

@@ -106,6 +106,10 @@ class Trainer:
                                 "teacher and student must share the tokenizer")
             self._check_same_tokenizer(Path(c.teacher.checkpoint), Path(c.model.checkpoint))
             tcfg = tcfg.replace(mtp_num_layers=self._teacher_mtp_depths(tcfg.mtp_num_layers))
+            if not self._teacher_used():
+                self._log_rank0(f"the teacher {c.teacher.checkpoint} is not loaded: no loss term uses it (loss.kd_weight 0"
+                       f"{' and loss.mtp_kd_weight 0' if self.model_cfg.mtp_num_layers else ', no student MTP heads'})")
+                tcfg = None
         opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
                             moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
                             fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe,
@@ -172,6 +176,11 @@ class Trainer:
                                         run_config_to_dict(c), c.logging.wandb_project, c.logging.wandb_mode)
             if self.evaluation is not None:  # the steps after the checkpoint run again, and so do their records
                 keep_records_up_to(self.evaluation.path, resume)
+
+    def _teacher_used(self) -> bool:
+        """Whether a loss term reads the teacher's outputs: the KD term, or MTP KD on a student with MTP heads."""
+        loss = self.cfg.loss
+        return loss.kd_weight > 0 or (loss.mtp_kd_weight > 0 and self.model_cfg.mtp_num_layers > 0)
 
     def _teacher_mtp_depths(self, available: int) -> int:
         """MTP depths to build in the teacher: none unless the student's MTP heads learn from the teacher's own

@@ -59,6 +59,21 @@ def test_indexed_dataset_ids_outside_the_vocabulary_name_the_document(tmp_path):
     assert calibration_windows(prefix, 2, 4, EOS, vocab_size=61).shape == (4, 2)
 
 
+def test_a_split_without_tokens_is_refused_instead_of_looping(tmp_path):
+    """megatron-core counts epochs of an empty split forever: 40 documents at split 99,1,0 leave validation none."""
+    from megatron_slim.train.data import TokenizerInfo, build_datasets, write_indexed_dataset
+
+    prefix = tmp_path / "corpus"
+    write_indexed_dataset(([1 + d % 7] * 20 for d in range(40)), prefix, vocab_size=50)
+    tok = TokenizerInfo(vocab_size=50, eod=0)
+    args = ([[1.0, str(prefix)]], 16, (8, 2, 0), 0, tok, str(tmp_path / "cache"), False)
+    with pytest.raises(UserError, match=r"data.split '99,1,0' gives the validation split 0 of the 40 documents of "
+                                        r".*corpus and no tokens, but the run needs 2 validation samples"):
+        build_datasets(args[0], "99,1,0", *args[1:])
+    train, valid, _ = build_datasets(args[0], "90,10,0", *args[1:])
+    assert len(train) >= 8 and len(valid) >= 2
+
+
 def test_run_state_paths_survive_another_directory_and_a_moved_workdir(tmp_path, monkeypatch):
     """state.json stores work-dir paths relative to the work dir: a run resumed from another directory (or a
     moved work dir) finds its outputs; paths outside it stay absolute; numbers and structure are unchanged."""

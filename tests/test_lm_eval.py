@@ -225,3 +225,31 @@ def test_cli_scores_tasks_on_an_hf_checkpoint(tiny, hf_reference, tmp_path):
     assert "loss" not in printed and printed["layout"]["world"] == 1
     for task in ("wiki_cloze", "wiki_cloze_gen"):  # one rank: generation's answers gathered over a world of 1
         assert printed["tasks"][task] == pytest.approx(hf_reference["tasks"][task], rel=1e-4)
+
+
+def test_a_training_checkpoint_is_scored_like_its_source(tiny, hf_reference):
+    """Every saved training step carries the student's tokenizer, so text tasks score it directly (a run evaluates
+    its distilled iter_* directories). At learning rate 0 the step's weights are the source's: the same scores as
+    lm-eval's HF backend on the source."""
+    import yaml
+
+    from support.toy_data import preprocess_args, write_toy_jsonl
+
+    root = tiny["root"] / "train_lr0"
+    root.mkdir()
+    write_toy_jsonl(root / "data.jsonl", seed=0, docs=40)
+    cfg = {"model": {"checkpoint": str(tiny["mcore"])}, "data": {"blend": [[1.0, str(root / "data")]],
+                                                                  "seq_length": 32, "split": "90,10,0"},
+           "batch": {"micro_batch_size": 2, "global_batch_size": 2}, "train": {"train_iters": 1},
+           "optimizer": {"lr": 0.0, "min_lr": 0.0, "weight_decay": 0.0}, "loss": {"kd_weight": 0.0},
+           "checkpoint": {"save_dir": str(root / "save")}}
+    (root / "train.yaml").write_text(yaml.safe_dump(cfg))
+    for argv in (preprocess_args(root, "data"), ["train", "--config", str(root / "train.yaml")],
+                 ["evaluate", "--model", str(root / "save" / "iter_0000001"), "--tasks", "wiki_cloze",
+                  "--limit", str(LIMIT), "--json"]):
+        proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", *argv], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (argv[0], proc.stderr[-3000:])
+    assert (root / "save" / "iter_0000001" / "tokenizer" / "tokenizer.json").is_file()
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])["tasks"]["wiki_cloze"]
+    assert scores == pytest.approx(hf_reference["tasks"]["wiki_cloze"], rel=1e-4)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_slim.checkpoint.files import TOKENIZER_DIR, copy_side_files
 from megatron_slim.checkpoint.load_rules import load_sharded, module_state
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import UserError
@@ -85,8 +86,9 @@ def _restore_adam_steps(optimizer, steps: list[float | None]) -> None:
 
 
 def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: ModelConfig, extra: dict,
-         keep_last: int) -> Path:
-    """Collective. `model` is the unwrapped (non-DDP) module."""
+         keep_last: int, tokenizer: Path | None = None) -> Path:
+    """Collective. `model` is the unwrapped (non-DDP) module. `tokenizer`: the student checkpoint's tokenizer
+    directory, copied in so that every saved step is a complete checkpoint (evaluate's text tasks, export)."""
     from megatron.core import dist_checkpointing
 
     save_dir = Path(save_dir)
@@ -105,6 +107,8 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
     dist.barrier()
     if rank0:
         (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+        if tokenizer is not None:
+            copy_side_files(tokenizer, tmp / TOKENIZER_DIR)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

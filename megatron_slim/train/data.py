@@ -58,7 +58,27 @@ def build_datasets(blend: list[list], split: str, seq_length: int, num_samples: 
         split=split, tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss, create_attention_mask=False, path_to_cache=cache_dir, mmap_bin_files=True,
     )
+    _check_splits(prefixes, config.split_matrix, num_samples, split)
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+def _check_splits(prefixes: list[str], split_matrix: list, num_samples: tuple[int, int, int], split: str) -> None:
+    """Refuse a split that must yield samples but holds no tokens of some prefix: megatron-core would loop forever
+    counting epochs of an empty split. Document bounds are computed as megatron-core's builder computes them."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix, mmap=True)
+        lengths = np.array(dataset.sequence_lengths, dtype=np.int64)  # a copy: the view dies with the mmap
+        del dataset
+        for name, wanted, bounds in zip(("train", "validation", "test"), num_samples, split_matrix, strict=True):
+            if not wanted or bounds is None:
+                continue
+            beg, end = (int(round(b * float(len(lengths)))) for b in bounds)
+            if int(lengths[beg:end].sum()) == 0:
+                raise UserError(f"data.split {split!r} gives the {name} split {end - beg} of the {len(lengths)} "
+                                f"documents of {prefix} and no tokens, but the run needs {wanted} {name} samples: "
+                                "add documents or give that split a larger share")
 
 
 def microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slim.distill.objective import forward_step
+from megatron_slim.checkpoint.files import TOKENIZER_DIR
 from megatron_slim.errors import UserError
 from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
@@ -253,9 +254,10 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> None:
         c = self.cfg
+        tokenizer = Path(c.model.checkpoint) / TOKENIZER_DIR
         checkpointing.save(c.checkpoint.save_dir, self.step, self.student, self.optimizer, self.scheduler,
                            self.model_cfg, {"consumed_tokens": self.step * c.tokens_per_step},
-                           c.checkpoint.keep_last)
+                           c.checkpoint.keep_last, tokenizer if tokenizer.is_dir() else None)
 
     def evaluate(self) -> float:
         """Collective: the held-out evaluation of the student as it is now (train/evaluation.py); seconds taken."""

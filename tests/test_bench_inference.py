@@ -45,6 +45,21 @@ def test_json_schema_and_memory_ordering(checkpoints):
     assert got[0]["peak_memory_bytes"] >= 4 * large[1]  # the float32 weights at least
 
 
+def test_a_large_parent_does_not_count_toward_a_models_peak(checkpoints):
+    """A run measures its models after training them: 1 GB resident in the parent must not reach the figures of
+    a model measured in a child (getrusage's ru_maxrss would carry it across fork and exec)."""
+    import torch
+
+    from megatron_slim.engines.bench_inference import bench_models
+
+    ballast = torch.ones(256 * 2**20)  # 1 GiB, touched
+    small = checkpoints["small"]
+    [got] = bench_models(BenchInferenceJob(models=(str(small[0]),), prompt_len=16, gen_len=2, dtype="float32",
+                                           device="cpu", warmup=0, repeats=1))
+    assert ballast.sum().item() == ballast.numel()
+    assert 4 * small[1] <= got.peak_memory_bytes < 2**28, got  # its float32 weights, far below the parent's GiB
+
+
 def test_refused_inputs(checkpoints, tmp_path):
     (tmp_path / "model_config.json").write_text("{}")
     small = str(checkpoints["small"][0])

@@ -85,14 +85,18 @@ def test_unknown_lm_eval_task_is_refused_before_compute(assets: Path) -> None:
 def test_benchmark_table_shows_retention_vs_the_teacher() -> None:
     from megatron_slim.run.report import benchmark_table
 
-    teacher = {"tasks": {"wiki_cloze": {"acc": 0.5}, "wiki_continuation": {"acc": 0.8, "acc_norm": 0.9}}}
-    student = {"tasks": {"wiki_cloze": {"acc": 0.25}, "wiki_continuation": {"acc": 0.4, "acc_norm": 0.9}}}
+    teacher = {"tasks": {"wiki_cloze": {"acc": 0.5, "perplexity": 4.0},
+                         "wiki_continuation": {"acc": 0.8, "acc_norm": 0.9}}}
+    student = {"tasks": {"wiki_cloze": {"acc": 0.25, "perplexity": 10.0},
+                         "wiki_continuation": {"acc": 0.4, "acc_norm": 0.9}}}
     table = benchmark_table([("teacher", teacher), ("student", student), ("not finished", None)], teacher)
     lines = table.splitlines()
-    assert lines[0] == "| model | wiki_cloze acc | wiki_continuation acc | wiki_continuation acc_norm |"
-    assert lines[2] == "| teacher | 0.5 | 0.8 | 0.9 |"
-    assert lines[3] == "| student | 0.25 (50%) | 0.4 (50%) | 0.9 (100%) |"
-    assert lines[4] == "| not finished |  |  |  |"
+    assert lines[0] == ("| model | wiki_cloze acc | wiki_cloze perplexity | wiki_continuation acc | "
+                        "wiki_continuation acc_norm |")
+    assert lines[2] == "| teacher | 0.5 | 4 | 0.8 | 0.9 |"
+    # a perplexity is lower-is-better: shown as a multiple of the teacher's, not as a retained share
+    assert lines[3] == "| student | 0.25 (50%) | 10 (2.5x) | 0.4 (50%) | 0.9 (100%) |"
+    assert lines[4] == "| not finished |  |  |  |  |"
     assert benchmark_table([("teacher", {"loss": 1.0})], None) == ""
 
 

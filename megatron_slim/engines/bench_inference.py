@@ -7,8 +7,8 @@ one's peak. In that process: a batch of random prompts (seeded, the same for eve
 goes through `--warmup` untimed rounds, then `--repeats` timed rounds of prefill (one forward over the prompts,
 filling the KV cache) and decode (`--gen-len` greedy steps of one token each through the cache); the medians are
 reported. Peak memory is what the model adds to the process: on CUDA `torch.cuda.max_memory_allocated`, on the
-CPU the process's peak resident set minus its resident set just before loading the weights (the model's code
-already imported).
+CPU the process's resident high-water mark (reset just before loading the weights, the model's code already
+imported) minus its resident set at that moment.
 """
 from __future__ import annotations
 
@@ -89,16 +89,20 @@ class Measurement:
     decode_tokens_per_s: float  # median generated tokens per second over the batch (batch * gen_len / decode time)
 
 
-def _resident_bytes() -> int:
-    import psutil
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise UserError(f"/proc/self/status has no {field}: CPU peak memory is measured on Linux only")
 
-    return psutil.Process().memory_info().rss
 
-
-def _peak_resident_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _reset_peak_resident() -> int:
+    """Reset this process's resident high-water mark to its current resident set (Linux clear_refs 5) and return
+    that. Not getrusage's ru_maxrss: it survives fork and exec, so a process started by a large parent (a run
+    that has trained models) would report the parent's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
 
 
 def measure(path: str, job: BenchInferenceJob) -> Measurement:
@@ -114,7 +118,7 @@ def measure(path: str, job: BenchInferenceJob) -> Measurement:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _resident_bytes()
+        base = _reset_peak_resident()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, job.dtype), local_files_only=True,
                                                  trust_remote_code=False).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
@@ -141,7 +145,7 @@ def measure(path: str, job: BenchInferenceJob) -> Measurement:
                 prefill_times.append(prefilled - start)
                 decode_times.append(done - prefilled)
             del out, cache
-    peak = torch.cuda.max_memory_allocated(device) - base if cuda else _peak_resident_bytes() - base
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else _status_bytes("VmHWM") - base
     return Measurement(path=str(path), params=params, peak_memory_bytes=int(peak),
                        prefill_s=statistics.median(prefill_times),
                        decode_tokens_per_s=job.batch * job.gen_len / statistics.median(decode_times))

@@ -64,9 +64,15 @@ def retention_table(recipe: Recipe, state: RunView) -> str:
     return "\n".join(lines)
 
 
+def _lower_is_better(metric: str) -> bool:
+    """lm-eval's perplexity-style metrics (perplexity, word_perplexity, byte_perplexity, bits_per_byte)."""
+    return "perplexity" in metric or metric == "bits_per_byte"
+
+
 def benchmark_table(rows: list[tuple[str, dict[str, Any] | None]], teacher: dict[str, Any] | None) -> str:
     """Markdown: lm-eval task scores per model (rows of (label, evaluation)), each with its retention vs the
-    teacher's score in parentheses; empty when no evaluation scored tasks."""
+    teacher's score in parentheses (for perplexities, the multiple of the teacher's); empty when no evaluation
+    scored tasks."""
     columns = sorted({(task, metric) for _, ev in rows for task, metrics in ((ev or {}).get("tasks") or {}).items()
                       for metric in metrics})
     if not columns:
@@ -79,7 +85,9 @@ def benchmark_table(rows: list[tuple[str, dict[str, Any] | None]], teacher: dict
         for task, metric in columns:
             value = tasks.get(task, {}).get(metric)
             base = ref.get(task, {}).get(metric)
-            retention = f" ({value / base:.0%})" if value is not None and base and label != "teacher" else ""
+            retention = ""
+            if value is not None and base and label != "teacher":  # lower-is-better metrics: a multiple, not a share
+                retention = f" ({value / base:.3g}x)" if _lower_is_better(metric) else f" ({value / base:.0%})"
             cells.append("" if value is None else f"{value:.4g}{retention}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -244,7 +244,8 @@ def test_reference_acceptance_is_informative(ref):
 def evaluate_sweep(rank: int, world: int, mcore: str, windows: torch.Tensor, prompts: torch.Tensor) -> dict:
     """Metrics at TP=2, then evaluate() at every layout in the same 2 processes (start-up dominates)."""
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
-    from megatron_slim.eval.evaluate import evaluate, greedy_continuation
+    from megatron_slim.eval.evaluate import evaluate
+    from megatron_slim.eval.generate import greedy_continuation
     from megatron_slim.models.builder import build_model
     from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
 

@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing here may touch the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -97,7 +99,9 @@ def layout_sweep(rank: int, world: int, mcore: str, args: dict[str, list[tuple]]
         model = build_model(cfg, parallel)
         load_model(model, mcore)
         lm = MegatronLM(model, tokenizer, context_length(cfg.hf_config, tokenizer), batch_size=3, micro_batch=2)
-        out[name] = run_requests(lm, args)
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            out[name] = run_requests(lm, args)
+        out[name]["stderr"] = said.getvalue()
         if world > 1 and name == "tp2":
             out["tasks"] = score_tasks(model, cfg, Path(mcore) / TOKENIZER_DIR, TaskSpec(tasks=TASKS, limit=LIMIT),
                                        batch_size=4, micro_batch=2)
@@ -131,6 +135,11 @@ def test_backend_matches_lm_eval_hf_backend(sweep, hf_reference, layout):
         assert got["loglikelihood_rolling"] == pytest.approx(hf_reference["loglikelihood_rolling"], abs=1e-3,
                                                              rel=1e-5), layout
         assert got["generate_until"] == hf_reference["generate_until"], layout
+    # the KV cache serves at TP1 (with DP or EP); elsewhere rank 0 says once why generation re-forwards prefixes
+    why = {"tp1": None, "ep2": None, "tp2": "sequence parallelism", "pp2": "pipeline parallelism"}[layout]
+    said = [[line for line in rank[layout]["stderr"].splitlines() if "without a KV cache" in line] for rank in sweep]
+    assert len(said[0]) == bool(why) and not said[1], said  # once, on rank 0 only
+    assert all(f"without a KV cache because of {why}" in line for line in said[0]), said
 
 
 def test_backend_alone_in_a_world_of_one_matches(single, hf_reference):
@@ -223,6 +232,7 @@ def test_cli_scores_tasks_on_an_hf_checkpoint(tiny, hf_reference, tmp_path):
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert "loss" not in printed and printed["layout"]["world"] == 1
+    assert "without a KV cache" not in proc.stderr  # one rank, TP1: the cache serves
     for task in ("wiki_cloze", "wiki_cloze_gen"):  # one rank: generation's answers gathered over a world of 1
         assert printed["tasks"][task] == pytest.approx(hf_reference["tasks"][task], rel=1e-4)
 

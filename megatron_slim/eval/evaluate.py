@@ -8,26 +8,20 @@ forwards (expert-parallel collectives span DP ranks) and results do not depend o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from megatron_slim.eval.generate import greedy_continuation
 from megatron_slim.eval.metrics import (acceptance_counts, acceptance_summary, draft_windows, lm_sums,
                                         vocab_parallel_argmax)
 from megatron_slim.eval.stats import mean_se
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.models.forward import forward_microbatches
+from megatron_slim.models.forward import forward_rows, tp_group
 from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.distributed import local_device
-
-
-def tp_group() -> dist.ProcessGroup | None:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
 def dp_share(rows: int, dp: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,33 +31,6 @@ def dp_share(rows: int, dp: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tens
     pad = math.ceil(rows / dp) - len(mine)
     return (torch.cat([mine, torch.zeros(pad, dtype=torch.long)]),
             torch.cat([torch.ones(len(mine)), torch.zeros(pad)]).double())
-
-
-def forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
-                  on_logits: Callable[[torch.Tensor, slice], None],
-                  on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None) -> None:
-    """forward_microbatches over every row of `tokens` [B, S], the remainder as one smaller micro-batch; callbacks
-    get logits of the S positions and row slices of `tokens`.
-
-    Under sequence parallelism the sequence must split evenly over TP ranks, so it is padded on the right with
-    token 0; every layer is causal (attention, Gated DeltaNet, MTP) and routing is per token, so the padding
-    changes nothing at positions < S."""
-    from megatron.core import parallel_state as ps
-
-    seq = tokens.shape[1]
-    multiple = ps.get_tensor_model_parallel_world_size() if unwrap_model(model).config.sequence_parallel else 1
-    padded = F.pad(tokens, (0, -seq % multiple))
-    bulk = len(tokens) - len(tokens) % micro_batch
-    for lo, hi, size in ((0, bulk, micro_batch), (bulk, len(tokens), len(tokens) - bulk)):
-        if hi == lo:
-            continue
-
-        def main(logits: torch.Tensor, rows: slice, lo: int = lo) -> None:
-            on_logits(logits[:, :seq], slice(rows.start + lo, rows.stop + lo))
-
-        def mtp(depth_logits: list[torch.Tensor], rows: slice, lo: int = lo) -> None:
-            on_mtp_logits([lg[:, :seq] for lg in depth_logits], slice(rows.start + lo, rows.stop + lo))
-        forward_microbatches(model, padded[lo:hi], size, main, None if on_mtp_logits is None else mtp)
 
 
 def _head_logits(inner: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -109,27 +76,6 @@ def recursive_mtp_depths(model: torch.nn.Module, depths: int) -> Iterator[list[l
     finally:
         for h in handles:
             h.remove()
-
-
-def greedy_continuation(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int,
-                        micro_batch: int) -> torch.Tensor:
-    """prompts [B, P] followed by `new_tokens` greedy tokens of the main head, [B, P + new_tokens], on every rank.
-    One full forward of the whole prefix per token (no KV cache)."""
-    from megatron.core import parallel_state as ps
-
-    tp = tp_group()
-    seqs = prompts
-    for _ in range(new_tokens):
-        nxt = torch.zeros(len(seqs), dtype=torch.long, device=seqs.device)
-
-        def on_logits(logits: torch.Tensor, rows: slice) -> None:
-            nxt[rows] = vocab_parallel_argmax(logits[:, -1], tp)
-        forward_rows(model, seqs, micro_batch, on_logits)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-    return seqs
 
 
 def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, micro_batch: int, mtp_k: int = 4,

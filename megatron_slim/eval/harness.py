@@ -10,12 +10,9 @@ pipeline stage's answers reach every rank through one all-reduce to which only t
 (last stage, TP rank 0) contributes. Scores are computed on vocab-parallel logits (eval/metrics.py), never
 gathering the vocabulary.
 
-Generation is a batched greedy loop without a KV cache: one forward of each batch's whole prefix per new token,
-through the same pipeline schedule as scoring, so it runs at every layout. It gives the same tokens as transformers'
-greedy `generate`; long generations on a large teacher pay O(length^2) compute. megatron-core's inference contexts
-(KV cache) are not used: in megatron-core 0.19 its Gated DeltaNet layers (Qwen3-Next) refuse any inference context
-("GDN does not support inference for now") and sequence parallelism, and its static context does not go through
-the pipeline schedules.
+Generation is batched greedy decoding (eval/generate.py): with megatron-core's static KV cache where it serves (one
+pipeline stage, no sequence parallelism, no Gated DeltaNet), else one forward of each row's whole prefix per new
+token through the pipeline schedules. Both give the same tokens as transformers' greedy `generate`.
 
 Tasks come from lm-eval's registry, the tasks shipped in megatron_slim/eval/tasks/ (built from the demo's held-out
 Wikipedia text) and `include_path` YAML directories. Data are read as the user's environment allows
@@ -27,7 +24,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,11 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from megatron_slim.data.calibration import encoded_text, load_tokenizer
 from megatron_slim.errors import UserError
-from megatron_slim.eval.evaluate import dp_share, forward_rows, tp_group
+from megatron_slim.eval.evaluate import dp_share
+from megatron_slim.eval.generate import greedy_steps, kv_cache_blocker
 from megatron_slim.eval.metrics import token_logprobs, vocab_parallel_argmax
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.forward import forward_rows, tp_group
 from megatron_slim.runtime.distributed import local_device
 
 SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
@@ -112,6 +113,7 @@ class MegatronLM(TemplateLM):
         self.batch_size = batch_size
         self.micro_batch = micro_batch
         self._device = local_device()
+        self._told_no_cache = False
 
     @property
     def eot_token_id(self) -> int:
@@ -173,6 +175,11 @@ class MegatronLM(TemplateLM):
         """Greedy continuations, cut at the first stop sequence (the task's `until` and EOS) or after
         `max_gen_toks` tokens; requests with the same generation settings are batched together."""
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        why = kv_cache_blocker(self.model)
+        if why is not None and not self._told_no_cache and dist.get_rank() == 0:
+            print(f"generating without a KV cache because of {why}: each new token re-forwards its whole prefix",
+                  file=sys.stderr)
+            self._told_no_cache = True
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
@@ -261,38 +268,25 @@ def score_sequences(model: torch.nn.Module, seqs: list[list[int]], conts: list[i
 
 
 def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: int,
-                    finished: Callable[[list[int]], bool], batch_size: int, micro_batch: int) -> list[list[int]]:
+                    finished: Callable[[list[int]], bool], batch_size: int, micro_batch: int, *,
+                    kv_cache: bool = True) -> list[list[int]]:
     """Each prompt's greedy continuation (main head), ended after the first token where `finished(continuation)`
     holds or after `max_new` tokens; the same lists on every rank. Collective over every rank; `finished` must be
-    deterministic. No KV cache: each step forwards the whole prefix of every row of the batch."""
-    from megatron.core import parallel_state as ps
-
-    if any(not p for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    device, tp = local_device(), tp_group()
+    deterministic. eval/generate.py decides how (megatron-core's KV cache where it serves)."""
+    device = local_device()
     result = torch.zeros(len(prompts), max_new, dtype=torch.long, device=device)  # token id + 1; 0: none
     for rows, weights in _my_batches(len(prompts), [len(p) for p in prompts], batch_size):
         conts: list[list[int]] = [[] for _ in rows]
         done = [w == 0 for w in weights.tolist()]  # padding rows never hold the loop open
-        for _ in range(max_new):
-            seqs = [prompts[i] + c for i, c in zip(rows.tolist(), conts)]
-            lengths = torch.tensor([len(s) for s in seqs], device=device)
-            nxt = torch.zeros(len(seqs), dtype=torch.long, device=device)
-
-            def on_logits(logits: torch.Tensor, sl: slice, lengths: torch.Tensor = lengths,
-                          nxt: torch.Tensor = nxt) -> None:
-                last = logits[torch.arange(sl.stop - sl.start, device=device), lengths[sl] - 1]
-                nxt[sl] = vocab_parallel_argmax(last, tp)
-            forward_rows(model, _padded(seqs, _world_max(max(len(s) for s in seqs))), micro_batch, on_logits)
-            if ps.get_pipeline_model_parallel_world_size() > 1:
-                dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
-                               group=ps.get_pipeline_model_parallel_group())
-            for r, token in enumerate(nxt.tolist()):
-                if not done[r]:
-                    conts[r].append(token)
-                    done[r] = finished(conts[r])
-            if _world_max(int(not all(done))) == 0:
-                break
+        with closing(greedy_steps(model, [prompts[i] for i in rows.tolist()], micro_batch, max_new,
+                                  kv_cache=kv_cache)) as steps:
+            for ids, fresh in steps:
+                for r, token in enumerate(ids):
+                    if fresh[r] and not done[r]:
+                        conts[r].append(token)
+                        done[r] = finished(conts[r]) or len(conts[r]) == max_new
+                if _world_max(int(not all(done))) == 0:
+                    break
         if _reporting():
             for r, i in enumerate(rows.tolist()):
                 if weights[r] > 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_slim.models.unwrap import unwrap_model
 
@@ -96,3 +98,36 @@ def full_logits_with_mtp(model: torch.nn.Module, tokens: torch.Tensor, micro_bat
     mtp.sort(key=lambda r: r[0])
     depths = [torch.cat([lgs[d] for _, lgs in mtp], dim=0) for d in range(len(mtp[0][1]))] if mtp else []
     return logits, depths
+
+
+def tp_group() -> dist.ProcessGroup | None:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
+                  on_logits: Callable[[torch.Tensor, slice], None],
+                  on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None) -> None:
+    """forward_microbatches over every row of `tokens` [B, S], the remainder as one smaller micro-batch; callbacks
+    get logits of the S positions and row slices of `tokens`.
+
+    Under sequence parallelism the sequence must split evenly over TP ranks, so it is padded on the right with
+    token 0; every layer is causal (attention, Gated DeltaNet, MTP) and routing is per token, so the padding
+    changes nothing at positions < S."""
+    from megatron.core import parallel_state as ps
+
+    seq = tokens.shape[1]
+    multiple = ps.get_tensor_model_parallel_world_size() if unwrap_model(model).config.sequence_parallel else 1
+    padded = F.pad(tokens, (0, -seq % multiple))
+    bulk = len(tokens) - len(tokens) % micro_batch
+    for lo, hi, size in ((0, bulk, micro_batch), (bulk, len(tokens), len(tokens) - bulk)):
+        if hi == lo:
+            continue
+
+        def main(logits: torch.Tensor, rows: slice, lo: int = lo) -> None:
+            on_logits(logits[:, :seq], slice(rows.start + lo, rows.stop + lo))
+
+        def mtp(depth_logits: list[torch.Tensor], rows: slice, lo: int = lo) -> None:
+            on_mtp_logits([lg[:, :seq] for lg in depth_logits], slice(rows.start + lo, rows.stop + lo))
+        forward_microbatches(model, padded[lo:hi], size, main, None if on_mtp_logits is None else mtp)

@@ -1,0 +1,156 @@
+"""Greedy generation by a megatron-core model at any layout, with megatron-core's static KV cache where it serves.
+
+Two ways to produce each row's next token, the same tokens either way:
+
+- cached: megatron-core's `StaticInferenceContext` keeps every attention layer's keys and values. The rows' common
+  prompt prefix is forwarded once, then one token per row per forward: rows with longer prompts feed their
+  remaining prompt tokens while shorter ones already generate (megatron-core's static engine does the same). The
+  cache lives for one batch. It serves when the pipeline has one stage (the cache does not go through the pipeline
+  schedules), without sequence parallelism (a one-token step cannot split over TP ranks; MoE models with TP > 1
+  need it) and without Gated DeltaNet layers (megatron-core 0.19 refuses inference contexts for them: Qwen3-Next).
+  That covers Qwen3-MoE and Mixtral-style models at any EP and DP with TP 1.
+- full prefix: each step forwards every row's whole prefix through the pipeline schedules, so it runs at every
+  layout and for every family, at O(length^2) compute.
+
+Every rank of the job runs the same number of forwards of the same shapes (expert-parallel collectives span data-
+parallel ranks), so widths and step counts are agreed over the world.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+
+import torch
+import torch.distributed as dist
+
+from megatron_slim.eval.metrics import vocab_parallel_argmax
+from megatron_slim.models.forward import forward_rows, tp_group
+from megatron_slim.models.unwrap import unwrap_model
+from megatron_slim.runtime.distributed import local_device
+
+
+def kv_cache_blocker(model: torch.nn.Module) -> str | None:
+    """Why megatron-core's static KV cache cannot serve `model` at the current layout; None when it can."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    inner = unwrap_model(model)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        return "pipeline parallelism (the static cache does not go through the pipeline schedules)"
+    if inner.config.sequence_parallel:
+        return "sequence parallelism (a one-token step cannot split over tensor-parallel ranks)"
+    if any(isinstance(m, GatedDeltaNet) for m in inner.modules()):
+        return "Gated DeltaNet layers (megatron-core 0.19 refuses inference contexts for them)"
+    return None
+
+
+def _world(value: int, op: dist.ReduceOp) -> int:
+    t = torch.tensor([value], dtype=torch.long, device=local_device())
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
+def greedy_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int, *,
+                 kv_cache: bool = True) -> Iterator[tuple[list[int], list[bool]]]:
+    """Per forward step, (next greedy token of every row, whether that token continues the row's generation);
+    False while a row is still feeding its own prompt (the cached path). Each row continues its prompt with its
+    own earlier tokens; the same lists on every rank. Collective: every rank must stop iterating after the same
+    step (agree over the world before breaking); a row never gets more than `max_new` fresh tokens. `kv_cache`
+    False forwards whole prefixes even where the cache serves (the baseline it is measured and tested against)."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if kv_cache and kv_cache_blocker(model) is None:
+        yield from _cached_steps(model, prompts, micro_batch, max_new)
+    else:
+        yield from _full_prefix_steps(model, prompts, micro_batch, max_new)
+
+
+def _full_prefix_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int
+                       ) -> Iterator[tuple[list[int], list[bool]]]:
+    from megatron.core import parallel_state as ps
+
+    device, tp = local_device(), tp_group()
+    seqs = [list(p) for p in prompts]
+    for _ in range(max_new):
+        tokens = torch.zeros(len(seqs), _world(max(map(len, seqs)), dist.ReduceOp.MAX), dtype=torch.long)
+        for r, ids in enumerate(seqs):  # right padding: causal layers, so nothing before it changes
+            tokens[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        nxt = torch.zeros(len(seqs), dtype=torch.long, device=device)
+
+        def on_logits(logits: torch.Tensor, rows: slice) -> None:
+            last = logits[torch.arange(rows.stop - rows.start, device=device), lengths[rows] - 1]
+            nxt[rows] = vocab_parallel_argmax(last, tp)
+        forward_rows(model, tokens.to(device), micro_batch, on_logits)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        ids = nxt.tolist()
+        for s, token in zip(seqs, ids):
+            s.append(token)
+        yield ids, [True] * len(seqs)
+
+
+@contextmanager
+def _main_head_only(inner: torch.nn.Module) -> Iterator[None]:
+    """Forwards skip the MTP block: generation reads the main head only, and MTP layers would also write the cache."""
+    saved = getattr(inner, "mtp_process", False)
+    inner.mtp_process = False
+    try:
+        yield
+    finally:
+        inner.mtp_process = saved
+
+
+def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int
+                  ) -> Iterator[tuple[list[int], list[bool]]]:
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    device, tp, inner = local_device(), tp_group(), unwrap_model(model)
+    batch = len(prompts)
+    start = _world(min(map(len, prompts)), dist.ReduceOp.MIN)  # the prefill width, equal on every rank
+    context = StaticInferenceContext(batch, _world(max(map(len, prompts)), dist.ReduceOp.MAX) + max_new)
+    fed = [p[:start] for p in prompts]  # what each row has fed so far; grows by one token per step
+
+    def forward(tokens: torch.Tensor) -> list[int]:
+        """Next token after `tokens` [batch, width] at the context's offset, in micro-batches of the cache's rows."""
+        nxt = torch.zeros(batch, dtype=torch.long, device=device)
+        for lo in range(0, batch, micro_batch):
+            rows = slice(lo, min(lo + micro_batch, batch))
+            context.batch_size_offset = lo
+            ids = tokens[rows]
+            positions = torch.arange(context.sequence_len_offset, context.sequence_len_offset + ids.shape[1],
+                                     device=device).expand_as(ids)
+            logits = inner(ids, positions, None, inference_context=context)
+            nxt[rows] = vocab_parallel_argmax(logits[:, -1], tp)
+        context.batch_size_offset = 0
+        context.sequence_len_offset += tokens.shape[1]
+        return nxt.tolist()
+
+    with torch.no_grad(), _main_head_only(inner):
+        ids = forward(torch.tensor(fed, dtype=torch.long, device=device))
+        generated = [0] * batch
+        while True:
+            fresh = [len(f) >= len(p) and n < max_new for f, p, n in zip(fed, prompts, generated)]
+            for r in range(batch):
+                generated[r] += fresh[r]
+            yield ids, fresh
+            step = [p[len(f)] if len(f) < len(p) else ids[r] for r, (f, p) in enumerate(zip(fed, prompts))]
+            for f, token in zip(fed, step):
+                f.append(token)
+            if context.sequence_len_offset >= context.max_sequence_length:
+                return  # every row has its max_new tokens; callers agree to stop by then
+            ids = forward(torch.tensor(step, dtype=torch.long, device=device)[:, None])
+
+
+def greedy_continuation(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, micro_batch: int, *,
+                        kv_cache: bool = True) -> torch.Tensor:
+    """prompts [B, P] followed by `new_tokens` greedy tokens of the main head, [B, P + new_tokens], on every rank."""
+    out: list[list[int]] = [[] for _ in range(len(prompts))]
+    with closing(greedy_steps(model, prompts.tolist(), micro_batch, new_tokens, kv_cache=kv_cache)) as steps:
+        for step, (ids, _) in enumerate(steps):  # equal prompt lengths: every step is fresh for every row
+            for row, token in zip(out, ids):
+                row.append(token)
+            if step + 1 == new_tokens:
+                break
+    return torch.cat([prompts, torch.tensor(out, dtype=torch.long, device=prompts.device)], dim=1)

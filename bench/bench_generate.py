@@ -1,10 +1,12 @@
 """Greedy generation (lm-eval `generate_until`, MTP acceptance) with megatron-core's static KV cache versus the
 full-prefix loop it replaces where it serves.
 
-Builds a random Qwen3-MoE-shaped Megatron model from a config (default 8 layers / hidden 256 / 16 experts, top-4),
+Builds a random Megatron model from a config (default Qwen3-MoE-shaped, 8 layers / hidden 256 / 16 experts, top-4;
+`--family qwen3_next`: three Gated DeltaNet layers per full-attention layer, and a shared expert),
 then generates --gen-len greedy tokens for --batch prompts of --prompt-len tokens with eval/generate.py twice:
     full prefix: every step forwards each row's whole prefix (O(length^2) compute; the baseline)
-    KV cache:    one prefill, then one token per row per forward (megatron-core's StaticInferenceContext)
+    KV cache:    one prefill, then one token per row per forward (megatron-core's static KV cache; Gated DeltaNet
+                 layers keep their conv and recurrent states: models/gdn.py)
 Reported: the median wall time of --repeats runs after one warm-up, generated tokens/s, and the speed-up
 (full prefix / KV cache); both must give the same tokens. The ideal speed-up, for layers whose cost grows with
 the positions they forward, is the ratio of positions forwarded:
@@ -17,7 +19,7 @@ speed-ups sit well below it, more so on CPU.
 Device: CUDA when available (the model in bf16 with --bf16), else CPU with gloo and megatron_slim's cpu_compat.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_generate.py
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_generate.py --prompt-len 512 --gen-len 128
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_generate.py --family qwen3_next --prompt-len 512 --gen-len 128
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch.distributed as dist
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=("qwen3_moe", "qwen3_next"), default="qwen3_moe")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--experts", type=int, default=16)
@@ -47,14 +50,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def config(a: argparse.Namespace) -> dict:
-    return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=a.vocab,
-                hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
-                num_attention_heads=8, num_key_value_heads=2, head_dim=a.hidden // 8, hidden_act="silu",
-                max_position_embeddings=max(4096, a.prompt_len + a.gen_len), rms_norm_eps=1e-6,
-                tie_word_embeddings=False, rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
-                attention_bias=False, use_sliding_window=False, decoder_sparse_step=1,
-                moe_intermediate_size=a.hidden // 2, num_experts_per_tok=a.topk, num_experts=a.experts,
-                norm_topk_prob=True, router_aux_loss_coef=0.0, mlp_only_layers=[], initializer_range=0.02)
+    cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=a.hidden // 8, hidden_act="silu",
+               max_position_embeddings=max(4096, a.prompt_len + a.gen_len), rms_norm_eps=1e-6,
+               tie_word_embeddings=False, attention_bias=False, decoder_sparse_step=1,
+               moe_intermediate_size=a.hidden // 2, num_experts_per_tok=a.topk, num_experts=a.experts,
+               norm_topk_prob=True, router_aux_loss_coef=0.0, mlp_only_layers=[], initializer_range=0.02)
+    if a.family == "qwen3_moe":
+        return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", use_sliding_window=False,
+                    rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, **cfg)
+    return dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
+                rope_parameters={"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"},
+                linear_conv_kernel_dim=4, linear_key_head_dim=a.hidden // 8, linear_value_head_dim=a.hidden // 8,
+                linear_num_key_heads=4, linear_num_value_heads=8, shared_expert_intermediate_size=a.hidden // 2,
+                layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(a.layers)],
+                **cfg)
 
 
 def main() -> None:
@@ -99,7 +109,7 @@ def main() -> None:
     tokens = a.batch * a.gen_len
     p, g = a.prompt_len, a.gen_len
     ideal = sum(p + i for i in range(g)) / (p + g - 1)
-    print(f"model: {a.layers} layers, hidden {a.hidden}, {a.experts} experts top-{a.topk}, vocab {a.vocab}; "
+    print(f"model: {a.family}, {a.layers} layers, hidden {a.hidden}, {a.experts} experts top-{a.topk}, vocab {a.vocab}; "
           f"batch {a.batch}, prompt {p}, {g} new tokens; {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"median of {a.repeats}")
     print(f"full prefix : {full_s:8.3f} s  {tokens / full_s:9.1f} tokens/s")

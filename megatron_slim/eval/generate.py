@@ -1,16 +1,16 @@
-"""Greedy generation by a megatron-core model at any layout, with megatron-core's static KV cache where it serves.
+"""Greedy generation by a megatron-core model at any layout, with a generation cache where it serves.
 
 Two ways to produce each row's next token, the same tokens either way:
 
-- cached: megatron-core's `StaticInferenceContext` keeps every attention layer's keys and values. The rows' common
-  prompt prefix is forwarded once, then one token per row per forward: rows with longer prompts feed their
-  remaining prompt tokens while shorter ones already generate (megatron-core's static engine does the same). The
-  cache lives for one batch. It serves when the pipeline has one stage (the cache does not go through the pipeline
-  schedules), without sequence parallelism (a one-token step cannot split over TP ranks; MoE models with TP > 1
-  need it) and without Gated DeltaNet layers (megatron-core 0.19 refuses inference contexts for them: Qwen3-Next).
-  That covers Qwen3-MoE and Mixtral-style models at any EP and DP with TP 1.
+- cached: a `GenerationContext` (models/gdn.py: megatron-core's static KV-cache context, plus the conv and
+  recurrent states of Gated DeltaNet layers) carries every layer's past. The rows' common prompt prefix is
+  forwarded once, then one token per row per forward: rows with longer prompts feed their remaining prompt tokens
+  while shorter ones already generate (megatron-core's static engine does the same). The cache lives for one
+  batch. It serves when the pipeline has one stage (the context does not go through the pipeline schedules) and
+  without sequence parallelism (a one-token step cannot split over TP ranks; MoE models with TP > 1 need it):
+  every family at TP 1 with any EP and DP.
 - full prefix: each step forwards every row's whole prefix through the pipeline schedules, so it runs at every
-  layout and for every family, at O(length^2) compute.
+  layout, at O(length^2) compute.
 
 Every rank of the job runs the same number of forwards of the same shapes (expert-parallel collectives span data-
 parallel ranks), so widths and step counts are agreed over the world.
@@ -30,17 +30,14 @@ from megatron_slim.runtime.distributed import local_device
 
 
 def kv_cache_blocker(model: torch.nn.Module) -> str | None:
-    """Why megatron-core's static KV cache cannot serve `model` at the current layout; None when it can."""
+    """Why the generation cache cannot serve `model` at the current layout; None when it can."""
     from megatron.core import parallel_state as ps
-    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
 
     inner = unwrap_model(model)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        return "pipeline parallelism (the static cache does not go through the pipeline schedules)"
+        return "pipeline parallelism (the cache does not go through the pipeline schedules)"
     if inner.config.sequence_parallel:
         return "sequence parallelism (a one-token step cannot split over tensor-parallel ranks)"
-    if any(isinstance(m, GatedDeltaNet) for m in inner.modules()):
-        return "Gated DeltaNet layers (megatron-core 0.19 refuses inference contexts for them)"
     return None
 
 
@@ -104,12 +101,12 @@ def _main_head_only(inner: torch.nn.Module) -> Iterator[None]:
 
 def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int
                   ) -> Iterator[tuple[list[int], list[bool]]]:
-    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron_slim.models.gdn import GenerationContext
 
     device, tp, inner = local_device(), tp_group(), unwrap_model(model)
     batch = len(prompts)
     start = _world(min(map(len, prompts)), dist.ReduceOp.MIN)  # the prefill width, equal on every rank
-    context = StaticInferenceContext(batch, _world(max(map(len, prompts)), dist.ReduceOp.MAX) + max_new)
+    context = GenerationContext(batch, _world(max(map(len, prompts)), dist.ReduceOp.MAX) + max_new)
     fed = [p[:start] for p in prompts]  # what each row has fed so far; grows by one token per step
 
     def forward(tokens: torch.Tensor) -> list[int]:

@@ -10,9 +10,9 @@ pipeline stage's answers reach every rank through one all-reduce to which only t
 (last stage, TP rank 0) contributes. Scores are computed on vocab-parallel logits (eval/metrics.py), never
 gathering the vocabulary.
 
-Generation is batched greedy decoding (eval/generate.py): with megatron-core's static KV cache where it serves (one
-pipeline stage, no sequence parallelism, no Gated DeltaNet), else one forward of each row's whole prefix per new
-token through the pipeline schedules. Both give the same tokens as transformers' greedy `generate`.
+Generation is batched greedy decoding (eval/generate.py): with a KV cache (and Gated DeltaNet states) where it
+serves (one pipeline stage, no sequence parallelism), else one forward of each row's whole prefix per new token
+through the pipeline schedules. Both give the same tokens as transformers' greedy `generate`.
 
 Tasks come from lm-eval's registry, the tasks shipped in megatron_slim/eval/tasks/ (built from the demo's held-out
 Wikipedia text) and `include_path` YAML directories. Data are read as the user's environment allows

@@ -124,9 +124,10 @@ def attention_layer_spec(backend: BackendSpecProvider, qk_layernorm: bool) -> Mo
 
 
 def gdn_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
-    """Gated DeltaNet linear attention (Qwen3-Next's `linear_attention` layers)."""
-    from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+    """Gated DeltaNet linear attention (Qwen3-Next's `linear_attention` layers), cached for generation."""
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
 
+    from megatron_slim.models.gdn import CachedGatedDeltaNet
     from megatron_slim.runtime import cpu_compat
 
     cpu_compat.patch_gdn()
@@ -136,7 +137,7 @@ def gdn_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=GatedDeltaNet,
+                module=CachedGatedDeltaNet,
                 submodules=GatedDeltaNetSubmodules(
                     in_proj=in_proj,
                     out_norm=backend.layer_norm(rms_norm=True),

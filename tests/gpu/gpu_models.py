@@ -50,6 +50,27 @@ def forward_backward(model: torch.nn.Module, tokens: torch.Tensor, labels: torch
     return logits.detach().float().cpu(), loss.detach().float().cpu(), grads
 
 
+def cached_step_logits(model: torch.nn.Module, prompts: torch.Tensor, steps: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation through the generation cache (models/gdn.py), keeping every step's logits: (logits of the
+    `steps` generated positions [B, steps, V] fp32, the sequences [B, P + steps - 1] whose full forward must give
+    them at positions P-1 ...)."""
+    from megatron_slim.models.gdn import GenerationContext
+
+    context = GenerationContext(prompts.shape[0], prompts.shape[1] + steps)
+    ids, seqs, out = prompts, prompts, []
+    with torch.no_grad():
+        for _ in range(steps):
+            start = context.sequence_len_offset
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand_as(ids)
+            logits = model(ids, positions, None, inference_context=context)[:, -1].float()
+            context.sequence_len_offset += ids.shape[1]
+            out.append(logits)
+            ids = logits.argmax(-1, keepdim=True)
+            seqs = torch.cat([seqs, ids], dim=1)
+    return torch.stack(out, dim=1), seqs[:, :-1]
+
+
 def cpu_reference(out_dir: Path) -> None:
     from megatron_slim.checkpoint.mcore import save_model
     from megatron_slim.models.builder import BuildOptions, build_model

@@ -1,6 +1,6 @@
 """Greedy generation (eval/generate.py): the generation cache (megatron-core's static KV cache, plus the conv and
 recurrent states of Qwen3-Next's Gated DeltaNet layers: models/gdn.py) against a literal greedy loop of
-transformers (no cache, one prompt at a time, PyTorch kernels) at DP2 and EP2 on converted Qwen3-MoE and
+transformers (no cache, one prompt at a time, PyTorch kernels) at DP2, EP2 and PP2 on converted Qwen3-MoE and
 Qwen3-Next checkpoints; the cached and full-prefix paths agree on prompts of different lengths with stop
 conditions, also for a student with an MTP depth (which generation must skip and restore); the layouts where the
 cache cannot serve say why."""
@@ -17,7 +17,7 @@ from support.hf_checkpoints import build_tiny_hf
 
 LENGTHS = (7, 1, 12, 4, 9)  # batches of 3 sorted longest first: the cache's prefill is the shortest of a batch
 MAX_NEW = 10
-LAYOUTS = {"dp2": {}, "ep2": {"ep": 2}}
+LAYOUTS = {"dp2": {}, "ep2": {"ep": 2}, "pp2": {"pp": 2}}
 
 
 def prompts() -> list[list[int]]:
@@ -76,10 +76,11 @@ def generation_sweep(rank: int, world: int, mcore: str) -> dict:
             "continuation_full": greedy_continuation(model, same, MAX_NEW, micro_batch=2, kv_cache=False)}
         student = build_model(with_mtp, parallel)  # random weights, one MTP depth
         student.eval()
+        before = unwrap_model(student).mtp_process  # True on the last pipeline stage only
         out[name]["mtp_cached"] = greedy_generate(student, prompts(), MAX_NEW, stops, batch_size=3, micro_batch=1)
         out[name]["mtp_full"] = greedy_generate(student, prompts(), MAX_NEW, stops, batch_size=3, micro_batch=1,
                                                 kv_cache=False)
-        out[name]["mtp_restored"] = unwrap_model(student).mtp_process
+        out[name]["mtp_process"] = [before, unwrap_model(student).mtp_process]
     return out
 
 
@@ -90,7 +91,7 @@ def blockers(rank: int, world: int) -> dict:
     from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
 
     out = {}
-    for name, layout in (("tp1", {}), ("pp2", {"pp": 2}), ("tp2", {"tp": 2})):
+    for name, layout in (("tp1", {}), ("tp2", {"tp": 2})):
         parallel = ParallelConfig(**layout)
         init_model_parallel(parallel, seed=1)
         out[name] = kv_cache_blocker(build_model(model_config_from_hf(tiny_models.qwen3_next()), parallel))
@@ -119,12 +120,13 @@ def test_cached_and_full_prefix_paths_agree(sweep, layout):
         assert got["cached_stops"] == got["full_stops"], layout
         assert torch.equal(got["continuation"], got["continuation_full"]), layout
         assert got["continuation"].shape == (3, 6 + MAX_NEW)
-        assert got["mtp_cached"] == got["mtp_full"] and got["mtp_restored"], layout
+        assert got["mtp_cached"] == got["mtp_full"], layout
+        assert got["mtp_process"][0] == got["mtp_process"][1], layout  # skipped while generating, then restored
         assert len({tuple(t) for t in got["mtp_full"]}) > 1  # the random student is not degenerate
+    assert any(rank[layout]["mtp_process"][0] for rank in sweep)
 
 
 def test_layouts_the_cache_cannot_serve_say_why():
     got = run_distributed(blockers, 2, timeout_s=300)[0]
     assert got["tp1"] is None  # Gated DeltaNet layers carry their states in the generation context
-    assert "pipeline" in got["pp2"]
     assert "sequence parallelism" in got["tp2"]

@@ -135,8 +135,8 @@ def test_backend_matches_lm_eval_hf_backend(sweep, hf_reference, layout):
         assert got["loglikelihood_rolling"] == pytest.approx(hf_reference["loglikelihood_rolling"], abs=1e-3,
                                                              rel=1e-5), layout
         assert got["generate_until"] == hf_reference["generate_until"], layout
-    # the KV cache serves at TP1 (with DP or EP); elsewhere rank 0 says once why generation re-forwards prefixes
-    why = {"tp1": None, "ep2": None, "tp2": "sequence parallelism", "pp2": "pipeline parallelism"}[layout]
+    # the cache serves at TP1 (with DP, EP or PP); under TP2 rank 0 says once why generation re-forwards prefixes
+    why = {"tp1": None, "ep2": None, "pp2": None, "tp2": "sequence parallelism"}[layout]
     said = [[line for line in rank[layout]["stderr"].splitlines() if "without a KV cache" in line] for rank in sweep]
     assert len(said[0]) == bool(why) and not said[1], said  # once, on rank 0 only
     assert all(f"without a KV cache because of {why}" in line for line in said[0]), said

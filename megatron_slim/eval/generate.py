@@ -5,10 +5,10 @@ Two ways to produce each row's next token, the same tokens either way:
 - cached: a `GenerationContext` (models/gdn.py: megatron-core's static KV-cache context, plus the conv and
   recurrent states of Gated DeltaNet layers) carries every layer's past. The rows' common prompt prefix is
   forwarded once, then one token per row per forward: rows with longer prompts feed their remaining prompt tokens
-  while shorter ones already generate (megatron-core's static engine does the same). The cache lives for one
-  batch. It serves when the pipeline has one stage (the context does not go through the pipeline schedules) and
+  while shorter ones already generate (megatron-core's static engine does the same). Forwards go through the
+  pipeline schedules like scoring; each stage caches its own layers. The cache lives for one batch. It serves
   without sequence parallelism (a one-token step cannot split over TP ranks; MoE models with TP > 1 need it):
-  every family at TP 1 with any EP and DP.
+  every family at TP 1 with any PP, EP and DP.
 - full prefix: each step forwards every row's whole prefix through the pipeline schedules, so it runs at every
   layout, at O(length^2) compute.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,12 +32,7 @@ from megatron_slim.runtime.distributed import local_device
 
 def kv_cache_blocker(model: torch.nn.Module) -> str | None:
     """Why the generation cache cannot serve `model` at the current layout; None when it can."""
-    from megatron.core import parallel_state as ps
-
-    inner = unwrap_model(model)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        return "pipeline parallelism (the cache does not go through the pipeline schedules)"
-    if inner.config.sequence_parallel:
+    if unwrap_model(model).config.sequence_parallel:
         return "sequence parallelism (a one-token step cannot split over tensor-parallel ranks)"
     return None
 
@@ -62,27 +58,32 @@ def greedy_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: 
         yield from _full_prefix_steps(model, prompts, micro_batch, max_new)
 
 
-def _full_prefix_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int
-                       ) -> Iterator[tuple[list[int], list[bool]]]:
+def _next_tokens(model: torch.nn.Module, tokens: torch.Tensor, lengths: list[int], micro_batch: int,
+                 context: Any = None) -> list[int]:
+    """Greedy token after position lengths[r] - 1 of each row of `tokens` [B, S], on every rank (the last
+    pipeline stage computes them, then broadcasts over its pipeline group)."""
     from megatron.core import parallel_state as ps
 
     device, tp = local_device(), tp_group()
+    last = torch.tensor(lengths, device=device) - 1
+    nxt = torch.zeros(len(tokens), dtype=torch.long, device=device)
+
+    def on_logits(logits: torch.Tensor, rows: slice) -> None:
+        nxt[rows] = vocab_parallel_argmax(logits[torch.arange(rows.stop - rows.start, device=device), last[rows]], tp)
+    forward_rows(model, tokens.to(device), micro_batch, on_logits, inference_context=context)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return nxt.tolist()
+
+
+def _full_prefix_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int
+                       ) -> Iterator[tuple[list[int], list[bool]]]:
     seqs = [list(p) for p in prompts]
     for _ in range(max_new):
         tokens = torch.zeros(len(seqs), _world(max(map(len, seqs)), dist.ReduceOp.MAX), dtype=torch.long)
         for r, ids in enumerate(seqs):  # right padding: causal layers, so nothing before it changes
             tokens[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        lengths = torch.tensor([len(s) for s in seqs], device=device)
-        nxt = torch.zeros(len(seqs), dtype=torch.long, device=device)
-
-        def on_logits(logits: torch.Tensor, rows: slice) -> None:
-            last = logits[torch.arange(rows.stop - rows.start, device=device), lengths[rows] - 1]
-            nxt[rows] = vocab_parallel_argmax(last, tp)
-        forward_rows(model, tokens.to(device), micro_batch, on_logits)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        ids = nxt.tolist()
+        ids = _next_tokens(model, tokens, [len(s) for s in seqs], micro_batch)
         for s, token in zip(seqs, ids):
             s.append(token)
         yield ids, [True] * len(seqs)
@@ -103,29 +104,20 @@ def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch:
                   ) -> Iterator[tuple[list[int], list[bool]]]:
     from megatron_slim.models.gdn import GenerationContext
 
-    device, tp, inner = local_device(), tp_group(), unwrap_model(model)
     batch = len(prompts)
     start = _world(min(map(len, prompts)), dist.ReduceOp.MIN)  # the prefill width, equal on every rank
     context = GenerationContext(batch, _world(max(map(len, prompts)), dist.ReduceOp.MAX) + max_new)
     fed = [p[:start] for p in prompts]  # what each row has fed so far; grows by one token per step
 
-    def forward(tokens: torch.Tensor) -> list[int]:
-        """Next token after `tokens` [batch, width] at the context's offset, in micro-batches of the cache's rows."""
-        nxt = torch.zeros(batch, dtype=torch.long, device=device)
-        for lo in range(0, batch, micro_batch):
-            rows = slice(lo, min(lo + micro_batch, batch))
-            context.batch_size_offset = lo
-            ids = tokens[rows]
-            positions = torch.arange(context.sequence_len_offset, context.sequence_len_offset + ids.shape[1],
-                                     device=device).expand_as(ids)
-            logits = inner(ids, positions, None, inference_context=context)
-            nxt[rows] = vocab_parallel_argmax(logits[:, -1], tp)
-        context.batch_size_offset = 0
-        context.sequence_len_offset += tokens.shape[1]
-        return nxt.tolist()
+    def forward(tokens: list[list[int]]) -> list[int]:
+        """Next token after `tokens` [batch, width], which continue the cached rows at the context's offset."""
+        ids = _next_tokens(model, torch.tensor(tokens, dtype=torch.long), [len(tokens[0])] * batch, micro_batch,
+                           context)
+        context.sequence_len_offset += len(tokens[0])
+        return ids
 
-    with torch.no_grad(), _main_head_only(inner):
-        ids = forward(torch.tensor(fed, dtype=torch.long, device=device))
+    with torch.no_grad(), _main_head_only(unwrap_model(model)):
+        ids = forward(fed)
         generated = [0] * batch
         while True:
             fresh = [len(f) >= len(p) and n < max_new for f, p, n in zip(fed, prompts, generated)]
@@ -137,7 +129,7 @@ def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch:
                 f.append(token)
             if context.sequence_len_offset >= context.max_sequence_length:
                 return  # every row has its max_new tokens; callers agree to stop by then
-            ids = forward(torch.tensor(step, dtype=torch.long, device=device)[:, None])
+            ids = forward([[token] for token in step])
 
 
 def greedy_continuation(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, micro_batch: int, *,

@@ -11,7 +11,7 @@ pipeline stage's answers reach every rank through one all-reduce to which only t
 gathering the vocabulary.
 
 Generation is batched greedy decoding (eval/generate.py): with a KV cache (and Gated DeltaNet states) where it
-serves (one pipeline stage, no sequence parallelism), else one forward of each row's whole prefix per new token
+serves (no sequence parallelism: TP1 at any PP/EP/DP), else one forward of each row's whole prefix per new token
 through the pipeline schedules. Both give the same tokens as transformers' greedy `generate`.
 
 Tasks come from lm-eval's registry, the tasks shipped in megatron_slim/eval/tasks/ (built from the demo's held-out

@@ -1,7 +1,7 @@
 """Forward passes through megatron-core's schedules, so the same code serves any TP/PP/EP layout."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -35,10 +35,15 @@ def mtp_logits_from_hidden(model: torch.nn.Module, mtp_hidden: torch.Tensor) -> 
 
 def forward_microbatches(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int,
                          on_logits: Callable[[torch.Tensor, slice], None],
-                         on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None) -> None:
+                         on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None, *,
+                         inference_context: Any = None, row_offset: int = 0) -> None:
     """Forward-only pass of `tokens` [B, S] in micro-batches; on the last pipeline stage `on_logits(logits, rows)`
     receives each micro-batch's vocab-parallel logits [b, S, V/tp] and the batch rows they belong to, and
-    `on_mtp_logits(per_depth_logits, rows)` the MTP heads' logits (position t of depth k predicts token t+k+1)."""
+    `on_mtp_logits(per_depth_logits, rows)` the MTP heads' logits (position t of depth k predicts token t+k+1).
+
+    With a static `inference_context` (generation) the tokens continue the cached sequences at its
+    `sequence_len_offset` and row `row_offset + r` of the batch uses cache row `row_offset + r`; every pipeline
+    stage caches its own layers. The caller advances `sequence_len_offset` after the pass."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     inner = unwrap_model(model)
@@ -56,7 +61,12 @@ def forward_microbatches(model: torch.nn.Module, tokens: torch.Tensor, micro_bat
     def step(data_iterator, model_chunk):
         rows = next(data_iterator)
         mb = tokens[rows]
-        out = model_chunk(mb, position_ids_for(mb), None)
+        if inference_context is None:
+            out = model_chunk(mb, position_ids_for(mb), None)
+        else:
+            inference_context.batch_size_offset = row_offset + rows.start
+            out = model_chunk(mb, position_ids_for(mb) + inference_context.sequence_len_offset, None,
+                              inference_context=inference_context)
 
         def collect(output: torch.Tensor):
             on_logits(output, rows)
@@ -108,9 +118,10 @@ def tp_group() -> dist.ProcessGroup | None:
 
 def forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
                   on_logits: Callable[[torch.Tensor, slice], None],
-                  on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None) -> None:
+                  on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None, *,
+                  inference_context: Any = None) -> None:
     """forward_microbatches over every row of `tokens` [B, S], the remainder as one smaller micro-batch; callbacks
-    get logits of the S positions and row slices of `tokens`.
+    get logits of the S positions and row slices of `tokens`; `inference_context` as there.
 
     Under sequence parallelism the sequence must split evenly over TP ranks, so it is padded on the right with
     token 0; every layer is causal (attention, Gated DeltaNet, MTP) and routing is per token, so the padding
@@ -130,4 +141,5 @@ def forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
 
         def mtp(depth_logits: list[torch.Tensor], rows: slice, lo: int = lo) -> None:
             on_mtp_logits([lg[:, :seq] for lg in depth_logits], slice(rows.start + lo, rows.stop + lo))
-        forward_microbatches(model, padded[lo:hi], size, main, None if on_mtp_logits is None else mtp)
+        forward_microbatches(model, padded[lo:hi], size, main, None if on_mtp_logits is None else mtp,
+                             inference_context=inference_context, row_offset=lo)

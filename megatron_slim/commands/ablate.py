@@ -7,6 +7,8 @@ plain MTP LM loss vs MTP KD; acceptance@1..k), schedule (one-shot vs depth first
 the embedded teacher (SmolLM2-135M upcycled into 8 experts with top-6 routing, built once) and Wikipedia data; with
 --base on a recipe of yours. Prints: finding, the paper's direction, the measured values ± standard error, and a
 verdict (agrees / disagrees / inconclusive: a difference counts only when it exceeds twice its standard error).
+With --seeds N every variant also trains with N-1 further seeds, and the standard errors include the spread
+over seeds (training noise), not only over evaluation windows.
 Writes <workdir>/report/{compare.md, findings.md, findings.json}. Rerunning resumes; adding findings later reuses
 what is done.
 """
@@ -26,9 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: all)")
     p.add_argument("--base", help="run the findings as variants of this recipe (no variants of its own) instead of "
                    "the embedded one")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per variant (data order, fresh initialisation); N > 1 runs N times the "
+                        "training and adds the seeds' spread to every standard error (default 1: window noise only)")
     p.add_argument("--json", action="store_true",
                    help='print {"findings": [{"name", "paper", "verdict", "variants": {NAME: {"loss", "loss_se", '
-                        '"ppl", "accuracy", "mtp_acceptance"}}}]} instead of the table')
+                        '"ppl", "accuracy", "seeds", "mtp_acceptance"}}}]} instead of the table')
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -38,4 +43,4 @@ def run(args: argparse.Namespace) -> int:
     only = tuple(name.strip() for name in args.only.split(",") if name.strip())
     return run_ablation(AblateJob(workdir=Path(args.workdir), suite=args.suite, only=only,
                                   base=Path(args.base) if args.base else None, json=args.json,
-                                  progress=not args.no_progress))
+                                  progress=not args.no_progress, seeds=args.seeds))

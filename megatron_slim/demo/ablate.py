@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class AblateJob:
     base: Path | None = None  # a recipe of the user's to run the findings on (default: the embedded one)
     json: bool = False
     progress: bool = True
+    seeds: int = 1  # training seeds per variant: the noise shown then includes the data order and initialisation
 
 
 def base_recipe() -> dict[str, Any]:
@@ -132,9 +134,24 @@ def _absolute(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return out | {"data": data}
 
 
-def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None) -> Path:
+def replicate(name: str, seed_index: int) -> str:
+    """The variant name of `name`'s training seed number `seed_index` (0: the recipe's own seed, `name` itself)."""
+    return name if seed_index == 0 else f"{name}_seed{seed_index + 1}"
+
+
+def _with_seed(overrides: dict[str, Any], seed: int) -> dict[str, Any]:
+    training = dict(overrides.get("training") or {})
+    training["train"] = dict(training.get("train") or {}) | {"seed": seed}
+    return dict(overrides) | {"training": training}
+
+
+def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None, seeds: int = 1) -> Path:
     """The study recipe (`<workdir>/suite.yaml`): the chosen findings' variants over `base`, or over the embedded
-    suite recipe, whose sparse teacher and data are built once into the cache. Returns its path."""
+    suite recipe, whose sparse teacher and data are built once into the cache; with `seeds` > 1 each variant also
+    runs with the next training seeds (`NAME_seed2`, ...: data order and initialisation of what is trained from
+    scratch; importance, plans and pruning are shared). Returns its path."""
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: give at least one seed")
     if base is None:
         from megatron_slim.data.assets import cache_dir
         from megatron_slim.demo.job import prepare_data, upcycled_teacher
@@ -150,7 +167,9 @@ def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None
         if not isinstance(recipe, dict) or "variants" in recipe:
             raise UserError(f"--base {base}: give a recipe without variants (the suite adds its own)")
     recipe = _absolute(recipe, base_dir)
-    recipe["variants"] = {name: VARIANTS[name] for f in chosen for name in f.variants}
+    first_seed = int(((recipe.get("training") or {}).get("train") or {}).get("seed", 1234))
+    recipe["variants"] = {replicate(name, k): VARIANTS[name] if k == 0 else _with_seed(VARIANTS[name], first_seed + k)
+                          for f in chosen for name in f.variants for k in range(seeds)}
     recipe["reference"] = chosen[0].variants[0]
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "suite.yaml"
@@ -166,19 +185,25 @@ class Verdict:
     variants: dict[str, dict[str, Any]]
 
 
-def _acceptance_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
-    """Acceptance@1 of a minus b's, and the standard error of that difference (two independent proportions over
-    their drafting positions)."""
-    pa, pb = float(a["mtp_acceptance"]["1"]), float(b["mtp_acceptance"]["1"])
-    na, nb = a["mtp_positions"], b["mtp_positions"]
-    return pa - pb, math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb)
+def _acceptance_gap(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float]:
+    """Acceptance@1 of a minus b's (means over their seeds), and the standard error of that difference: two
+    independent proportions over all their drafting positions, plus the spread of the seeds' gaps."""
+    def rate(runs: list[dict[str, Any]]) -> tuple[float, int]:
+        return (sum(float(r["mtp_acceptance"]["1"]) for r in runs) / len(runs),
+                sum(int(r["mtp_positions"]) for r in runs))
+
+    (pa, na), (pb, nb) = rate(a), rate(b)
+    gaps = [float(x["mtp_acceptance"]["1"]) - float(y["mtp_acceptance"]["1"]) for x, y in zip(a, b)]
+    seed_var = statistics.variance(gaps) / len(gaps) if len(gaps) > 1 else 0.0
+    return pa - pb, math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb + seed_var)
 
 
-def judge(finding: Finding, evals: dict[str, dict[str, Any]]) -> tuple[str, str]:
-    """(verdict, evidence) from the variants' final evaluations (eval.json: window_losses, MTP acceptance)."""
-    from megatron_slim.eval.stats import paired_difference
+def judge(finding: Finding, evals: dict[str, list[dict[str, Any]]]) -> tuple[str, str]:
+    """(verdict, evidence) from the variants' final evaluations (eval.json: window_losses, MTP acceptance), one per
+    training seed, every variant with the same seeds."""
+    from megatron_slim.eval.stats import replicated_difference
 
-    if any(name not in evals for name in finding.variants):
+    if any(not evals.get(name) for name in finding.variants):
         return "not finished", ""
     if finding.kind == "mtp":
         gap, se = _acceptance_gap(evals[finding.variants[0]], evals[finding.variants[1]])
@@ -188,7 +213,8 @@ def judge(finding: Finding, evals: dict[str, dict[str, Any]]) -> tuple[str, str]
         return ("agrees" if gap > 0 else "disagrees") if significant else "inconclusive", evidence
     pairs = ([(finding.variants[0], other) for other in finding.variants[1:]] if finding.kind == "better" else
              [(a, b) for i, a in enumerate(finding.variants) for b in finding.variants[i + 1:]])
-    diffs = {(a, b): paired_difference(evals[a]["window_losses"], evals[b]["window_losses"]) for a, b in pairs}
+    diffs = {(a, b): replicated_difference([r["window_losses"] for r in evals[a]],
+                                           [r["window_losses"] for r in evals[b]]) for a, b in pairs}
     evidence = "; ".join(f"{a} - {b}: {d.mean:+.4f} ± {d.se:.4f}{' *' if d.significant else ''}"
                          for (a, b), d in diffs.items())
     if finding.kind == "same":
@@ -198,17 +224,26 @@ def judge(finding: Finding, evals: dict[str, dict[str, Any]]) -> tuple[str, str]
     return ("agrees" if all(d.significant for d in diffs.values()) else "inconclusive"), evidence
 
 
-def _row(ev: dict[str, Any]) -> dict[str, Any]:
-    return {"loss": ev["loss"], "loss_se": ev["loss_se"], "ppl": ev["ppl"], "accuracy": ev["accuracy"],
-            "mtp_acceptance": ev.get("mtp_acceptance") or {}}
+def _row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A variant's figures: means over its seeds; the loss's SE over windows and seeds (eval/stats.py)."""
+    from megatron_slim.eval.stats import replicated_mean
+
+    loss, loss_se = replicated_mean([r["window_losses"] for r in runs])
+    rates = [r.get("mtp_acceptance") or {} for r in runs]
+    return {"loss": loss, "loss_se": loss_se, "ppl": math.exp(loss),
+            "accuracy": statistics.fmean(r["accuracy"] for r in runs), "seeds": len(runs),
+            "mtp_acceptance": {k: statistics.fmean(float(r[k]) for r in rates) for k in rates[0]
+                               if all(k in r for r in rates)}}
 
 
-def verdicts(recipe_path: Path, workdir: Path, chosen: list[Finding]) -> list[Verdict]:
+def verdicts(recipe_path: Path, workdir: Path, chosen: list[Finding], seeds: int = 1) -> list[Verdict]:
     from megatron_slim.run.compare import variant_results
     from megatron_slim.run.recipe import read_study
 
     _, results = variant_results(read_study(recipe_path), workdir)
-    evals = {name: r.eval for name, r in results.items() if r.finished}
+    finished = {name: r.eval for name, r in results.items() if r.finished}
+    evals = {name: [finished[replicate(name, k)] for k in range(seeds)]
+             for f in chosen for name in f.variants if all(replicate(name, k) in finished for k in range(seeds))}
     out = []
     for f in chosen:
         verdict, evidence = judge(f, evals)
@@ -216,8 +251,9 @@ def verdicts(recipe_path: Path, workdir: Path, chosen: list[Finding]) -> list[Ve
     return out
 
 
-def format_table(found: list[Verdict]) -> str:
-    lines = ["| finding | the paper | measured (held-out loss ± SE; MTP: acceptance@1) "
+def format_table(found: list[Verdict], seeds: int = 1) -> str:
+    noise = "SE over windows" + (f" and {seeds} training seeds" if seeds > 1 else "")
+    lines = [f"| finding | the paper | measured (held-out loss ± SE; MTP: acceptance@1; {noise}) "
              "| differences (paired Δ ± SE; * beyond 2 SE) | verdict |",
              "|---|---|---|---|---|"]
     for v in found:
@@ -297,11 +333,11 @@ def run_ablation(job: AblateJob) -> int:
     if job.suite != "paper":
         raise UserError(f"--suite {job.suite!r}: the only suite is `paper`")
     chosen = findings(job.only)
-    recipe_path = prepare_suite(chosen, job.workdir, job.base)
+    recipe_path = prepare_suite(chosen, job.workdir, job.base, job.seeds)
     code = run_recipe(RunJob(recipe=recipe_path, workdir=job.workdir, progress=job.progress))
     if code:
         return code
-    found = verdicts(recipe_path, job.workdir, chosen)
+    found = verdicts(recipe_path, job.workdir, chosen, job.seeds)
     dense = None
     if job.base is None:
         from megatron_slim.data.assets import cache_dir
@@ -312,7 +348,7 @@ def run_ablation(job: AblateJob) -> int:
     check = teacher_check(recipe_path, job.workdir, chosen[0].variants[0], dense)
     result = as_json(found) | {"teacher_check": check}
     (job.workdir / "report" / "findings.json").write_text(json.dumps(result, indent=1))
-    text = format_teacher_check(check) + "\n\n" + format_table(found)
+    text = format_teacher_check(check) + "\n\n" + format_table(found, job.seeds)
     (job.workdir / "report" / "findings.md").write_text(text + "\n")
     print(json.dumps(result) if job.json else "\n" + text, flush=True)
     return 0

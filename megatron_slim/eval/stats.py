@@ -59,3 +59,33 @@ def paired_difference(a: Sequence[float] | torch.Tensor, b: Sequence[float] | to
         raise ValueError(f"paired_difference needs values of the same windows: got {x.size} and {y.size} values")
     mean, se = mean_se(x - y)
     return PairedDiff(mean=mean, se=se, n=int(x.size), significant=bool(x.size >= 2 and abs(mean) > 2 * se))
+
+
+def _seed_se(per_seed: np.ndarray) -> float:
+    """Standard error of the mean over training seeds; 0 for one seed (its spread is unmeasured, and the window
+    term alone then describes the comparison, as for a single run)."""
+    return float(per_seed.std(ddof=1) / math.sqrt(per_seed.size)) if per_seed.size > 1 else 0.0
+
+
+def replicated_mean(runs: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(mean, standard error) of a held-out loss measured by several training seeds of one model on the same
+    windows: runs[s][w] is seed s's loss on window w. The error combines the windows' (over the seed-averaged
+    per-window losses) and the seeds' (over the seeds' mean losses); one seed gives `mean_se` of its windows."""
+    x = np.stack([_as_float64(r, "replicated_mean") for r in runs])
+    mean, window_se = mean_se(x.mean(axis=0))
+    return mean, math.sqrt(window_se ** 2 + _seed_se(x.mean(axis=1)) ** 2)
+
+
+def replicated_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> PairedDiff:
+    """Paired comparison of two models each trained with the same training seeds (a[s], b[s]: seed s's per-window
+    losses on the same windows). mean: the mean over seeds and windows of a - b; its standard error combines the
+    window term (paired, over the seed-averaged differences) with the seed term (the spread of the seeds' mean
+    differences: how much the verdict would move with the data order and initialisation). One seed gives
+    `paired_difference`."""
+    x = np.stack([_as_float64(r, "replicated_difference a") for r in a])
+    y = np.stack([_as_float64(r, "replicated_difference b") for r in b])
+    if x.shape != y.shape:
+        raise ValueError(f"replicated_difference needs the same seeds and windows: got {x.shape} and {y.shape}")
+    window = paired_difference(x.mean(axis=0), y.mean(axis=0))
+    se = math.sqrt(window.se ** 2 + _seed_se((x - y).mean(axis=1)) ** 2)
+    return PairedDiff(mean=window.mean, se=se, n=window.n, significant=bool(window.n >= 2 and abs(window.mean) > 2 * se))

@@ -24,8 +24,6 @@ Device: CUDA when available (the model in bf16 with --bf16), else CPU with gloo 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 
@@ -73,14 +71,9 @@ def main() -> None:
     from megatron_slim.eval.harness import greedy_generate
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import ParallelConfig, init_distributed, init_model_parallel
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, rank=0, world_size=1)
+    init_distributed()  # one local process (NCCL on a GPU, gloo on CPU)
     parallel = ParallelConfig()
     init_model_parallel(parallel, seed=1)
     model = build_model(model_config_from_hf(config(a)), parallel, BuildOptions(params_dtype=torch.bfloat16 if a.bf16 else torch.float32))

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_slim.eval.metrics import vocab_parallel_argmax
-from megatron_slim.models.forward import forward_rows, tp_group
+from megatron_slim.models.forward import forward_rows, right_padded, tp_group
 from megatron_slim.models.unwrap import unwrap_model
-from megatron_slim.runtime.distributed import local_device
+from megatron_slim.runtime.distributed import local_device, world_reduce
 
 
 def kv_cache_blocker(model: torch.nn.Module) -> str | None:
@@ -35,12 +35,6 @@ def kv_cache_blocker(model: torch.nn.Module) -> str | None:
     if unwrap_model(model).config.sequence_parallel:
         return "sequence parallelism (a one-token step cannot split over tensor-parallel ranks)"
     return None
-
-
-def _world(value: int, op: dist.ReduceOp) -> int:
-    t = torch.tensor([value], dtype=torch.long, device=local_device())
-    dist.all_reduce(t, op=op)
-    return int(t.item())
 
 
 def greedy_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int, *,
@@ -80,9 +74,7 @@ def _full_prefix_steps(model: torch.nn.Module, prompts: list[list[int]], micro_b
                        ) -> Iterator[tuple[list[int], list[bool]]]:
     seqs = [list(p) for p in prompts]
     for _ in range(max_new):
-        tokens = torch.zeros(len(seqs), _world(max(map(len, seqs)), dist.ReduceOp.MAX), dtype=torch.long)
-        for r, ids in enumerate(seqs):  # right padding: causal layers, so nothing before it changes
-            tokens[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        tokens = right_padded(seqs, world_reduce(max(map(len, seqs))))
         ids = _next_tokens(model, tokens, [len(s) for s in seqs], micro_batch)
         for s, token in zip(seqs, ids):
             s.append(token)
@@ -105,8 +97,8 @@ def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch:
     from megatron_slim.models.gdn import GenerationContext
 
     batch = len(prompts)
-    start = _world(min(map(len, prompts)), dist.ReduceOp.MIN)  # the prefill width, equal on every rank
-    context = GenerationContext(batch, _world(max(map(len, prompts)), dist.ReduceOp.MAX) + max_new)
+    start = world_reduce(min(map(len, prompts)), dist.ReduceOp.MIN)  # the prefill width, equal on every rank
+    context = GenerationContext(batch, world_reduce(max(map(len, prompts))) + max_new)
     fed = [p[:start] for p in prompts]  # what each row has fed so far; grows by one token per step
 
     def forward(tokens: list[list[int]]) -> list[int]:
@@ -118,12 +110,8 @@ def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch:
 
     with torch.no_grad(), _main_head_only(unwrap_model(model)):
         ids = forward(fed)
-        generated = [0] * batch
-        while True:
-            fresh = [len(f) >= len(p) and n < max_new for f, p, n in zip(fed, prompts, generated)]
-            for r in range(batch):
-                generated[r] += fresh[r]
-            yield ids, fresh
+        while True:  # a row's token is its (len(fed) - len(prompt) + 1)-th generated one once its prompt is fed
+            yield ids, [len(p) <= len(f) < len(p) + max_new for f, p in zip(fed, prompts)]
             step = [p[len(f)] if len(f) < len(p) else ids[r] for r, (f, p) in enumerate(zip(fed, prompts))]
             for f, token in zip(fed, step):
                 f.append(token)

@@ -44,8 +44,8 @@ from megatron_slim.eval.evaluate import dp_share
 from megatron_slim.eval.generate import greedy_steps, kv_cache_blocker
 from megatron_slim.eval.metrics import token_logprobs, vocab_parallel_argmax
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.models.forward import forward_rows, tp_group
-from megatron_slim.runtime.distributed import local_device
+from megatron_slim.models.forward import forward_rows, right_padded, tp_group
+from megatron_slim.runtime.distributed import local_device, world_reduce
 
 SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's HF backend default when neither config nor tokenizer gives a context length
@@ -215,20 +215,6 @@ def _reporting() -> bool:
     return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
 
-def _world_max(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.long, device=local_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _padded(rows: list[list[int]], width: int) -> torch.Tensor:
-    """Rows right-padded with token 0 to `width`, [len(rows), width]."""
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, ids in enumerate(rows):
-        out[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out.to(local_device())
-
-
 def _my_batches(count: int, lengths: list[int], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This DP rank's (row indices, weights) in batches of `batch_size`, rows sorted longest first (so a batch pads
     little), the same number of batches of the same sizes on every DP rank."""
@@ -249,7 +235,7 @@ def score_sequences(model: torch.nn.Module, seqs: list[list[int]], conts: list[i
     tp, reporting = tp_group(), _reporting()
     for rows, weights in _my_batches(len(seqs), [len(s) for s in seqs], batch_size):
         batch = [seqs[i] for i in rows.tolist()]
-        tokens = _padded(batch, _world_max(max(len(s) for s in batch)))
+        tokens = right_padded(batch, world_reduce(max(len(s) for s in batch))).to(local_device())
 
         def on_logits(logits: torch.Tensor, sl: slice, batch: list[list[int]] = batch, rows: torch.Tensor = rows,
                       weights: torch.Tensor = weights, tokens: torch.Tensor = tokens) -> None:
@@ -285,7 +271,7 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: i
                     if fresh[r] and not done[r]:
                         conts[r].append(token)
                         done[r] = finished(conts[r]) or len(conts[r]) == max_new
-                if _world_max(int(not all(done))) == 0:
+                if world_reduce(int(not all(done))) == 0:
                     break
         if _reporting():
             for r, i in enumerate(rows.tolist()):

@@ -116,6 +116,15 @@ def tp_group() -> dist.ProcessGroup | None:
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
+def right_padded(rows: list[list[int]], width: int) -> torch.Tensor:
+    """Token rows right-padded with token 0 to `width`, [len(rows), width] (every layer is causal, so padding on
+    the right changes nothing before it)."""
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        out[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
 def forward_rows(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int,
                   on_logits: Callable[[torch.Tensor, slice], None],
                   on_mtp_logits: Callable[[list[torch.Tensor], slice], None] | None = None, *,

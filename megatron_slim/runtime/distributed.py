@@ -101,6 +101,13 @@ def local_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def world_reduce(value: int, op: dist.ReduceOp = dist.ReduceOp.MAX) -> int:
+    """`value` reduced over every rank of the job (collective): how ranks agree on widths and step counts."""
+    t = torch.tensor([value], dtype=torch.long, device=local_device())
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU); idempotent."""
     denv = detect_env()

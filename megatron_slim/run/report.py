@@ -195,7 +195,8 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
     if state.done(f"{FINAL}/bench_inference"):
-        parts += ["## Deployment efficiency (transformers, HF checkpoints)", "", _efficiency(state), ""]
+        parts += ["## Deployment efficiency (HF checkpoints; transformers, and vLLM where the recipe asks)", "",
+                  _efficiency(state), ""]
     parts += ["## Importance and plans", ""]
     for s in recipe.stages:
         if not state.done(f"{s.name}/plan"):

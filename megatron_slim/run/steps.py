@@ -321,12 +321,14 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     if checkpoint_kind(ctx.recipe.teacher) == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
     models["student"] = ctx.out(f"{FINAL}/export")["hf"]
-    job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
+    settings = dataclasses.asdict(ctx.recipe.inference)
+    job = BenchInferenceJob(models=tuple(models.values()), **settings | {"engines": tuple(settings["engines"])})
     results = bench_models(job)
+    labels = [label for _ in job.engines for label in models]  # bench_models measures engine by engine
     out = ctx.workdir / "export" / "bench_inference.json"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"settings": settings_line(job), "models": [
-        {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
+        {"label": label} | dataclasses.asdict(r) for label, r in zip(labels, results, strict=True)]}, indent=1))
     tmp.replace(out)
     return {"bench": str(out)}
 

@@ -88,6 +88,11 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
     ({"inference": {}, "export": False}, "inference measures the exported student: it needs export: true"),
+    ({"inference": {"engines": ["transformers", "tgi"]}}, "inference.engines must be distinct entries of"),
+    ({"inference": {"engines": ["vllm"], "vllm_python": "/nonexistent/python3.11"}},
+     "inference.vllm_python /nonexistent/python3.11: no such interpreter"),
+    ({"inference": {"engines": ["transformers", "vllm"], "vllm_python": sys.executable, "device": "cpu"}},
+     "inference.engines: vLLM refuses"),  # the tiny Qwen3-Next teacher: head dims vLLM's CPU kernels reject
     ({"preset": None, "train_tokens": None, "stages": [
         {"name": "a", "target": {"num_layers": 4}, "training": {"train": {"train_iters": 1}}}]},
      "the stages do not end at `target`"),

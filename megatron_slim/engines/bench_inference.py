@@ -316,8 +316,9 @@ def markdown_table(results: list[tuple[str, Measurement]]) -> str:
     """The efficiency table of labelled measurements in markdown; ratios against the first row of the same engine
     (the run report's), the vLLM rows' greedy agreement with transformers in the last column."""
     bases = _baselines(results)
-    lines = ["| model | engine | params | peak memory | prefill | decode | vs the engine's first row: params, memory, "
-             "prefill speed-up, decode speed-up | greedy check |", "|---|---|---|---|---|---|---|---|"]
+    firsts = list(dict.fromkeys(label for label, r in results if r is bases[r.engine]))
+    lines = [f"| model | engine | params | peak memory | prefill | decode | vs {' / '.join(firsts)} (same engine): "
+             "params, memory, prefill speed-up, decode speed-up | greedy check |", "|---|---|---|---|---|---|---|---|"]
     for label, r in results:
         p, m, f, d = _ratios(r, bases[r.engine])
         lines.append(f"| {label} | {r.engine} | {r.params / 1e6:.1f}M | {r.peak_memory_bytes / 1e9:.3f} GB | "

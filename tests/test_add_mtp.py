@@ -1,5 +1,5 @@
-"""engines/mtp.py: a Megatron checkpoint gains fresh MTP depths; every existing weight is kept bit for bit, the new
-depth is initialised (not left empty), and the main head computes exactly what it did before."""
+"""compress/mtp_depths.py: a Megatron checkpoint gains fresh MTP depths; every existing weight is kept bit for bit,
+the new depth is initialised (not left empty), and the main head computes exactly what it did before."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +30,7 @@ def _state(rank: int, world: int, ckpt: str) -> dict[str, torch.Tensor]:
 
 
 def _grow(rank: int, world: int, src: str, out: str) -> int:
-    from megatron_slim.engines.mtp import add_mtp_depths
+    from megatron_slim.compress.mtp_depths import add_mtp_depths
 
     add_mtp_depths(src, out, 1, seed=3)
     return 0

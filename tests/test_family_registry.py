@@ -14,9 +14,9 @@ from megatron_slim.checkpoint.convert import hf_to_mcore, mcore_to_hf
 from megatron_slim.checkpoint.files import checkpoint_kind
 from megatron_slim.checkpoint.mcore import load_model_config
 from megatron_slim.checkpoint.source import plan_hf_to_mcore
-from megatron_slim.compress.apply import prune_checkpoint
 from megatron_slim.compress.plan import CompressionPlan
 from megatron_slim.compress.plan_check import implied_target
+from megatron_slim.compress.prune_checkpoint import prune_checkpoint
 from megatron_slim.models import qwen3_moe, registry
 from megatron_slim.models.config import UnsupportedModelError, load_hf_config
 from megatron_slim.models.family import Family

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 
+import megatron.core.utils as mcore_utils
 import pytest
 import torch
 from packaging.version import Version
 
-import megatron.core.utils as mcore_utils
 from megatron_slim.errors import UserError
 from megatron_slim.models import specs
 from megatron_slim.models.builder import BuildOptions, build_model, transformer_config

@@ -6,8 +6,6 @@ conditions, also for a student with an MTP depth (which generation must skip and
 cache cannot serve say why."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 
 from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
 from megatron_slim.run.state import RunState
-from support.run_assets import build, recipe as chain_recipe, write_recipe as _write
+from support.run_assets import build
+from support.run_assets import recipe as chain_recipe
+from support.run_assets import write_recipe as _write
 from support.train_assets import cli
 
 

@@ -91,10 +91,10 @@ def _reference_step1(trainer) -> dict[str, float]:
 
 
 def _run(rank: int, world_size: int, config_path: str) -> dict:
+    from megatron.core import parallel_state
+
     from megatron_slim.train.config import load_run_config
     from megatron_slim.train.trainer import Trainer
-
-    from megatron.core import parallel_state
 
     trainer = Trainer(load_run_config(config_path))
     trainer.setup()

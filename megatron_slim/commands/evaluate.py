@@ -27,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
-from megatron_slim.engines.evaluate import EvaluateJob, run_evaluate
+from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
 
 HELP = "evaluate LM loss, perplexity, accuracy and MTP acceptance on held-out data, and lm-eval tasks"
 

@@ -107,7 +107,7 @@ class EvaluationSection:
 
 @dataclass(frozen=True)
 class InferenceSection:
-    """`bench-inference` settings for the run's deployment-efficiency table (engines/bench_inference.py)."""
+    """`bench-inference` settings for the run's deployment-efficiency table (engines/bench_inference_job.py)."""
 
     batch: int = 1
     prompt_len: int = 512
@@ -319,7 +319,7 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         problems.append(f"export must be true or false, got {export!r}")
     inference = None
     if raw.get("inference") is not None:
-        from megatron_slim.engines.bench_inference import BenchInferenceJob
+        from megatron_slim.engines.bench_inference_job import BenchInferenceJob
 
         inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
         problems += BenchInferenceJob(models=(), **dataclasses.asdict(inference)).settings_problems(

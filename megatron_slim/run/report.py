@@ -172,7 +172,7 @@ def _accounting(recipe: Recipe, state: RunView) -> str:
 
 
 def _efficiency(state: RunView) -> str:
-    from megatron_slim.engines.bench_inference import Measurement, markdown_table
+    from megatron_slim.engines.bench_inference_job import Measurement, markdown_table
 
     bench = json.loads(Path(state.outputs(f"{FINAL}/bench_inference")["bench"]).read_text())
     rows = [(m.pop("label"), Measurement(**m)) for m in bench["models"]]

@@ -128,7 +128,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
-    from megatron_slim.engines.evaluate import EvaluateJob, evaluate_worker
+    from megatron_slim.engines.evaluate_job import EvaluateJob, evaluate_worker
 
     e = ctx.recipe.evaluation
     out.parent.mkdir(parents=True, exist_ok=True)  # a shared step writes into its own, new directory
@@ -149,7 +149,7 @@ def evaluate_teacher(ctx: Context) -> dict[str, Any]:
 # ---- per stage ----------------------------------------------------------------------------------------------------
 def importance(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        from megatron_slim.engines.importance import ImportanceJob, importance_worker
+        from megatron_slim.engines.importance_job import ImportanceJob, importance_worker
 
         imp = ctx.recipe.importance
         out = ctx.workdir / stage.name / "importance.safetensors"
@@ -188,8 +188,8 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
 
 def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        from megatron_slim.compress.apply import Options, prune_checkpoint
         from megatron_slim.compress.plan import CompressionPlan
+        from megatron_slim.compress.prune_checkpoint import Options, prune_checkpoint
 
         out = ctx.workdir / stage.name / "pruned"
         grow = added_mtp_depths(ctx.recipe, stage)
@@ -202,7 +202,7 @@ def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         if grow:
             import shutil
 
-            from megatron_slim.engines.mtp import add_mtp_depths
+            from megatron_slim.compress.mtp_depths import add_mtp_depths
 
             add_mtp_depths(cut, out, grow, seed=init_seed(stage))
             shutil.rmtree(cut)
@@ -216,34 +216,16 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     places), initialised as megatron-core initialises a new model at the run's layout and seed: the baseline
     pruning is measured against."""
     def fn(ctx: Context) -> dict[str, Any]:
-        import shutil
-
-        import torch
-        import torch.distributed as dist
-
-        from megatron_slim.checkpoint.files import TOKENIZER_DIR, copy_side_files
-        from megatron_slim.checkpoint.mcore import save_model
+        from megatron_slim.compress.mtp_depths import save_initialised
         from megatron_slim.compress.plan import CompressionPlan
-        from megatron_slim.models.builder import BuildOptions, build_model
-        from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+        from megatron_slim.runtime.distributed import ParallelConfig
 
-        p, seed = ctx.recipe.parallel, init_seed(stage)
+        p = ctx.recipe.parallel
         cfg = CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]).target
         cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
-        parallel = ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp)
-        torch.manual_seed(seed)
-        init_model_parallel(parallel, seed=seed)
-        model = build_model(cfg, parallel, BuildOptions(perform_initialization=True))
         out = ctx.workdir / stage.name / "init"
-        tmp = out.with_name("init.partial")
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, cfg)
-        if dist.get_rank() == 0:
-            copy_side_files(Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]), tmp / TOKENIZER_DIR)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        dist.barrier()
+        save_initialised(cfg, ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp), init_seed(stage), out,
+                         Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]))
         return {"checkpoint": str(out)}
     return fn
 
@@ -313,9 +295,9 @@ def export(ctx: Context) -> dict[str, Any]:
 
 def bench_inference(ctx: Context) -> dict[str, Any]:
     """The deployment-efficiency table: the HF teacher (when the recipe names one) and the exported student, each
-    measured in a fresh process (engines/bench_inference.py); figures in export/bench_inference.json."""
+    measured in a fresh process (engines/bench_inference_job.py); figures in export/bench_inference.json."""
     from megatron_slim.checkpoint.files import checkpoint_kind
-    from megatron_slim.engines.bench_inference import BenchInferenceJob, bench_models, settings_line
+    from megatron_slim.engines.bench_inference_job import BenchInferenceJob, bench_models, settings_line
 
     models = {}
     if checkpoint_kind(ctx.recipe.teacher) == "hf":

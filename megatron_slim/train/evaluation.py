@@ -2,7 +2,7 @@
 
 The student is evaluated on the same held-out windows (built once) at step 0 of a fresh run, after every step in
 which the consumed tokens cross a multiple of `evaluation.every_tokens`, and after the last step, through
-eval/evaluate.py at the trainer's layout (forward only, no MTP acceptance). A record is appended before the
+eval/heldout.py at the trainer's layout (forward only, no MTP acceptance). A record is appended before the
 checkpoint of its step is saved, so every checkpoint's records are on disk; on resume the records after the
 checkpoint's step are dropped first (those steps run again), and a killed and resumed run ends with exactly the
 records of an uninterrupted one. Evaluating draws no random numbers and reads no training data, so training is the
@@ -91,7 +91,7 @@ class HeldOutEvaluation:
     def run(self, student: torch.nn.Module, step: int, consumed_tokens: int, write: bool) -> dict[str, Any]:
         """Collective: evaluate the bare (unwrapped) student, restore its training mode, append the record when
         `write` (one rank), print one line on rank 0; returns the record."""
-        from megatron_slim.eval.evaluate import evaluate
+        from megatron_slim.eval.heldout import evaluate
 
         training = student.training
         result = evaluate(student, self.cfg, self.windows, self.section.micro_batch, mtp_k=0)  # sets eval mode

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from support import tiny_models
-from gpu_models import batch, cached_step_logits, forward_backward, qwen3_next_hf
-from support.hf_checkpoints import build_tiny_hf
+from gpu_models import cached_step_logits, forward_backward, qwen3_next_hf
 from test_kd_losses import ref_kd
+
+from support.hf_checkpoints import build_tiny_hf
 from support.train_assets import cli, convert, metrics, write_config, write_toy_data
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -43,7 +42,8 @@ def test_qwen3_next_forward_backward_on_cuda_matches_cpu(tmp_path, figures, cuda
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.runtime.distributed import ParallelConfig
 
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_models.py")), str(tmp_path)], env=env,

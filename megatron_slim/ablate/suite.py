@@ -154,7 +154,7 @@ def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None
         raise UserError(f"--seeds {seeds}: give at least one seed")
     if base is None:
         from megatron_slim.data.assets import cache_dir
-        from megatron_slim.demo.job import prepare_data, upcycled_teacher
+        from megatron_slim.demo.demo_job import prepare_data, upcycled_teacher
 
         root = cache_dir() / "findings"
         upcycled_teacher(root / "teacher", SUITE_EXPERTS, SUITE_TOPK)
@@ -300,7 +300,7 @@ def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path 
         out["criteria"] = [vars(a) for a in criteria_agreement(imp, keep)]
         out["criteria_keep"] = keep
     if dense is not None:
-        from megatron_slim.engines.evaluate import EvaluateJob, run_evaluate
+        from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
 
         e, path = recipe.evaluation, workdir / "report" / "dense_eval.json"
         if not path.is_file():
@@ -328,7 +328,7 @@ def format_teacher_check(check: dict[str, Any]) -> str:
 
 def run_ablation(job: AblateJob) -> int:
     """Run the chosen findings' variants (shared steps once) and print the verdicts; the exit status."""
-    from megatron_slim.run.job import RunJob, run_recipe
+    from megatron_slim.run.recipe_job import RunJob, run_recipe
 
     if job.suite != "paper":
         raise UserError(f"--suite {job.suite!r}: the only suite is `paper`")
@@ -341,7 +341,7 @@ def run_ablation(job: AblateJob) -> int:
     dense = None
     if job.base is None:
         from megatron_slim.data.assets import cache_dir
-        from megatron_slim.demo.job import DEMO_EXPERTS, upcycled_teacher
+        from megatron_slim.demo.demo_job import DEMO_EXPERTS, upcycled_teacher
 
         dense = cache_dir() / "demo" / "teacher"
         upcycled_teacher(dense, DEMO_EXPERTS, DEMO_EXPERTS)

@@ -88,10 +88,10 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
 
 
 def _worker(job: RunJob) -> int:
+    import torch.distributed as dist
+
     from megatron_slim.run.recipe import load_study
     from megatron_slim.run.runner import run_steps
-
-    import torch.distributed as dist
 
     variant, stage = job.target()
     study = load_study(job.recipe)

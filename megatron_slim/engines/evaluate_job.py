@@ -9,11 +9,17 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from megatron_slim.engines.source import (ModelJob, checkpoint_kind, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
-                                          temp_checkpoint)
+from megatron_slim.engines.source import (
+    ModelJob,
+    checkpoint_kind,
+    claimed_file,
+    open_checkpoint,
+    release_checkpoint,
+    run_on_ranks,
+    temp_checkpoint,
+)
 from megatron_slim.errors import UserError
 
 if TYPE_CHECKING:
@@ -104,7 +110,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
-    from megatron_slim.eval.evaluate import evaluate
+    from megatron_slim.eval.heldout import evaluate
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
 

@@ -98,7 +98,7 @@ class EvaluationSection:
     mtp_k: int = 4  # speculative acceptance for drafts of 1..mtp_k tokens (models with MTP heads; 0: skip)
     mtp_prompts: int = 8  # held-out prompts the acceptance is measured on
     prompt_len: int = 0  # prompt tokens (0: half the sequence length)
-    gen_tokens: int = 32  # greedy tokens generated after each prompt (one full forward each)
+    gen_tokens: int = 32  # greedy tokens generated after each prompt
     every_tokens: float = 0.0  # also evaluate the student during distillation every N tokens (0: only after)
     tasks: list[str] = field(default_factory=list)  # lm-eval tasks every evaluation also scores (offline data)
     num_fewshot: int | None = None  # lm-eval few-shot examples (None: each task's default)

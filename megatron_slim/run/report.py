@@ -15,6 +15,7 @@ from typing import Any
 from megatron_slim.run.recipe import Recipe
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE, student_step
+from megatron_slim.runtime.jsonl import read_jsonl
 
 LOSS_KEYS = ("loss", "lm", "kd", "mtp_lm", "mtp_kd")
 
@@ -108,7 +109,7 @@ def plot_losses(recipe: Recipe, state: RunView, path: Path) -> bool:
         metrics = state.outputs(f"{s.name}/distill").get("metrics") if state.done(f"{s.name}/distill") else None
         if not metrics or not Path(metrics).is_file():
             continue
-        records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+        records = read_jsonl(Path(metrics))
         if not records:
             continue
         for i, key in enumerate(LOSS_KEYS):  # one colour per loss part across stages, labelled once

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.runtime.jsonl import read_jsonl
 from megatron_slim.train.config import EvaluationSection
 
 EVAL_LOG = "eval.jsonl"
@@ -35,26 +36,11 @@ def evaluation_due(step: int, last_step: int, tokens_per_step: int, every_tokens
     return crossed or step == last_step
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of an eval.jsonl (none when it does not exist). A last line without its newline is a write cut
-    short by a kill and is left out; any other unreadable line is an error naming it."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().split("\n")
-    records = []
-    for number, line in enumerate(lines[:-1], start=1):  # lines[-1] is "" or a torn write
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not a JSON record ({e})") from None
-    return records
-
-
 def keep_records_up_to(path: Path, step: int | None) -> None:
     """Atomically rewrite eval.jsonl with only the records of steps <= `step` (None: no record, a fresh run)."""
     if not path.is_file():
         return
-    kept = [r for r in read_records(path) if step is not None and r["step"] <= step]
+    kept = [r for r in read_jsonl(path) if step is not None and r["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

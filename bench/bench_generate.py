@@ -71,10 +71,11 @@ def main() -> None:
     from megatron_slim.eval.harness import greedy_generate
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_distributed, init_model_parallel
+    from megatron_slim.runtime.distributed import init_distributed, init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     init_distributed()  # one local process (NCCL on a GPU, gloo on CPU)
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel, seed=1)
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     model = build_model(model_config_from_hf(config(a)), parallel, BuildOptions(params_dtype=dtype))

@@ -15,11 +15,12 @@ from support.train_assets import cli
 def _state(rank: int, world: int, ckpt: str) -> dict[str, torch.Tensor]:
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    init_model_parallel(ParallelConfig())
+    init_model_parallel(ParallelLayout())
     cfg = load_model_config(ckpt)
-    model = build_model(cfg, ParallelConfig(), BuildOptions(perform_initialization=False))
+    model = build_model(cfg, ParallelLayout(), BuildOptions(perform_initialization=False))
     load_model(model, ckpt)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     model.eval()

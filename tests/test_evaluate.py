@@ -251,12 +251,13 @@ def evaluate_sweep(rank: int, world: int, mcore: str, windows: torch.Tensor, pro
     from megatron_slim.eval.generate import greedy_continuation
     from megatron_slim.eval.heldout import evaluate
     from megatron_slim.models.builder import build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     out = {"metrics": sharded_metrics(rank, world)}
     cfg = load_model_config(mcore)
     for name, layout in LAYOUTS.items():
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=100 + rank)
         model = build_model(cfg, parallel)
         load_model(model, mcore)

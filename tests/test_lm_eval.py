@@ -88,13 +88,14 @@ def layout_sweep(rank: int, world: int, mcore: str, args: dict[str, list[tuple]]
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.eval.harness import MegatronLM, context_length, score_tasks
     from megatron_slim.models.builder import build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     cfg = load_model_config(mcore)
     tokenizer = text_tokenizer(Path(mcore) / TOKENIZER_DIR)
     out = {}
     for name, layout in LAYOUTS.items() if world > 1 else [("tp1", {})]:
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=100 + rank)
         model = build_model(cfg, parallel)
         load_model(model, mcore)

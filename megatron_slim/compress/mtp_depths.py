@@ -12,10 +12,10 @@ from pathlib import Path
 
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.runtime.distributed import ParallelConfig
+from megatron_slim.runtime.layout import ParallelLayout
 
 
-def save_initialised(cfg: ModelConfig, parallel: ParallelConfig, seed: int, out: Path, tokenizer: Path | None = None,
+def save_initialised(cfg: ModelConfig, parallel: ParallelLayout, seed: int, out: Path, tokenizer: Path | None = None,
                      load: Callable[[object], None] | None = None) -> None:
     """Write `out`: `cfg` built at `parallel` and initialised with `seed` (then `load(model)`, when given, overwrites
     what it loads), with `tokenizer`'s files copied in. Every rank of the model-parallel world calls it; rank 0 writes
@@ -48,7 +48,7 @@ def save_initialised(cfg: ModelConfig, parallel: ParallelConfig, seed: int, out:
 
 def add_mtp_depths(src: str | Path, out: str | Path, depths: int, seed: int = 1234) -> None:
     """Write `out`: the checkpoint `src` with `depths` more MTP depths (a one-process job)."""
-    from megatron_slim.checkpoint.files import TOKENIZER_DIR
+    from megatron_slim.checkpoint.files import Checkpoint
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
 
     if depths < 1:
@@ -61,6 +61,5 @@ def add_mtp_depths(src: str | Path, out: str | Path, depths: int, seed: int = 12
     def load(model: object) -> None:
         load_model(model, src, keep=lambda key: bool((m := fresh.match(key)) and int(m.group(1)) >= have))
 
-    tokenizer = src / TOKENIZER_DIR
-    save_initialised(cfg.replace(mtp_num_layers=have + depths), ParallelConfig(), seed, out,
-                     tokenizer if tokenizer.is_dir() else None, load)
+    save_initialised(cfg.replace(mtp_num_layers=have + depths), ParallelLayout(), seed, out,
+                     Checkpoint(src, "mcore").tokenizer_dir, load)

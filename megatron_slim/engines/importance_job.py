@@ -48,9 +48,10 @@ def importance_worker(job: ImportanceJob) -> None:
     from megatron_slim.compress.importance_hooks import CollectOptions, collect, sequence_count
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
     init_model_parallel(parallel)
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, temp_checkpoint(job.out), progress=job.progress)

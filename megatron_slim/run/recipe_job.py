@@ -131,11 +131,9 @@ def run_recipe(job: RunJob) -> int:
     if world is None and nprocs.pop() > 1:
         return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job)
     if world is not None:
-        from megatron_slim.runtime.distributed import ParallelConfig
-
-        for tp, ep, pp in {(r.parallel.tp, r.parallel.ep, r.parallel.pp) for r in study.recipes.values()}:
+        for layout in {r.parallel for r in study.recipes.values()}:
             try:
-                ParallelConfig(tp=tp, ep=ep, pp=pp).validate_world(world)
+                layout.validate_world(world)
             except ValueError as e:
                 raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
     return _worker(job)

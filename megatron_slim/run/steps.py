@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_slim.run.recipe import Recipe, Stage, stage_run_config
+from megatron_slim.run.recipe import RECIPE_SIZES, Recipe, Stage, stage_run_config
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE, input_step, student_step
 
@@ -90,14 +90,14 @@ def step_keys(steps: list[Step]) -> dict[str, str]:
 # ---- prepare -----------------------------------------------------------------------------------------------------
 def convert_teacher(ctx: Context) -> dict[str, Any]:
     from megatron_slim.checkpoint.convert import hf_to_mcore
-    from megatron_slim.checkpoint.files import checkpoint_kind
+    from megatron_slim.checkpoint.files import Checkpoint
 
-    teacher = ctx.recipe.teacher
-    if checkpoint_kind(teacher) == "mcore":
-        return {"mcore": str(teacher), "tokenizer": str(teacher / "tokenizer")}
+    teacher = Checkpoint.open(ctx.recipe.teacher)
+    if teacher.kind == "mcore":
+        return {"mcore": str(teacher.path), "tokenizer": str(teacher.tokenizer_files)}
     out = ctx.workdir / "teacher" / "mcore"
-    hf_to_mcore(teacher, out, overwrite=True, progress=ctx.progress)
-    return {"mcore": str(out), "tokenizer": str(teacher)}
+    hf_to_mcore(teacher.path, out, overwrite=True, progress=ctx.progress)
+    return {"mcore": str(out), "tokenizer": str(teacher.tokenizer_files)}
 
 
 def tokenize_data(ctx: Context) -> dict[str, Any]:
@@ -218,16 +218,19 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
         from megatron_slim.compress.mtp_depths import save_initialised
         from megatron_slim.compress.plan import CompressionPlan
-        from megatron_slim.runtime.distributed import ParallelConfig
 
-        p = ctx.recipe.parallel
         cfg = CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]).target
         cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
         out = ctx.workdir / stage.name / "init"
-        save_initialised(cfg, ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp), init_seed(stage), out,
+        save_initialised(cfg, ctx.recipe.parallel, init_seed(stage), out,
                          Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]))
         return {"checkpoint": str(out)}
     return fn
+
+
+def recipe_layout(recipe: Recipe) -> dict[str, int]:
+    """The recipe's layout as a step parameter (the sizes its steps use, so step keys stay what they were)."""
+    return {k: getattr(recipe.parallel, k) for k in RECIPE_SIZES}
 
 
 def added_mtp_depths(recipe: Recipe, stage: Stage) -> int:
@@ -296,11 +299,11 @@ def export(ctx: Context) -> dict[str, Any]:
 def bench_inference(ctx: Context) -> dict[str, Any]:
     """The deployment-efficiency table: the HF teacher (when the recipe names one) and the exported student, each
     measured in a fresh process (engines/bench_inference_job.py); figures in export/bench_inference.json."""
-    from megatron_slim.checkpoint.files import checkpoint_kind
+    from megatron_slim.checkpoint.files import Checkpoint
     from megatron_slim.engines.bench_inference_job import BenchInferenceJob, bench_models, settings_line
 
     models = {}
-    if checkpoint_kind(ctx.recipe.teacher) == "hf":
+    if Checkpoint.open(ctx.recipe.teacher).kind == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
     models["student"] = ctx.out(f"{FINAL}/export")["hf"]
     job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
@@ -331,13 +334,13 @@ class StepInterrupted(Exception):
 def all_steps(recipe: Recipe) -> list[Step]:
     r = recipe
     evaluation = {"evaluation": {k: v for k, v in dataclasses.asdict(r.evaluation).items() if k != "every_tokens"},
-                  "seq_length": r.data.seq_length, "parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
+                  "seq_length": r.data.seq_length, "parallel": recipe_layout(r), "nproc": r.nproc}
     teacher, data = f"{PREPARE}/teacher", f"{PREPARE}/data"
     steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}),
              Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}),
              Step(f"{PREPARE}/eval_teacher", False, evaluate_teacher, (teacher, data), evaluation)]
     for s in r.stages:
-        source, layout = input_step(r, s), {"parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
+        source, layout = input_step(r, s), {"parallel": recipe_layout(r), "nproc": r.nproc}
         target = {"target": dataclasses.asdict(s.target)} | layout
         student = student_step(r, s)
         grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": init_seed(s)} if added_mtp_depths(r, s) else {}

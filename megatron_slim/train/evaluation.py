@@ -54,7 +54,7 @@ class HeldOutEvaluation:
         """Read the windows on every rank (collective-free): the first ceil(tokens / seq_length) windows of the
         EOS-joined documents, the EOS and tokenizer being the student checkpoint's, as `megatron-slim evaluate`
         reads them (so the last record matches evaluating the final checkpoint on the same data)."""
-        from megatron_slim.checkpoint.files import TOKENIZER_DIR
+        from megatron_slim.checkpoint.files import Checkpoint
         from megatron_slim.data.calibration import calibration_windows, check_source, eos_token_id
 
         self.section, self.cfg = section, cfg
@@ -63,8 +63,7 @@ class HeldOutEvaluation:
             check_source(section.data)
         except FileNotFoundError as e:
             raise UserError(f"evaluation.data: {e}") from None
-        tokenizer_dir = student_checkpoint / TOKENIZER_DIR
-        tokenizer_dir = tokenizer_dir if tokenizer_dir.is_dir() else None
+        tokenizer_dir = Checkpoint(student_checkpoint, "mcore").tokenizer_dir
         eos = eos_token_id(cfg.hf_config, tokenizer_dir)
         wanted = math.ceil(section.tokens / seq_length)
         self.windows = calibration_windows(section.data, seq_length, wanted, eos, tokenizer_dir, cfg.vocab_size)

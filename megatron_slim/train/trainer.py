@@ -21,7 +21,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from megatron_slim.checkpoint.files import TOKENIZER_DIR
+from megatron_slim.checkpoint.files import Checkpoint
 from megatron_slim.distill.objective import forward_step
 from megatron_slim.errors import UserError
 from megatron_slim.models.unwrap import unwrap_model
@@ -84,13 +84,12 @@ class Trainer:
 
         from megatron_slim.checkpoint.mcore import load_model, load_model_config
         from megatron_slim.models.builder import BuildOptions, build_model
-        from megatron_slim.runtime.distributed import ParallelConfig, init_distributed, init_model_parallel
+        from megatron_slim.runtime.distributed import init_distributed, init_model_parallel
 
         c = self.cfg
         init_distributed()
         c.validate(dist.get_world_size())
-        p = c.parallel
-        self.parallel = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp)
+        self.parallel = c.parallel
         init_model_parallel(self.parallel, seed=c.train.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -202,7 +201,7 @@ class Trainer:
 
     @staticmethod
     def _check_same_tokenizer(a: Path, b: Path) -> None:
-        ta, tb = a / "tokenizer" / "tokenizer.json", b / "tokenizer" / "tokenizer.json"
+        ta, tb = (Checkpoint(p, "mcore").tokenizer_files / "tokenizer.json" for p in (a, b))
         if ta.is_file() and tb.is_file() and ta.read_bytes() != tb.read_bytes():
             raise UserError(f"teacher and student tokenizers differ ({ta} vs {tb})")
 
@@ -258,7 +257,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> None:
         c = self.cfg
-        tokenizer = Path(c.model.checkpoint) / TOKENIZER_DIR
+        tokenizer = Checkpoint(Path(c.model.checkpoint), "mcore").tokenizer_files
         checkpointing.save(c.checkpoint.save_dir, self.step, self.student, self.optimizer, self.scheduler,
                            self.model_cfg, {"consumed_tokens": self.step * c.tokens_per_step},
                            c.checkpoint.keep_last, tokenizer if tokenizer.is_dir() else None)

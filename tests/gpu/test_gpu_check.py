@@ -40,7 +40,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_qwen3_next_forward_backward_on_cuda_matches_cpu(tmp_path, figures, cuda_model_parallel):
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
 
     path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
@@ -53,7 +53,7 @@ def test_qwen3_next_forward_backward_on_cuda_matches_cpu(tmp_path, figures, cuda
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = load_model_config(tmp_path / "ckpt")
-    model = build_model(cfg, ParallelConfig(), BuildOptions(transformer_impl="local"))
+    model = build_model(cfg, ParallelLayout(), BuildOptions(transformer_impl="local"))
     assert next(model.parameters()).is_cuda
     load_model(model, tmp_path / "ckpt")
     logits, loss, grads = forward_backward(model, ref["tokens"].cuda(), ref["labels"].cuda())
@@ -87,12 +87,12 @@ def test_generation_cache_on_cuda_matches_the_full_forward(figures, cuda_model_p
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.forward import position_ids_for
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = model_config_from_hf(qwen3_next_hf())
-    model = build_model(cfg, ParallelConfig(), BuildOptions(transformer_impl="local"))
+    model = build_model(cfg, ParallelLayout(), BuildOptions(transformer_impl="local"))
     model.eval()
     assert kv_cache_blocker(model) is None
     prompts = torch.randint(0, cfg.vocab_size, (4, 100), generator=torch.Generator().manual_seed(0)).cuda()

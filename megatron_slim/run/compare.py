@@ -16,9 +16,9 @@ from typing import Any
 from megatron_slim.eval.stats import PairedDiff, paired_difference
 from megatron_slim.run.recipe import Recipe, Study
 from megatron_slim.run.report import benchmark_table
-from megatron_slim.run.runner import plan_runs, shared_state
-from megatron_slim.run.state import STATE, RunState, RunView
-from megatron_slim.run.step_groups import PREPARE
+from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import EVAL_TEACHER
+from megatron_slim.run.variants import variant_views
 from megatron_slim.runtime.jsonl import read_jsonl
 
 
@@ -75,14 +75,11 @@ def _variant(recipe: Recipe, view: RunView, name: str) -> VariantResult:
 
 def variant_results(study: Study, workdir: Path) -> tuple[dict[str, Any] | None, dict[str, VariantResult]]:
     """(the teacher's evaluation, each variant's result in recipe order, differences against the reference)."""
-    shared = shared_state(workdir) if (workdir / "shared" / STATE).is_file() else None
     results, teacher = {}, None
-    for run in plan_runs(study, workdir):
-        own = RunState(run.workdir, run.recipe.digest)
-        view = RunView(own, shared, run.shared)
+    for run, view in variant_views(study, workdir):
         results[run.name] = _variant(run.recipe, view, run.name)
-        if teacher is None and view.done(f"{PREPARE}/eval_teacher"):
-            teacher = _read_json(view.outputs(f"{PREPARE}/eval_teacher")["eval"])
+        if teacher is None and view.done(EVAL_TEACHER):
+            teacher = _read_json(view.outputs(EVAL_TEACHER)["eval"])
     ref = results.get(study.reference)
     for res in results.values():
         if ref is not None and ref.finished and res.finished and res is not ref:

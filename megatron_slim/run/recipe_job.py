@@ -9,6 +9,7 @@ from pathlib import Path
 from megatron_slim.errors import UserError
 from megatron_slim.run.recipe import Study
 from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import SHARED
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class RunJob:
 def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
     import yaml
 
-    from megatron_slim.run.runner import plan_runs
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.variants import plan_runs
 
     workdir.mkdir(parents=True, exist_ok=True)
     if study.variants and (workdir / STATE).is_file():
@@ -55,16 +56,17 @@ def list_stages(study: Study) -> list[str]:
     VARIANT/STAGE for each variant's stages (what `launch.sh --submit --chain` submits, one job each)."""
     if not study.variants:
         return [s.name for s in study.recipe(None).stages]
-    return ["shared"] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
+    return [SHARED] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
 
 
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
     from megatron_slim.run.recipe import validate
-    from megatron_slim.run.runner import SHARED, plan_runs, shared_state
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.step_groups import shared_dir
+    from megatron_slim.run.variants import plan_runs, shared_state
 
-    shared = shared_state(workdir) if (workdir / SHARED / STATE).is_file() else None
+    shared = shared_state(workdir) if (shared_dir(workdir) / STATE).is_file() else None
     for run in plan_runs(study, workdir):
         if variant is not None and run.name != variant:
             continue

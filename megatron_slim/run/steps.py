@@ -30,7 +30,16 @@ from typing import Any, Callable
 
 from megatron_slim.run.recipe import RECIPE_SIZES, Recipe, Stage, stage_run_config
 from megatron_slim.run.state import RunView
-from megatron_slim.run.step_groups import FINAL, PREPARE, input_step, student_step
+from megatron_slim.run.step_groups import (
+    BENCH_INFERENCE,
+    DATA,
+    EVAL_TEACHER,
+    EXPORT,
+    REPORT,
+    TEACHER,
+    input_step,
+    student_step,
+)
 
 
 @dataclass
@@ -47,12 +56,12 @@ class Context:
         return self.view.outputs(step)
 
     def teacher_ckpt(self) -> str:
-        return self.out(f"{PREPARE}/teacher")["mcore"]
+        return self.out(TEACHER)["mcore"]
 
     def stage_input(self, stage: Stage) -> str:
         """The checkpoint a stage compresses: the teacher, or the previous stage's distilled student."""
         source = input_step(self.recipe, stage)
-        return self.teacher_ckpt() if source == f"{PREPARE}/teacher" else self.out(source)["checkpoint"]
+        return self.teacher_ckpt() if source == TEACHER else self.out(source)["checkpoint"]
 
     def student(self, stage: Stage) -> str:
         """The stage's student before training: pruned, or randomly initialised (init: random)."""
@@ -106,7 +115,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
     from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
 
-    tokenizer = ctx.out(f"{PREPARE}/teacher")["tokenizer"]
+    tokenizer = ctx.out(TEACHER)["tokenizer"]
     teacher = load_model_config(ctx.teacher_ckpt())
     # the document separator every other step assumes (the config's EOS first, as calibration windows read it)
     eod = eos_token_id(teacher.hf_config, tokenizer)
@@ -132,7 +141,7 @@ def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
 
     e = ctx.recipe.evaluation
     out.parent.mkdir(parents=True, exist_ok=True)  # a shared step writes into its own, new directory
-    evaluate_worker(EvaluateJob(model=model, data=ctx.out(f"{PREPARE}/data")["heldout"], tokens=int(e.tokens),
+    evaluate_worker(EvaluateJob(model=model, data=ctx.out(DATA)["heldout"], tokens=int(e.tokens),
                                 seq_len=ctx.recipe.data.seq_length, micro_batch=e.micro_batch,
                                 tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
                                 mtp_k=e.mtp_k, mtp_prompts=e.mtp_prompts,
@@ -155,7 +164,7 @@ def importance(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         out = ctx.workdir / stage.name / "importance.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
         importance_worker(ImportanceJob(
-            model=ctx.stage_input(stage), data=ctx.out(f"{PREPARE}/data")["calibration"], tokens=int(imp.tokens),
+            model=ctx.stage_input(stage), data=ctx.out(DATA)["calibration"], tokens=int(imp.tokens),
             out=out, tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
             seq_len=ctx.recipe.data.seq_length, micro_batch=imp.micro_batch, layer_loss=imp.layer_loss,
             max_tokens=None, dtype=imp.dtype, overwrite=True, progress=ctx.progress))
@@ -223,7 +232,7 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
         out = ctx.workdir / stage.name / "init"
         save_initialised(cfg, ctx.recipe.parallel, init_seed(stage), out,
-                         Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]))
+                         Path(ctx.out(TEACHER)["tokenizer"]))
         return {"checkpoint": str(out)}
     return fn
 
@@ -260,7 +269,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         from megatron_slim.train.trainer import Trainer
 
         save_dir = ctx.workdir / stage.name / "train"
-        data = ctx.out(f"{PREPARE}/data")
+        data = ctx.out(DATA)
         cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data["train"],
                                str(save_dir), heldout=data["heldout"])
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
@@ -290,7 +299,7 @@ def export(ctx: Context) -> dict[str, Any]:
     last = ctx.recipe.stages[-1].name
     out = ctx.workdir / "export" / "hf"
     summary = mcore_to_hf(ctx.out(f"{last}/distill")["checkpoint"], out,
-                          hf_template=ctx.out(f"{PREPARE}/teacher")["tokenizer"], overwrite=True,
+                          hf_template=ctx.out(TEACHER)["tokenizer"], overwrite=True,
                           progress=ctx.progress)
     print(f"exported {out}: {summary.describe()}", flush=True)
     return {"hf": str(out)}
@@ -305,7 +314,7 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     models = {}
     if Checkpoint.open(ctx.recipe.teacher).kind == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
-    models["student"] = ctx.out(f"{FINAL}/export")["hf"]
+    models["student"] = ctx.out(EXPORT)["hf"]
     job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
     results = bench_models(job)
     out = ctx.workdir / "export" / "bench_inference.json"
@@ -335,10 +344,10 @@ def all_steps(recipe: Recipe) -> list[Step]:
     r = recipe
     evaluation = {"evaluation": {k: v for k, v in dataclasses.asdict(r.evaluation).items() if k != "every_tokens"},
                   "seq_length": r.data.seq_length, "parallel": recipe_layout(r), "nproc": r.nproc}
-    teacher, data = f"{PREPARE}/teacher", f"{PREPARE}/data"
+    teacher, data = TEACHER, DATA
     steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}),
              Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}),
-             Step(f"{PREPARE}/eval_teacher", False, evaluate_teacher, (teacher, data), evaluation)]
+             Step(EVAL_TEACHER, False, evaluate_teacher, (teacher, data), evaluation)]
     for s in r.stages:
         source, layout = input_step(r, s), {"parallel": recipe_layout(r), "nproc": r.nproc}
         target = {"target": dataclasses.asdict(s.target)} | layout
@@ -359,8 +368,8 @@ def all_steps(recipe: Recipe) -> list[Step]:
                   Step(f"{s.name}/distill", False, distill(s), (student, teacher, data), distill_params),
                   Step(f"{s.name}/eval", False, evaluate_student(s), (f"{s.name}/distill", data), evaluation)]
     if r.export:
-        steps.append(Step(f"{FINAL}/export", True, export, (f"{r.stages[-1].name}/distill", teacher)))
+        steps.append(Step(EXPORT, True, export, (f"{r.stages[-1].name}/distill", teacher)))
         if r.inference is not None:
-            steps.append(Step(f"{FINAL}/bench_inference", True, bench_inference, (f"{FINAL}/export",),
+            steps.append(Step(BENCH_INFERENCE, True, bench_inference, (EXPORT,),
                               {"inference": dataclasses.asdict(r.inference), "teacher": str(r.teacher)}))
-    return steps + [Step(f"{FINAL}/report", True, report, params={"variant": r.variant, "recipe": r.digest})]
+    return steps + [Step(REPORT, True, report, params={"variant": r.variant, "recipe": r.digest})]

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_slim.ablate.suite import FINDINGS, Finding, judge
-from support.run_assets import build, write_recipe
-from support.run_assets import recipe as chain_recipe
+from support.run_assets import build, recipe as chain_recipe, write_recipe
 from support.train_assets import cli
 
 BY_NAME = {f.name: f for f in FINDINGS}

@@ -19,9 +19,7 @@ from safetensors.torch import load_file
 
 from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
 from megatron_slim.run.state import RunState
-from support.run_assets import build
-from support.run_assets import recipe as chain_recipe
-from support.run_assets import write_recipe as _write
+from support.run_assets import build, recipe as chain_recipe, write_recipe as _write
 from support.train_assets import cli
 
 
@@ -86,6 +84,8 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"training": {"model": {"checkpoint": "x"}}}, "['model'] are set by the run"),
     ({"data": {"train": [[1.0, "/nonexistent/prefix"]], "calibration": "c", "heldout": "h"}}, "do not exist"),
     ({"preset": "two_shot"}, "preset must be one of"),
+    ({"parallel": {"cp": 2}}, "parallel.cp: a recipe's steps run tp/pp/ep layouts only"),
+    ({"parallel": {"dp": 2}}, "parallel: unknown keys ['dp']"),
     ({"inference": {"batch": 0, "beam": 2}}, "inference: unknown keys ['beam']"),
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),

@@ -20,8 +20,7 @@ from megatron_slim.compress.plan import CompressionPlan
 from megatron_slim.compress.plan_check import PlanError, implied_target
 from megatron_slim.compress.prune_checkpoint import Options, prune_checkpoint, spec_for
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
-from megatron_slim.models.registry import FAMILIES as REGISTERED
-from megatron_slim.models.registry import model_config_from_hf
+from megatron_slim.models.registry import FAMILIES as REGISTERED, model_config_from_hf
 from megatron_slim.models.surgery_spec import (
     DENSE_NEURONS,
     EXPERT_NEURONS,

@@ -1,7 +1,6 @@
 """Qwen3-MoE HF <-> Megatron-Core parameter mapping (data only)."""
 from megatron_slim.models.common_mappings import DENSE_MLP, EMBEDDING, FINAL_NORM, OUTPUT, attention, routed_experts
-from megatron_slim.models.config import ATTENTION, MOE
-from megatron_slim.models.config import DENSE_MLP as DENSE
+from megatron_slim.models.config import ATTENTION, DENSE_MLP as DENSE, MOE
 from megatron_slim.models.mapping import FamilyMapping
 
 MAPPING = FamilyMapping(

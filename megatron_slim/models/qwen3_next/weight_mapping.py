@@ -5,8 +5,7 @@ A_log, dt_bias, plain gated output norm), MoE with a sigmoid-gated shared expert
 (`mtp.fc` projects [norm(embedding), norm(hidden)], like megatron-core's eh_proj).
 """
 from megatron_slim.models.common_mappings import DENSE_MLP, EMBEDDING, FINAL_NORM, OUTPUT, attention, routed_experts
-from megatron_slim.models.config import ATTENTION, GDN, MOE
-from megatron_slim.models.config import DENSE_MLP as DENSE
+from megatron_slim.models.config import ATTENTION, DENSE_MLP as DENSE, GDN, MOE
 from megatron_slim.models.mapping import FamilyMapping, Rule
 from megatron_slim.models.transforms import GDN_BA, GDN_CONV, GDN_QKVZ, GLU, NORM_MINUS_ONE
 

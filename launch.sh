@@ -14,13 +14,18 @@ Usage:
   launch.sh --submit [options] -- <megatron-slim args>     build and run the sbatch command from the options
   launch.sh --submit --chain [options] -- run RECIPE --workdir DIR [run args]
                                                            one job per stage of the recipe, each after the one
-                                                           before it
+                                                           before it; with --cpu-partition P the single-process
+                                                           steps run as jobs of their own on CPU nodes
+  launch.sh --submit --array N [--cpu-partition P] [options] -- <megatron-slim args>
+                                                           N one-task jobs on CPU nodes (a SLURM job array)
 
 Inside a SLURM job, srun starts one task per GPU on every node of the job (the task count per node comes from
 --tasks-per-node, else --gpus-per-node, else the job's SLURM_NTASKS_PER_NODE / GPUs / tasks). Each task runs
 `python -m megatron_slim.cli <args>` with SLURM's environment plus MASTER_ADDR (first host of the job) and
 MASTER_PORT (15000 + job id % 15000), from which the program derives RANK/WORLD_SIZE/LOCAL_RANK. Called from
 within a job step (SLURM_STEP_ID set, e.g. `srun launch.sh ...`), it runs the program directly.
+srun runs with --kill-on-bad-exit=1: when one task dies, SLURM ends the others and the job fails at once, instead of
+the surviving ranks waiting in a collective until the process-group timeout while the whole allocation idles.
 
 Options for every mode:
   --python PATH            Python interpreter (default: <repo>/.venv/bin/python when present, else python3;
@@ -40,7 +45,8 @@ Options for --submit (become sbatch options; launch.sh itself is the batch scrip
   --nodes N                number of nodes (default 1)
   --time T                 time limit (sbatch --time, e.g. 04:00:00)
   --partition P            sbatch --partition
-  --account A              sbatch --account
+  --account A              sbatch --account (every job, the CPU jobs too)
+  --qos Q                  sbatch --qos (the GPU jobs)
   --job-name NAME          sbatch --job-name (default megatron-slim)
   --log-dir DIR            write DIR/<job-name>-<job id>.out/.err (created if missing)
   --dependency SPEC        sbatch --dependency, e.g. afterok:123
@@ -48,7 +54,7 @@ Options for --submit (become sbatch options; launch.sh itself is the batch scrip
   --signal SPEC            sbatch --signal; with --requeue the default is B:USR1@120 (USR1 to this script
                            120 s before the time limit)
   --wait                   sbatch --wait: block until the job ends and exit with its exit code
-  --sbatch-arg ARG         pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive
+  --sbatch-arg ARG         pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive (not to CPU jobs)
   On submit the job id is printed (sbatch --parsable).
 
 Job chains (--submit --chain):
@@ -67,7 +73,34 @@ Job chains (--submit --chain):
                            VARIANT/STAGE: each variant becomes its own chain after the shared job, so variants
                            train side by side (job names <job-name>-VARIANT-STAGE).
   --stages A,B,...         submit these stages instead of listing them (e.g. where this machine cannot run
-                           the program, or to continue a chain from a later stage)
+                           the program, or to continue a chain from a later stage); with --cpu-partition the
+                           jobs of `run --list-jobs`, each NAME:cpu or NAME:gpu (NAME alone: gpu)
+  A chain of multi-node jobs without --cpu-partition is refused unless the run args hold
+  --allow-single-process-steps: its stage jobs would convert, tokenize, prune and export on one process while
+  every other GPU of the allocation waits (`run` itself refuses those steps in a multi-node job).
+
+CPU jobs (--chain --cpu-partition, --array): one task on one node, no GPUs, shaped by
+  --cpu-partition P        sbatch --partition of the CPU jobs; with --chain it splits the chain (below)
+  --cpu-time T             their time limit (default: the partition's)
+  --cpu-qos Q              their sbatch --qos
+  --cpu-mem M              their sbatch --mem (teacher conversion and pruning of a large MoE hold the whole
+                           checkpoint: e.g. 900G for an 80B model)
+  --cpu-cpus N             their sbatch --cpus-per-task (srun gets it too)
+  --cpu-sbatch-arg ARG     pass ARG to the CPU jobs' sbatch as is (repeatable)
+  --requeue, --signal, --log-dir, --account and --env apply to them as to the GPU jobs.
+
+  --chain --cpu-partition P: the jobs are those `megatron-slim run RECIPE --workdir DIR --list-jobs` prints
+  (megatron_slim/run/chain.py), each running `run RECIPE --workdir DIR [run args] --job NAME`, each after the one
+  before it. CPU jobs: `prepare` (teacher conversion, tokenization of jsonl/parquet data), `STAGE.prune` (the
+  stage's plan and pruning), `final.export`; GPU jobs: `STAGE.importance` (before the first pruning: the teacher's
+  evaluation and importance), `STAGE` (the stage's evaluations and distillation, then the next stage's
+  importance), `final.bench_inference`. A two-stage recipe: prepare, depth.importance, depth.prune, depth,
+  width.prune, width, final.export. With variants: shared.JOB for the steps they share, then VARIANT/JOB, each
+  variant's chain after the last shared job. Printed lines are `<job id> <job name>`.
+
+  --array N[%M]            submit the command as a job array of N CPU tasks (at most M at once); task I sees
+                           SLURM_ARRAY_TASK_ID=I and SLURM_ARRAY_TASK_COUNT=N (what `preprocess --shard auto`
+                           reads to pick its share of the inputs); logs <job-name>-<array id>_<I>.out/.err
 
 Preemption and requeue contract (batch jobs):
   launch.sh traps SIGUSR1 and SIGTERM and forwards them to the program's processes (USR1 through srun, TERM
@@ -82,8 +115,11 @@ Examples:
   launch.sh --nproc-per-node 2 -- info --distributed          # torchrun, 2 processes
   launch.sh --submit --nodes 2 --gpus-per-node 8 --time 04:00:00 --partition gpu --log-dir logs \
       --requeue --container-image nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts "$PWD:$PWD" -- demo
-  launch.sh --submit --chain --nodes 4 --time 04:00:00 --requeue --log-dir logs -- \
-      run examples/slimqwen/recipe.yaml --workdir runs/slimqwen     # prints `<job id> <stage>` per stage
+  launch.sh --submit --chain --nodes 16 --time 04:00:00 --requeue --log-dir logs --cpu-partition cpu \
+      --cpu-time 12:00:00 --cpu-mem 900G -- run examples/slimqwen/recipe.yaml --workdir runs/slimqwen
+                                                              # prints `<job id> <job>` per job
+  launch.sh --submit --array 64 --cpu-partition cpu --cpu-time 06:00:00 --log-dir logs -- \
+      preprocess --input corpus/ --output-prefix data/corpus --tokenizer teacher_hf --shard auto
 EOF
 }
 
@@ -164,7 +200,8 @@ while [ "$#" -gt 0 ]; do
                 --sbatch-arg) sbatch_extra+=("$value") ;;
                 --stages) stages_opt="$value" ;;
                 --array)
-                    [[ "$value" =~ ^[1-9][0-9]*(%[1-9][0-9]*)?$ ]] || die "--array wants N or N%M (N tasks, at most M at once), got '$value'"
+                    [[ "$value" =~ ^[1-9][0-9]*(%[1-9][0-9]*)?$ ]] ||
+                        die "--array wants N or N%M (N tasks, at most M at once), got '$value'"
                     array="$value" ;;
                 --cpu-partition) cpu_partition="$value" ;;
                 --cpu-time) cpu_time="$value" ;;

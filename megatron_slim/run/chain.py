@@ -15,12 +15,21 @@ own chain, `VARIANT/<job>`, after the last shared job (what `launch.sh` submits 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from megatron_slim.run.runner import VariantRun
 from megatron_slim.run.step_groups import PREPARE
 from megatron_slim.run.steps import ANY, CPU, GPU, Step
 
 SHARED_PREFIX = "shared."
+
+
+class VariantSteps(Protocol):
+    """What the chain needs of a variant's run (runner.VariantRun): its name, its steps in order, and which of
+    them are shared (step id -> shared record id)."""
+
+    name: str | None
+    steps: list[Step]
+    shared: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,7 @@ def _cut(items: list[tuple[str | None, Step]], prefix: str) -> list[ChainJob]:
     return jobs
 
 
-def chain_jobs(runs: list[VariantRun]) -> list[ChainJob]:
+def chain_jobs(runs: list[VariantSteps]) -> list[ChainJob]:
     """The chain's jobs in submission order (each after the one before it; a variant's first job after the last
     shared one). Names are unique: a repeated one gets a numeric suffix."""
     shared: list[tuple[str | None, Step]] = []
@@ -95,7 +104,7 @@ def chain_jobs(runs: list[VariantRun]) -> list[ChainJob]:
     return unique
 
 
-def job_of_step(runs: list[VariantRun], variant: str | None, step_id: str) -> ChainJob | None:
+def job_of_step(runs: list[VariantSteps], variant: str | None, step_id: str) -> ChainJob | None:
     """The chain job that runs a variant's step (for messages that tell where a step belongs)."""
     run = next(r for r in runs if r.name == variant)
     record = run.shared.get(step_id)

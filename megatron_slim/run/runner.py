@@ -32,6 +32,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_slim.errors import UserError
+from megatron_slim.run.chain import chain_jobs, job_of_step
 from megatron_slim.run.recipe import Recipe, Study
 from megatron_slim.run.state import RunState, RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE
@@ -188,8 +189,6 @@ class SingleProcessStepRefused(UserError):
 
 
 def _refuse_single_process_step(runs: list[VariantRun], run: VariantRun, root: Path, step: Step, nodes: int) -> None:
-    from megatron_slim.run.chain import job_of_step
-
     job = job_of_step(runs, run.name, step.id)
     raise SingleProcessStepRefused(
         f"step {step.id} is single-process work that would keep the other GPUs of this {nodes}-node job idle: run "
@@ -255,7 +254,6 @@ def run_job(study: Study, recipe_path: Path, workdir: Path, name: str, progress:
             allow_single: bool = False) -> int:
     """Called on every rank: the steps of one job of the chain (run/chain.py), after checking that the steps they
     read are done (by the jobs before it). Returns 0, or the requeue status when distillation was preempted."""
-    from megatron_slim.run.chain import chain_jobs
     from megatron_slim.runtime.distributed import init_distributed
 
     runs = plan_runs(study, workdir)

@@ -19,8 +19,8 @@ has a key, the digest of both (`step_keys`), and a step whose key two variants a
 the recipe). A step's `where` says which job of a SLURM chain it belongs in (run/chain.py): `cpu` for the heavy
 single-process steps (teacher conversion, tokenization, pruning, export) that would leave a multi-node GPU job's
 other GPUs idle for hours, `gpu` for the distributed steps (and the inference bench), `any` for the light
-single-process steps (planning, the report) that join whichever job is next to them. Every step's outputs appear atomically or the step resumes itself (distillation), so rerunning a
-killed step is safe.
+single-process steps (planning, the report) that join the job before them. Every step's outputs appear atomically
+or the step resumes itself (distillation), so rerunning a killed step is safe.
 """
 from __future__ import annotations
 

@@ -577,6 +577,47 @@ def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_
     assert (work / "export" / "hf" / "config.json").is_file()
 
 
+# The jobs of the chain assets' two-stage recipe with CPU jobs, and the steps each one runs.
+CPU_CHAIN = {"prepare": ["prepare/teacher", "prepare/data"],
+             "depth.importance": ["prepare/eval_teacher", "depth/importance", "depth/plan"],
+             "depth.prune": ["depth/prune"],
+             "depth": ["depth/eval_pruned", "depth/distill", "depth/eval", "width/importance", "width/plan"],
+             "width.prune": ["width/prune"],
+             "width": ["width/eval_pruned", "width/distill", "width/eval"],
+             "final.export": ["final/export", "final/report"]}
+
+
+@pytest.mark.slow
+def test_chain_with_cpu_jobs_runs_the_recipe(slurm_env: dict[str, str], chain_assets: Path, tmp_path: Path) -> None:
+    """`launch.sh --submit --chain --cpu-partition debug --wait`: the recipe's seven jobs, the CPU ones as one task,
+    the GPU ones as the job's two tasks, each after the one before it; each job runs exactly its own steps and the
+    run ends complete (exported student, report)."""
+    from support.run_assets import recipe, write_recipe
+
+    path = write_recipe(chain_assets, "cpu_chain", recipe(chain_assets))
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--chain", "--wait", "--cpu-partition", "debug", "--cpu-time", "00:30:00",
+         "--gpus-per-node", "0", "--tasks-per-node", "2", "--job-name", "cc", "--log-dir", str(logs), "--",
+         "run", str(path), "--workdir", str(work), "--no-progress"],
+        capture_output=True, text=True, env=slurm_env, cwd=tmp_path, timeout=2400)
+    ids = dict(reversed(line.split()) for line in out.stdout.splitlines())
+
+    def log(name: str, ext: str = "out") -> str:
+        f = logs / f"cc-{name}-{ids.get(name)}.{ext}"
+        return f.read_text() if f.is_file() else ""
+
+    assert out.returncode == 0, (out.stdout, out.stderr, {n: log(n)[-2000:] + log(n, "err")[-2000:] for n in ids})
+    assert list(ids) == list(CPU_CHAIN), out.stdout
+    for name, steps in CPU_CHAIN.items():
+        assert re.findall(r"\[run\] start (\S+)", log(name)) == steps, (name, log(name))
+        tasks = 1 if name in ("prepare", "depth.prune", "width.prune", "final.export") else 2
+        assert f"1 node(s) x {tasks} task(s)" in log(name, "err"), (name, log(name, "err"))
+    state = json.loads((work / "state.json").read_text())["steps"]
+    assert all(entry["status"] == "done" for entry in state.values()) and len(state) == 16, state
+    assert (work / "export" / "hf" / "config.json").is_file() and (work / "report" / "report.md").is_file()
+
+
 def test_chain_jobs_run_one_after_another(slurm_env: dict[str, str], tmp_path: Path) -> None:
     """The chain's mechanics on the cluster, with a stand-in for the interpreter that logs each stage's start and
     end: every job starts after the one before it ended, and --wait returns once all have completed."""

@@ -38,8 +38,8 @@ from megatron_slim.run.state import RunState, RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE
 from megatron_slim.run.steps import CPU, Context, Step, StepInterrupted, all_steps, step_keys
 from megatron_slim.runtime.launch_env import without_launcher_env
-from megatron_slim.runtime.spawn import launched_nodes
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
+from megatron_slim.runtime.spawn import launched_nodes
 
 # How long ranks wait for rank 0's single-process steps (pruning an 80B checkpoint takes a while).
 BARRIER_TIMEOUT_MINUTES = 24 * 60
@@ -262,20 +262,24 @@ def run_job(study: Study, recipe_path: Path, workdir: Path, name: str, progress:
         raise UserError(f"no job {name!r} in the recipe's chain (jobs: {list(jobs)})")
     by_name = {run.name: run for run in runs}
     groups: list[tuple[VariantRun, list[Step]]] = []
-    ours: set[tuple[str | None, str]] = set()
     for variant, step_id in jobs[name].steps:
         run = by_name[variant]
         if not groups or groups[-1][0] is not run:
             groups.append((run, []))
         groups[-1][1].append(next(s for s in run.steps if s.id == step_id))
+
+    def record(run: VariantRun, step_id: str) -> str:  # a shared step by its record: any variant may have run it
+        return run.shared.get(step_id) or f"{run.name}:{step_id}"
+
+    ours: set[str] = set()
     for run, steps in groups:
         view = run.view(shared_state(workdir) if run.shared else None)
         for step in steps:
-            missing = [d for d in step.deps if (run.name, d) not in ours and not view.done(d)]
+            missing = [d for d in step.deps if record(run, d) not in ours and not view.done(d)]
             if missing:
                 raise UserError(f"job {name!r} needs the jobs before it finished: step {step.id} reads {missing}, "
                                 "not done")
-            ours.add((run.name, step.id))
+            ours.add(record(run, step.id))
     init_distributed(timeout_minutes=BARRIER_TIMEOUT_MINUTES)
     stop = StopFlag()
     for run, steps in groups:

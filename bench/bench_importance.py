@@ -75,7 +75,7 @@ def cpu_seconds() -> float:
 
 def main() -> None:
     a = parse_args()
-    from megatron_slim.compress.importance import CollectOptions, collect
+    from megatron_slim.compress.importance_hooks import CollectOptions, collect
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.forward import forward_microbatches
     from megatron_slim.models.registry import model_config_from_hf

@@ -16,7 +16,7 @@ import pytest
 
 from support import tiny_models
 from support.hf_checkpoints import build_tiny_hf
-from megatron_slim.engines.bench_inference import (BenchInferenceJob, bench_models, format_table, greedy_reference,
+from megatron_slim.engines.bench_inference_job import (BenchInferenceJob, bench_models, format_table, greedy_reference,
                                                   markdown_table, measure_vllm)
 from megatron_slim.engines.vllm_engine import VllmWorkerError, default_python, refusal
 from megatron_slim.errors import UserError
@@ -65,7 +65,7 @@ def test_worker_protocol_figures_and_agreement(model, fake_python, tmp_path, mon
     record = tmp_path / "record.json"
     monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
     monkeypatch.setenv("PYTHONPATH", "/must/not/reach/the/worker")
-    from megatron_slim.engines.bench_inference import make_prompts
+    from megatron_slim.engines.bench_inference_job import make_prompts
 
     prompts = make_prompts(128, _job(model, fake_python, batch=2))
     monkeypatch.setenv("FAKE_VLLM_GREEDY", json.dumps(_literal_greedy(model, prompts, 6)))

@@ -16,15 +16,28 @@ from safetensors.torch import save_file
 
 from megatron_slim.checkpoint.source import plan_hf_to_mcore
 from megatron_slim.compress import surgery
-from megatron_slim.compress.apply import Options, prune_checkpoint, spec_for
 from megatron_slim.compress.plan import CompressionPlan
 from megatron_slim.compress.plan_check import PlanError, implied_target
+from megatron_slim.compress.prune_checkpoint import Options, prune_checkpoint, spec_for
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
 from megatron_slim.models.registry import FAMILIES as REGISTERED, model_config_from_hf
-from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
-                                               QUERY_GROUPS, SHARED_NEURONS, TensorSpec, units)
-from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
-                                               reference_logits)
+from megatron_slim.models.surgery_spec import (
+    DENSE_NEURONS,
+    EXPERT_NEURONS,
+    EXPERTS,
+    GDN_KEY_HEADS,
+    HIDDEN,
+    QUERY_GROUPS,
+    SHARED_NEURONS,
+    TensorSpec,
+    units,
+)
+from megatron_slim.verify.hf_reference import (
+    load_hf_reference,
+    mtp_reference_logits,
+    reference_hidden,
+    reference_logits,
+)
 from support import tiny_models
 from support.dist import run_distributed
 from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors, read_tensors, saved_shapes
@@ -119,7 +132,7 @@ def writes_residual(tspec: TensorSpec) -> bool:
 def hold_channel_constant(tensors: dict[str, torch.Tensor], cfg: ModelConfig, c: int) -> None:
     """Make residual channel `c` equal 1 everywhere (embeddings set it, nothing writes it, the MTP fc copies it),
     with unit norm gain there: every norm output is then positive at `c`, so a router row very negative at `c`
-    gives its expert a probability that underflows to exactly 0 (float64)."""
+    gives its expert a probability that underflows to exactly 0 (in float32 as in float64)."""
     for key, tspec in entries(tensors, cfg.family):
         t = tensors[key]
         if key == "model.embed_tokens.weight":
@@ -138,6 +151,12 @@ def kill_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig, c: int, dea
             tensors[key][dead, c] = -1e6
 
 
+# transformers computes router probabilities in float32 (`softmax(router_logits.float())`) even in a float64
+# model. Removing or merging experts changes the softmax's reduction length, so the routing weights of the same
+# experts may round differently (observed 4e-7 in the logits on AMD EPYC, 0 on other CPUs); a wrong expert, row or
+# weight moves the logits by > 1e-4.
+FLOAT32_ROUTING = 1e-5
+
 # ---------------------------------------------------------------- functional invariants
 
 
@@ -153,13 +172,13 @@ def test_removing_never_routed_experts_keeps_logits(tmp_path, family):
     plan = make_plan(src, experts={p: [[(e, 1.0)] for e in live] for p in moe_prefixes(cfg)})
     out = prune(plan, src, tmp_path / "out")
     assert model_config_from_hf(out).num_experts == len(live)
-    assert max_diff(logits(src), logits(out)) < 1e-10
+    assert max_diff(logits(src), logits(out)) < FLOAT32_ROUTING
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
 def test_removing_layers_that_write_nothing_keeps_logits(tmp_path, family):
     src = make_source(family, tmp_path / "src")
-    cfg, tensors = source_config(src), read_tensors(src)
+    tensors = read_tensors(src)
     for key, tspec in entries(tensors, family):
         if key.startswith(("model.layers.1.", "model.layers.2.")) and writes_residual(tspec):
             tensors[key].zero_()
@@ -262,7 +281,7 @@ def test_merging_a_permuted_copy_into_its_original_keeps_logits(tmp_path, family
     slots = [[(0, 1.0)], [(1, 1.0)], [(2, 0.6), (3, 0.4)]] + [[(e, 1.0)] for e in range(4, cfg.num_experts)]
     plan = make_plan(src, experts={p: slots for p in moe_prefixes(cfg)})
     ref = logits(src)
-    assert max_diff(ref, logits(prune(plan, src, tmp_path / "aligned", align_neurons=True))) < 1e-10
+    assert max_diff(ref, logits(prune(plan, src, tmp_path / "aligned", align_neurons=True))) < FLOAT32_ROUTING
     assert max_diff(ref, logits(prune(plan, src, tmp_path / "averaged"))) > 1e-4
 
 
@@ -300,9 +319,8 @@ def cli(*commands: list[str | Path]) -> None:
 
 def parity_and_size(rank: int, world: int, hf_dir: str, mcore_dir: str, target: dict, tokens: torch.Tensor) -> dict:
     """`verify` at LAYOUTS (strict loads), plus the parameter count of a Megatron model built from the target."""
-    from support.workers import verify_sweep
-
     from megatron_slim.checkpoint.layout import mcore_layout
+    from support.workers import verify_sweep
 
     reports = verify_sweep(rank, world, hf_dir, mcore_dir, LAYOUTS, tokens)
     shapes = mcore_layout(ModelConfig.from_json(target)).tensors.values()

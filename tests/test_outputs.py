@@ -14,8 +14,10 @@ cannot delete an input or an unrelated directory, and never delete someone else'
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from megatron_slim.errors import UserError
-from megatron_slim.runtime.outputs import MARKER, claim_output, claim_output_file
+from megatron_slim.runtime.outputs import MARKER, atomic_write, claim_output, claim_output_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,14 +127,11 @@ def test_overwrite_of_an_unrelated_directory_is_refused_and_it_stays_intact(tmp_
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("shape", ["marker", "megatron", "hf", "run"])
-def test_overwrite_replaces_what_is_recognisably_ours(tmp_path, shape):
+def test_overwrite_replaces_an_output_of_ours(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    files = {"marker": [MARKER], "megatron": ["model_config.json", ".metadata"],
-             "hf": ["config.json", "model.safetensors"], "run": ["state.json"]}[shape]
-    for name in files:
-        (out / name).write_text("old")
+    with claim_output(out, kind="hf") as staging:
+        (staging / "config.json").write_text("old")
+        (staging / "model.safetensors").write_text("old")
     with pytest.raises(FileExistsError):
         with claim_output(out):
             pytest.fail("claimed without overwrite")
@@ -140,6 +139,61 @@ def test_overwrite_replaces_what_is_recognisably_ours(tmp_path, shape):
         (staging / "new").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "new"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("shape", ["hf", "megatron", "run"])
+def test_overwrite_of_a_downloaded_checkpoint_is_refused_and_it_stays_intact(tmp_path, shape):
+    """A checkpoint shaped like ours but without the marker (a hub download: README, onnx/) is never replaced:
+    `--overwrite` used to delete its unrelated files."""
+    out = tmp_path / "Qwen3-30B-A3B"
+    (out / "onnx").mkdir(parents=True)
+    (out / "onnx" / "model.onnx").write_text("exported")
+    (out / "README.md").write_text("model card")
+    files = {"megatron": ["model_config.json", ".metadata"], "hf": ["config.json", "model.safetensors"],
+             "run": ["state.json"]}[shape]
+    for name in files:
+        (out / name).write_text("theirs")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match="not an output of megatron-slim"):
+        with claim_output(out, overwrite=True):
+            pytest.fail("claimed")
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_only_what_the_marker_lists(tmp_path):
+    """Files the user added to an output of ours since are carried over; one the new output would replace is
+    refused before anything moves."""
+    out = tmp_path / "out"
+    with claim_output(out) as staging:
+        (staging / "weights").write_text("v1")
+    (out / "NOTES.md").write_text("mine")
+    with claim_output(out, overwrite=True) as staging:
+        (staging / "weights").write_text("v2")
+    assert (out / "weights").read_text() == "v2" and (out / "NOTES.md").read_text() == "mine"
+    assert json.loads((out / MARKER).read_text())["files"] == ["weights"]
+    (out / "extra").write_text("mine too")
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match="extra"):
+        with claim_output(out, overwrite=True) as staging:
+            (staging / "extra").write_text("ours now")
+    assert snapshot(tmp_path) == before
+
+
+def test_outputs_get_the_umask_modes(tmp_path):
+    """Files and directories as open()/mkdir() would make them (mkstemp used to leave outputs 0600)."""
+    old = os.umask(0o022)
+    try:
+        with claim_output_file(tmp_path / "plan.json") as staging:
+            staging.write_text("{}")
+        with claim_output(tmp_path / "ckpt") as staging:
+            (staging / "w").write_text("w")
+        atomic_write(tmp_path / "state.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "plan.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ckpt" / "w").stat().st_mode) == 0o644
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

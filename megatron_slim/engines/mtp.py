@@ -4,15 +4,15 @@ everything else loaded from the checkpoint unchanged; the MTP loss terms (LM and
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.outputs import claim_output
 
 
 def add_mtp_depths(src: str | Path, out: str | Path, depths: int, seed: int = 1234) -> None:
     """Write `out`: the checkpoint `src` with `depths` more MTP depths (a one-process job; writes `out` through a
-    `.partial` directory and replaces it at the end)."""
+    `runtime.outputs.claim_output`: staged, replacing only an earlier output of ours)."""
     import torch
 
     from megatron_slim.checkpoint.files import TOKENIZER_DIR, copy_side_files
@@ -31,10 +31,7 @@ def add_mtp_depths(src: str | Path, out: str | Path, depths: int, seed: int = 12
     model = build_model(grown, ParallelConfig(), BuildOptions(perform_initialization=True))
     fresh = re.compile(r"^mtp\.layers\.(\d+)\.")
     load_model(model, src, keep=lambda key: bool((m := fresh.match(key)) and int(m.group(1)) >= have))
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, grown)
-    if (src / TOKENIZER_DIR).is_dir():
-        copy_side_files(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with claim_output(out, inputs=[src], overwrite=True) as staging:
+        save_model(model, staging, grown)
+        if (src / TOKENIZER_DIR).is_dir():
+            copy_side_files(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)

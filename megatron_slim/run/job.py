@@ -3,12 +3,16 @@ run one single-process step (the child of a multi-rank job), or run the steps on
 recipe's `nproc` local ranks as a plain process."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_slim.errors import UserError
 from megatron_slim.run.recipe import Study
 from megatron_slim.run.state import RunView
+
+RECIPE_COPY = "run.recipe.yaml"  # the run's own copy of its recipe in the work dir (`export --run` reads it)
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class RunJob:
     dry_run: bool = False  # validate the recipe and print the steps with their status
     step: str | None = None  # one single-process step (the child of a multi-rank job)
     progress: bool = True
+    fresh: bool = False  # remove the work dir's contents first (only a work dir `run` made) and start over
 
     def target(self) -> tuple[str | None, str | None]:
         """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""
@@ -34,20 +39,47 @@ class RunJob:
         return self.variant, self.stage
 
 
-def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
+def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path, fresh: bool = False) -> None:
+    """Check and create the work dir (runtime.outputs.prepare_workdir; `fresh` first clears one `run` made) and
+    keep the run's copy of the recipe, `RECIPE_COPY`: never the user's file (a recipe is never written back,
+    even when it sits in the work dir under any name)."""
     import yaml
 
     from megatron_slim.run.runner import plan_runs
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.runtime.outputs import (
+        atomic_write,
+        clear_workdir,
+        prepare_workdir,
+    )
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        clear_workdir(workdir, owner="run", inputs=[recipe_path])
+    prepare_workdir(workdir, owner="run", inputs=[recipe_path])
     if study.variants and (workdir / STATE).is_file():
         raise UserError(f"{workdir} holds a run of a recipe without variants; use another --workdir")
     for run in plan_runs(study, workdir):
         RunState(run.workdir, run.recipe.digest)  # refuses a work dir of another recipe (or variant)
-    copy = workdir / "recipe.yaml"
+    copy = workdir / RECIPE_COPY
+    if copy.resolve() == recipe_path.resolve():
+        return
     if not copy.is_file() or study.variants:  # variants may be added to a study: keep the latest
-        copy.write_text(yaml.safe_dump(yaml.safe_load(recipe_path.read_text()), sort_keys=False))
+        atomic_write(copy, yaml.safe_dump(yaml.safe_load(recipe_path.read_text()), sort_keys=False))
+
+
+@contextmanager
+def _workdir_locks(study: Study, workdir: Path, variant: str | None) -> Iterator[None]:
+    """One writer per run work dir: the lock of each variant's work dir this job runs (the work dir itself for a
+    recipe without variants), held by this process (it runs the steps or spawns the ranks that do). Jobs running
+    different variants of one study may run at once; their shared steps have their own lock (runner.py)."""
+    from megatron_slim.run.runner import plan_runs
+    from megatron_slim.runtime.outputs import workdir_lock
+
+    with ExitStack() as stack:
+        for run in plan_runs(study, workdir):
+            if variant is None or run.name == variant:
+                stack.enter_context(workdir_lock(run.workdir))
+        yield
 
 
 def list_stages(study: Study) -> list[str]:
@@ -87,15 +119,26 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
             print(f"  {step.id:<28} {status}{where}")
 
 
-def _worker(job: RunJob) -> int:
+@contextmanager
+def _guarded(study: Study, job: RunJob) -> Iterator[None]:
+    """The work dir prepared (`_prepare_workdir`) and locked (`_workdir_locks`) for the body."""
+    _prepare_workdir(study, job.recipe, job.workdir, fresh=job.fresh)
+    with _workdir_locks(study, job.workdir, job.target()[0]):
+        yield
+
+
+def _worker(job: RunJob, guard_here: bool) -> int:
+    """A rank's run; `guard_here`: rank 0 prepares and locks the work dir (launched ranks; a plain process that
+    spawns its ranks has done it already)."""
+    import torch.distributed as dist
+
     from megatron_slim.run.recipe import load_study
     from megatron_slim.run.runner import run_steps
 
-    import torch.distributed as dist
-
     variant, stage = job.target()
     study = load_study(job.recipe)
-    code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress)
+    code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress,
+                     guard=(lambda: _guarded(study, job)) if guard_here else None)
     if study.variants and dist.get_rank() == 0:  # with whatever has finished, by every job of the study
         from megatron_slim.run.compare import write_comparison
 
@@ -123,19 +166,20 @@ def run_recipe(job: RunJob) -> int:
     if job.dry_run:
         _dry_run(study, workdir, variant)
         return 0
-    _prepare_workdir(study, recipe_path, workdir)
     nprocs = {r.nproc for r in study.recipes.values()}
     if len(nprocs) > 1:
         raise UserError(f"variants disagree on nproc {sorted(nprocs)}: one job runs them all")
     world = launched_world_size()
-    if world is None and nprocs.pop() > 1:
-        return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job)
-    if world is not None:
-        from megatron_slim.runtime.distributed import ParallelConfig
+    if world is None:  # this process runs the steps or spawns the ranks: it holds the work dir's lock
+        with _guarded(study, job):
+            if nprocs.pop() > 1:
+                return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job, False)
+            return _worker(job, False)
+    from megatron_slim.runtime.distributed import ParallelConfig
 
-        for tp, ep, pp in {(r.parallel.tp, r.parallel.ep, r.parallel.pp) for r in study.recipes.values()}:
-            try:
-                ParallelConfig(tp=tp, ep=ep, pp=pp).validate_world(world)
-            except ValueError as e:
-                raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
-    return _worker(job)
+    for tp, ep, pp in {(r.parallel.tp, r.parallel.ep, r.parallel.pp) for r in study.recipes.values()}:
+        try:
+            ParallelConfig(tp=tp, ep=ep, pp=pp).validate_world(world)
+        except ValueError as e:
+            raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
+    return _worker(job, True)  # launched ranks: rank 0 prepares and locks once the process group exists

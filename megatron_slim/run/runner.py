@@ -20,8 +20,8 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +186,8 @@ def _run_variant(run: VariantRun, recipe_path: Path, root: Path, stage: str | No
         if view.done(step.id):
             _log(f"skip  {label}{step.id} (done{', shared' if step.id in run.shared else ''})")
             continue
+        if view.status(step.id) == "done":
+            _log(f"redo  {label}{step.id}: its outputs are gone: {view.missing(step.id)[:3]}")
         if stop.agreed():
             _log(f"stop  before {label}{step.id}: stop signal received; rerun the same command to resume")
             return REQUEUE_EXIT_CODE
@@ -208,22 +210,35 @@ def _run_variant(run: VariantRun, recipe_path: Path, root: Path, stage: str | No
 
 
 def run_steps(study: Study, recipe_path: Path, workdir: Path, variant: str | None = None, stage: str | None = None,
-              progress: bool = True) -> int:
+              progress: bool = True, guard: Callable[[], AbstractContextManager] | None = None) -> int:
     """Called on every rank: the steps of one variant (or of the plain recipe), or of every variant in turn.
-    Returns 0, or the requeue status when distillation was preempted."""
+    `guard`: what rank 0 holds around them (the work dir's preparation and lock, job.py) when no parent process
+    holds it; its refusal ends every rank with it. Returns 0, or the requeue status when distillation was
+    preempted."""
     from megatron_slim.runtime.distributed import init_distributed
 
     init_distributed(timeout_minutes=BARRIER_TIMEOUT_MINUTES)
-    stop = StopFlag()  # a preemption signal between distillation steps stops the run at the next step boundary
-    runs = plan_runs(study, workdir)
-    if variant is not None:
-        study.recipe(variant)  # names the variants when there is no such one
-    for run in runs:
-        if variant is not None and run.name != variant:
-            continue
-        code = _run_variant(run, recipe_path, workdir, stage, stop, progress)
-        if code:
-            return code
+    with ExitStack() as held:
+        if guard is not None:
+            refused = [None]
+            if dist.get_rank() == 0:
+                try:
+                    held.enter_context(guard())
+                except UserError as e:
+                    refused = [str(e)]
+            dist.broadcast_object_list(refused, src=0)
+            if refused[0] is not None:
+                raise UserError(refused[0])
+        stop = StopFlag()  # a preemption signal between distillation steps stops the run at the next step boundary
+        runs = plan_runs(study, workdir)
+        if variant is not None:
+            study.recipe(variant)  # names the variants when there is no such one
+        for run in runs:
+            if variant is not None and run.name != variant:
+                continue
+            code = _run_variant(run, recipe_path, workdir, stage, stop, progress)
+            if code:
+                return code
     return 0
 
 

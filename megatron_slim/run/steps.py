@@ -31,6 +31,7 @@ from typing import Any, Callable
 from megatron_slim.run.recipe import Recipe, Stage, stage_run_config
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE, input_step, student_step
+from megatron_slim.runtime.outputs import atomic_path, atomic_write
 
 
 @dataclass
@@ -178,9 +179,8 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         result = make_plan(imp, spec)
         out = ctx.workdir / stage.name / "plan.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name("plan.json.tmp")
-        result.save(tmp)
-        tmp.replace(out)
+        with atomic_path(out) as staging:
+            result.save(staging)
         plots = write_plots(imp, spec, result, ctx.workdir / stage.name / "plots")
         return {"plan": str(out), "plots": [str(x) for x in plots]}
     return fn
@@ -324,10 +324,8 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
     results = bench_models(job)
     out = ctx.workdir / "export" / "bench_inference.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings_line(job), "models": [
+    atomic_write(out, json.dumps({"settings": settings_line(job), "models": [
         {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
-    tmp.replace(out)
     return {"bench": str(out)}
 
 

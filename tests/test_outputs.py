@@ -1,4 +1,4 @@
-"""Output safety (issue #17, megatron_slim.runtime.outputs): locked, staged outputs that cannot be clobbered,
+"""Output safety (issues #17, #28, megatron_slim.runtime.outputs): locked, staged outputs that cannot be clobbered,
 cannot delete an input or an unrelated directory, and never delete someone else's `X.partial`.
 
 | bad input / fault                                               | test                                         |
@@ -11,6 +11,13 @@ cannot delete an input or an unrelated directory, and never delete someone else'
 | out is an existing regular file                                 | test_output_that_is_a_file_is_refused         |
 | the body fails                                                  | test_failed_body_leaves_the_old_output_...    |
 | an unrelated `X.lock`                                           | test_unrelated_lock_file_is_refused_intact    |
+| --overwrite of a downloaded checkpoint (README, onnx/)          | test_overwrite_of_a_downloaded_checkpoint_... |
+| --overwrite of ours with the user's files added since           | test_overwrite_replaces_only_what_the_marker_ |
+| outputs created 0600                                            | test_outputs_get_the_umask_modes              |
+| a command that forgets the mechanism                            | test_every_command_declares_what_it_writes    |
+| any command's output onto any of its inputs                     | test_every_command_refuses_an_output_that_... |
+| upcycle --out onto its input or a downloaded checkpoint         | test_upcycle_never_writes_over_its_input_...  |
+| demo --fresh --workdir onto a directory it did not make         | test_demo_fresh_never_clears_a_directory_...  |
 """
 from __future__ import annotations
 
@@ -18,8 +25,8 @@ import argparse
 import json
 import os
 import signal
-import stat
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -27,10 +34,16 @@ from pathlib import Path
 
 import pytest
 
-from megatron_slim.errors import UserError
 from megatron_slim import cli
-from megatron_slim.runtime.outputs import (MARKER, atomic_write, claim_output, claim_output_file, clear_workdir,
-                                          prepare_workdir)
+from megatron_slim.errors import UserError
+from megatron_slim.runtime.outputs import (
+    MARKER,
+    atomic_write,
+    claim_output,
+    claim_output_file,
+    clear_workdir,
+    prepare_workdir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -46,10 +46,17 @@ def worker(config_path: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_slim.runtime.outputs import prepare_workdir, workdir_lock
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
     from megatron_slim.train.config import load_run_config
 
-    load_run_config(args.config).validate()  # report config errors before any process starts
-    if launched_world_size() is None and args.nproc > 1:
-        return run_local_world(worker, args.nproc, args.config)
-    return worker(args.config)
+    cfg = load_run_config(args.config)
+    cfg.validate()  # report config errors before any process starts
+    if launched_world_size() is not None:  # one of the ranks (every rank writes its shards of the save dir)
+        return worker(args.config)
+    # a plain process: it runs the only rank or spawns them, and holds the save dir (one trainer per save dir)
+    save_dir = prepare_workdir(cfg.checkpoint.save_dir, owner="train", inputs=train_paths(args.config)[1])
+    with workdir_lock(save_dir):
+        if args.nproc > 1:
+            return run_local_world(worker, args.nproc, args.config)
+        return worker(args.config)

@@ -39,23 +39,15 @@ class RunJob:
         return self.variant, self.stage
 
 
-def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path, fresh: bool = False) -> None:
-    """Check and create the work dir (runtime.outputs.prepare_workdir; `fresh` first clears one `run` made) and
-    keep the run's copy of the recipe, `RECIPE_COPY`: never the user's file (a recipe is never written back,
-    even when it sits in the work dir under any name)."""
+def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
+    """Under the work dir's lock: refuse a work dir of another recipe, and keep the run's copy of the recipe,
+    `RECIPE_COPY`, never the user's file (a recipe is never written back, even when it sits in the work dir)."""
     import yaml
 
     from megatron_slim.run.runner import plan_runs
     from megatron_slim.run.state import STATE, RunState
-    from megatron_slim.runtime.outputs import (
-        atomic_write,
-        clear_workdir,
-        prepare_workdir,
-    )
+    from megatron_slim.runtime.outputs import atomic_write
 
-    if fresh:
-        clear_workdir(workdir, owner="run", inputs=[recipe_path])
-    prepare_workdir(workdir, owner="run", inputs=[recipe_path])
     if study.variants and (workdir / STATE).is_file():
         raise UserError(f"{workdir} holds a run of a recipe without variants; use another --workdir")
     for run in plan_runs(study, workdir):
@@ -121,9 +113,15 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
 
 @contextmanager
 def _guarded(study: Study, job: RunJob) -> Iterator[None]:
-    """The work dir prepared (`_prepare_workdir`) and locked (`_workdir_locks`) for the body."""
-    _prepare_workdir(study, job.recipe, job.workdir, fresh=job.fresh)
+    """The work dir cleared (`--fresh`: only one `run` made), created (runtime.outputs.prepare_workdir: not an
+    input nor inside one), locked (`_workdir_locks`) and prepared (`_prepare_workdir`) for the body."""
+    from megatron_slim.runtime.outputs import clear_workdir, prepare_workdir
+
+    if job.fresh:
+        clear_workdir(job.workdir, owner="run", inputs=[job.recipe])
+    prepare_workdir(job.workdir, owner="run", inputs=[job.recipe])
     with _workdir_locks(study, job.workdir, job.target()[0]):
+        _prepare_workdir(study, job.recipe, job.workdir)
         yield
 
 

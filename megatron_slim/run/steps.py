@@ -280,7 +280,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
                                str(save_dir), heldout=data["heldout"])
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             save_dir.parent.mkdir(parents=True, exist_ok=True)
-            (ctx.workdir / stage.name / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            atomic_write(ctx.workdir / stage.name / "train.yaml", yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
         code = trainer.train()

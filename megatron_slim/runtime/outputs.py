@@ -322,7 +322,7 @@ def prepare_workdir(workdir: str | os.PathLike, *, owner: str, inputs: Iterable[
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"work dir {workdir} exists and is not a directory")
     workdir.mkdir(parents=True, exist_ok=True)
-    if not any(workdir.iterdir()):
+    if all(entry.name == WORKDIR_LOCK for entry in workdir.iterdir()):  # empty, or a killed holder's lock file
         atomic_write(workdir / MARKER, json.dumps({"kind": "workdir", "owner": owner}) + "\n")
     return workdir
 

@@ -216,7 +216,7 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     places), initialised as megatron-core initialises a new model at the run's layout and seed: the baseline
     pruning is measured against."""
     def fn(ctx: Context) -> dict[str, Any]:
-        import shutil
+        from contextlib import ExitStack
 
         import torch
         import torch.distributed as dist
@@ -226,6 +226,7 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         from megatron_slim.compress.plan import CompressionPlan
         from megatron_slim.models.builder import BuildOptions, build_model
         from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+        from megatron_slim.runtime.outputs import PARTIAL, claim_output, sibling
 
         p, seed = ctx.recipe.parallel, init_seed(stage)
         cfg = CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]).target
@@ -235,14 +236,14 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         init_model_parallel(parallel, seed=seed)
         model = build_model(cfg, parallel, BuildOptions(perform_initialization=True))
         out = ctx.workdir / stage.name / "init"
-        tmp = out.with_name("init.partial")
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, cfg)
-        if dist.get_rank() == 0:
-            copy_side_files(Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]), tmp / TOKENIZER_DIR)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+        with ExitStack() as held:  # rank 0 claims `out` (runtime.outputs); every rank saves into its staging
+            if dist.get_rank() == 0:
+                held.enter_context(claim_output(out, overwrite=True))
+            dist.barrier()
+            staging = sibling(out, PARTIAL)
+            save_model(model, staging, cfg)
+            if dist.get_rank() == 0:
+                copy_side_files(Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]), staging / TOKENIZER_DIR)
         dist.barrier()
         return {"checkpoint": str(out)}
     return fn

@@ -18,6 +18,7 @@ cannot delete an input or an unrelated directory, and never delete someone else'
 | any command's output onto any of its inputs                     | test_every_command_refuses_an_output_that_... |
 | upcycle --out onto its input or a downloaded checkpoint         | test_upcycle_never_writes_over_its_input_...  |
 | demo --fresh --workdir onto a directory it did not make         | test_demo_fresh_never_clears_a_directory_...  |
+| two trainers into one save dir                                  | test_second_trainer_into_a_save_dir_...       |
 """
 from __future__ import annotations
 
@@ -430,3 +431,32 @@ def test_clear_workdir_clears_only_its_owners_workdir(tmp_path):
     (user / "data").mkdir(parents=True)
     prepare_workdir(user, owner="run")  # used as it is, never marked: --fresh will not clear it
     assert not (user / MARKER).exists()
+
+
+HOLD_WORKDIR = """
+import sys
+from megatron_slim.runtime.outputs import workdir_lock
+with workdir_lock(sys.argv[1]):
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_second_trainer_into_a_save_dir_refuses_naming_the_holder(tmp_path, capsys):
+    """One trainer per save dir (a plain `train` holds it; ranks launched by torchrun/srun are one trainer)."""
+    save = tmp_path / "save"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{checkpoint: {tmp_path / 'student'}}}\ndata: {{blend: [[1.0, {tmp_path / 'train'}]]}}\n"
+                      f"loss: {{kd_weight: 0.0}}\ntrain: {{train_iters: 1}}\ncheckpoint: {{save_dir: {save}}}\n")
+    first = subprocess.Popen([sys.executable, "-c", HOLD_WORKDIR, str(save)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        before = snapshot(tmp_path)
+        assert cli.main(["train", "--config", str(config)]) == 2
+        assert f"pid {first.pid} on host {socket.gethostname()}" in capsys.readouterr().err
+        after = snapshot(tmp_path)
+        assert {k: after[k] for k in before} == before and set(after) - set(before) <= {f"save/{MARKER}"}
+    finally:
+        first.kill()
+        first.wait()

@@ -3,8 +3,8 @@
 Layout: <save_dir>/iter_0000100/ (model + optimizer + scheduler + step + RNG, plus model_config.json so every
 tool can read it as a model checkpoint) and <save_dir>/latest (the step of the newest complete checkpoint).
 A save writes into iter_XXXXXXX.tmp and is renamed only after every rank finished; `latest` is replaced with
-runtime.outputs.atomic_write afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous complete
-checkpoint; stale .tmp directories are removed by the next save.
+runtime.outputs.atomic_write afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous
+complete checkpoint; stale .tmp directories are removed by the next save.
 """
 from __future__ import annotations
 

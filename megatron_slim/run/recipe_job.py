@@ -1,6 +1,6 @@
-"""Run a recipe (`RunJob`, `run_recipe`), as the `run` command and the demo do: list its stages, print a dry run,
-run one single-process step (the child of a multi-rank job), or run the steps on the launched ranks, spawning the
-recipe's `nproc` local ranks as a plain process."""
+"""Run a recipe (`RunJob`, `run_recipe`), as the `run` command and the demo do: list its stages or its chain's jobs,
+print a dry run, run one single-process step (the child of a multi-rank job), or run the steps (all, one stage's or
+one chain job's) on the launched ranks, spawning the recipe's `nproc` local ranks as a plain process."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -11,6 +11,7 @@ from pathlib import Path
 from megatron_slim.errors import UserError
 from megatron_slim.run.recipe import Study
 from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import SHARED
 
 RECIPE_COPY = "run.recipe.yaml"  # the run's own copy of its recipe in the work dir (`export --run` reads it)
 
@@ -27,6 +28,9 @@ class RunJob:
     dry_run: bool = False  # validate the recipe and print the steps with their status
     step: str | None = None  # one single-process step (the child of a multi-rank job)
     progress: bool = True
+    list_jobs: bool = False  # print the chain's jobs (run/chain.py) as NAME:cpu|gpu and return
+    job: str | None = None  # run only this job of the chain (the jobs before it must be done)
+    allow_single_process_steps: bool = False  # run heavy single-process steps even in a multi-node job
     fresh: bool = False  # remove the work dir's contents first (only a work dir `run` made) and start over
 
     def target(self) -> tuple[str | None, str | None]:
@@ -44,8 +48,8 @@ def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
     `RECIPE_COPY`, never the user's file (a recipe is never written back, even when it sits in the work dir)."""
     import yaml
 
-    from megatron_slim.run.runner import plan_runs
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.variants import plan_runs
     from megatron_slim.runtime.outputs import atomic_write
 
     if study.variants and (workdir / STATE).is_file():
@@ -64,7 +68,7 @@ def _workdir_locks(study: Study, workdir: Path, variant: str | None) -> Iterator
     """One writer per run work dir: the lock of each variant's work dir this job runs (the work dir itself for a
     recipe without variants), held by this process (it runs the steps or spawns the ranks that do). Jobs running
     different variants of one study may run at once; their shared steps have their own lock (runner.py)."""
-    from megatron_slim.run.runner import plan_runs
+    from megatron_slim.run.variants import plan_runs
     from megatron_slim.runtime.outputs import workdir_lock
 
     with ExitStack() as stack:
@@ -79,16 +83,17 @@ def list_stages(study: Study) -> list[str]:
     VARIANT/STAGE for each variant's stages (what `launch.sh --submit --chain` submits, one job each)."""
     if not study.variants:
         return [s.name for s in study.recipe(None).stages]
-    return ["shared"] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
+    return [SHARED] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
 
 
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
     from megatron_slim.run.recipe import validate
-    from megatron_slim.run.runner import SHARED, plan_runs, shared_state
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.step_groups import shared_dir
+    from megatron_slim.run.variants import plan_runs, shared_state
 
-    shared = shared_state(workdir) if (workdir / SHARED / STATE).is_file() else None
+    shared = shared_state(workdir) if (shared_dir(workdir) / STATE).is_file() else None
     for run in plan_runs(study, workdir):
         if variant is not None and run.name != variant:
             continue
@@ -135,8 +140,15 @@ def _worker(job: RunJob, guard_here: bool) -> int:
 
     variant, stage = job.target()
     study = load_study(job.recipe)
-    code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress,
-                     guard=(lambda: _guarded(study, job)) if guard_here else None)
+    if job.job is not None:
+        from megatron_slim.run.runner import run_job
+
+        code = run_job(study, job.recipe, job.workdir, job.job, progress=job.progress,
+                       allow_single=job.allow_single_process_steps)
+    else:
+        code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress,
+                         allow_single=job.allow_single_process_steps,
+                         guard=(lambda: _guarded(study, job)) if guard_here else None)
     if study.variants and dist.get_rank() == 0:  # with whatever has finished, by every job of the study
         from megatron_slim.run.compare import write_comparison
 
@@ -153,6 +165,16 @@ def run_recipe(job: RunJob) -> int:
     if job.list_stages:
         print("\n".join(list_stages(read_study(recipe_path))))
         return 0
+    if job.list_jobs:
+        from megatron_slim.run.chain import chain_jobs
+        from megatron_slim.run.variants import plan_runs
+
+        print("\n".join(j.line() for j in chain_jobs(plan_runs(read_study(recipe_path), workdir))))
+        return 0
+    if job.job is not None and (job.stage or job.variant):
+        raise UserError("--job names one job of the chain (what --list-jobs prints); give no --stage/--variant")
+    if job.job is not None and job.fresh:
+        raise UserError("--fresh clears the whole work dir: start the chain over with `run --fresh`, not one --job")
     study = load_study(recipe_path)
     variant, _ = job.target()
     if variant is not None:
@@ -168,16 +190,26 @@ def run_recipe(job: RunJob) -> int:
     if len(nprocs) > 1:
         raise UserError(f"variants disagree on nproc {sorted(nprocs)}: one job runs them all")
     world = launched_world_size()
+    if world is not None:
+        for layout in {r.parallel for r in study.recipes.values()}:
+            try:
+                layout.validate_world(world)
+            except ValueError as e:
+                raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
+    nproc = nprocs.pop()
+    if job.job is not None:
+        # the jobs of a chain run in the order their dependencies give, a CPU job beside a GPU job: they share the
+        # work dir without its lock
+        from megatron_slim.runtime.outputs import prepare_workdir
+
+        prepare_workdir(workdir, owner="run", inputs=[recipe_path])
+        _prepare_workdir(study, recipe_path, workdir)
+        if world is None and nproc > 1:
+            return run_local_world(_worker, nproc, job, False)
+        return _worker(job, False)
     if world is None:  # this process runs the steps or spawns the ranks: it holds the work dir's lock
         with _guarded(study, job):
-            if nprocs.pop() > 1:
-                return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job, False)
+            if nproc > 1:
+                return run_local_world(_worker, nproc, job, False)
             return _worker(job, False)
-    from megatron_slim.runtime.distributed import ParallelConfig
-
-    for tp, ep, pp in {(r.parallel.tp, r.parallel.ep, r.parallel.pp) for r in study.recipes.values()}:
-        try:
-            ParallelConfig(tp=tp, ep=ep, pp=pp).validate_world(world)
-        except ValueError as e:
-            raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
     return _worker(job, True)  # launched ranks: rank 0 prepares and locks once the process group exists

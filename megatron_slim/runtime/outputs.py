@@ -424,9 +424,10 @@ def preflight(outputs: Iterable[Output], args: Any) -> None:
 
 
 def postflight(outputs: Iterable[Output], args: Any) -> None:
-    """After a command succeeded: each directory output it declared carries our marker, i.e. was written through
-    claim_output (a command that wrote one some other way is a bug, found by its first test)."""
+    """After a command succeeded: each directory output it declared and wrote (a dry run writes none) carries our
+    marker, i.e. was written through claim_output (a command that wrote one some other way is a bug, found by its
+    first test)."""
     for spec in outputs:
         out, _ = spec.resolve(args)
-        if out is not None and spec.form == "dir" and not (out / MARKER).is_file():
+        if out is not None and spec.form == "dir" and out.exists() and not (out / MARKER).is_file():
             raise RuntimeError(f"{out} was written without runtime.outputs.claim_output (no {MARKER})")

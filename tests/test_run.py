@@ -128,7 +128,7 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
     recipe = _recipe(assets)
     recipe["data"]["train"] = str(assets / "train.jsonl")
     load_recipe(_write(assets, "pretokenized", recipe))
-    run_preprocess(PreprocessJob(input=str(assets / "train.jsonl"), output_prefix=str(tmp_path / "run"),
+    run_preprocess(PreprocessJob(inputs=(str(assets / "train.jsonl"),), output_prefix=str(tmp_path / "run"),
                                  tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
     ours, ref = IndexedDataset(str(tmp_path / "run")), IndexedDataset(str(assets / "train"))
     assert len(ours) == len(ref) == 200
@@ -155,7 +155,7 @@ def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, me
     assert f"data.train: {assets / message}" in proc.stderr
     assert not work.exists()
     with pytest.raises(UserError, match=message.split(":", 1)[1].strip()):
-        run_preprocess(PreprocessJob(input=str(assets / "train_bad.jsonl"), output_prefix=str(assets / "bad"),
+        run_preprocess(PreprocessJob(inputs=(str(assets / "train_bad.jsonl"),), output_prefix=str(assets / "bad"),
                                      tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
 
 

@@ -31,11 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF tokenizer directory, a sentencepiece .model file, or 'none' for pre-tokenized ids")
     p.add_argument("--format", choices=FORMATS, default="auto",
                    help="input format; auto reads it from the content (text must be asked for, or named .txt)")
-    p.add_argument("--json-key", default="text", help="JSON field holding the text (or the ids, with --tokenizer none)")
-    p.add_argument("--column", default=None, help="parquet / HF dataset column holding the text (default: --json-key)")
+    p.add_argument("--json-key", default="text",
+                   help="JSON field holding the text (or the ids, with --tokenizer none)")
+    p.add_argument("--column", default=None,
+                   help="parquet / HF dataset column holding the text (None: the --json-key value)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="the model's vocabulary size (ids must lie below it); required with --tokenizer none")
-    p.add_argument("--eod-id", type=int, default=None, help="override the end-of-document id (default: tokenizer's EOS)")
+    p.add_argument("--eod-id", type=int, default=None, help="end-of-document id (None: the tokenizer's EOS)")
     p.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (one core each)")
     p.add_argument("--batch-size", type=int, default=512, help="documents per tokenizer call / per unit of work")
@@ -54,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
     run_preprocess(PreprocessJob(inputs=tuple(args.input), output_prefix=args.output_prefix, tokenizer=args.tokenizer,
                                  json_key=args.json_key, column=args.column, format=args.format,
                                  vocab_size=args.vocab_size, eod_id=args.eod_id, no_eod=args.no_eod,
-                                 workers=args.workers, batch_size=args.batch_size, shard=args.shard, skip_bad=args.skip_bad,
-                                 overwrite=args.overwrite, progress=not args.no_progress))
+                                 workers=args.workers, batch_size=args.batch_size, shard=args.shard,
+                                 skip_bad=args.skip_bad, overwrite=args.overwrite, progress=not args.no_progress))
     return 0

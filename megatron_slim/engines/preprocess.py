@@ -333,8 +333,9 @@ def _done(prefix: str, record: dict[str, Any]) -> bool:
     except UserError:
         return False
     sizes = data.get("files", {})
-    return data.get("job") == record and all(
-        Path(prefix + ext).is_file() and Path(prefix + ext).stat().st_size == sizes.get(ext) for ext in (".bin", ".idx"))
+    return data.get("job") == record and all(Path(prefix + ext).is_file()
+                                             and Path(prefix + ext).stat().st_size == sizes.get(ext)
+                                             for ext in (".bin", ".idx"))
 
 
 def run_preprocess(job: PreprocessJob) -> dict[str, Any]:

@@ -18,9 +18,10 @@ body completes. Semantics:
    waiting opener cannot give two holders). An existing `<out>.lock` that is not in our format is refused, never
    overwritten.
 3. Staging: a directory output is built in `<out>.partial`, a file output in a fresh hidden temporary file beside
-   it (`.<name>.XXXXXXXX.partial`; the lock holder removes such files left by a killed earlier writer of `out`). Only the lock holder creates or removes `<out>.partial`, and it removes a pre-existing one only when that
-   one carries our marker (a previous run of ours for this `out` that was killed: no-one else can be writing it,
-   since we hold the lock) - with or without `overwrite`. A `<out>.partial` without the marker is someone else's
+   it (`.<name>.XXXXXXXX.partial`, created with the umask's permissions; the lock holder first removes such files
+   left by a killed earlier writer of `out`). Only the lock holder creates or removes `<out>.partial`, and it
+   removes a pre-existing one only when that one carries our marker (a previous run of ours for this `out` that
+   was killed: no-one else can be writing it, since we hold the lock) - with or without `overwrite`. A `<out>.partial` without the marker is someone else's
    data: refused, never deleted. A failed body (any exception) removes the staging it created.
 4. Ours: every directory output gets the marker file `.megatron-slim-output` (JSON: {"kind": ...}) before it
    is moved into place. `overwrite` replaces an existing directory only when it has the marker, or, for outputs of

@@ -6,7 +6,7 @@ count what the datasets hold, and bad inputs fail with the file and the record.
 | case                                                                   | test                                       |
 |------------------------------------------------------------------------|--------------------------------------------|
 | .jsonl, JSON lines named .json, .gz, multi-frame .zst, parquet, HF dir | test_every_format_gives_the_jsonl_tokens    |
-| --workers 2 vs 1                                                       | test_workers_write_identical_bytes         |
+| --workers 2 vs 1 (HF fast tokenizer; sentencepiece)                    | test_workers_write_identical_bytes, test_sentencepiece_tokenizer_in_workers |
 | --shard 0/3..2/3 + merge-datasets                                      | test_shards_merged_equal_unsharded         |
 | a shard killed (SIGKILL) midway, rerun, merge                          | test_killed_shard_is_redone_and_merge_...  |
 | --shard auto under a SLURM array (ids starting at 1)                   | test_shard_auto_reads_the_slurm_array      |
@@ -278,3 +278,19 @@ def test_outputs_are_claimed_safely(tok: Path, tmp_path: Path, capsys: pytest.Ca
         _run(tok, [a], tmp_path / "wrapped", eod_id=70000)
     with pytest.raises(UserError, match="--tokenizer none needs --vocab-size"):
         run_preprocess(PreprocessJob(inputs=(str(a),), output_prefix=str(tmp_path / "x"), tokenizer="none"))
+
+
+def test_sentencepiece_tokenizer_in_workers(tmp_path: Path) -> None:
+    """A sentencepiece .model tokenizes in the workers as it does per document in-process."""
+    import sentencepiece as spm
+
+    docs = _docs(200)
+    (tmp_path / "train.txt").write_text("\n".join(docs), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=60, hard_vocab_limit=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    src = _jsonl(tmp_path / "docs.jsonl", docs)
+    for workers in (1, 2):
+        _run(tmp_path / "sp.model", [src], tmp_path / f"w{workers}", workers=workers, batch_size=16)
+    assert _read(tmp_path / "w1") == [sp.encode(d) + [sp.eos_id()] for d in docs]
+    assert _bytes(tmp_path / "w1") == _bytes(tmp_path / "w2")

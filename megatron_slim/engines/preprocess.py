@@ -13,6 +13,7 @@ a killed job leaves no half dataset, and a rerun skips a dataset whose manifest 
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sys
@@ -340,8 +341,6 @@ def _done(prefix: str, record: dict[str, Any]) -> bool:
 
 def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
     """Write the dataset (or find it done); returns its manifest."""
-    import json
-
     shard = parse_shard(job.shard)
     if job.workers < 1:
         raise UserError(f"--workers {job.workers}: need at least 1")
@@ -413,7 +412,8 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
     mb = total_bytes / 1e6
     print(f"wrote {prefix}.bin/.idx/.manifest.json: {documents} documents, {tokens} tokens, {skipped} skipped "
           f"records, in {seconds:.1f}s ({documents / seconds:.0f} docs/s, {tokens / seconds / 1e3:.0f}K tok/s, "
-          f"{mb / seconds:.1f} MB/s input); per worker while encoding: {progress.workers()}")
+          f"{mb / seconds:.1f} MB/s input); per worker while encoding: {progress.workers()}"
+          + (f"; {manifest['empty']} empty documents (--no-eod) left out" if manifest["empty"] else ""))
     return manifest
 
 
@@ -421,8 +421,6 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
 def merge_datasets(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> dict[str, Any]:
     """Concatenate indexed datasets in the given order (megatron-core's IndexedDatasetBuilder.add_index) and write
     the merged manifest: the counts of the datasets themselves, one shard entry per input."""
-    import json
-
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
     if not prefixes:

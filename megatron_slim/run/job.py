@@ -1,6 +1,6 @@
-"""Run a recipe (`RunJob`, `run_recipe`), as the `run` command and the demo do: list its stages, print a dry run,
-run one single-process step (the child of a multi-rank job), or run the steps on the launched ranks, spawning the
-recipe's `nproc` local ranks as a plain process."""
+"""Run a recipe (`RunJob`, `run_recipe`), as the `run` command and the demo do: list its stages or its chain's jobs,
+print a dry run, run one single-process step (the child of a multi-rank job), or run the steps (all, one stage's or
+one chain job's) on the launched ranks, spawning the recipe's `nproc` local ranks as a plain process."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,6 +23,9 @@ class RunJob:
     dry_run: bool = False  # validate the recipe and print the steps with their status
     step: str | None = None  # one single-process step (the child of a multi-rank job)
     progress: bool = True
+    list_jobs: bool = False  # print the chain's jobs (run/chain.py) as NAME:cpu|gpu and return
+    job: str | None = None  # run only this job of the chain (the jobs before it must be done)
+    allow_single_process_steps: bool = False  # run heavy single-process steps even in a multi-node job
 
     def target(self) -> tuple[str | None, str | None]:
         """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""
@@ -95,7 +98,14 @@ def _worker(job: RunJob) -> int:
 
     variant, stage = job.target()
     study = load_study(job.recipe)
-    code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress)
+    if job.job is not None:
+        from megatron_slim.run.runner import run_job
+
+        code = run_job(study, job.recipe, job.workdir, job.job, progress=job.progress,
+                       allow_single=job.allow_single_process_steps)
+    else:
+        code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress,
+                         allow_single=job.allow_single_process_steps)
     if study.variants and dist.get_rank() == 0:  # with whatever has finished, by every job of the study
         from megatron_slim.run.compare import write_comparison
 
@@ -112,6 +122,14 @@ def run_recipe(job: RunJob) -> int:
     if job.list_stages:
         print("\n".join(list_stages(read_study(recipe_path))))
         return 0
+    if job.list_jobs:
+        from megatron_slim.run.chain import chain_jobs
+        from megatron_slim.run.runner import plan_runs
+
+        print("\n".join(j.line() for j in chain_jobs(plan_runs(read_study(recipe_path), workdir))))
+        return 0
+    if job.job is not None and (job.stage or job.variant):
+        raise UserError("--job names one job of the chain (what --list-jobs prints); give no --stage/--variant")
     study = load_study(recipe_path)
     variant, _ = job.target()
     if variant is not None:

@@ -16,8 +16,11 @@ has a key, the digest of both (`step_keys`), and a step whose key two variants a
 `shared/<key>/` (`shared/state.json` records it).
 
 `single` steps run on one process (rank 0); the others run on every rank of the job (model-parallel layout from
-the recipe). Every step's outputs appear atomically or the step resumes itself (distillation), so rerunning a
-killed step is safe.
+the recipe). A step's `where` says which job of a SLURM chain it belongs in (run/chain.py): `cpu` for the heavy
+single-process steps (teacher conversion, tokenization, pruning, export) that would leave a multi-node GPU job's
+other GPUs idle for hours, `gpu` for the distributed steps (and the inference bench), `any` for the light
+single-process steps (planning, the report) that join the job before them. Every step's outputs appear atomically
+or the step resumes itself (distillation), so rerunning a killed step is safe.
 """
 from __future__ import annotations
 
@@ -59,6 +62,9 @@ class Context:
         return self.out(student_step(self.recipe, stage))["checkpoint"]
 
 
+CPU, GPU, ANY = "cpu", "gpu", "any"  # Step.where
+
+
 @dataclass(frozen=True)
 class Step:
     id: str
@@ -66,6 +72,7 @@ class Step:
     fn: Callable[[Context], dict[str, Any]]
     deps: tuple[str, ...] = ()  # the steps whose outputs it reads
     params: Any = None  # everything else its outputs depend on (JSON-serialisable)
+    where: str = GPU  # CPU, GPU or ANY: the kind of job of a chain that runs it (run/chain.py)
 
     @property
     def group(self) -> str:
@@ -349,8 +356,8 @@ def all_steps(recipe: Recipe) -> list[Step]:
     evaluation = {"evaluation": {k: v for k, v in dataclasses.asdict(r.evaluation).items() if k != "every_tokens"},
                   "seq_length": r.data.seq_length, "parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
     teacher, data = f"{PREPARE}/teacher", f"{PREPARE}/data"
-    steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}),
-             Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}),
+    steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}, where=CPU),
+             Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}, where=CPU),
              Step(f"{PREPARE}/eval_teacher", False, evaluate_teacher, (teacher, data), evaluation)]
     for s in r.stages:
         source, layout = input_step(r, s), {"parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
@@ -359,21 +366,23 @@ def all_steps(recipe: Recipe) -> list[Step]:
         grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": init_seed(s)} if added_mtp_depths(r, s) else {}
         steps += [Step(f"{s.name}/importance", False, importance(s), (source, data),
                        {"importance": dataclasses.asdict(r.importance), "seq_length": r.data.seq_length} | layout),
-                  Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target)]
+                  Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target, where=ANY)]
         if student.endswith("/init"):  # the planned architecture, random weights
             steps.append(Step(student, False, random_init(s), (f"{s.name}/plan",),
                               layout | grow | {"seed": init_seed(s)}))
         else:
             steps.append(Step(student, True, prune(s), (f"{s.name}/plan", source),
-                              {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow))
+                              {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow,
+                              where=CPU))
         distill_params = {"training": s.training, "seq_length": r.data.seq_length, "every_tokens":
                           r.evaluation.every_tokens} | evaluation
         steps += [Step(f"{s.name}/eval_pruned", False, evaluate_pruned(s), (student, data), evaluation),
                   Step(f"{s.name}/distill", False, distill(s), (student, teacher, data), distill_params),
                   Step(f"{s.name}/eval", False, evaluate_student(s), (f"{s.name}/distill", data), evaluation)]
     if r.export:
-        steps.append(Step(f"{FINAL}/export", True, export, (f"{r.stages[-1].name}/distill", teacher)))
+        steps.append(Step(f"{FINAL}/export", True, export, (f"{r.stages[-1].name}/distill", teacher), where=CPU))
         if r.inference is not None:
             steps.append(Step(f"{FINAL}/bench_inference", True, bench_inference, (f"{FINAL}/export",),
                               {"inference": dataclasses.asdict(r.inference), "teacher": str(r.teacher)}))
-    return steps + [Step(f"{FINAL}/report", True, report, params={"variant": r.variant, "recipe": r.digest})]
+    return steps + [Step(f"{FINAL}/report", True, report, params={"variant": r.variant, "recipe": r.digest},
+                         where=ANY)]

@@ -5,7 +5,8 @@ Corpus (default): the shipped English Wikipedia lead paragraphs (`megatron_slim.
 into documents of a few KB (like full articles), reshuffled per pass until the file holds --mb megabytes.
 Tokenizer (default): SmolLM2's, the demo's (`megatron_slim.data.assets.smollm2_hf_dir`). Each command runs as a
 fresh process, as a user runs it, and is timed end to end (start-up included) for --rounds interleaved rounds;
-reported: the median wall time, tokens/s (tokens in the written dataset / wall time), the ratio of 2 workers to 1,
+reported: the median wall time, tokens/s (tokens in the written dataset / wall time), tokens per CPU-second (all
+processes of the command, workers included: comparable even on a shared machine), the ratio of 2 workers to 1,
 and ours against Megatron-LM at the same worker count. Outputs are compared byte for byte (1 vs 2 workers, and
 against Megatron-LM's, which writes the same format). The machine's load average is printed before and after:
 figures taken on a busy machine are not comparable.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,13 +56,16 @@ def tokens_of(prefix: str) -> int:
     return int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum())
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and all its reaped children: workers included)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-3000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def same_bytes(a: str, b: str) -> bool:
@@ -105,16 +110,21 @@ def main() -> None:
     print(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), tokenizer {tokenizer}; "
           f"load average before: {os.getloadavg()}")
     times: dict[str, list[float]] = {name: [] for name in commands}
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
     for r in range(a.rounds):
         for name, (argv, _, e) in commands.items():
-            times[name].append(timed(argv, e))
-            print(f"round {r + 1}: {name}: {times[name][-1]:.1f}s (load {os.getloadavg()[0]:.1f})", flush=True)
+            wall, used = timed(argv, e)
+            times[name].append(wall)
+            cpu[name].append(used)
+            print(f"round {r + 1}: {name}: {wall:.1f}s wall, {used:.1f}s CPU (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
     tokens = {name: tokens_of(prefix) for name, (_, prefix, _) in commands.items()}
     rate = {name: tokens[name] / statistics.median(t) for name, t in times.items()}
     print(f"\nload average after: {os.getloadavg()}; {os.cpu_count()} CPUs")
     for name in commands:
         print(f"{name:20s} median {statistics.median(times[name]):7.1f}s  {tokens[name]:>12,} tokens  "
-              f"{rate[name] / 1e3:8.0f}K tokens/s  (rounds: {', '.join(f'{t:.1f}' for t in times[name])})")
+              f"{rate[name] / 1e3:8.0f}K tokens/s  {tokens[name] / statistics.median(cpu[name]) / 1e3:6.0f}K tokens "
+              f"per CPU-second  (rounds: {', '.join(f'{t:.1f}' for t in times[name])})")
     base = f"megatron-slim w{workers[0]}"
     for w in workers[1:]:
         print(f"megatron-slim {w} workers / {workers[0]}: {rate[f'megatron-slim w{w}'] / rate[base]:.2f}x; "

@@ -6,7 +6,8 @@ count what the datasets hold, and bad inputs fail with the file and the record.
 | case                                                                   | test                                       |
 |------------------------------------------------------------------------|--------------------------------------------|
 | .jsonl, JSON lines named .json, .gz, multi-frame .zst, parquet, HF dir | test_every_format_gives_the_jsonl_tokens    |
-| --workers 2 vs 1 (HF fast tokenizer; sentencepiece)                    | test_workers_write_identical_bytes, test_sentencepiece_tokenizer_in_workers |
+| --workers 2 vs 1 (HF fast tokenizer)                                   | test_workers_write_identical_bytes         |
+| --workers 2 vs 1 (sentencepiece .model)                                | test_sentencepiece_tokenizer_in_workers    |
 | --shard 0/3..2/3 + merge-datasets                                      | test_shards_merged_equal_unsharded         |
 | a shard killed (SIGKILL) midway, rerun, merge                          | test_killed_shard_is_redone_and_merge_...  |
 | --shard auto under a SLURM array (ids starting at 1)                   | test_shard_auto_reads_the_slurm_array      |

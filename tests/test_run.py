@@ -85,6 +85,8 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"training": {"model": {"checkpoint": "x"}}}, "['model'] are set by the run"),
     ({"data": {"train": [[1.0, "/nonexistent/prefix"]], "calibration": "c", "heldout": "h"}}, "do not exist"),
     ({"preset": "two_shot"}, "preset must be one of"),
+    ({"parallel": {"cp": 2}}, "parallel.cp: a recipe's steps run tp/pp/ep layouts only"),
+    ({"parallel": {"dp": 2}}, "parallel: unknown keys ['dp']"),
     ({"inference": {"batch": 0, "beam": 2}}, "inference: unknown keys ['beam']"),
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),

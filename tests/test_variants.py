@@ -16,11 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.run_assets import build, recipe as chain_recipe, write_recipe
-from support.train_assets import cli
-
 from megatron_slim.eval.stats import paired_difference
 from megatron_slim.run.recipe import RecipeError, load_study
+from support.run_assets import build, recipe as chain_recipe, write_recipe
+from support.train_assets import cli
 
 STEPS = 4  # distillation steps of 8 x 32 tokens per variant
 

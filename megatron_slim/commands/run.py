@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.run.job import RunJob, run_recipe
+    from megatron_slim.run.recipe_job import RunJob, run_recipe
 
     return run_recipe(RunJob(recipe=Path(args.recipe), workdir=Path(args.workdir), stage=args.stage,
                              variant=args.variant,

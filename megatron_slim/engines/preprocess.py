@@ -27,10 +27,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from megatron_slim.data.corpus import (BadRecord, Batch, InputFile, decode_batch, detect, expand_inputs, parts,
-                                        read_batches)
-from megatron_slim.data.manifest import (FORMAT, VERSION, file_fingerprint, manifest_path, read_manifest,
-                                         tokenizer_fingerprint)
+from megatron_slim.data.corpus import (
+    BadRecord,
+    Batch,
+    InputFile,
+    decode_batch,
+    detect,
+    expand_inputs,
+    parts,
+    read_batches,
+)
+from megatron_slim.data.manifest import (
+    FORMAT,
+    VERSION,
+    file_fingerprint,
+    manifest_path,
+    read_manifest,
+    tokenizer_fingerprint,
+)
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.outputs import check_not_overlapping, claim_output_file
 

@@ -23,66 +23,25 @@ import subprocess
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
 from megatron_slim.errors import UserError
 from megatron_slim.run.chain import chain_jobs, job_of_step
-from megatron_slim.run.recipe import Recipe, Study
+from megatron_slim.run.recipe import Study
 from megatron_slim.run.state import RunState, RunView
-from megatron_slim.run.step_groups import FINAL, PREPARE
-from megatron_slim.run.steps import CPU, Context, Step, StepInterrupted, all_steps, step_keys
+from megatron_slim.run.step_groups import FINAL, PREPARE, SHARED, shared_dir
+from megatron_slim.run.steps import CPU, Context, Step, StepInterrupted
+from megatron_slim.run.variants import VariantRun, plan_runs, shared_state
 from megatron_slim.runtime.launch_env import without_launcher_env
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 from megatron_slim.runtime.spawn import launched_nodes
 
 # How long ranks wait for rank 0's single-process steps (pruning an 80B checkpoint takes a while).
 BARRIER_TIMEOUT_MINUTES = 24 * 60
-
-
-SHARED = "shared"  # <workdir>/shared/: steps that variants share, with their own state.json
-VARIANTS = "variants"  # <workdir>/variants/<name>/: each variant's own work dir
-
-
-@dataclass
-class VariantRun:
-    """One variant's steps, its work dir and which of its steps are shared (step id -> shared record id)."""
-
-    name: str | None
-    recipe: Recipe
-    workdir: Path
-    steps: list[Step]
-    shared: dict[str, str]
-
-    def view(self, shared_state: RunState | None) -> RunView:
-        return RunView(RunState(self.workdir, self.recipe.digest), shared_state, self.shared)
-
-    def shared_dir(self, root: Path, step: Step) -> Path:
-        return root / SHARED / self.shared[step.id].split("@")[1]
-
-
-def plan_runs(study: Study, workdir: Path) -> list[VariantRun]:
-    """Every variant's steps; a step whose key (steps.step_keys) two variants agree on is shared, recorded as
-    `<kind>@<key>` in <workdir>/shared/state.json. A recipe without variants is one run in `workdir` itself."""
-    runs = []
-    for name, recipe in study.recipes.items():
-        steps = all_steps(recipe)
-        keys = step_keys(steps)
-        runs.append(VariantRun(name, recipe, workdir if name is None else workdir / VARIANTS / name, steps,
-                               {s.id: f"{s.kind}@{keys[s.id]}" for s in steps}))
-    users = Counter(record for run in runs for record in set(run.shared.values()))
-    for run in runs:
-        run.shared = {step: record for step, record in run.shared.items() if users[record] > 1}
-    return runs
-
-
-def shared_state(workdir: Path) -> RunState:
-    return RunState(workdir / SHARED, SHARED)
 
 
 def select_steps(run: VariantRun, view: RunView, stage: str | None) -> list[Step]:
@@ -155,7 +114,7 @@ def _shared_lock(root: Path, step: Step) -> Iterator[None]:
     if dist.get_rank() != 0:
         yield
         return
-    path = root / SHARED / ".lock"
+    path = shared_dir(root) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:

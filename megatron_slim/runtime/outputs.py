@@ -21,8 +21,9 @@ body completes. Semantics:
    it (`.<name>.XXXXXXXX.partial`, created with the umask's permissions; the lock holder first removes such files
    left by a killed earlier writer of `out`). Only the lock holder creates or removes `<out>.partial`, and it
    removes a pre-existing one only when that one carries our marker (a previous run of ours for this `out` that
-   was killed: no-one else can be writing it, since we hold the lock) - with or without `overwrite`. A `<out>.partial` without the marker is someone else's
-   data: refused, never deleted. A failed body (any exception) removes the staging it created.
+   was killed: no-one else can be writing it, since we hold the lock) - with or without `overwrite`. A
+   `<out>.partial` without the marker is someone else's data: refused, never deleted. A failed body (any
+   exception) removes the staging it created.
 4. Ours: every directory output gets the marker file `.megatron-slim-output` (JSON: {"kind": ...}) before it
    is moved into place. `overwrite` replaces an existing directory only when it has the marker, or, for outputs of
    versions older than the marker, when it looks like one of ours: a Megatron checkpoint (`model_config.json` and

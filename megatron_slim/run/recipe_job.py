@@ -9,6 +9,7 @@ from pathlib import Path
 from megatron_slim.errors import UserError
 from megatron_slim.run.recipe import Study
 from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import SHARED
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class RunJob:
 def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
     import yaml
 
-    from megatron_slim.run.runner import plan_runs
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.variants import plan_runs
 
     workdir.mkdir(parents=True, exist_ok=True)
     if study.variants and (workdir / STATE).is_file():
@@ -58,16 +59,17 @@ def list_stages(study: Study) -> list[str]:
     VARIANT/STAGE for each variant's stages (what `launch.sh --submit --chain` submits, one job each)."""
     if not study.variants:
         return [s.name for s in study.recipe(None).stages]
-    return ["shared"] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
+    return [SHARED] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
 
 
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
     from megatron_slim.run.recipe import validate
-    from megatron_slim.run.runner import SHARED, plan_runs, shared_state
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.step_groups import shared_dir
+    from megatron_slim.run.variants import plan_runs, shared_state
 
-    shared = shared_state(workdir) if (workdir / SHARED / STATE).is_file() else None
+    shared = shared_state(workdir) if (shared_dir(workdir) / STATE).is_file() else None
     for run in plan_runs(study, workdir):
         if variant is not None and run.name != variant:
             continue
@@ -91,10 +93,10 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
 
 
 def _worker(job: RunJob) -> int:
+    import torch.distributed as dist
+
     from megatron_slim.run.recipe import load_study
     from megatron_slim.run.runner import run_steps
-
-    import torch.distributed as dist
 
     variant, stage = job.target()
     study = load_study(job.recipe)
@@ -124,7 +126,7 @@ def run_recipe(job: RunJob) -> int:
         return 0
     if job.list_jobs:
         from megatron_slim.run.chain import chain_jobs
-        from megatron_slim.run.runner import plan_runs
+        from megatron_slim.run.variants import plan_runs
 
         print("\n".join(j.line() for j in chain_jobs(plan_runs(read_study(recipe_path), workdir))))
         return 0
@@ -149,11 +151,9 @@ def run_recipe(job: RunJob) -> int:
     if world is None and nprocs.pop() > 1:
         return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job)
     if world is not None:
-        from megatron_slim.runtime.distributed import ParallelConfig
-
-        for tp, ep, pp in {(r.parallel.tp, r.parallel.ep, r.parallel.pp) for r in study.recipes.values()}:
+        for layout in {r.parallel for r in study.recipes.values()}:
             try:
-                ParallelConfig(tp=tp, ep=ep, pp=pp).validate_world(world)
+                layout.validate_world(world)
             except ValueError as e:
                 raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
     return _worker(job)

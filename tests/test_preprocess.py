@@ -1,4 +1,4 @@
-"""Corpus tokenization (issue #27, megatron_slim.engines.preprocess and megatron_slim.data.corpus/manifest): every
+"""Corpus tokenization (issue #27, megatron_slim.engines.preprocess_job and megatron_slim.data.corpus/manifest): every
 input format yields the token stream of the same documents as JSON lines, any number of workers writes the same
 bytes, shards merged in order equal the unsharded dataset (also after a shard is killed and redone), manifests
 count what the datasets hold, and bad inputs fail with the file and the record.
@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from megatron_slim.cli import main as cli_main
-from megatron_slim.engines.preprocess import PreprocessJob, merge_datasets, parse_shard, run_preprocess
+from megatron_slim.engines.preprocess_job import PreprocessJob, merge_datasets, parse_shard, run_preprocess
 from megatron_slim.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -126,7 +126,7 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
     the run's data preparation writes the ids `preprocess --tokenizer none` writes, with the teacher's EOS."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     recipe = _recipe(assets)
     recipe["data"]["train"] = str(assets / "train.jsonl")
@@ -146,7 +146,7 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
 def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, message: str) -> None:
     """The teacher has no tokenizer files: text data used to become one end-of-document token per document, with
     prepare/data recorded done. Now the recipe is refused before anything runs, and so is preparation itself."""
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
     from megatron_slim.errors import UserError
 
     (assets / "train_bad.jsonl").write_text(line + "\n")

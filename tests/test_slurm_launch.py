@@ -682,7 +682,7 @@ def test_array_preprocess_shard_auto_merges_to_the_unsharded_dataset(slurm_env: 
                                                                       tmp_path: Path) -> None:
     """`preprocess --shard auto` in a 3-task array over one directory of parts: each task takes its shard from
     SLURM_ARRAY_TASK_ID/COUNT, and merge-datasets of the three shards is byte-identical to the unsharded dataset."""
-    from megatron_slim.engines.preprocess import PreprocessJob, merge_datasets, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, merge_datasets, run_preprocess
 
     (tmp_path / "corpus").mkdir()
     for i in range(4):

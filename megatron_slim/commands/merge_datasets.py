@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.engines.preprocess import merge_datasets
+    from megatron_slim.engines.preprocess_job import merge_datasets
 
     merge_datasets(list(args.inputs), args.output_prefix, overwrite=args.overwrite)
     return 0

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     run_preprocess(PreprocessJob(inputs=tuple(args.input), output_prefix=args.output_prefix, tokenizer=args.tokenizer,
                                  json_key=args.json_key, column=args.column, format=args.format,

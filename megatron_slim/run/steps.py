@@ -120,7 +120,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     """jsonl sources -> indexed datasets with the teacher's tokenizer, so every step reads identical tokens."""
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     tokenizer = ctx.out(TEACHER)["tokenizer"]
     teacher = load_model_config(ctx.teacher_ckpt())

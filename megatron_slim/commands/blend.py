@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "print a recipe data.train blend from dataset manifests"
+
+
+OUTPUTS: tuple[Output, ...] = ()  # prints only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "concatenate indexed datasets (preprocess shards) into one .bin/.idx + manifest"
+
+
+OUTPUTS = (Output("output_prefix", "prefix", inputs=("inputs",)),)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

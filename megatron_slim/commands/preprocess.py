@@ -19,8 +19,12 @@ from __future__ import annotations
 import argparse
 
 from megatron_slim.data.corpus import FORMATS
+from megatron_slim.runtime.outputs import Output
 
 HELP = "tokenize jsonl/gz/zst/parquet/HF datasets into a Megatron indexed dataset (.bin/.idx + manifest)"
+
+
+OUTPUTS = (Output("output_prefix", "prefix", inputs=("input", "tokenizer")),)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

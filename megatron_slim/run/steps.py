@@ -121,7 +121,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     """jsonl sources -> indexed datasets with the teacher's tokenizer, so every step reads identical tokens."""
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     tokenizer = ctx.out(TEACHER)["tokenizer"]
     teacher = load_model_config(ctx.teacher_ckpt())
@@ -134,12 +134,10 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
             out[name] = src if isinstance(src, list) else ([[1.0, src]] if name == "train" else src)
             continue
         prefix = ctx.workdir / "data" / name
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        tmp = prefix.with_name(name + ".tmp")
-        run_preprocess(PreprocessJob(input=src, output_prefix=str(tmp), tokenizer=tokenizer,
-                                     vocab_size=teacher.vocab_size, eod_id=eod))
-        for ext in (".idx", ".bin"):  # .idx last: a prefix counts as present once both exist
-            Path(str(tmp) + ext).replace(str(prefix) + ext)
+        # written atomically (.bin, then .idx, then the manifest); a rerun after a kill rewrites it
+        run_preprocess(PreprocessJob(inputs=(src,), output_prefix=str(prefix), tokenizer=tokenizer,
+                                     vocab_size=teacher.vocab_size, eod_id=eod, overwrite=True,
+                                     progress=ctx.progress))
         out[name] = [[1.0, str(prefix)]] if name == "train" else str(prefix)
     return out
 

@@ -22,7 +22,7 @@ from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.checkpoint.readahead import ReadAhead
 from megatron_slim.checkpoint.safetensors_io import HFWriter
 from megatron_slim.checkpoint.source import open_mcore, plan_hf_to_mcore
-from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Splices
+from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Range, Splices
 from megatron_slim.checkpoint.writers import Summary, is_mcore_expert, plan_mcore, summarize
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.mapping import BoundRule
@@ -150,21 +150,54 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     for rule in rules:
         metas = [reader.meta(k) for k in rule.mcore]
         plan += [(k, tuple(t.shape), t.dtype) for k, t in zip(rule.hf, rule.transform.to_hf(metas, cfg))]
+    plan_of = {k: (shape, dtype) for k, shape, dtype in plan}
     summary = summarize(cfg, {k: reader.meta(k) for k in needed}, is_mcore_expert)
     if dry_run:
         return summary
+    file_check = None if allow_nonfinite else FileRangeCheck()
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
-    with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite, [mcore_dir]) as tmp:
-        writer = HFWriter(tmp, plan)
+
+    def byte_ranges(rule: BoundRule) -> list[Range] | None:
+        """Where each of the rule's HF tensors lies, if every one is a contiguous run of bytes of one stored
+        megatron tensor (a transform that only moves bytes: identity, expert stacks, [gate; up] halves): their
+        bytes are then copied file to file. Found by running the transform on meta tensors: an output that is a
+        contiguous view of an input is that input's bytes from the view's storage offset on."""
+        metas = [reader.meta(k) for k in rule.mcore]
+        ranges = []
+        for out in rule.transform.to_hf(metas, cfg):
+            src = next((i for i, m in enumerate(metas) if out is m or out._base is m), None)
+            if src is None or not out.is_contiguous() or out.dtype != metas[src].dtype \
+                    or out.nbytes < MIN_SPLICE_BYTES:
+                return None
+            stored = reader.tensor_bytes(rule.mcore[src])
+            if stored is None:
+                return None
+            ranges.append((stored[0], stored[1] + out.storage_offset() * out.element_size(), out.nbytes))
+        return ranges
+
+    with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite, [mcore_dir]) as tmp, \
+            closing(Splices()) as splices:
+        writer = HFWriter(tmp, plan, splices=splices)
         for rule in rules:
-            tensors = reader.read(rule.mcore)
-            if not allow_nonfinite:
-                for key, t in zip(rule.mcore, tensors):
-                    check_finite(str(mcore_dir), key, t)
-            read_ahead.consumed(sum(t.nbytes for t in tensors))
-            for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg)):
-                writer.write(key, t)
-            bar.update(sum(t.numel() * t.element_size() for t in tensors))
+            ranges = byte_ranges(rule)
+            if ranges is not None:
+                for key in rule.mcore if file_check is not None else ():
+                    path, start, nbytes = reader.tensor_bytes(key)
+                    file_check.check(str(mcore_dir), key, path, start, nbytes, reader.tensors[key][1])
+                for key, (path, start, nbytes) in zip(rule.hf, ranges, strict=True):
+                    shape, dtype = plan_of[key]
+                    writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
+                moved = sum(nbytes for _, _, nbytes in ranges)
+            else:
+                tensors = reader.read(rule.mcore)
+                if not allow_nonfinite:
+                    for key, t in zip(rule.mcore, tensors):
+                        check_finite(str(mcore_dir), key, t)
+                for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg)):
+                    writer.write(key, t)
+                moved = sum(t.nbytes for t in tensors)
+            read_ahead.consumed(moved)
+            bar.update(moved)
         writer.close()
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config_from(cfg), indent=2))
         copy_side_files(mcore_dir / TOKENIZER_DIR, tmp)

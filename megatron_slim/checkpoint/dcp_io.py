@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -155,6 +156,7 @@ class McoreReader:
                 info = metadata.storage_data.get(MetadataIndex(k, m.chunks[0].offsets))
                 if info is not None and not info.transform_descriptors:
                     self._whole[k] = info
+        self._tensor_bytes: dict[str, tuple[Path, int, int] | None] = {}
 
     def meta(self, key: str) -> torch.Tensor:
         shape, dtype = self.tensors[key]
@@ -169,6 +171,35 @@ class McoreReader:
         """Where those of `keys` stored whole lie: (file, offset, length) each, for read-ahead."""
         infos = [self._whole[k] for k in keys if k in self._whole]
         return [(self.dir / info.relative_path, info.offset, info.length) for info in infos]
+
+    def tensor_bytes(self, key: str) -> tuple[Path, int, int] | None:
+        """Where `key`'s values lie in its file, row-major: (file, offset, length), or None if they do not lie there
+        as one run (a tensor stored in pieces or transformed, or saved as a strided view). An item torch.save'd
+        whole is a zip archive holding its storage uncompressed as one record; the pickle (loaded on the meta
+        device, reading no data) says which part of that storage the tensor is."""
+        if key not in self._whole:
+            return None
+        if key not in self._tensor_bytes:
+            self._tensor_bytes[key] = self._locate(key)
+        return self._tensor_bytes[key]
+
+    def _locate(self, key: str) -> tuple[Path, int, int] | None:
+        info = self._whole[key]
+        path = self.dir / info.relative_path
+        with open(path, "rb") as f:
+            archive = torch._C.PyTorchFileReader(_create_file_view(f, info.offset, info.length))
+            records = [r for r in archive.get_all_records() if r.startswith("data/")]
+            if len(records) != 1 or (archive.has_record("byteorder")
+                                     and archive.get_record("byteorder") != sys.byteorder.encode()):
+                return None
+            at, stored = info.offset + archive.get_record_offset(records[0]), archive.get_record_size(records[0])
+            tensor = torch.load(_create_file_view(f, info.offset, info.length), map_location="meta",
+                                weights_only=True)
+        shape, dtype = self.tensors[key]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype != dtype \
+                or not tensor.is_contiguous() or (tensor.storage_offset() + tensor.numel()) * tensor.element_size() > stored:
+            return None
+        return path, at + tensor.storage_offset() * tensor.element_size(), tensor.nbytes
 
     def read(self, keys: list[str]) -> list[torch.Tensor]:
         # torch.load of the item's bytes, not DCP's load: that loads the same way and then copies into a

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from megatron_slim.checkpoint.readahead import advise_willneed
+from megatron_slim.checkpoint.splice import Range, Splices
 from megatron_slim.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -147,12 +148,14 @@ class HFWriter:
     """Writes planned tensors into safetensors shards of at most `shard_bytes`, streaming, plus the index.
 
     The plan (key, shape, dtype, in order) is fixed up front so each shard's header can be written before its
-    data; `write(key, tensor)` must then be called in plan order.
+    data; `write(key, tensor)` (or `write_ranges(key, ranges)` for a tensor whose bytes lie in files, with
+    `splices` given) must then be called in plan order.
     """
 
     def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 shard_bytes: int = 5 * 2**30) -> None:
+                 shard_bytes: int = 5 * 2**30, splices: Splices | None = None) -> None:
         self.dir = Path(out_dir)
+        self._splices = splices
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
         for item in plan:
@@ -185,15 +188,29 @@ class HFWriter:
         self._cur = fi
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        fi, want, shape, dtype = self._order[self._pos]
-        if key != want or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise RuntimeError(f"HFWriter: expected {want} {shape} {dtype}, got {key} {tuple(tensor.shape)} "
-                               f"{tensor.dtype}")
-        if fi != self._cur:
-            self._open(fi)
+        self._next(key, tuple(tensor.shape), tensor.dtype)
         if tensor.numel():
             self._fh.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
+
+    def write_ranges(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, ranges: list[Range]) -> None:
+        """Write `key` as the bytes of `ranges` (file, offset, length; in order), copied file to file."""
+        if self._splices is None:
+            raise RuntimeError("HFWriter: write_ranges needs the writer made with `splices`")
+        self._next(key, shape, dtype)
+        if sum(length for _, _, length in ranges) != _nbytes(shape, dtype):
+            raise RuntimeError(f"HFWriter: {key} is {_nbytes(shape, dtype)} bytes, its ranges hold "
+                               f"{sum(length for _, _, length in ranges)}")
+        self._splices.append(self._fh, ranges)
+        self._pos += 1
+
+    def _next(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Check that `key` is the next planned tensor and open its shard."""
+        fi, want, want_shape, want_dtype = self._order[self._pos]
+        if key != want or shape != tuple(want_shape) or dtype != want_dtype:
+            raise RuntimeError(f"HFWriter: expected {want} {want_shape} {want_dtype}, got {key} {shape} {dtype}")
+        if fi != self._cur:
+            self._open(fi)
 
     def close(self) -> None:
         if self._pos != len(self._order):

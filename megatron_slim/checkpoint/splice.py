@@ -8,7 +8,7 @@ resident memory), registered with the file ranges that hold its bytes in order. 
 storage with a single `write` of that storage (and, with its CRC32 off, never reads it); `SpliceStream`, the
 writer's file, recognises the placeholder's storage by its address and copies the ranges instead. Where the
 kernel cannot copy between the two files (another filesystem on an old kernel, some network filesystems) the
-ranges are read into the placeholder and written as usual. A placeholder that torch.save did not write in one
+ranges are copied through one bounded buffer. A placeholder that torch.save did not write in one
 piece is an error, never garbage on disk.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from megatron_slim.errors import CheckpointError
 
 Range = tuple[Path, int, int]  # file, offset, length
 MIN_SPLICE_BYTES = 4096  # torch.save's own records (pickle, headers) are smaller; tensors worth splicing are larger
+_BUFFER_BYTES = 64 << 20  # bounds the memory of copies through user space
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
@@ -37,6 +38,7 @@ class Splices:
         self._fds: dict[Path, int] = {}
         self.kernel_copy = True  # until the kernel refuses
         self.failure: Exception | None = None
+        self._buffer: memoryview | None = None  # for copies through user space, allocated on first need
 
     def add(self, tensor: torch.Tensor, ranges: list[Range]) -> None:
         """`tensor` (contiguous, owning exactly its storage) is to be written as the bytes of `ranges`."""
@@ -67,6 +69,47 @@ class Splices:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
+    def append(self, raw: BinaryIO, ranges: list[Range]) -> None:
+        """Write the bytes of `ranges`, in order, at the end of `raw` (a buffered file open for writing, positioned
+        at its end), and leave it positioned after them: copied in the kernel, or through one bounded buffer where
+        the kernel cannot copy between the two files."""
+        raw.flush()
+        start = raw.tell()
+        nbytes = sum(length for _, _, length in ranges)
+        if self.kernel_copy:
+            try:
+                self._copy(raw.fileno(), ranges, start)
+                raw.seek(start + nbytes)
+                return
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                self.kernel_copy = False
+                raw.seek(start)  # a partial copy is overwritten below
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(_BUFFER_BYTES))
+        for path, offset, length in ranges:
+            fd = self.fd(path)
+            for at in range(offset, offset + length, _BUFFER_BYTES):
+                n = min(_BUFFER_BYTES, offset + length - at)
+                done = 0
+                while done < n:  # a read may return less than asked
+                    got = os.preadv(fd, [self._buffer[done:n]], at + done)
+                    if got == 0:
+                        raise CheckpointError(f"{path}: truncated at byte {at + done}")
+                    done += got
+                raw.write(self._buffer[:n])
+
+    def _copy(self, dst: int, ranges: list[Range], at: int) -> None:
+        for path, offset, length in ranges:
+            src, done = self.fd(path), 0
+            while done < length:
+                n = os.copy_file_range(src, dst, length - done, offset + done, at + done)
+                if n == 0:
+                    raise CheckpointError(f"{path}: truncated at byte {offset + done}")
+                done += n
+            at += length
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -96,39 +139,7 @@ class SpliceStream:
     def _splice(self, tensor: torch.Tensor, ranges: list[Range]) -> None:
         if serialization_config.save.compute_crc32:
             raise RuntimeError("spliced tensors need torch.save's CRC32 off: their bytes are never in memory")
-        self._raw.flush()
-        start = self._raw.tell()
-        if self._splices.kernel_copy:
-            try:
-                self._copy(ranges, start)
-                self._raw.seek(start + tensor.nbytes)
-                return
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY:
-                    raise
-                self._splices.kernel_copy = False
-        data = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-        at = 0
-        for path, offset, length in ranges:
-            fd, done = self._splices.fd(path), 0
-            while done < length:  # one read returns at most ~2 GiB
-                n = os.preadv(fd, [data[at + done:at + length]], offset + done)
-                if n == 0:
-                    raise CheckpointError(f"{path}: truncated at byte {offset + done}")
-                done += n
-            at += length
-        self._raw.write(data)
-
-    def _copy(self, ranges: list[Range], start: int) -> None:
-        dst, at = self._raw.fileno(), start
-        for path, offset, length in ranges:
-            src, done = self._splices.fd(path), 0
-            while done < length:
-                n = os.copy_file_range(src, dst, length - done, offset + done, at + done)
-                if n == 0:
-                    raise CheckpointError(f"{path}: truncated at byte {offset + done}")
-                done += n
-            at += length
+        self._splices.append(self._raw, ranges)
 
     def tell(self) -> int:
         return self._raw.tell()

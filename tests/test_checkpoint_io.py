@@ -166,3 +166,48 @@ def test_layout_child_failure_is_reported_with_its_output(tmp_path):
     with LayoutJob(tmp_path / "no-such-checkpoint") as job, pytest.raises(RuntimeError) as e:
         job.result()
     assert "learn its checkpoint layout failed" in str(e.value) and "no-such-checkpoint" in str(e.value)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read_fallback"])
+def test_mcore_tensor_bytes_splice_into_hf_shards_exactly(tmp_path, kernel_copy):
+    """mcore-to-hf's spliced path: each stored tensor's byte range (found from the item's zip record and its
+    pickle) holds exactly its values, and pieces of it copied file to file by the HF writer, next to tensors
+    written from memory, read back bit-exact from the safetensors shards."""
+    from safetensors.torch import load_file
+
+    from megatron_slim.checkpoint.safetensors_io import HFWriter
+
+    gen = torch.Generator().manual_seed(2)
+    stored = {"small": torch.randn(3, 5, generator=gen),
+              "stack": torch.randn(4, 6, 512, generator=gen).to(torch.bfloat16),
+              "wide": torch.randn(64, 130, generator=gen)}
+    write_checkpoint(tmp_path / "ckpt", [(k, tuple(t.shape), t.dtype) for k, t in stored.items()], lambda: [],
+                     stored.__getitem__)
+    reader = McoreReader(tmp_path / "ckpt")
+    for key, t in stored.items():
+        path, start, nbytes = reader.tensor_bytes(key)
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = bytearray(f.read(nbytes))
+        assert nbytes == t.nbytes and _same_bits(torch.frombuffer(raw, dtype=t.dtype).view(t.shape), t), key
+
+    path, start, _ = reader.tensor_bytes("stack")
+    experts = list(stored["stack"].unbind(0))  # expert e is bytes [e * n, (e + 1) * n) of the stack
+    plan = [("small", (3, 5), torch.float32)] + [(f"e{i}", (6, 512), torch.bfloat16) for i in range(4)]
+    splices = Splices()
+    splices.kernel_copy = kernel_copy
+    out = tmp_path / "hf"
+    out.mkdir()
+    writer = HFWriter(out, plan, shard_bytes=2 * experts[0].nbytes, splices=splices)
+    writer.write("small", stored["small"])
+    for i, e in enumerate(experts):
+        writer.write_ranges(f"e{i}", (6, 512), torch.bfloat16, [(path, start + i * e.nbytes, e.nbytes)])
+    writer.close()
+    splices.close()
+    assert len(writer.files) > 1, "the copies span shards"
+    back = {}
+    for name in writer.files:
+        back |= load_file(out / name)
+    assert _same_bits(back["small"], stored["small"])
+    for i, e in enumerate(experts):
+        assert _same_bits(back[f"e{i}"], e), i

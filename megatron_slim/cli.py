@@ -47,15 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_slim.errors import UserError
+    from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, ignore_stop_signals
     from megatron_slim.runtime.quiet import silence_upstream_noise
 
     args = build_parser().parse_args(argv)
     silence_upstream_noise()
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
     except (UserError, FileExistsError, FileNotFoundError) as e:
         print(f"megatron-slim {args.command}: error: {e}", file=sys.stderr)
         return 2
+    if code == REQUEUE_EXIT_CODE:  # leaving to be requeued: no signal may turn that status into a kill now
+        ignore_stop_signals()
+    return code
 
 
 if __name__ == "__main__":

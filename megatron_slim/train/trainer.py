@@ -310,7 +310,9 @@ class Trainer:
         return status
 
     def _close(self) -> None:
-        self.stop.restore()
         self.router_load.remove()
         if self.logger is not None:
             self.logger.close()
+        # last: a SIGTERM while the logger closes (srun ending this rank because a peer already exited 75) is a
+        # stop request, not a kill; the CLI then ignores such signals until the process has exited
+        self.stop.restore()

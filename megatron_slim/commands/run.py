@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the stage names, one per line, and exit (with variants: `shared`, then VARIANT/STAGE)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the steps with their status and each stage's student")
+    p.add_argument("--gpu-memory", help="memory of one GPU (e.g. 80GiB; default: the recipe's cluster.gpu_memory): "
+                   "a stage whose memory plan does not fit is refused before anything runs")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: one single-process step (child of a multi-rank job)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -44,4 +46,4 @@ def run(args: argparse.Namespace) -> int:
     return run_recipe(RunJob(recipe=Path(args.recipe), workdir=Path(args.workdir), stage=args.stage,
                              variant=args.variant,
                              list_stages=args.list_stages, dry_run=args.dry_run, step=args.step,
-                             progress=not args.no_progress))
+                             progress=not args.no_progress, gpu_memory=args.gpu_memory))

@@ -23,6 +23,7 @@ class RunJob:
     dry_run: bool = False  # validate the recipe and print the steps with their status
     step: str | None = None  # one single-process step (the child of a multi-rank job)
     progress: bool = True
+    gpu_memory: str | None = None  # one GPU's memory (e.g. 80GiB) the stages' memory plans must fit
 
     def target(self) -> tuple[str | None, str | None]:
         """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""
@@ -56,6 +57,26 @@ def list_stages(study: Study) -> list[str]:
     if not study.variants:
         return [s.name for s in study.recipe(None).stages]
     return ["shared"] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
+
+
+def _memory_check(study: Study, variant: str | None, gpu_memory: str | None, show: bool) -> None:
+    """Every stage of every variant (or `variant`'s): its per-GPU memory plan, printed when `show`; a stage that
+    does not fit refuses the whole run before any compute."""
+    from megatron_slim.run.memory import check_fit, plans, stage_setups
+    from megatron_slim.run.recipe import teacher_config, validate
+    from megatron_slim.train.memory_plan import format_plans
+
+    for name, recipe in study.recipes.items():
+        if variant is not None and name != variant:
+            continue
+        setups = stage_setups(recipe, teacher_config(recipe), validate(recipe), gpu_memory)
+        stage_plans = plans(setups)
+        if show:
+            print(f"memory per GPU{f' (variant {name})' if name else ''}, {setups[0].world} GPUs, layout "
+                  f"tp={setups[0].layout.tp} pp={setups[0].layout.pp} ep={setups[0].layout.ep} "
+                  f"etp={setups[0].layout.expert_tp}:")
+            print(format_plans(stage_plans))
+        check_fit(setups, stage_plans, f"variant {name!r} " if name else "the recipe ")
 
 
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
@@ -122,7 +143,9 @@ def run_recipe(job: RunJob) -> int:
         return run_one_step(study, workdir, variant, job.step, progress=job.progress)
     if job.dry_run:
         _dry_run(study, workdir, variant)
+        _memory_check(study, variant, job.gpu_memory, show=True)
         return 0
+    _memory_check(study, variant, job.gpu_memory, show=False)
     _prepare_workdir(study, recipe_path, workdir)
     nprocs = {r.nproc for r in study.recipes.values()}
     if len(nprocs) > 1:

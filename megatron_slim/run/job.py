@@ -63,13 +63,14 @@ def _memory_check(study: Study, variant: str | None, gpu_memory: str | None, sho
     """Every stage of every variant (or `variant`'s): its per-GPU memory plan, printed when `show`; a stage that
     does not fit refuses the whole run before any compute."""
     from megatron_slim.run.memory import check_fit, plans, stage_setups
-    from megatron_slim.run.recipe import teacher_config, validate
+    from megatron_slim.run.recipe import stage_configs, teacher_config
     from megatron_slim.train.memory_plan import format_plans
 
     for name, recipe in study.recipes.items():
         if variant is not None and name != variant:
             continue
-        setups = stage_setups(recipe, teacher_config(recipe), validate(recipe), gpu_memory)
+        teacher = teacher_config(recipe)
+        setups = stage_setups(recipe, teacher, stage_configs(recipe, teacher), gpu_memory)
         stage_plans = plans(setups)
         if show:
             print(f"memory per GPU{f' (variant {name})' if name else ''}, {setups[0].world} GPUs, layout "

@@ -36,11 +36,11 @@ def measure(hf: dict, seq: int, batch: int, opts: dict) -> tuple[object, dict[st
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.forward import position_ids_for
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.train.activation_probe import SavedActivations
 
     cfg = model_config_from_hf(hf, mtp_num_layers=1 if hf["model_type"] == "qwen3_next" else 0)
-    model = build_model(cfg, ParallelConfig(), BuildOptions(**opts))
+    model = build_model(cfg, ParallelLayout(), BuildOptions(**opts))
     model.train()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq))
     probe = SavedActivations(model)
@@ -59,11 +59,12 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     a = p.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    from megatron_slim.runtime.distributed import ParallelConfig, free_port, init_model_parallel
+    from megatron_slim.runtime.distributed import free_port, init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.train.memory_plan import Batch, Knobs, activation_bytes, layer_bytes_per_token
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    init_model_parallel(ParallelConfig(), seed=0)
+    init_model_parallel(ParallelLayout(), seed=0)
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     knobs = Knobs(bf16=a.bf16, backend="local")
     tokens = a.seq * a.micro_batch
@@ -78,10 +79,10 @@ def main() -> None:
                 continue
             got = sum(values) / len(values) / tokens
             if symbol == "mtp":
-                plan = activation_bytes(cfg, ParallelConfig(), knobs, Batch(a.micro_batch, a.seq), 0)[
+                plan = activation_bytes(cfg, ParallelLayout(), knobs, Batch(a.micro_batch, a.seq), 0)[
                     "activations.mtp"] / tokens
             else:
-                plan = layer_bytes_per_token(cfg, ParallelConfig(), knobs, symbol, a.seq, a.micro_batch)
+                plan = layer_bytes_per_token(cfg, ParallelLayout(), knobs, symbol, a.seq, a.micro_batch)
             print(f"{family:<12}{names[symbol]:<12}{got:>12.0f}{plan:>12.0f}{plan / got:>15.3f}")
     print("\nwhole forward (all layers, head included) with recomputation, qwen3_moe")
     print(f"{'setting':<40}{'measured':>12}{'saved vs none':>15}{'planned saving':>16}")
@@ -93,7 +94,7 @@ def main() -> None:
     base = None
     for name, opts in settings.items():
         cfg, _, total = measure(hf, a.seq, a.micro_batch, {"params_dtype": dtype, **opts})
-        planned = activation_bytes(cfg, ParallelConfig(), dataclasses.replace(knobs, **opts),
+        planned = activation_bytes(cfg, ParallelLayout(), dataclasses.replace(knobs, **opts),
                                    Batch(a.micro_batch, a.seq), 0)
         planned.pop("activations.recompute_window", None)
         plan = sum(planned.values())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_slim.errors import UserError
-from megatron_slim.runtime.distributed import ParallelConfig
+from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.train.config import run_config_from_dict
 from megatron_slim.train.memory_plan import (Batch, Knobs, Param, activation_bytes, buffer_layout,
                                              layer_bytes_per_token, max_owned, parse_memory, stage_parameters,
@@ -25,7 +25,7 @@ LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2), "dp2": {}}
 def _allocated(rank: int, world: int, layouts: dict[str, dict], bf16: bool) -> dict:
     """Per family and layout, this rank's DDP param/grad buffer bytes and optimizer shard bytes after one step."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelLayout
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_slim.models.builder import BuildOptions, build_model
@@ -35,12 +35,12 @@ def _allocated(rank: int, world: int, layouts: dict[str, dict], bf16: bool) -> d
     dtype = torch.bfloat16 if bf16 else torch.float32
     out: dict = {}
     for name, layout in layouts.items():
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=1)
         for family in FAMILIES:
             cfg = tiny_config(family)
             model = build_model(cfg, parallel, BuildOptions(params_dtype=dtype))
-            ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            ddp = DistributedDataParallel(model.config, DistributedDataParallelLayout(
                 use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
             opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=bf16, params_dtype=dtype,
                                                          use_distributed_optimizer=True), [ddp])
@@ -70,7 +70,7 @@ def test_weights_grads_and_optimizer_equal_megatron_cores_allocations(bf16: bool
     knobs = Knobs(bf16=bf16)
     for (name, family), _ in results[0].items():
         cfg = tiny_config(family)
-        layout = ParallelConfig(**LAYOUTS[name])
+        layout = ParallelLayout(**LAYOUTS[name])
         for rank, got in enumerate(r[(name, family)] for r in results):
             st = training_state(cfg, layout, 2, got["stage"], knobs)
             where = f"{family} {name} rank {rank}"
@@ -86,7 +86,7 @@ def test_stage_parameters_are_megatron_cores_at_every_layout() -> None:
     """The parameters the plan lays out are the built model's, rank by rank, in named_parameters() order."""
     results = run_distributed(_numels, 2, LAYOUTS, timeout_s=300)
     for (name, family), _ in results[0].items():
-        cfg, layout = tiny_config(family), ParallelConfig(**LAYOUTS[name])
+        cfg, layout = tiny_config(family), ParallelLayout(**LAYOUTS[name])
         for r in results:
             got = r[(name, family)]
             assert [p.numel for p in stage_parameters(cfg, layout, got["stage"])] == got["numels"], (family, name)
@@ -101,7 +101,7 @@ def _numels(rank: int, world: int, layouts: dict[str, dict]) -> dict:
 
     out = {}
     for name, layout in layouts.items():
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=1)
         for family in FAMILIES:
             model = build_model(tiny_config(family), parallel)
@@ -129,11 +129,11 @@ def _measure(rank: int, world: int, families: tuple[str, ...], seq: int, batch: 
     from megatron_slim.runtime.distributed import init_model_parallel
     from megatron_slim.train.activation_probe import SavedActivations
 
-    init_model_parallel(ParallelConfig(), seed=0)
+    init_model_parallel(ParallelLayout(), seed=0)
     out = {}
     for family in families:
         cfg = tiny_config(family)
-        model = build_model(cfg, ParallelConfig(), BuildOptions(**recompute))
+        model = build_model(cfg, ParallelLayout(), BuildOptions(**recompute))
         model.train()
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq))
         probe = SavedActivations(model)
@@ -156,11 +156,11 @@ def test_activation_formulas_within_15_percent_of_saved_tensor_hooks() -> None:
         for symbol, values in per_type.items():
             if symbol in ("head", "mtp"):
                 continue
-            plan = layer_bytes_per_token(cfg, ParallelConfig(), LOCAL, symbol, seq, batch) * seq * batch
+            plan = layer_bytes_per_token(cfg, ParallelLayout(), LOCAL, symbol, seq, batch) * seq * batch
             for got in values:
                 assert abs(plan / got - 1) < 0.15, f"{family} layer {symbol}: plan {plan} measured {got}"
         if "mtp" in per_type:
-            plan = activation_bytes(cfg, ParallelConfig(), LOCAL, Batch(batch, seq), 0)["activations.mtp"]
+            plan = activation_bytes(cfg, ParallelLayout(), LOCAL, Batch(batch, seq), 0)["activations.mtp"]
             assert abs(plan / per_type["mtp"][0] - 1) < 0.15, f"{family} MTP: plan {plan} measured {per_type['mtp']}"
 
 
@@ -173,9 +173,9 @@ def test_recomputation_lowers_saved_activations_as_planned(recompute: dict) -> N
     got = run_distributed(_measure, 1, (family,), seq, batch, {})[0][family][1]
     got_re = run_distributed(_measure, 1, (family,), seq, batch, recompute)[0][family][1]
     cfg = tiny_config(family)
-    plan = sum(activation_bytes(cfg, ParallelConfig(), LOCAL, Batch(batch, seq), 0).values())
+    plan = sum(activation_bytes(cfg, ParallelLayout(), LOCAL, Batch(batch, seq), 0).values())
     knobs = dataclasses.replace(LOCAL, **recompute)
-    planned = activation_bytes(cfg, ParallelConfig(), knobs, Batch(batch, seq), 0)
+    planned = activation_bytes(cfg, ParallelLayout(), knobs, Batch(batch, seq), 0)
     planned.pop("activations.recompute_window", None)  # rebuilt during the backward, never saved by the forward
     plan_re = sum(planned.values())
     assert got_re < 0.8 * got and plan_re < 0.8 * plan
@@ -198,22 +198,22 @@ def test_memory_knobs_reach_megatron_core() -> None:
                                      grad_reduce_dtype="bf16", overlap_grad_reduce=True, overlap_param_gather=True,
                                      moe_token_dispatcher="alltoall"))
     c.validate()
-    t = transformer_config(cfg, ParallelConfig(ep=2, etp=1), student_build_options(c))
+    t = transformer_config(cfg, ParallelLayout(ep=2, etp=1), student_build_options(c))
     assert (t.recompute_granularity, t.recompute_method, t.recompute_num_layers) == ("full", "block", 2)
     assert t.moe_token_dispatcher_type == "alltoall" and t.expert_tensor_parallel_size == 1
-    assert transformer_config(cfg, ParallelConfig(), teacher_build_options(c)).recompute_granularity is None
+    assert transformer_config(cfg, ParallelLayout(), teacher_build_options(c)).recompute_granularity is None
     d = ddp_config(c)
     assert (d.grad_reduce_in_fp32, d.overlap_grad_reduce, d.overlap_param_gather) == (False, True, True)
     s = run_config_from_dict(_config(recompute={"granularity": "selective", "modules": ["moe", "core_attn"]},
                                      moe_token_dispatcher="allgather"))
-    t = transformer_config(cfg, ParallelConfig(), student_build_options(s))
+    t = transformer_config(cfg, ParallelLayout(), student_build_options(s))
     assert t.recompute_granularity == "selective" and t.recompute_modules == ["moe", "core_attn"]
     assert t.moe_token_dispatcher_type == "allgather" and ddp_config(s).grad_reduce_in_fp32
     fp8 = run_config_from_dict(_config(teacher_precision="fp8"))
     opts = teacher_build_options(fp8)
     assert opts.fp8_param and opts.fp8 == "e4m3" and not student_build_options(fp8).fp8_param
     with pytest.raises(RuntimeError, match="Transformer Engine"):  # this machine has no TE: a clear refusal
-        transformer_config(cfg, ParallelConfig(), opts)
+        transformer_config(cfg, ParallelLayout(), opts)
 
 
 @pytest.mark.parametrize("memory,message", [

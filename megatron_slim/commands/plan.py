@@ -104,10 +104,10 @@ def _memory_plans(args: argparse.Namespace, teacher, student) -> list:
     """The memory plan of distilling `student` from `teacher` at the flags' layout: one stage, 'distill'."""
     from megatron_slim.errors import UserError
     from megatron_slim.train.memory_plan import Batch, Knobs, StageSetup, parse_memory, plan_stage
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
 
+    layout = ParallelLayout.parse(args.layout)
     try:
-        layout = ParallelConfig(**_parse_layout(args.layout))
         world = args.nodes * args.gpus_per_node
         layout.validate_world(world)
         gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
@@ -124,16 +124,6 @@ def _memory_plans(args: argparse.Namespace, teacher, student) -> list:
     setup = StageSetup("distill", student, teacher, layout, world, Batch(args.micro_batch, args.seq_len, micro),
                        knobs, gpu)
     return [plan_stage(setup)]
-
-
-def _parse_layout(text: str) -> dict[str, int]:
-    out = {}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        if key.strip() not in ("tp", "pp", "ep", "etp", "cp") or not value.strip().isdigit():
-            raise ValueError(f"expected comma-separated tp=N,pp=N,ep=N (etp=, cp=), got {part!r}")
-        out[key.strip()] = int(value)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
-from megatron_slim.runtime.distributed import ParallelConfig
+from megatron_slim.runtime.layout import ParallelLayout
 
 GiB = 2**30
 CUDA_CONTEXT_COMM_BYTES = 3 * GiB  # CUDA context ~0.6 GiB, NCCL groups (dp, tp, pp, ep, edp) ~1.5 GiB, workspaces
@@ -110,7 +110,7 @@ def _gdn_params(cfg: ModelConfig, tp: int, prefix: str) -> list[Param]:
             Param(prefix + "out_norm", cfg.linear_value_head_dim), Param(prefix + "out_proj", h * vd, linear=True)]
 
 
-def _moe_params(cfg: ModelConfig, layout: ParallelConfig, prefix: str) -> list[Param]:
+def _moe_params(cfg: ModelConfig, layout: ParallelLayout, prefix: str) -> list[Param]:
     h, etp, tp = cfg.hidden_size, layout.expert_tp, layout.tp
     # tensor_parallel/layers.py: experts use the expert groups when ep > 1 or etp != tp
     expert = layout.ep > 1 or etp != tp
@@ -135,7 +135,7 @@ def _dense_params(cfg: ModelConfig, tp: int, prefix: str) -> list[Param]:
             Param(prefix + "linear_fc2", h * f, linear=True)]
 
 
-def _layer_params(cfg: ModelConfig, layout: ParallelConfig, symbol: str, prefix: str) -> list[Param]:
+def _layer_params(cfg: ModelConfig, layout: ParallelLayout, symbol: str, prefix: str) -> list[Param]:
     if symbol == ATTENTION:
         return _attention_params(cfg, layout.tp, prefix)
     if symbol == GDN:
@@ -152,7 +152,7 @@ def stage_symbols(cfg: ModelConfig, pp: int, stage: int) -> str:
     return main[stage * per:(stage + 1) * per]
 
 
-def stage_parameters(cfg: ModelConfig, layout: ParallelConfig, stage: int) -> list[Param]:
+def stage_parameters(cfg: ModelConfig, layout: ParallelLayout, stage: int) -> list[Param]:
     """This pipeline stage's parameters in HybridModel's `named_parameters()` order (the order the buffers are
     laid out from): embedding, decoder layers, final norm, MTP depths, output layer."""
     first, last = stage == 0, stage == layout.pp - 1
@@ -250,7 +250,7 @@ class StateBytes:
     params: int  # trainable elements (unpadded)
 
 
-def training_state(cfg: ModelConfig, layout: ParallelConfig, world: int, stage: int, knobs: Knobs) -> StateBytes:
+def training_state(cfg: ModelConfig, layout: ParallelLayout, world: int, stage: int, knobs: Knobs) -> StateBytes:
     params = stage_parameters(cfg, layout, stage)
     dp = layout.dp(world) * layout.cp
     edp = world // (layout.expert_tp * layout.ep * layout.pp)
@@ -273,7 +273,7 @@ def training_state(cfg: ModelConfig, layout: ParallelConfig, world: int, stage: 
     return totals
 
 
-def teacher_weight_bytes(cfg: ModelConfig, layout: ParallelConfig, stage: int, precision: str, bf16: bool) -> int:
+def teacher_weight_bytes(cfg: ModelConfig, layout: ParallelLayout, stage: int, precision: str, bf16: bool) -> int:
     """The frozen teacher's parameters on this stage (no buffers: it is not trained)."""
     dense = 2 if bf16 or precision != "fp32" else 4
     total = 0
@@ -283,7 +283,7 @@ def teacher_weight_bytes(cfg: ModelConfig, layout: ParallelConfig, stage: int, p
 
 
 # ---- activations ----------------------------------------------------------------------------------------------
-def _moe_elements(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs) -> dict[str, float]:
+def _moe_elements(cfg: ModelConfig, layout: ParallelLayout, knobs: Knobs) -> dict[str, float]:
     """Per token, by part (elements of the activation dtype unless the key says bytes)."""
     h, k, e = cfg.hidden_size, cfg.topk, cfg.num_experts
     f = cfg.moe_ffn_hidden_size / layout.expert_tp
@@ -305,7 +305,7 @@ def _moe_elements(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs) -> dic
     return parts
 
 
-def _attention_elements(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs, seq: int,
+def _attention_elements(cfg: ModelConfig, layout: ParallelLayout, knobs: Knobs, seq: int,
                         micro_batch: int) -> dict[str, float]:
     h, d = cfg.hidden_size, cfg.head_dim
     heads = cfg.num_attention_heads / layout.tp
@@ -328,7 +328,7 @@ def _attention_elements(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs, 
     return parts
 
 
-def _gdn_elements(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs) -> dict[str, float]:
+def _gdn_elements(cfg: ModelConfig, layout: ParallelLayout, knobs: Knobs) -> dict[str, float]:
     h = cfg.hidden_size
     hk, hv = cfg.linear_num_key_heads / layout.tp, cfg.linear_num_value_heads / layout.tp
     dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
@@ -347,7 +347,7 @@ def _gdn_elements(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs) -> dic
     return parts
 
 
-def _dense_elements(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs) -> dict[str, float]:
+def _dense_elements(cfg: ModelConfig, layout: ParallelLayout, knobs: Knobs) -> dict[str, float]:
     f = cfg.dense_ffn_hidden_size / layout.tp
     norm = 2 if knobs.backend == "transformer_engine" else 3
     return {"layernorm": norm * cfg.hidden_size, "mlp": (3 if knobs.backend == "transformer_engine" else 5) * f}
@@ -372,7 +372,7 @@ def _selective(parts: dict[str, float], kind: str, modules: Iterable[str], h: in
     return out
 
 
-def layer_bytes_per_token(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs, symbol: str, seq: int,
+def layer_bytes_per_token(cfg: ModelConfig, layout: ParallelLayout, knobs: Knobs, symbol: str, seq: int,
                           micro_batch: int = 1, recompute: bool = True) -> float:
     """Saved activation bytes per token of one layer of this kind (on this rank), with selective recomputation
     applied when `recompute`. Tokens are a rank's micro-batch tokens; sequence parallelism (tp > 1) divides the
@@ -397,7 +397,7 @@ def layer_bytes_per_token(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs
     return total
 
 
-def _stage_layers(cfg: ModelConfig, layout: ParallelConfig, stage: int) -> list[str]:
+def _stage_layers(cfg: ModelConfig, layout: ParallelLayout, stage: int) -> list[str]:
     """Symbols of the stage's layers; MTP depths run on the last stage as 'mtp:' layers."""
     out = list(stage_symbols(cfg, layout.pp, stage))
     if stage == layout.pp - 1:
@@ -405,7 +405,7 @@ def _stage_layers(cfg: ModelConfig, layout: ParallelConfig, stage: int) -> list[
     return out
 
 
-def activation_bytes(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs, batch: Batch,
+def activation_bytes(cfg: ModelConfig, layout: ParallelLayout, knobs: Knobs, batch: Batch,
                      stage: int) -> dict[str, int]:
     """activations.<kind> of one pipeline stage: per micro-batch times the micro-batches it keeps in flight."""
     tokens = batch.micro_batch * batch.seq_len / max(layout.cp, 1)
@@ -445,7 +445,7 @@ def activation_bytes(cfg: ModelConfig, layout: ParallelConfig, knobs: Knobs, bat
     return {k: int(v) for k, v in out.items()}
 
 
-def logits_bytes(student: ModelConfig, teacher: ModelConfig | None, layout: ParallelConfig, knobs: Knobs,
+def logits_bytes(student: ModelConfig, teacher: ModelConfig | None, layout: ParallelLayout, knobs: Knobs,
                  batch: Batch, mtp_teacher: bool = False) -> int:
     """Vocab-parallel logits kept on the last stage: the student's (main + MTP depths, saved for the losses'
     backward), the teacher's (main, and its MTP depths when distilling MTP from them), and one gradient of a
@@ -460,7 +460,7 @@ def logits_bytes(student: ModelConfig, teacher: ModelConfig | None, layout: Para
     return int(per_token * tokens)
 
 
-def teacher_forward_bytes(teacher: ModelConfig, layout: ParallelConfig, knobs: Knobs, batch: Batch,
+def teacher_forward_bytes(teacher: ModelConfig, layout: ParallelLayout, knobs: Knobs, batch: Batch,
                           stage: int) -> int:
     """The no-grad teacher forward frees each layer's intermediates before the next: its peak is about one
     layer's working set for one micro-batch (what that layer would save, without recomputation)."""
@@ -511,7 +511,7 @@ class StageSetup:
     name: str
     student: ModelConfig
     teacher: ModelConfig | None
-    layout: ParallelConfig
+    layout: ParallelLayout
     world: int
     batch: Batch
     knobs: Knobs
@@ -589,7 +589,7 @@ def alternatives(s: StageSetup, limit: int = 4) -> list[tuple[str, int]]:
     return found[:limit]
 
 
-def _layout_ok(student: ModelConfig, teacher: ModelConfig | None, layout: ParallelConfig, world: int) -> bool:
+def _layout_ok(student: ModelConfig, teacher: ModelConfig | None, layout: ParallelLayout, world: int) -> bool:
     try:
         layout.validate_world(world)
         for cfg in (student, teacher):
@@ -666,8 +666,7 @@ def setup_of(name: str, run_config, student: ModelConfig, teacher: ModelConfig |
     """The StageSetup of a run config's distillation, with the teacher the trainer would build (none when no
     loss term reads it; its MTP depths only when the student's MTP heads distil from them)."""
     c = run_config
-    p = c.parallel
-    layout = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp)
+    layout = c.parallel
     loss = c.loss
     mtp_teacher = loss.mtp_kd_source == "mtp" and loss.mtp_kd_weight > 0 and student.mtp_num_layers > 0
     used = loss.kd_weight > 0 or (loss.mtp_kd_weight > 0 and student.mtp_num_layers > 0)

@@ -5,6 +5,7 @@ recomputation lowers them as planned; the memory knobs reach TransformerConfig a
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -237,3 +238,26 @@ def test_gpu_memory_sizes_parse() -> None:
     for bad in ("eighty GiB", "80XB", "-1GiB"):
         with pytest.raises(ValueError, match="is not a size"):
             parse_memory(bad)
+
+
+def test_plan_command_prints_the_memory_plan_against_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    from megatron_slim.cli import main as cli_main
+
+    example = Path(__file__).parent.parent / "examples" / "slimqwen"
+    args = ["plan", "--config", str(example / "teacher_config.json"), "--source-mtp-layers", "1", "--target",
+            str(example / "target.yaml"), "--nodes", "16", "--gpus-per-node", "8", "--gpu-memory", "80GiB",
+            "--micro-batch", "1", "--seq-len", "4096", "--global-batch", "1024", "--json"]
+    assert cli_main(args + ["--layout", "tp=1,pp=1,ep=8"]) == 0
+    single = json.loads(capsys.readouterr().out)["stages"][0]
+    assert cli_main(args + ["--layout", "tp=1,pp=4,ep=8", "--recompute", "selective"]) == 0
+    piped = json.loads(capsys.readouterr().out)["stages"][0]
+    assert single["fits"] is False and piped["fits"] is True
+    assert single["total_bytes"] == sum(single["per_gpu_bytes"].values())
+    # four pipeline stages hold about a quarter of the layers each (the first also the embedding)
+    for key in ("student_weights", "grad_buffers", "teacher_weights"):
+        assert 3 < single["per_gpu_bytes"][key] / piped["per_gpu_bytes"][key] <= 4, key
+    assert cli_main(args[:-1] + ["--layout", "tp=1,pp=4,ep=8"]) == 0
+    assert "teacher_weights" in capsys.readouterr().out
+    assert cli_main(args + ["--layout", "tp=3,ep=8"]) == 2  # 128 GPUs are not a multiple of tp*pp*cp = 3

@@ -166,7 +166,8 @@ def run_recipe(job: RunJob) -> int:
         _dry_run(study, workdir, variant)
         _memory_check(study, variant, job.gpu_memory, show=True)
         return 0
-    _memory_check(study, variant, job.gpu_memory, show=False)
+    if job.gpu_memory or any(r.cluster.gpu_memory for r in study.recipes.values()):
+        _memory_check(study, variant, job.gpu_memory, show=False)
     _prepare_workdir(study, recipe_path, workdir)
     nprocs = {r.nproc for r in study.recipes.values()}
     if len(nprocs) > 1:

@@ -26,7 +26,7 @@ LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2), "dp2": {}}
 def _allocated(rank: int, world: int, layouts: dict[str, dict], bf16: bool) -> dict:
     """Per family and layout, this rank's DDP param/grad buffer bytes and optimizer shard bytes after one step."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelLayout
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_slim.models.builder import BuildOptions, build_model
@@ -41,7 +41,7 @@ def _allocated(rank: int, world: int, layouts: dict[str, dict], bf16: bool) -> d
         for family in FAMILIES:
             cfg = tiny_config(family)
             model = build_model(cfg, parallel, BuildOptions(params_dtype=dtype))
-            ddp = DistributedDataParallel(model.config, DistributedDataParallelLayout(
+            ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
                 use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
             opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=bf16, params_dtype=dtype,
                                                          use_distributed_optimizer=True), [ddp])

@@ -30,7 +30,9 @@
                                         # (initialised as megatron-core does), trained by the MTP loss terms
     export: true                        # false: skip the final HF export (e.g. ablations)
     inference: {batch: 1, prompt_len: 512, gen_len: 64}   # optional: after the export, the deployment-efficiency
-                                        # table (bench-inference on the HF teacher and the exported student)
+                                        # table (bench-inference on the HF teacher and the exported student);
+                                        # engines: [transformers, vllm] adds vLLM (`make vllm-env`; vllm_python:
+                                        # PATH names another interpreter)
     variants:                           # optional: settings to compare, each the recipe deep-merged with its
       pruned: {}                        # overrides (any key above); steps whose inputs agree run once
       random_init: {init: random}
@@ -126,6 +128,8 @@ class InferenceSection:
     device: str = "auto"
     warmup: int = 1
     repeats: int = 3
+    engines: list[str] = field(default_factory=lambda: ["transformers"])  # transformers and/or vllm
+    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of the checkout)
 
 
 @dataclass(frozen=True)
@@ -337,8 +341,11 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         from megatron_slim.engines.bench_inference_job import BenchInferenceJob
 
         inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
-        problems += BenchInferenceJob(models=(), **dataclasses.asdict(inference)).settings_problems(
-            lambda key: f"inference.{key}")
+        bench = BenchInferenceJob(models=(), **dataclasses.asdict(inference))
+        problems += bench.settings_problems(lambda key: f"inference.{key}")
+        if isinstance(inference.engines, list) and "vllm" in inference.engines:
+            problems += bench.vllm_problems((path(raw["teacher"]),) if raw.get("teacher") else (),
+                                            lambda key: f"inference.{key}")
         if export is not True:
             problems.append("inference measures the exported student: it needs export: true")
     cluster = load_dataclass(ClusterSection, raw.get("cluster"), "cluster", problems)

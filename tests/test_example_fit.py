@@ -76,7 +76,7 @@ def test_the_papers_single_stage_layout_is_refused_before_compute(fake_teacher: 
         assert cli_main(["run", str(recipe), "--workdir", str(workdir), *extra]) == 2
     assert not workdir.exists()  # refused before the work dir, the teacher conversion or any step
     from megatron_slim.errors import UserError
-    from megatron_slim.run.job import RunJob, run_recipe
+    from megatron_slim.run.recipe_job import RunJob, run_recipe
 
     with pytest.raises(UserError) as err:
         run_recipe(RunJob(recipe=recipe, workdir=workdir, dry_run=True))

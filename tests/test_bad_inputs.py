@@ -451,7 +451,7 @@ def test_prune_refuses_a_plan_computed_on_another_model(tiny_hf, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _cli("plan", "--importance", str(imp), "--out", str(plan), "--num-experts", "4").returncode == 0
     fingerprint = json.loads(plan.read_text())["source_fingerprint"]
-    assert fingerprint.startswith("v1:")
+    assert fingerprint.startswith("v2:")
 
     refused = _cli("prune", "--plan", str(plan), "--in", str(other), "--out", str(tmp_path / "s1"), "--no-progress")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
@@ -604,3 +604,46 @@ def test_checkpoint_output_that_is_a_file_is_refused_with_overwrite(tiny_hf, tmp
     assert proc.stderr.strip().splitlines()[-1] == f"megatron-slim convert: error: output {out} exists and is not " \
                                                    "a directory"
     assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ---- reads stay inside the input (issue #28) -----------------------------------------------------------------------
+def test_dcp_storage_entries_outside_the_checkpoint_are_refused(tiny_hf, tmp_path):
+    """A `.metadata` built from the admitted record classes only, whose storage entry for the embedding names
+    `../other/__0_0.distcp`, used to make `mcore-to-hf` and `prune` copy another checkpoint's tensor (and the
+    fingerprint, which skipped embeddings, matched)."""
+    import dataclasses
+    import pickle
+
+    from support import tiny_models
+    from support.hf_checkpoints import build_tiny_hf
+
+    from megatron_slim.checkpoint.convert import hf_to_mcore
+    from megatron_slim.checkpoint.fingerprint import model_fingerprint
+    from megatron_slim.checkpoint.safe_metadata import load_metadata
+
+    mc, other = tmp_path / "mc", tmp_path / "other"
+    hf_to_mcore(tiny_hf, mc, progress=False)
+    build_tiny_hf(tiny_models.qwen3_moe(), 1).save_pretrained(tmp_path / "hf1")
+    hf_to_mcore(tmp_path / "hf1", other, progress=False)
+    before = model_fingerprint(mc)
+    md, theirs = load_metadata(mc / ".metadata"), load_metadata(other / ".metadata")
+    key = "embedding.word_embeddings.weight"
+    index = next(i for i in md.storage_data if i.fqn == key)
+    md.storage_data[index] = dataclasses.replace(theirs.storage_data[index], relative_path="../other/__0_0.distcp")
+    (mc / ".metadata").write_bytes(pickle.dumps(md))
+    message = (f"the storage entry of {key} names the file '../other/__0_0.distcp', which lies outside the checkpoint "
+               f"directory {mc}; refusing to read it")
+    proc = _cli("convert", "mcore-to-hf", "--mcore", str(mc), "--out", str(tmp_path / "hf"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert not (tmp_path / "hf").exists()
+    from megatron_slim.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        model_fingerprint(mc)
+
+    # the same swap through a file inside the directory: the fingerprint sees the embedding now
+    (mc / "__1_0.distcp").write_bytes((other / "__0_0.distcp").read_bytes())
+    md.storage_data[index] = dataclasses.replace(theirs.storage_data[index], relative_path="__1_0.distcp")
+    (mc / ".metadata").write_bytes(pickle.dumps(md))
+    assert model_fingerprint(mc) != before

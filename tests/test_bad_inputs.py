@@ -190,6 +190,9 @@ def test_a_valid_plan_prunes(planned, tmp_path):
      r"experts\['layers\.0'\]\[0\]: needs positive weights summing to 1, got \[nan, 1\.0\]"),
     (lambda p: p["experts"].update({"layers.0": [["a"]] + p["experts"]["layers.0"][1:]}),
      r"experts must map a layer to slots of \[expert, weight\] pairs"),
+    # the target is checked by the validator `plan` uses (issue #28: top-k 0 pruned into a non-functional MoE)
+    (lambda p: p["target"].update(topk=0), r"target: topk=0 must be >= 1"),
+    (lambda p: p["target"].update(mtp_num_layers=-1), r"target: mtp_layers=-1 must be >= 0"),
 ])
 def test_bad_plans_are_refused_before_writing(planned, tmp_path, edit, message):
     hf, plan = planned

@@ -45,17 +45,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_failure(args: argparse.Namespace, message: str, status: int) -> None:
+    """In a `--json` mode, a command that failed before printing its document prints {"error": ...} instead, so
+    stdout holds exactly one JSON document whatever happened (`runtime.json_out`)."""
+    from megatron_slim.runtime import json_out
+
+    if getattr(args, "json", False) and not json_out.emitted():
+        json_out.emit({"error": message, "command": args.command, "exit_status": status})
+
+
 def main(argv: list[str] | None = None) -> int:
-    from megatron_slim.errors import UserError
     from megatron_slim.runtime.quiet import silence_upstream_noise
 
     args = build_parser().parse_args(argv)
     silence_upstream_noise()
+    if getattr(args, "json", False):
+        from megatron_slim.runtime import json_out
+
+        with json_out.watching():
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megatron_slim.errors import UserError
+
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
     except (UserError, FileExistsError, FileNotFoundError) as e:
         print(f"megatron-slim {args.command}: error: {e}", file=sys.stderr)
+        _json_failure(args, str(e), 2)
         return 2
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if code:
+            _json_failure(args, f"exited with status {code} (see stderr)", code)
+        raise
+    except Exception as e:
+        _json_failure(args, f"{type(e).__name__}: {e}", 1)
+        raise
+    if status:
+        _json_failure(args, f"exited with status {status} (see stderr)", status)
+    return status
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
+from megatron_slim.runtime import json_out
 import os
 import platform
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                                "rank_sum": int(t.item()), "expected_rank_sum": denv.world_size * (denv.world_size - 1) // 2}
         dist.destroy_process_group()
     if args.json:
-        print(json.dumps(info))
+        json_out.emit(info)
         return 0
     for key, value in info.items():
         if isinstance(value, dict):

@@ -85,11 +85,10 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from megatron_slim.compress.accounting import account, format_table
     from megatron_slim.compress.target import TargetSpec
     from megatron_slim.errors import UserError
+    from megatron_slim.runtime import json_out
 
     overrides = _flag_overrides(args)
     spec = (TargetSpec.from_yaml(args.target) if args.target else TargetSpec()).with_overrides(**overrides)
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         target = spec.target_config(source, spec.placeholder_layers(source)) if has_target else None
     before, after = account(source), account(target) if target else None
     if args.json:
-        print(json.dumps({"source": before.to_json(), "target": after.to_json() if after else None,
+        json_out.emit(({"source": before.to_json(), "target": after.to_json() if after else None,
                           "target_pattern": target.hybrid_pattern if target else None,
                           "plan": plan_path, "plots": plots}))
         return 0

@@ -3,7 +3,6 @@
 table a person reads. See megatron_slim/eval/metrics.py for the held-out metrics, eval/harness.py for the tasks."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 from megatron_slim.engines.source import (ModelJob, checkpoint_kind, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
                                           temp_checkpoint)
 from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
 
 if TYPE_CHECKING:
     from megatron_slim.eval.harness import TaskSpec
@@ -130,7 +130,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
     opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
     model = build_model(cfg, parallel, opts)
-    load_model(model, ckpt)
+    load_model(model, ckpt, allow_nonfinite=job.allow_nonfinite)
     release_checkpoint(job, ckpt)
     result: dict = {}
     if windows is not None:
@@ -147,14 +147,17 @@ def evaluate_worker(job: EvaluateJob) -> None:
                        "layout": {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}}
     if job.data is not None:
         report |= {"data": str(job.data), "seq_len": job.seq_len}
-    text = json.dumps(report)
+    text = json_out.dumps(report)  # NaN/Inf (a diverged model) as null, listed under "nonfinite"
     if job.write_to:
         job.write_to.write_text(text + "\n")
     elif job.out:
         tmp = job.out.with_name(job.out.name + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, job.out)
-    print(text if job.json else format_table(result), flush=True)
+    if job.json:
+        json_out.emit(report)
+    else:
+        print(format_table(result), flush=True)
 
 
 def run_evaluate(job: EvaluateJob) -> int:

@@ -270,6 +270,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         import torch.distributed as dist
         import yaml
 
+        from megatron_slim.checkpoint.finite import refuse_nonfinite_model
         from megatron_slim.train import checkpointing
         from megatron_slim.train.config import run_config_from_dict
         from megatron_slim.train.trainer import Trainer
@@ -287,6 +288,8 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         if code:
             raise StepInterrupted(code)
         step = checkpointing.latest_step(save_dir)
+        # a diverged run's weights are not a distilled student: the step stays undone (and eval never scores them)
+        refuse_nonfinite_model(trainer.student, str(checkpointing.iter_dir(save_dir, step)))
         return {"checkpoint": str(checkpointing.iter_dir(save_dir, step)), "steps": step,
                 "metrics": str(save_dir / "metrics.jsonl")}
     return fn

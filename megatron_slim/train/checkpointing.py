@@ -124,8 +124,10 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
     return final
 
 
-def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
-    """Collective: restore model, optimizer, scheduler and RNG; returns {"step", "extra"}."""
+def load(save_dir: str | Path, step: int, model, optimizer, scheduler, allow_nonfinite: bool = False) -> dict:
+    """Collective: restore model, optimizer, scheduler and RNG; returns {"step", "extra"}. A step whose weights
+    hold NaN/Inf (saved after the loss diverged) is refused unless `allow_nonfinite`: resuming would only
+    train on NaN."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     path = iter_dir(Path(save_dir), step)
@@ -138,6 +140,10 @@ def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
     model_keys = set(sharded["model"])
     state = load_sharded(sharded, path)
     model.load_state_dict(module_state(model, state["model"], model_keys), strict=True)
+    if not allow_nonfinite:
+        from megatron_slim.checkpoint.finite import refuse_nonfinite_model
+
+        refuse_nonfinite_model(model, f"{path} (resuming; checkpoint.allow_nonfinite: true resumes anyway)")
     with torch.no_grad():  # fp32 models: the optimizer's main params are views of the (grad-requiring) weights
         try:
             optimizer.load_state_dict(state["optimizer"])

@@ -89,6 +89,7 @@ class CheckpointSection:
     save_dir: str = ""
     save_interval: int = 0  # steps; 0 = only at the end and on preemption
     keep_last: int = 2
+    allow_nonfinite: bool = False  # load the teacher/student or resume from weights holding NaN/Inf (refused)
 
 
 @dataclass

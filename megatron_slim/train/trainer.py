@@ -119,7 +119,7 @@ class Trainer:
         self.teacher = None
         if tcfg is not None:
             self.teacher = build_model(tcfg, self.parallel, opts)
-            load_model(self.teacher, c.teacher.checkpoint)
+            load_model(self.teacher, c.teacher.checkpoint, allow_nonfinite=c.checkpoint.allow_nonfinite)
             self.teacher.eval()
             for prm in self.teacher.parameters():
                 prm.requires_grad_(False)
@@ -129,7 +129,7 @@ class Trainer:
         if resume is None:
             # Before the optimizer exists: with bf16 it copies the weights into fp32 master weights when built and
             # every step writes those back, so weights loaded later would be reverted to the random init at step 1.
-            load_model(student, c.model.checkpoint)
+            load_model(student, c.model.checkpoint, allow_nonfinite=c.checkpoint.allow_nonfinite)
 
         from megatron_slim.train.pair import DistillPair
 
@@ -158,7 +158,8 @@ class Trainer:
         self.step = 0
         self.resumed_step = resume
         if resume is not None:
-            state = checkpointing.load(c.checkpoint.save_dir, resume, student, self.optimizer, self.scheduler)
+            state = checkpointing.load(c.checkpoint.save_dir, resume, student, self.optimizer, self.scheduler,
+                                       allow_nonfinite=c.checkpoint.allow_nonfinite)
             self.step = state["step"]
             self._log_rank0(f"resumed from {c.checkpoint.save_dir} at step {self.step}")
         else:

@@ -650,3 +650,50 @@ def test_dcp_storage_entries_outside_the_checkpoint_are_refused(tiny_hf, tmp_pat
     md.storage_data[index] = dataclasses.replace(theirs.storage_data[index], relative_path="__1_0.distcp")
     (mc / ".metadata").write_bytes(pickle.dumps(md))
     assert model_fingerprint(mc) != before
+
+
+# ---- no broken model behind success (issue #28) --------------------------------------------------------------------
+def _one_json(stdout: str) -> dict:
+    """stdout holds exactly one JSON document, strictly parsed (no NaN/Infinity)."""
+    def strict(token: str) -> None:
+        raise AssertionError(f"not JSON: {token}")
+
+    return json.loads(stdout, parse_constant=strict)
+
+
+def test_nonfinite_weights_are_not_evaluated_and_json_stays_json(tiny_hf, tmp_path):
+    """`evaluate --json` on NaN weights printed `"loss": NaN` (not JSON) with status 0."""
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    _poison(hf, "model.layers.2.input_layernorm.weight", {(1,): float("nan")})
+    mc = tmp_path / "mc"
+    assert _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(mc), "--no-progress",
+                "--allow-nonfinite").returncode == 0
+    _with_eos(mc)
+    data = _jsonl(tmp_path / "d.jsonl", ['{"tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9]}'])
+    args = ["evaluate", "--model", str(mc), "--data", str(data), "--tokens", "8", "--seq-len", "4", "--mtp-k", "0",
+            "--json"]
+    proc = _cli(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    doc = _one_json(proc.stdout)
+    assert re.search(r"decoder\.layers\.4\.\S*norm\S* holds 1 NaN and 0 infinite values.*--allow-nonfinite",
+                     doc["error"]) and doc["exit_status"] == 2, doc
+    proc = _cli(*args, "--allow-nonfinite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = _one_json(proc.stdout)
+    assert doc["loss"] is None and "/loss" in doc["nonfinite"], doc
+
+
+def test_json_modes_print_one_document_on_failure(tmp_path):
+    """A failing `--json` command printed nothing on stdout (or a traceback): now one {"error": ...} document."""
+    proc = _cli("plan", "--config", str(tmp_path / "missing"), "--num-experts", "2", "--json")
+    assert proc.returncode == 2
+    doc = _one_json(proc.stdout)
+    assert doc["command"] == "plan" and "missing" in doc["error"], doc
+
+
+def test_json_out_writes_nonfinite_numbers_as_null_with_their_paths():
+    from megatron_slim.runtime.json_out import dumps
+
+    text = dumps({"loss": float("nan"), "tasks": {"a": {"acc": 0.5, "ppl": float("inf")}}, "xs": [1.0, -float("inf")]})
+    assert _one_json(text) == {"loss": None, "tasks": {"a": {"acc": 0.5, "ppl": None}}, "xs": [1.0, None],
+                               "nonfinite": ["/loss", "/tasks/a/ppl", "/xs/1"]}

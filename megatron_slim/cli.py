@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module under megatron_slim.commands (the module name may differ from the command name).
@@ -30,7 +31,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# commands that read checkpoint directories: they refuse files linking outside their input unless told otherwise
+# (`convert` declares the flag on each direction's parser)
+READS_CHECKPOINTS = frozenset({"verify", "train", "upcycle", "prune", "importance", "evaluate", "run",
+                               "export", "bench-inference", "ablate", "demo"})
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_slim.commands.options import add_follow_symlinks_argument
+
     parser = argparse.ArgumentParser(
         prog="megatron-slim",
         description="Compress large MoE language models: importance, pruning, expert merging, distillation.",
@@ -41,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
+        if name in READS_CHECKPOINTS:
+            add_follow_symlinks_argument(p)
         p.set_defaults(_run=module.run)
     return parser
 
@@ -59,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     silence_upstream_noise()
+    if getattr(args, "follow_symlinks", False):  # in the environment, so spawned ranks and children follow too
+        from megatron_slim.checkpoint.links import FOLLOW_ENV
+
+        os.environ[FOLLOW_ENV] = "1"
     if getattr(args, "json", False):
         from megatron_slim.runtime import json_out
 

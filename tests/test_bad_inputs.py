@@ -697,3 +697,57 @@ def test_json_out_writes_nonfinite_numbers_as_null_with_their_paths():
     text = dumps({"loss": float("nan"), "tasks": {"a": {"acc": 0.5, "ppl": float("inf")}}, "xs": [1.0, -float("inf")]})
     assert _one_json(text) == {"loss": None, "tasks": {"a": {"acc": 0.5, "ppl": None}}, "xs": [1.0, None],
                                "nonfinite": ["/loss", "/tasks/a/ppl", "/xs/1"]}
+
+
+def _hub_snapshot(hf: Path, repo: Path) -> Path:
+    """`hf` laid out as a Hugging Face hub cache stores it: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    import hashlib
+    import os
+
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for f in sorted(hf.iterdir()):
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / blob).write_bytes(f.read_bytes())
+        os.symlink(f"../../blobs/{blob}", snap / f.name)
+    return snap
+
+
+def test_a_hub_cache_snapshot_reads_as_a_normal_checkpoint(tiny_hf, tmp_path):
+    """A sharded snapshot (every file a link into ../../blobs/) was refused as "shards must be files of the
+    checkpoint directory itself"."""
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    (hf / "chat_template.jinja").write_text("{{ messages }}")
+    snap = _hub_snapshot(hf, tmp_path / "hub" / "models--org--tiny")
+    assert len(list(snap.glob("model-*.safetensors"))) > 1
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(snap), "--out", str(tmp_path / "mc"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    copied = tmp_path / "mc" / "tokenizer" / "chat_template.jinja"
+    assert not copied.is_symlink() and copied.read_text() == "{{ messages }}"
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "model-00002-of-00004.safetensors"])
+def test_a_link_leaving_the_input_is_refused_unless_followed(tiny_hf, tmp_path, name):
+    """A tokenizer/chat-template file linking to a file elsewhere was copied into the conversion as a regular
+    file without a word (and a shard linking elsewhere was read)."""
+    import os
+
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    target = tmp_path / "elsewhere" / name
+    target.parent.mkdir()
+    if name.endswith(".safetensors"):
+        name = sorted(p.name for p in hf.glob("model-*.safetensors"))[1]
+        os.replace(hf / name, target)
+    else:
+        target.write_text("secret")
+    os.symlink(target, hf / name)
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"megatron-slim convert: error: {hf / name} links to {target}, outside the input {hf}; refusing to read it "
+        "(--follow-symlinks follows links that leave the input)")
+    assert not (tmp_path / "mc").exists()
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress",
+                "--follow-symlinks")
+    assert proc.returncode == 0, proc.stderr[-2000:]

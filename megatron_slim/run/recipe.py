@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,8 @@ def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list
     total = raw.get("train_tokens")
     try:
         total = float(total)
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(total)
     except (TypeError, ValueError):
         problems.append(f"preset {preset!r} needs train_tokens (total distillation tokens), got {total!r}")
         return []
@@ -242,7 +245,14 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     if isinstance(train, str):
         train = str(path(train)) if train else ""
     elif isinstance(train, list) and all(isinstance(w, list) and len(w) == 2 for w in train):
-        train = [[float(w), str(path(p))] for w, p in train]
+        try:
+            train = [[float(w), str(path(p))] for w, p in train]
+        except (TypeError, ValueError):
+            train = None
+        if train is None or not all(math.isfinite(w) and w > 0 for w, _ in train):
+            problems.append(f"data.train: blend weights must be positive finite numbers, got "
+                            f"{[w for w, _ in data.train]!r}")
+            train = data.train
     else:
         problems.append("data.train must be a .jsonl path or a list of [weight, indexed-dataset prefix]")
     if not train:
@@ -490,6 +500,29 @@ def _check_data(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data sources (a .jsonl or an indexed prefix) are the same files, however they are spelled."""
+    def files(p: str) -> Path:
+        return Path(p) if p.endswith(".jsonl") else Path(p + ".bin")
+
+    try:
+        return files(a).samefile(files(b))
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def heldout_overlap_warning(recipe: Recipe) -> str | None:
+    """The warning when the held-out data is (one of) the training data: held-out loss then measures memorisation,
+    and every eval step and comparison of the run would look better than the model is."""
+    train = recipe.data.train
+    sources = [train] if isinstance(train, str) else [p for _, p in train]
+    same = [p for p in sources if _same_data(p, recipe.data.heldout)]
+    if same:
+        return (f"warning: data.heldout {recipe.data.heldout} is also training data (data.train {same[0]}): "
+                "held-out loss will measure memorisation, not generalisation")
+    return None
+
+
 def _check_data_sample(recipe: Recipe, teacher: ModelConfig) -> None:
     """The first documents of every jsonl source read as the run will read them: JSON lines with text (the
     teacher must carry a tokenizer) or pre-tokenized ids inside the teacher's vocabulary."""
@@ -515,6 +548,9 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
     from megatron_slim.train.config import run_config_from_dict
 
     problems = _check_data(recipe)
+    warning = heldout_overlap_warning(recipe)
+    if warning:
+        print(warning, file=sys.stderr)
     if not recipe.teacher.is_dir():
         problems.append(f"teacher {recipe.teacher} does not exist")
     if problems:

@@ -751,3 +751,66 @@ def test_a_link_leaving_the_input_is_refused_unless_followed(tiny_hf, tmp_path, 
     proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress",
                 "--follow-symlinks")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---- weak cases of issue #28: one line naming the file, key or value -----------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    ('{"recipe": "d", "steps": {"a": {"status": "do', r"state\.json: not valid JSON"),
+    ('[1, 2]', r"state\.json: not a run state \(expected an object with a 'steps' object"),
+    ('{"recipe": "d", "steps": {"a": 3}}', r"state\.json: not a run state"),
+])
+def test_a_damaged_run_state_is_named(tmp_path, content, message):
+    from megatron_slim.run.state import STATE, RunState
+
+    (tmp_path / STATE).write_text(content)
+    for open_state in (lambda: RunState(tmp_path, "d"), lambda: RunState.read(tmp_path)):
+        with pytest.raises(UserError, match=message + r".*remove .*state\.json"):
+            open_state()
+
+
+@pytest.mark.parametrize("content", ["garbage\n", "", "12abc", "\xff\xfe"])
+def test_a_garbage_latest_file_is_named(tmp_path, content):
+    from megatron_slim.train.checkpointing import latest_step
+
+    (tmp_path / "latest").write_bytes(content.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / 'latest'))}: expected the number of the latest "
+                                        "saved step"):
+        latest_step(tmp_path)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """1.1 KB of nested aliases took 2.6 GB in the dry run."""
+    import resource
+
+    from megatron_slim.runtime.config_loader import load_yaml
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}]" for i in range(1, 10)]
+    bomb = tmp_path / "recipe.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 1200
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match=r"recipe\.yaml: YAML aliases expand to more than 100000 values"):
+        load_yaml(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("base: &b {lr: 1.0e-4, wd: 0.1}\nstage1: *b\nstage2: *b\n")
+    assert load_yaml(fine)["stage2"] == {"lr": 1.0e-4, "wd": 0.1}
+
+
+def test_nonfinite_recipe_and_config_values_are_named(tmp_path):
+    """YAML's .nan/.inf were taken as a learning rate or a token budget."""
+    from megatron_slim.run.recipe import RecipeError, parse_study
+    from megatron_slim.runtime.config_loader import load_yaml
+    from megatron_slim.train.config import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("optimizer: {lr: .nan, min_lr: .inf}\n")
+    with pytest.raises(UserError, match=r"run\.yaml\.optimizer\.lr: must be a finite number, got nan; .*"
+                                        r"run\.yaml\.optimizer\.min_lr: must be a finite number, got inf"):
+        load_run_config(config)
+    raw = load_yaml(Path(__file__).resolve().parents[1] / "megatron_slim" / "demo" / "recipe.yaml")
+    raw["train_tokens"] = float("inf")
+    with pytest.raises(RecipeError, match=r"needs train_tokens \(total distillation tokens\), got inf"):
+        parse_study(raw, tmp_path)

@@ -34,7 +34,11 @@ def latest_step(save_dir: str | Path) -> int | None:
     p = Path(save_dir) / LATEST
     if not p.is_file():
         return None
-    step = int(p.read_text().strip())
+    text = p.read_bytes()[:4096].decode("ascii", "replace").strip()
+    if not text.isdigit():
+        raise UserError(f"{p}: expected the number of the latest saved step, got {text[:32]!r}; write the step of "
+                        f"an existing {save_dir}/iter_XXXXXXX into it, or remove it to start from step 0")
+    step = int(text)
     if not iter_dir(Path(save_dir), step).is_dir():
         raise FileNotFoundError(f"{p} names step {step} but {iter_dir(Path(save_dir), step)} is missing")
     return step

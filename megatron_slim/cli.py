@@ -66,10 +66,13 @@ def _json_failure(args: argparse.Namespace, message: str, status: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_slim.runtime import lifetime
     from megatron_slim.runtime.quiet import silence_upstream_noise
 
     args = build_parser().parse_args(argv)
     silence_upstream_noise()
+    lifetime.adopt_parent()  # a child command dies with the command that started it
+    lifetime.install()  # and every process this one forks dies with it (checkpoint writers)
     if getattr(args, "follow_symlinks", False):  # in the environment, so spawned ranks and children follow too
         from megatron_slim.checkpoint.links import FOLLOW_ENV
 

@@ -20,6 +20,7 @@ from typing import Callable, TypeVar
 
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.launch_env import without_launcher_env
+from megatron_slim.runtime.lifetime import child_env
 from megatron_slim.runtime.outputs import claim_output_file
 
 
@@ -89,7 +90,7 @@ def convert_in_child(hf_dir: Path, out_dir: Path, progress: bool, allow_nonfinit
     cmd = [sys.executable, "-m", "megatron_slim.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir), "--out",
            str(out_dir), "--overwrite", *([] if progress else ["--no-progress"]),
            *(["--allow-nonfinite"] if allow_nonfinite else [])]
-    subprocess.run(cmd, env=without_launcher_env(), check=True)
+    subprocess.run(cmd, env=child_env(without_launcher_env()), check=True)
 
 
 def open_checkpoint(job: ModelJob, temp: Path, progress: bool) -> tuple[Path, Path | None]:

@@ -33,6 +33,7 @@ from megatron_slim.run.state import RunState, RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE
 from megatron_slim.run.steps import Context, Step, StepInterrupted, all_steps, step_keys
 from megatron_slim.runtime.launch_env import without_launcher_env
+from megatron_slim.runtime.lifetime import child_env
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 
 # How long ranks wait for rank 0's single-process steps (pruning an 80B checkpoint takes a while).
@@ -106,7 +107,7 @@ def _log(msg: str) -> None:
 def _single_in_child(recipe_path: Path, workdir: Path, run: VariantRun, step: Step, progress: bool) -> None:
     cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(recipe_path), "--workdir", str(workdir),
            "--step", step.id, *(["--variant", run.name] if run.name else []), *([] if progress else ["--no-progress"])]
-    code = subprocess.run(cmd, env=without_launcher_env()).returncode
+    code = subprocess.run(cmd, env=child_env(without_launcher_env())).returncode
     if code:
         raise RuntimeError(f"step {step.id} failed in its child process (exit status {code}); see the output above")
 

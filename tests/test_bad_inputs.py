@@ -814,3 +814,94 @@ def test_nonfinite_recipe_and_config_values_are_named(tmp_path):
     raw["train_tokens"] = float("inf")
     with pytest.raises(RecipeError, match=r"needs train_tokens \(total distillation tokens\), got inf"):
         parse_study(raw, tmp_path)
+
+
+# ---- no orphans (issue #28) ----------------------------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _none_alive(pids: list[int], seconds: float = 20) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+def _spawned_world(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    tests = Path(__file__).resolve().parent
+    code = ("import sys; from megatron_slim.runtime.spawn import run_local_world; "
+            "from support.lifetime_workers import preemptible; "
+            f"sys.exit(run_local_world(preemptible, 2, {str(tmp_path)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ | {"PYTHONPATH": os.pathsep.join(
+        [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # spawned ranks import torch: seconds, more on a loaded machine
+    while len(list(tmp_path.glob("rank*.pids"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    time.sleep(0.2)  # the pid files are written before the ranks' loops start
+    return proc, [int(p) for f in tmp_path.glob("rank*.pids") for p in f.read_text().split()]
+
+
+def test_sigterm_reaches_spawned_ranks_which_checkpoint_and_requeue(tmp_path):
+    """`run` with `nproc: 2` exited at once on SIGTERM while its orphaned ranks finished the run."""
+    import signal
+
+    proc, pids = _spawned_world(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 75, proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.glob("*.checkpoint")) == ["rank0.checkpoint", "rank1.checkpoint"]
+    assert _none_alive(pids) == []
+
+
+def test_a_killed_launcher_leaves_no_rank_or_forked_helper(tmp_path):
+    """kill -9 of the process that spawned the ranks: ranks and the processes they forked die with it."""
+    import signal
+
+    proc, pids = _spawned_world(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert _none_alive(pids) == [], "survivors after the launcher was killed"
+    assert not list(tmp_path.glob("*.checkpoint"))
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_importance_leaves_no_rank_computing(tiny_mcore, tmp_path, sig):
+    """`importance --ep 2` ranks re-parented to PID 1 and kept computing into a hidden `.partial` after their
+    parent was killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _jsonl(tmp_path / "d.jsonl", ['{"tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9]}'] * 64)
+    out = tmp_path / "imp.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_slim.cli", "importance", "--model", str(tiny_mcore),
+                             "--data", str(data), "--tokens", "256", "--seq-len", "4", "--ep", "2", "--out", str(out),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, ranks = time.monotonic() + 120, []
+    while len(ranks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        ranks = [c for c in _descendants(proc.pid) if b"multiprocessing" in Path(f"/proc/{c}/cmdline").read_bytes()
+                 and b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        time.sleep(0.05)
+    assert len(ranks) == 2, "the two ranks were not seen"
+    time.sleep(1.0)  # the ranks are importing / loading
+    everyone = _descendants(proc.pid)
+    os.kill(proc.pid, getattr(signal, sig))
+    proc.wait(timeout=120)
+    assert _none_alive(everyone, 60) == [], f"survivors after {sig}"
+    assert not out.exists()

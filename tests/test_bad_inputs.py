@@ -19,8 +19,9 @@ from megatron_slim.errors import UserError
 EOS = 0
 
 
-def _jsonl(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines))
+def _jsonl(path: Path, lines: list[str | bytes]) -> Path:
+    """Lines given as bytes are written as they are (e.g. not UTF-8), the others UTF-8 encoded."""
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
     return path
 
 
@@ -33,6 +34,10 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
     ('{"tokens": [1, 2', r"d\.jsonl:2: not valid JSON"),
     ('[1, 2, 3]', r"d\.jsonl:2: expected a JSON object"),
     ('{"text": 5}', r"d\.jsonl:2: 'text' must be a string"),
+    # issue #28: ids beyond int64 (JSON integers are unbounded), bytes that are not UTF-8
+    ('{"tokens": [1, 18446744073709551616]}', r"d\.jsonl:2: token id 18446744073709551616 is outside the model's "
+                                              r"vocabulary \(not even a 64-bit integer\)"),
+    (b'{"text": "caf\xe9"}', r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"),
 ])
 def test_calibration_token_ids_are_checked_with_file_and_line(tmp_path, line, message):
     path = _jsonl(tmp_path / "d.jsonl", ['{"tokens": [4, 5, 6, 7]}', line])
@@ -905,3 +910,50 @@ def test_a_killed_importance_leaves_no_rank_computing(tiny_mcore, tmp_path, sig)
     proc.wait(timeout=120)
     assert _none_alive(everyone, 60) == [], f"survivors after {sig}"
     assert not out.exists()
+
+
+def test_a_missing_tokenizer_directory_is_named_as_such(tmp_path):
+    """transformers took the path for a hub repo id: "Repo id must be in the form 'repo_name'..."."""
+    from megatron_slim.data.calibration import load_tokenizer
+
+    with pytest.raises(UserError, match=rf"^tokenizer directory {re.escape(str(tmp_path / 'nope'))} does not exist$"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_verify_refuses_a_layout_that_does_not_fit_before_starting_ranks(tiny_mcore, tiny_hf, tmp_path):
+    """`verify --tp 3` died in three tracebacks from inside megatron-core."""
+    proc = _cli("verify", "--hf", str(tiny_hf), "--mcore", str(tiny_mcore), "--tp", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.fullmatch(r"megatron-slim verify: error: --tp 3 --ep 1 --pp 1: parallel layout does not fit the model: "
+                        r"num_attention_heads=\d+ is not divisible by tp=3.*", proc.stderr.strip()), proc.stderr
+
+
+def test_upcycle_refuses_a_model_that_needs_remote_code(tmp_path):
+    """An unknown model_type with auto_map showed transformers' interactive trust-remote-code prompt."""
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({"model_type": "evil_arch", "architectures": ["EvilForCausalLM"],
+                                                   "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    (dense / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    proc = _cli("upcycle", "--dense", str(dense), "--out", str(tmp_path / "moe"), "--experts", "2", "--topk", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"megatron-slim upcycle: error: {dense / 'config.json'}: model_type 'evil_arch' is not a model transformers "
+        "knows (its auto_map names code stored in the checkpoint, which megatron-slim never runs); upcycle needs a "
+        "dense decoder transformers implements (e.g. llama)")
+
+
+def test_heldout_data_that_is_training_data_warns(tmp_path):
+    from megatron_slim.run.recipe import heldout_overlap_warning, parse_study
+    from megatron_slim.runtime.config_loader import load_yaml
+
+    raw = load_yaml(Path(__file__).resolve().parents[1] / "megatron_slim" / "demo" / "recipe.yaml")
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "train.jsonl")
+    raw["data"]["heldout"] = "link.jsonl"  # the same file under another name
+    recipe = next(iter(parse_study(raw, tmp_path).recipes.values()))
+    assert heldout_overlap_warning(recipe) == (
+        f"warning: data.heldout {tmp_path / 'link.jsonl'} is also training data (data.train "
+        f"{tmp_path / 'train.jsonl'}): held-out loss will measure memorisation, not generalisation")
+    raw["data"]["heldout"] = "heldout.jsonl"
+    assert heldout_overlap_warning(next(iter(parse_study(raw, tmp_path).recipes.values()))) is None

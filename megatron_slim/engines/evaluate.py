@@ -139,8 +139,13 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if job.tasks:
         from megatron_slim.eval.harness import score_tasks  # lm-eval (and datasets) load only when asked for
 
-        result["tasks"] = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
-                                      micro_batch=job.micro_batch)
+        result["tasks"], errors = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
+                                              micro_batch=job.micro_batch)
+        if errors:
+            result["task_errors"] = errors
+            if rank == 0:
+                for task, error in errors.items():
+                    print(f"warning: task {task} failed, the other tasks' scores are kept: {error}", file=sys.stderr)
     if rank != 0:
         return
     report = result | {"model": str(job.model),

@@ -9,6 +9,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from megatron_slim.errors import UserError
 from megatron_slim.runtime import json_out
 
 from megatron_slim.verify.parity import Thresholds
@@ -64,6 +65,14 @@ def verify_worker(job: VerifyJob) -> int:
 
 def run_verify(job: VerifyJob) -> int:
     """0 when the heads agree within `job.limits`, 1 when not (on the launched ranks or tp*pp*EP local ones)."""
+    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.models.builder import validate_layout
+    from megatron_slim.runtime.distributed import ParallelConfig
     from megatron_slim.runtime.spawn import run_on_world
 
+    cfg = load_model_config(job.mcore)
+    try:  # before any rank starts: megatron-core would assert deep inside every rank (a traceback each)
+        validate_layout(cfg, ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp))
+    except ValueError as e:
+        raise UserError(f"--tp {job.tp} --ep {job.ep} --pp {job.pp}: {e}") from None
     return run_on_world(verify_worker, math.lcm(job.tp, job.ep) * job.pp, job)

@@ -90,9 +90,12 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         status = int(args._run(args) or 0)
-    except (UserError, FileExistsError, FileNotFoundError) as e:
-        print(f"megatron-slim {args.command}: error: {e}", file=sys.stderr)
-        _json_failure(args, str(e), 2)
+    except (UserError, FileExistsError, FileNotFoundError, PermissionError) as e:
+        message = str(e)
+        if isinstance(e, PermissionError) and e.filename:  # an output directory this user cannot write
+            message = f"{e.filename}: {e.strerror} (a directory this user cannot write to, or a file it cannot read)"
+        print(f"megatron-slim {args.command}: error: {message}", file=sys.stderr)
+        _json_failure(args, message, 2)
         return 2
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

@@ -957,3 +957,22 @@ def test_heldout_data_that_is_training_data_warns(tmp_path):
         f"{tmp_path / 'train.jsonl'}): held-out loss will measure memorisation, not generalisation")
     raw["data"]["heldout"] = "heldout.jsonl"
     assert heldout_overlap_warning(next(iter(parse_study(raw, tmp_path).recipes.values()))) is None
+
+
+def test_permission_errors_are_one_line_naming_the_path(tiny_hf, tmp_path):
+    """A path this user cannot read or write ended in a PermissionError traceback."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(tiny_hf / "config.json", hf / "config.json")
+    (hf / "config.json").chmod(0o000)
+    try:
+        proc = _without_root_override("plan", "--config", str(hf), "--num-experts", "4", "--json")
+    finally:
+        (hf / "config.json").chmod(0o644)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"megatron-slim plan: error: {hf / 'config.json'}: Permission denied (a directory "
+                                   "this user cannot write to, or a file it cannot read)")
+    assert json.loads(proc.stdout)["error"].endswith("Permission denied (a directory this user cannot write to, or a "
+                                                     "file it cannot read)")

@@ -11,6 +11,7 @@ from typing import Any
 from megatron_slim.distill.objective import Objective
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
+from megatron_slim.runtime.layout import ParallelLayout
 
 
 @dataclass
@@ -25,15 +26,6 @@ class DataSection:
     seq_length: int = 1024
     eod_mask_loss: bool = False  # do not train on predicting the end-of-document token
     cache_dir: str = ""  # megatron-core dataset index cache (default: <save_dir>/data_cache)
-
-
-@dataclass
-class ParallelSection:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    cp: int = 1
 
 
 @dataclass
@@ -119,7 +111,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     teacher: ModelSection | None = None
     data: DataSection = field(default_factory=DataSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     batch: BatchSection = field(default_factory=BatchSection)
     train: TrainSection = field(default_factory=TrainSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -172,7 +164,7 @@ class RunConfig:
             problems.append(f"precision.fp8 must be e4m3 or hybrid, not {self.precision.fp8!r}")
         problems += self._evaluation_problems()
         if world_size is not None:
-            dp = world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
+            dp = world_size // self.parallel.model_parallel_size
             per_step = self.batch.micro_batch_size * dp
             if dp < 1 or self.batch.global_batch_size % per_step:
                 problems.append(f"global_batch_size {self.batch.global_batch_size} is not a multiple of "

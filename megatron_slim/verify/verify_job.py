@@ -37,10 +37,10 @@ def verify_worker(job: VerifyJob) -> int:
     import torch.distributed as dist
 
     from megatron_slim.checkpoint.mcore import load_model_config
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.verify.parity import failures, hf_parity, megatron_logits, sample_tokens
 
-    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
     tokens = sample_tokens(load_model_config(job.mcore).vocab_size, job.batch, job.seq_len, job.seed)
     _, logits, mtp = megatron_logits(job.mcore, tokens, parallel, allow_nonfinite=job.allow_nonfinite)
     failed = 0
@@ -67,12 +67,12 @@ def run_verify(job: VerifyJob) -> int:
     """0 when the heads agree within `job.limits`, 1 when not (on the launched ranks or tp*pp*EP local ones)."""
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.models.builder import validate_layout
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.runtime.spawn import run_on_world
 
     cfg = load_model_config(job.mcore)
     try:  # before any rank starts: megatron-core would assert deep inside every rank (a traceback each)
-        validate_layout(cfg, ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp))
+        validate_layout(cfg, ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp))
     except ValueError as e:
         raise UserError(f"--tp {job.tp} --ep {job.ep} --pp {job.pp}: {e}") from None
     return run_on_world(verify_worker, math.lcm(job.tp, job.ep) * job.pp, job)

@@ -621,12 +621,11 @@ def test_dcp_storage_entries_outside_the_checkpoint_are_refused(tiny_hf, tmp_pat
     import dataclasses
     import pickle
 
-    from support import tiny_models
-    from support.hf_checkpoints import build_tiny_hf
-
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.checkpoint.fingerprint import model_fingerprint
     from megatron_slim.checkpoint.safe_metadata import load_metadata
+    from support import tiny_models
+    from support.hf_checkpoints import build_tiny_hf
 
     mc, other = tmp_path / "mc", tmp_path / "other"
     hf_to_mcore(tiny_hf, mc, progress=False)
@@ -952,8 +951,8 @@ def test_heldout_data_that_is_training_data_warns(tmp_path):
     raw["data"]["heldout"] = "link.jsonl"  # the same file under another name
     recipe = next(iter(parse_study(raw, tmp_path).recipes.values()))
     assert heldout_overlap_warning(recipe) == (
-        f"warning: data.heldout {tmp_path / 'link.jsonl'} is also training data (data.train "
-        f"{tmp_path / 'train.jsonl'}): held-out loss will measure memorisation, not generalisation")
+        f"warning: data.heldout {recipe.data.heldout} is also training data (data.train {recipe.data.train}): "
+        "held-out loss will measure memorisation, not generalisation")
     raw["data"]["heldout"] = "heldout.jsonl"
     assert heldout_overlap_warning(next(iter(parse_study(raw, tmp_path).recipes.values()))) is None
 

@@ -6,6 +6,7 @@ count towards RSS. Every tensor read is checked against its file's size, so a tr
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path

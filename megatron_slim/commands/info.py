@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-from megatron_slim.runtime import json_out
 import os
 import platform
+
+from megatron_slim.runtime import json_out
 
 HELP = "versions, devices, TE/apex availability; --distributed checks the launcher's process group"
 _PACKAGES = ["torch", "megatron-core", "transformers", "flash-linear-attention", "transformer-engine", "apex",

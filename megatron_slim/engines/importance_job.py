@@ -19,7 +19,7 @@ from megatron_slim.engines.source import (
 from megatron_slim.errors import UserError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 @dataclass(frozen=True, kw_only=True)

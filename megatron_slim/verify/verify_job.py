@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from megatron_slim.errors import UserError
 from megatron_slim.runtime import json_out
-
 from megatron_slim.verify.parity import Thresholds
 
 

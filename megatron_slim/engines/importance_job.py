@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from megatron_slim.engines.source import (
     ModelJob,
@@ -17,9 +16,6 @@ from megatron_slim.engines.source import (
     temp_checkpoint,
 )
 from megatron_slim.errors import UserError
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True, kw_only=True)

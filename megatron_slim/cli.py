@@ -1,8 +1,10 @@
 """The single `megatron-slim <command>` entry point.
 
-Each command lives in `megatron_slim/commands/<name>.py` and exposes `HELP` (one line), `add_arguments(parser)`
-and `run(args) -> int`. Command modules import heavy libraries (torch, megatron) inside `run`, so `--help`
-stays fast.
+Each command lives in `megatron_slim/commands/<name>.py` and exposes `HELP` (one line), `add_arguments(parser)`,
+`run(args) -> int` and `OUTPUTS`, what it writes (`runtime.outputs.Output`; `()` for a command that writes
+nothing): the CLI refuses an output that overlaps an input or replaces what it may not before the command starts,
+and checks after it that its directory outputs went through `runtime.outputs`. Command modules import heavy
+libraries (torch, megatron) inside `run`, so `--help` stays fast.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "verify": "verify",
     "preprocess": "preprocess",
+    "merge-datasets": "merge_datasets",
+    "blend": "blend",
     "train": "train",
     "demo": "demo",
     "ablate": "ablate",
@@ -52,8 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         if name in READS_CHECKPOINTS:
             add_follow_symlinks_argument(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _outputs=command_outputs(name))
     return parser
+
+
+def command_outputs(name: str) -> tuple:
+    """The `OUTPUTS` a command declares (a command without the declaration is a bug, refused here)."""
+    from megatron_slim.runtime.outputs import Output
+
+    module = importlib.import_module(f"megatron_slim.commands.{COMMANDS[name]}")
+    outputs = getattr(module, "OUTPUTS", None)
+    if not isinstance(outputs, tuple) or not all(isinstance(o, Output) for o in outputs):
+        raise TypeError(f"megatron_slim.commands.{COMMANDS[name]} must declare OUTPUTS, a tuple of "
+                        "runtime.outputs.Output (empty when it writes nothing)")
+    return outputs
 
 
 def _json_failure(args: argparse.Namespace, message: str, status: int) -> None:
@@ -87,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from megatron_slim.errors import UserError
+    from megatron_slim.runtime.outputs import postflight, preflight
 
     try:
+        preflight(args._outputs, args)
         status = int(args._run(args) or 0)
+        if status == 0 and os.environ.get("RANK", "0") == "0":
+            postflight(args._outputs, args)
     except (UserError, FileExistsError, FileNotFoundError, PermissionError) as e:
         message = str(e)
         if isinstance(e, PermissionError) and e.filename:  # an output directory this user cannot write

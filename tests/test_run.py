@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,11 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
     ({"inference": {}, "export": False}, "inference measures the exported student: it needs export: true"),
+    ({"inference": {"engines": ["transformers", "tgi"]}}, "inference.engines must be distinct entries of"),
+    ({"inference": {"engines": ["vllm"], "vllm_python": "/nonexistent/python3.11"}},
+     "inference.vllm_python /nonexistent/python3.11: no such interpreter"),
+    ({"inference": {"engines": ["transformers", "vllm"], "vllm_python": sys.executable, "device": "cpu"}},
+     "inference.engines: vLLM refuses"),  # the tiny Qwen3-Next teacher: head dims vLLM's CPU kernels reject
     ({"preset": None, "train_tokens": None, "stages": [
         {"name": "a", "target": {"num_layers": 4}, "training": {"train": {"train_iters": 1}}}]},
      "the stages do not end at `target`"),
@@ -126,12 +132,12 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
     the run's data preparation writes the ids `preprocess --tokenizer none` writes, with the teacher's EOS."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     recipe = _recipe(assets)
     recipe["data"]["train"] = str(assets / "train.jsonl")
     load_recipe(_write(assets, "pretokenized", recipe))
-    run_preprocess(PreprocessJob(input=str(assets / "train.jsonl"), output_prefix=str(tmp_path / "run"),
+    run_preprocess(PreprocessJob(inputs=(str(assets / "train.jsonl"),), output_prefix=str(tmp_path / "run"),
                                  tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
     ours, ref = IndexedDataset(str(tmp_path / "run")), IndexedDataset(str(assets / "train"))
     assert len(ours) == len(ref) == 200
@@ -146,7 +152,7 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
 def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, message: str) -> None:
     """The teacher has no tokenizer files: text data used to become one end-of-document token per document, with
     prepare/data recorded done. Now the recipe is refused before anything runs, and so is preparation itself."""
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
     from megatron_slim.errors import UserError
 
     (assets / "train_bad.jsonl").write_text(line + "\n")
@@ -158,7 +164,7 @@ def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, me
     assert f"data.train: {assets / message}" in proc.stderr
     assert not work.exists()
     with pytest.raises(UserError, match=message.split(":", 1)[1].strip()):
-        run_preprocess(PreprocessJob(input=str(assets / "train_bad.jsonl"), output_prefix=str(assets / "bad"),
+        run_preprocess(PreprocessJob(inputs=(str(assets / "train_bad.jsonl"),), output_prefix=str(assets / "bad"),
                                      tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
 
 
@@ -360,6 +366,81 @@ def test_sigterm_between_distillations_stops_at_the_next_step(assets: Path) -> N
     assert proc.returncode == 75, out[-3000:]
     assert status("prepare/eval_teacher") == "done" and status("depth/importance") is None, out[-3000:]
     assert "stop  before depth/importance" in out
+
+
+# ---- the work dir: one writer, never the user's files, outputs that vanished are redone -------------------------
+HOLD_WORKDIR = """
+import sys
+from megatron_slim.runtime.outputs import workdir_lock
+with workdir_lock(sys.argv[1]):
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def workdir_holder():
+    """Start a real process holding a work dir's lock (as a running `run` does); yields it once it holds it."""
+    procs = []
+
+    def start(workdir: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_WORKDIR, str(workdir)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_second_run_into_a_work_dir_refuses_naming_the_holder(assets: Path, tmp_path: Path, workdir_holder) -> None:
+    """Two `run`s into one work dir used to train into one train/ while state.json kept the last writer's view."""
+    work = tmp_path / "work"
+    first = workdir_holder(work)
+    proc = cli("run", str(_write(assets, "recipe_lock", _recipe(assets))), "--workdir", str(work), "--no-progress",
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"pid {first.pid} on host {socket.gethostname()}" in proc.stderr
+    assert not (work / "state.json").exists() and "start" not in proc.stdout
+
+
+def test_recipe_in_the_work_dir_is_never_written_back(assets: Path, tmp_path: Path) -> None:
+    """`run ./recipe.yaml --workdir .` used to rewrite the user's recipe through yaml.safe_dump (comments gone):
+    the run keeps its own copy, run.recipe.yaml. (`--stage nope` stops the run once it prepared the work dir.)"""
+    study = _recipe(assets)
+    study["variants"], study["reference"] = {"a": {}, "b": {"training": {"loss": {"kd_weight": 1.0}}}}, "a"
+    text = "# my study, hand-written\n" + yaml.safe_dump(study)
+    (tmp_path / "recipe.yaml").write_text(text)
+    proc = cli("run", "recipe.yaml", "--workdir", ".", "--stage", "nope", "--no-progress", check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "no stage 'nope'" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "recipe.yaml").read_text() == text
+    assert yaml.safe_load((tmp_path / "run.recipe.yaml").read_text()) == study
+
+
+def test_run_fresh_clears_only_a_work_dir_run_made(assets: Path, tmp_path: Path) -> None:
+    recipe = _write(assets, "recipe_fresh", _recipe(assets))
+    mine = tmp_path / "mine"
+    (mine / "docs").mkdir(parents=True)
+    (mine / "docs" / "thesis.tex").write_text("years of work")
+    proc = cli("run", str(recipe), "--workdir", str(mine), "--fresh", check=False)
+    assert proc.returncode == 2 and "refusing to clear" in proc.stderr, proc.stderr[-2000:]
+    assert (mine / "docs" / "thesis.tex").read_text() == "years of work"
+
+
+def test_finished_step_whose_outputs_vanished_is_redone(assets: Path, finished: Path) -> None:
+    """Deleted outputs of a finished step used to still count as done: the step runs again, the others are
+    skipped."""
+    work = assets / "work_vanished"
+    shutil.copytree(finished, work)
+    (work / "report" / "report.md").unlink()
+    proc = cli("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--no-progress")
+    assert "redo  final/report: its outputs are gone" in proc.stdout
+    assert [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("[run] start")] == [
+        "final/report"]
+    assert (work / "report" / "report.md").is_file()
 
 
 def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:

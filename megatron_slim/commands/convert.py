@@ -15,9 +15,12 @@ import argparse
 from pathlib import Path
 
 from megatron_slim.commands.options import add_follow_symlinks_argument
+from megatron_slim.runtime.outputs import Output
 
 HELP = "convert checkpoints: hf-to-mcore | mcore-to-hf (streamed, any layout at load time)"
 
+
+OUTPUTS = (Output("out", "dir", inputs=("hf", "mcore", "hf_template")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="direction", metavar="<direction>", required=True)

@@ -4,7 +4,6 @@ table a person reads. See megatron_slim/eval/metrics.py for the held-out metrics
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from megatron_slim.engines.source import (
 )
 from megatron_slim.errors import UserError
 from megatron_slim.runtime import json_out
+from megatron_slim.runtime.outputs import atomic_write
 
 if TYPE_CHECKING:
     from megatron_slim.eval.harness import TaskSpec
@@ -162,9 +162,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if job.write_to:
         job.write_to.write_text(text + "\n")
     elif job.out:
-        tmp = job.out.with_name(job.out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, job.out)
+        atomic_write(job.out, text + "\n")
     if job.json:
         json_out.emit(report)
     else:

@@ -16,6 +16,7 @@ from megatron_slim.run.recipe import Recipe
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import BENCH_INFERENCE, EVAL_TEACHER, REPORT, TEACHER, student_step
 from megatron_slim.runtime.jsonl import read_jsonl
+from megatron_slim.runtime.outputs import atomic_write
 
 LOSS_KEYS = ("loss", "lm", "kd", "mtp_lm", "mtp_kd")
 
@@ -196,7 +197,8 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
     if state.done(BENCH_INFERENCE):
-        parts += ["## Deployment efficiency (transformers, HF checkpoints)", "", _efficiency(state), ""]
+        parts += ["## Deployment efficiency (HF checkpoints; transformers, and vLLM where the recipe asks)", "",
+                  _efficiency(state), ""]
     parts += ["## Importance and plans", ""]
     for s in recipe.stages:
         if not state.done(f"{s.name}/plan"):
@@ -214,7 +216,5 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
         parts.append(f"| {step} | {entry.get('status')} | {entry.get('seconds', 0.0):.1f} s |")
     parts.append(f"| total | | {total:.1f} s |")
     path = out / "report.md"
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(parts) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(parts) + "\n")
     return path

@@ -43,6 +43,7 @@ from megatron_slim.run.step_groups import (
     input_step,
     student_step,
 )
+from megatron_slim.runtime.outputs import atomic_path, atomic_write
 
 
 @dataclass
@@ -120,7 +121,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     """jsonl sources -> indexed datasets with the teacher's tokenizer, so every step reads identical tokens."""
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     tokenizer = ctx.out(TEACHER)["tokenizer"]
     teacher = load_model_config(ctx.teacher_ckpt())
@@ -133,12 +134,10 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
             out[name] = src if isinstance(src, list) else ([[1.0, src]] if name == "train" else src)
             continue
         prefix = ctx.workdir / "data" / name
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        tmp = prefix.with_name(name + ".tmp")
-        run_preprocess(PreprocessJob(input=src, output_prefix=str(tmp), tokenizer=tokenizer,
-                                     vocab_size=teacher.vocab_size, eod_id=eod))
-        for ext in (".idx", ".bin"):  # .idx last: a prefix counts as present once both exist
-            Path(str(tmp) + ext).replace(str(prefix) + ext)
+        # written atomically (.bin, then .idx, then the manifest); a rerun after a kill rewrites it
+        run_preprocess(PreprocessJob(inputs=(src,), output_prefix=str(prefix), tokenizer=tokenizer,
+                                     vocab_size=teacher.vocab_size, eod_id=eod, overwrite=True,
+                                     progress=ctx.progress))
         out[name] = [[1.0, str(prefix)]] if name == "train" else str(prefix)
     return out
 
@@ -194,9 +193,8 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         result = make_plan(imp, spec)
         out = ctx.workdir / stage.name / "plan.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name("plan.json.tmp")
-        result.save(tmp)
-        tmp.replace(out)
+        with atomic_path(out) as staging:
+            result.save(staging)
         plots = write_plots(imp, spec, result, ctx.workdir / stage.name / "plots")
         return {"plan": str(out), "plots": [str(x) for x in plots]}
     return fn
@@ -282,7 +280,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
                                str(save_dir), heldout=data["heldout"])
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             save_dir.parent.mkdir(parents=True, exist_ok=True)
-            (ctx.workdir / stage.name / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            atomic_write(ctx.workdir / stage.name / "train.yaml", yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
         code = trainer.train()
@@ -325,13 +323,13 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     if Checkpoint.open(ctx.recipe.teacher).kind == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
     models["student"] = ctx.out(EXPORT)["hf"]
-    job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
+    settings = dataclasses.asdict(ctx.recipe.inference)
+    job = BenchInferenceJob(models=tuple(models.values()), **settings | {"engines": tuple(settings["engines"])})
     results = bench_models(job)
+    labels = [label for _ in job.engines for label in models]  # bench_models measures engine by engine
     out = ctx.workdir / "export" / "bench_inference.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings_line(job), "models": [
-        {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
-    tmp.replace(out)
+    atomic_write(out, json.dumps({"settings": settings_line(job), "models": [
+        {"label": label} | dataclasses.asdict(r) for label, r in zip(labels, results, strict=True)]}, indent=1))
     return {"bench": str(out)}
 
 

@@ -179,6 +179,37 @@ def _efficiency(state: RunView) -> str:
     return bench["settings"] + "\n\n" + markdown_table(rows)
 
 
+def data_stream_lines(recipe: Recipe, view: RunView | None) -> list[str]:
+    """The run's data stream: each stage's planned range of samples, and per dataset of the blend the tokens
+    available, requested and epochs (checked against data.max_epochs: UserError naming the dataset)."""
+    from megatron_slim.run.recipe import stage_samples, stream_usage
+    from megatron_slim.train.data import usage_lines
+
+    ranges, start = [], 0
+    for stage, n in zip(recipe.stages, stage_samples(recipe), strict=True):
+        ranges.append(f"{stage.name} [{start}, {start + n})")
+        start += n
+    lines = [f"data stream: {start} samples of {recipe.data.seq_length} tokens; " + ", ".join(ranges)]
+    blend = recipe.data.train
+    if not isinstance(blend, list) and view is not None and view.done(f"{PREPARE}/data"):
+        blend = view.outputs(f"{PREPARE}/data")["train"]
+    if isinstance(blend, list):
+        lines += [f"  {line}" for line in usage_lines(stream_usage(recipe, blend))]
+    else:
+        lines.append(f"  {blend}: tokens available once prepare/data has tokenized it (checked then)")
+    return lines
+
+
+def _data(recipe: Recipe, state: RunView) -> str:
+    """The data stream's use of each dataset, and the sample range each stage trained on (from the run's state)."""
+    lines = data_stream_lines(recipe, state)
+    trained = [f"{s.name} {state.outputs(f'{s.name}/distill')['data_samples']}" for s in recipe.stages
+               if state.done(f"{s.name}/distill") and "data_samples" in state.outputs(f"{s.name}/distill")]
+    if trained:
+        lines.append("trained on samples (half-open ranges): " + ", ".join(trained))
+    return "\n".join(f"    {line}" for line in lines)
+
+
 def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +224,7 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
         parts += ["![retention](retention.png)", ""]
     parts += ["## Distillation loss", ""]
     parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
+    parts += ["## Training data", "", _data(recipe, state), ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
     if state.done(f"{FINAL}/bench_inference"):
         parts += ["## Deployment efficiency (transformers, HF checkpoints)", "", _efficiency(state), ""]

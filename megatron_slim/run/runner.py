@@ -35,10 +35,6 @@ from megatron_slim.run.steps import Context, Step, StepInterrupted, all_steps, s
 from megatron_slim.runtime.launch_env import without_launcher_env
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 
-# How long ranks wait for rank 0's single-process steps (pruning an 80B checkpoint takes a while).
-BARRIER_TIMEOUT_MINUTES = 24 * 60
-
-
 SHARED = "shared"  # <workdir>/shared/: steps that variants share, with their own state.json
 VARIANTS = "variants"  # <workdir>/variants/<name>/: each variant's own work dir
 
@@ -129,9 +125,9 @@ def _execute(run: VariantRun, root: Path, step: Step, progress: bool) -> None:
     t0 = time.time()
     try:
         outputs = step.fn(ctx)
-    except StepInterrupted:
+    except StepInterrupted as e:
         if rank0:
-            record.fail(record_id, "interrupted (checkpointed; rerun to resume)", status="interrupted")
+            record.fail(record_id, e.reason, status=e.status)
         raise
     except BaseException as e:
         if rank0:
@@ -201,7 +197,8 @@ def _run_variant(run: VariantRun, recipe_path: Path, root: Path, stage: str | No
             else:
                 _run_step(run, recipe_path, root, step, progress)
         except StepInterrupted as e:
-            _log(f"stop  {label}{step.id}: checkpointed; rerun the same command to resume")
+            _log(f"stop  {label}{step.id}: " + ("checkpointed; rerun the same command to resume"
+                                                if e.status == "interrupted" else e.reason))
             return e.code
         dist.barrier()
     return 0
@@ -213,7 +210,9 @@ def run_steps(study: Study, recipe_path: Path, workdir: Path, variant: str | Non
     Returns 0, or the requeue status when distillation was preempted."""
     from megatron_slim.runtime.distributed import init_distributed
 
-    init_distributed(timeout_minutes=BARRIER_TIMEOUT_MINUTES)
+    # the recipe's timeout: how long a collective (and the other ranks, at a barrier, for rank 0's single-process
+    # steps) may wait before the job fails instead of holding its nodes
+    init_distributed(timeout_minutes=next(iter(study.recipes.values())).timeout_minutes)
     stop = StopFlag()  # a preemption signal between distillation steps stops the run at the next step boundary
     runs = plan_runs(study, workdir)
     if variant is not None:

@@ -54,6 +54,11 @@ class Context:
         source = input_step(self.recipe, stage)
         return self.teacher_ckpt() if source == f"{PREPARE}/teacher" else self.out(source)["checkpoint"]
 
+    def data_start(self, stage: Stage) -> int:
+        """Where the stage starts in the run's data stream: where the previous stage's distillation stopped."""
+        i = self.recipe.stages.index(stage)
+        return self.out(f"{self.recipe.stages[i - 1].name}/distill")["data_samples"][1] if i else 0
+
     def student(self, stage: Stage) -> str:
         """The stage's student before training: pruned, or randomly initialised (init: random)."""
         return self.out(student_step(self.recipe, stage))["checkpoint"]
@@ -272,23 +277,28 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
 
         from megatron_slim.train import checkpointing
         from megatron_slim.train.config import run_config_from_dict
+        from megatron_slim.train.guard import DIVERGED_EXIT_CODE
         from megatron_slim.train.trainer import Trainer
 
         save_dir = ctx.workdir / stage.name / "train"
         data = ctx.out(f"{PREPARE}/data")
+        start = ctx.data_start(stage)
         cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data["train"],
-                               str(save_dir), heldout=data["heldout"])
+                               str(save_dir), heldout=data["heldout"], sample_offset=start)
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             save_dir.parent.mkdir(parents=True, exist_ok=True)
             (ctx.workdir / stage.name / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
         code = trainer.train()
+        if code == DIVERGED_EXIT_CODE:
+            raise StepInterrupted(code, trainer.diverged_message(), status="diverged")
         if code:
             raise StepInterrupted(code)
         step = checkpointing.latest_step(save_dir)
+        end = start + step * trainer.cfg.batch.global_batch_size
         return {"checkpoint": str(checkpointing.iter_dir(save_dir, step)), "steps": step,
-                "metrics": str(save_dir / "metrics.jsonl")}
+                "metrics": str(save_dir / "metrics.jsonl"), "data_samples": [start, end]}
     return fn
 
 
@@ -339,11 +349,13 @@ def report(ctx: Context) -> dict[str, Any]:
 
 
 class StepInterrupted(Exception):
-    """A step stopped early on purpose (preemption: checkpointed, exit status `code` asks for a requeue)."""
+    """A step stopped early on purpose with exit status `code`: preemption (checkpointed, the status asks for a
+    requeue), or a diverged distillation (status `diverged`, the reason names the last good checkpoint)."""
 
-    def __init__(self, code: int) -> None:
-        super().__init__(f"interrupted with exit status {code}")
-        self.code = code
+    def __init__(self, code: int, reason: str = "interrupted (checkpointed; rerun to resume)",
+                 status: str = "interrupted") -> None:
+        super().__init__(f"{reason} (exit status {code})")
+        self.code, self.reason, self.status = code, reason, status
 
 
 def all_steps(recipe: Recipe) -> list[Step]:

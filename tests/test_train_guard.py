@@ -31,6 +31,40 @@ def _tensors(save_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return dict(zip(keys, reader.read(keys)))
 
 
+def _data_positions(bucket: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """Where the model's weights lie in a flat optimizer bucket (its fp32 `param` copy): megatron-core pads the
+    buffers between parameters and saves the padding as allocated (uninitialised memory), so only these positions
+    hold state."""
+    mask = torch.zeros(bucket.numel(), dtype=torch.bool)
+    for w in weights:  # grouped experts' weights ([experts, ...] in the checkpoint) are one parameter per expert
+        for piece in (w.unbind(0) if w.dim() == 3 else [w]):
+            flat = piece.flatten().float()
+            for i in (bucket == flat[0]).nonzero().flatten().tolist():
+                j = i + flat.numel()  # equal weights (norms initialised to ones) lie at distinct places
+                if j <= bucket.numel() and not mask[i:j].any() and torch.equal(bucket[i:j], flat):
+                    mask[i:j] = True
+                    break
+    return mask
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Weights equal bit for bit, and the optimizer's fp32 params and Adam moments at every weight's position."""
+    assert a.keys() == b.keys()
+    weights = [a[k] for k in a if not k.startswith("optimizer.")]
+    for key in a:
+        if not key.startswith("optimizer."):
+            assert torch.equal(a[key], b[key]), key
+    buckets = {k.rpartition(".")[0] for k in a if k.startswith("optimizer.") and k.endswith(".exp_avg")}
+    assert buckets
+    covered = 0
+    for bucket in buckets:
+        mask = _data_positions(a[f"{bucket}.param"], weights)
+        covered += int(mask.sum())
+        for kind in ("param", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a[f"{bucket}.{kind}"][mask], b[f"{bucket}.{kind}"][mask]), f"{bucket}.{kind}"
+    assert covered == sum(w.numel() for w in weights)  # every weight's state was compared
+
+
 def _steps(save_dir: Path) -> list[int]:
     return checkpointing.saved_steps(save_dir)
 
@@ -51,10 +85,8 @@ def test_nan_step_changes_nothing_and_milestones_survive_rotation(assets):
     assert "step 5: non-finite loss; update skipped" in proc.stdout
     assert _steps(save_dir) == [2, 4, 5, 6]
     before, at, after = _tensors(save_dir, 4), _tensors(save_dir, 5), _tensors(save_dir, 6)
-    assert any(k.startswith("optimizer.") for k in before) and before.keys() == at.keys()
-    for key in before:
-        assert torch.equal(before[key], at[key]), key
-    assert any(not torch.equal(at[k], after[k]) for k in at)  # the next step trained again
+    _assert_same_state(before, at)
+    assert any(not torch.equal(at[k], after[k]) for k in at if not k.startswith("optimizer."))  # trained again
     assert [checkpointing.train_state(save_dir, s)["finite"] for s in (4, 5, 6)] == [True, False, True]
     assert checkpointing.train_state(save_dir, 6)["data_samples"] == [0, 6 * 8]
 
@@ -85,8 +117,9 @@ def test_corpus_too_small_is_refused_before_any_model(assets):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"requests 25,600 tokens of {assets / 'data'}" in proc.stderr and "data.max_epochs 1" in proc.stderr
     assert not (assets / "too_long").exists()  # refused before anything was built or written
-    allowed = write_config(assets, "too_long", teacher=False, train={"train_iters": 1}, data={"max_epochs": 2})
-    assert cli("train", "--config", str(allowed), check=False).returncode == 0
+    allowed = write_config(assets, "too_long", teacher=False, train={"train_iters": 100, "exit_interval": 1},
+                           data={"max_epochs": 2})  # repeating the data knowingly: one step, then exit
+    cli("train", "--config", str(allowed))
 
 
 def test_wandb_offline_run_keeps_its_id_across_a_requeue(tmp_path: Path):
@@ -114,3 +147,20 @@ def test_wandb_auto_mode_falls_back_to_offline_without_the_service(monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     assert resolve_wandb_mode("auto") == "offline"
     assert resolve_wandb_mode("online") == "online"
+
+
+def test_background_saves_resume_like_synchronous_saves(assets):
+    """checkpoint.async_save: the same run, stopped at step 2 (exit_interval) and resumed to step 4, ends with the
+    same weights, optimizer state and losses as with synchronous saves; the background saves completed in order."""
+    runs = {}
+    for background in (False, True):
+        name = f"saves_async_{background}".lower()
+        cfg = write_config(assets, name, teacher=False, train={"train_iters": 4, "exit_interval": 2},
+                           checkpoint={"save_interval": 1, "keep_last": 0, "async_save": background})
+        for _ in range(2):
+            proc = _train(cfg)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _steps(assets / name) == [1, 2, 3, 4] and (assets / name / "latest").read_text().strip() == "4"
+        runs[background] = (_tensors(assets / name, 4), [r["loss"] for r in metrics(assets, name)])
+    _assert_same_state(runs[False][0], runs[True][0])
+    assert runs[False][1] == runs[True][1] and len(runs[True][1]) == 4

@@ -203,8 +203,11 @@ def data_stream_lines(recipe: Recipe, view: RunView | None) -> list[str]:
 def _data(recipe: Recipe, state: RunView) -> str:
     """The data stream's use of each dataset, and the sample range each stage trained on (from the run's state)."""
     lines = data_stream_lines(recipe, state)
-    trained = [f"{s.name} {state.outputs(f'{s.name}/distill')['data_samples']}" for s in recipe.stages
-               if state.done(f"{s.name}/distill") and "data_samples" in state.outputs(f"{s.name}/distill")]
+    trained = []
+    for s in recipe.stages:
+        if state.done(f"{s.name}/distill") and "data_samples" in state.outputs(f"{s.name}/distill"):
+            start, end = state.outputs(f"{s.name}/distill")["data_samples"]
+            trained.append(f"{s.name} [{start}, {end})")
     if trained:
         lines.append("trained on samples (half-open ranges): " + ", ".join(trained))
     return "\n".join(f"    {line}" for line in lines)

@@ -126,12 +126,19 @@ def rotate(save_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
 
 
 def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: ModelConfig, extra: dict,
-         keep_last: int, tokenizer: Path | None = None, keep_every: int = 0, finite: bool = True) -> Path:
+         keep_last: int, tokenizer: Path | None = None, keep_every: int = 0, finite: bool = True,
+         async_queue=None) -> Path:
     """Collective. `model` is the unwrapped (non-DDP) module. `tokenizer`: the student checkpoint's tokenizer
     directory, copied in so that every saved step is a complete checkpoint (evaluate's text tasks, export).
-    `finite`: whether the loss of the step just taken was finite (retention keeps the newest such checkpoint)."""
+    `finite`: whether the loss of the step just taken was finite (retention keeps the newest such checkpoint).
+    `async_queue` (megatron-core's AsyncCallsQueue): the tensors are written by a forked process (a copy-on-write
+    snapshot of this moment) while training goes on; the rename to iter_XXXXXXX, `latest` and the rotation happen
+    when the queue finalizes the save (`maybe_finalize_async_calls`, collective). An earlier save still in flight
+    is finalized first, so checkpoints complete in order."""
     from megatron.core import dist_checkpointing
 
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=True)
     save_dir = Path(save_dir)
     final = iter_dir(save_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -144,23 +151,33 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
     dist.barrier()
     state = _sharded_state(model, optimizer, loading=False)
     state.update(step=step, scheduler=scheduler.state_dict(), extra=extra, adam_steps=_adam_steps(optimizer))
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if rank0:
-        (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
-        (tmp / TRAIN_STATE).write_text(json.dumps({"step": step, "finite": finite} | extra, indent=1))
-        if tokenizer is not None:
-            copy_side_files(tokenizer, tmp / TOKENIZER_DIR)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        marker = save_dir / (LATEST + ".tmp")
-        marker.write_text(f"{step}\n")
-        with open(marker) as f:
-            os.fsync(f.fileno())
-        os.replace(marker, save_dir / LATEST)
-        rotate(save_dir, keep_last, keep_every)
-    dist.barrier()
+
+    def complete() -> None:
+        dist.barrier()
+        if rank0:
+            (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+            (tmp / TRAIN_STATE).write_text(json.dumps({"step": step, "finite": finite} | extra, indent=1))
+            if tokenizer is not None:
+                copy_side_files(tokenizer, tmp / TOKENIZER_DIR)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            marker = save_dir / (LATEST + ".tmp")
+            marker.write_text(f"{step}\n")
+            with open(marker) as f:
+                os.fsync(f.fileno())
+            os.replace(marker, save_dir / LATEST)
+            rotate(save_dir, keep_last, keep_every)
+        dist.barrier()
+
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        complete()
+        return final
+    # megatron-core 0.19's own writer ("mcore"); its default, NVRx, is a separate package
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+    request.add_finalize_fn(complete)
+    async_queue.schedule_async_request(request)
     return final
 
 

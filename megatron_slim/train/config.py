@@ -97,7 +97,7 @@ class CheckpointSection:
     save_interval: int = 0  # steps; 0 = only at the end and on preemption
     keep_last: int = 2
     keep_every: int = 0  # steps; checkpoints at multiples of it are milestones, never deleted (0 = none)
-    async_save: bool = False  # write checkpoints in the background (megatron-core async save) while training goes on
+    async_save: bool = False  # periodic saves written in the background (megatron-core async save); the last is sync
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -40,9 +41,7 @@ def wandb_run_id(save_dir: Path) -> str:
     path = save_dir / WANDB_ID
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]  # wandb run ids: lower-case letters and digits
     tmp = path.with_name(WANDB_ID + ".tmp")
     tmp.write_text(run_id + "\n")
     os.replace(tmp, path)

@@ -185,6 +185,11 @@ class Trainer:
         self.guard.consecutive = getattr(self, "skipped_in_a_row", 0)
         self.inject_nan = injected_nan_steps()
         self.last_finite = True  # whether the newest step's loss was finite (recorded with each checkpoint)
+        self.async_queue = None
+        if c.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
         self.reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                          and self.dp_rank == 0)
         self.logger = None
@@ -306,8 +311,12 @@ class Trainer:
         return record
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, background: bool = False) -> None:
+        """Collective: checkpoint this step; `background` (a periodic save with checkpoint.async_save) returns
+        while a forked process writes it (completed by the queue: at the next step, save or exit)."""
         c = self.cfg
+        if self.async_queue is not None:  # the previous save completes first (in order; its .tmp is in use)
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
         tokenizer = Path(c.model.checkpoint) / TOKENIZER_DIR
         start = c.data.sample_offset
         extra = {"consumed_tokens": self.step * c.tokens_per_step, "sample_offset": start,
@@ -315,7 +324,8 @@ class Trainer:
                  "skipped_in_a_row": self.guard.consecutive}
         checkpointing.save(c.checkpoint.save_dir, self.step, self.student, self.optimizer, self.scheduler,
                            self.model_cfg, extra, c.checkpoint.keep_last, tokenizer if tokenizer.is_dir() else None,
-                           keep_every=c.checkpoint.keep_every, finite=self.last_finite)
+                           keep_every=c.checkpoint.keep_every, finite=self.last_finite,
+                           async_queue=self.async_queue if background else None)
 
     def evaluate(self) -> float:
         """Collective: the held-out evaluation of the student as it is now (train/evaluation.py); seconds taken."""
@@ -337,6 +347,8 @@ class Trainer:
         t_last, steps_since, status = time.time(), 0, 0
         while self.step < total:
             record = self.train_step()
+            if self.async_queue is not None:  # collective: completes background saves that have been written
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
             steps_since += 1
             if self.reporter and (self.step % c.logging.log_interval == 0 or self.step == total):
                 dt = time.time() - t_last
@@ -350,14 +362,14 @@ class Trainer:
                 self.logger.log(record)
                 t_last, steps_since = time.time(), 0
             if self.guard.exhausted:  # every rank agreed on each skip: all stop here
+                self._close()  # background saves in flight complete first: they hold good states
                 self._log_rank0(self.diverged_message())
-                self._close()
                 return DIVERGED_EXIT_CODE
             if self.evaluation is not None and evaluation_due(self.step, total, c.tokens_per_step,
                                                               c.evaluation.every_tokens):
                 t_last += self.evaluate()  # not part of the next logged step's time
             if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0 and self.step < total:
-                self.save()
+                self.save(background=self.async_queue is not None)
             if c.train.exit_interval and self.step % c.train.exit_interval == 0 and self.step < total:
                 self._log_rank0(f"exit_interval: checkpointing at step {self.step} and exiting")
                 break
@@ -379,6 +391,8 @@ class Trainer:
                 f"{where}")
 
     def _close(self) -> None:
+        if self.async_queue is not None:  # every way out: background saves complete (they are good checkpoints)
+            self.async_queue.close()
         self.stop.restore()
         self.router_load.remove()
         if self.logger is not None:

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test ablate clean
+.PHONY: venv demo test lint ablate clean
 
 venv:
 	@bash scripts/ensure_venv.sh
@@ -16,8 +16,13 @@ demo: venv
 ablate: venv
 	$(PY) -m megatron_slim.cli ablate --suite paper
 
-test: venv
+# Lint first (seconds): a style or pyflakes finding fails before the tests start.
+test: lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# ruff's rules: pyproject.toml [tool.ruff] (pyflakes, pycodestyle, import order, 120 columns).
+lint: venv
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf "$(VENV)" build *.egg-info .pytest_cache

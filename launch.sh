@@ -14,13 +14,18 @@ Usage:
   launch.sh --submit [options] -- <megatron-slim args>     build and run the sbatch command from the options
   launch.sh --submit --chain [options] -- run RECIPE --workdir DIR [run args]
                                                            one job per stage of the recipe, each after the one
-                                                           before it
+                                                           before it; with --cpu-partition P the single-process
+                                                           steps run as jobs of their own on CPU nodes
+  launch.sh --submit --array N [--cpu-partition P] [options] -- <megatron-slim args>
+                                                           N one-task jobs on CPU nodes (a SLURM job array)
 
 Inside a SLURM job, srun starts one task per GPU on every node of the job (the task count per node comes from
 --tasks-per-node, else --gpus-per-node, else the job's SLURM_NTASKS_PER_NODE / GPUs / tasks). Each task runs
 `python -m megatron_slim.cli <args>` with SLURM's environment plus MASTER_ADDR (first host of the job) and
 MASTER_PORT (15000 + job id % 15000), from which the program derives RANK/WORLD_SIZE/LOCAL_RANK. Called from
 within a job step (SLURM_STEP_ID set, e.g. `srun launch.sh ...`), it runs the program directly.
+srun runs with --kill-on-bad-exit=1: when one task dies, SLURM ends the others and the job fails at once, instead of
+the surviving ranks waiting in a collective until the process-group timeout while the whole allocation idles.
 
 Options for every mode:
   --python PATH            Python interpreter (default: <repo>/.venv/bin/python when present, else python3;
@@ -40,7 +45,8 @@ Options for --submit (become sbatch options; launch.sh itself is the batch scrip
   --nodes N                number of nodes (default 1)
   --time T                 time limit (sbatch --time, e.g. 04:00:00)
   --partition P            sbatch --partition
-  --account A              sbatch --account
+  --account A              sbatch --account (every job, the CPU jobs too)
+  --qos Q                  sbatch --qos (the GPU jobs)
   --job-name NAME          sbatch --job-name (default megatron-slim)
   --log-dir DIR            write DIR/<job-name>-<job id>.out/.err (created if missing)
   --dependency SPEC        sbatch --dependency, e.g. afterok:123
@@ -48,7 +54,7 @@ Options for --submit (become sbatch options; launch.sh itself is the batch scrip
   --signal SPEC            sbatch --signal; with --requeue the default is B:USR1@120 (USR1 to this script
                            120 s before the time limit)
   --wait                   sbatch --wait: block until the job ends and exit with its exit code
-  --sbatch-arg ARG         pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive
+  --sbatch-arg ARG         pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--exclusive (not to CPU jobs)
   On submit the job id is printed (sbatch --parsable).
 
 Job chains (--submit --chain):
@@ -67,7 +73,34 @@ Job chains (--submit --chain):
                            VARIANT/STAGE: each variant becomes its own chain after the shared job, so variants
                            train side by side (job names <job-name>-VARIANT-STAGE).
   --stages A,B,...         submit these stages instead of listing them (e.g. where this machine cannot run
-                           the program, or to continue a chain from a later stage)
+                           the program, or to continue a chain from a later stage); with --cpu-partition the
+                           jobs of `run --list-jobs`, each NAME:cpu or NAME:gpu (NAME alone: gpu)
+  A chain of multi-node jobs without --cpu-partition is refused unless the run args hold
+  --allow-single-process-steps: its stage jobs would convert, tokenize, prune and export on one process while
+  every other GPU of the allocation waits (`run` itself refuses those steps in a multi-node job).
+
+CPU jobs (--chain --cpu-partition, --array): one task on one node, no GPUs, shaped by
+  --cpu-partition P        sbatch --partition of the CPU jobs; with --chain it splits the chain (below)
+  --cpu-time T             their time limit (default: the partition's)
+  --cpu-qos Q              their sbatch --qos
+  --cpu-mem M              their sbatch --mem (teacher conversion and pruning of a large MoE hold the whole
+                           checkpoint: e.g. 900G for an 80B model)
+  --cpu-cpus N             their sbatch --cpus-per-task (srun gets it too)
+  --cpu-sbatch-arg ARG     pass ARG to the CPU jobs' sbatch as is (repeatable)
+  --requeue, --signal, --log-dir, --account and --env apply to them as to the GPU jobs.
+
+  --chain --cpu-partition P: the jobs are those `megatron-slim run RECIPE --workdir DIR --list-jobs` prints
+  (megatron_slim/run/chain.py), each running `run RECIPE --workdir DIR [run args] --job NAME`, each after the one
+  before it. CPU jobs: `prepare` (teacher conversion, tokenization of jsonl/parquet data), `STAGE.prune` (the
+  stage's plan and pruning), `final.export`; GPU jobs: `STAGE.importance` (before the first pruning: the teacher's
+  evaluation and importance), `STAGE` (the stage's evaluations and distillation, then the next stage's
+  importance), `final.bench_inference`. A two-stage recipe: prepare, depth.importance, depth.prune, depth,
+  width.prune, width, final.export. With variants: shared.JOB for the steps they share, then VARIANT/JOB, each
+  variant's chain after the last shared job. Printed lines are `<job id> <job name>`.
+
+  --array N[%M]            submit the command as a job array of N CPU tasks (at most M at once); task I sees
+                           SLURM_ARRAY_TASK_ID=I and SLURM_ARRAY_TASK_COUNT=N (what `preprocess --shard auto`
+                           reads to pick its share of the inputs); logs <job-name>-<array id>_<I>.out/.err
 
 Preemption and requeue contract (batch jobs):
   launch.sh traps SIGUSR1 and SIGTERM and forwards them to the program's processes (USR1 through srun, TERM
@@ -82,8 +115,11 @@ Examples:
   launch.sh --nproc-per-node 2 -- info --distributed          # torchrun, 2 processes
   launch.sh --submit --nodes 2 --gpus-per-node 8 --time 04:00:00 --partition gpu --log-dir logs \
       --requeue --container-image nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts "$PWD:$PWD" -- demo
-  launch.sh --submit --chain --nodes 4 --time 04:00:00 --requeue --log-dir logs -- \
-      run examples/slimqwen/recipe.yaml --workdir runs/slimqwen     # prints `<job id> <stage>` per stage
+  launch.sh --submit --chain --nodes 16 --time 04:00:00 --requeue --log-dir logs --cpu-partition cpu \
+      --cpu-time 12:00:00 --cpu-mem 900G -- run examples/slimqwen/recipe.yaml --workdir runs/slimqwen
+                                                              # prints `<job id> <job>` per job
+  launch.sh --submit --array 64 --cpu-partition cpu --cpu-time 06:00:00 --log-dir logs -- \
+      preprocess --input corpus/ --output-prefix data/corpus --tokenizer teacher_hf --shard auto
 EOF
 }
 
@@ -111,17 +147,19 @@ is_count() { [[ "$1" =~ ^[0-9]+$ ]]; }
 is_positive() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
 
 # ---------------------------------------------------------------------------------------------- options
-submit=0 dry_run=0 exec_mode=0 wait=0 requeue=0 chain=0 stages_opt=""
+submit=0 dry_run=0 exec_mode=0 wait=0 requeue=0 chain=0 stages_opt="" array=""
 python_opt="" step_pid="" submit_only="" gpus_per_node="" tasks_per_node="" container_image="" container_mounts=""
-nodes=1 time_limit="" partition="" account="" job_name="megatron-slim" log_dir="" dependency="" signal=""
-envs=() sbatch_extra=()
+nodes=1 time_limit="" partition="" account="" qos="" job_name="megatron-slim" log_dir="" dependency="" signal=""
+cpu_partition="" cpu_time="" cpu_qos="" cpu_mem="" cpu_cpus=""
+envs=() sbatch_extra=() cpu_sbatch_extra=()
 
 while [ "$#" -gt 0 ]; do
     opt="$1"
     case "$opt" in
         --*=*) set -- "${opt%%=*}" "${opt#*=}" "${@:2}"; continue ;;
-        --wait|--requeue|--nodes|--time|--partition|--account|--job-name|--log-dir|--dependency|--signal|\
-        --sbatch-arg|--chain|--stages) submit_only="$opt" ;;
+        --wait|--requeue|--nodes|--time|--partition|--account|--qos|--job-name|--log-dir|--dependency|--signal|\
+        --sbatch-arg|--chain|--stages|--array|--cpu-partition|--cpu-time|--cpu-qos|--cpu-mem|--cpu-cpus|\
+        --cpu-sbatch-arg) submit_only="$opt" ;;
     esac
     case "$opt" in
         -h|--help) usage; exit 0 ;;
@@ -133,7 +171,8 @@ while [ "$#" -gt 0 ]; do
         --requeue) requeue=1 ;;
         --chain) chain=1 ;;
         --python|--env|--gpus-per-node|--tasks-per-node|--nproc-per-node|--container-image|--container-mounts|\
-        --nodes|--time|--partition|--account|--job-name|--log-dir|--dependency|--signal|--sbatch-arg|--stages)
+        --nodes|--time|--partition|--account|--qos|--job-name|--log-dir|--dependency|--signal|--sbatch-arg|--stages|\
+        --array|--cpu-partition|--cpu-time|--cpu-qos|--cpu-mem|--cpu-cpus|--cpu-sbatch-arg)
             [ "$#" -ge 2 ] || die "$opt needs a value"
             value="$2"
             shift
@@ -153,12 +192,24 @@ while [ "$#" -gt 0 ]; do
                 --time) time_limit="$value" ;;
                 --partition) partition="$value" ;;
                 --account) account="$value" ;;
+                --qos) qos="$value" ;;
                 --job-name) job_name="$value" ;;
                 --log-dir) log_dir="$value" ;;
                 --dependency) dependency="$value" ;;
                 --signal) signal="$value" ;;
                 --sbatch-arg) sbatch_extra+=("$value") ;;
                 --stages) stages_opt="$value" ;;
+                --array)
+                    [[ "$value" =~ ^[1-9][0-9]*(%[1-9][0-9]*)?$ ]] ||
+                        die "--array wants N or N%M (N tasks, at most M at once), got '$value'"
+                    array="$value" ;;
+                --cpu-partition) cpu_partition="$value" ;;
+                --cpu-time) cpu_time="$value" ;;
+                --cpu-qos) cpu_qos="$value" ;;
+                --cpu-mem) cpu_mem="$value" ;;
+                --cpu-cpus) is_positive "$value" || die "--cpu-cpus: not a positive count: $value"
+                    cpu_cpus="$value" ;;
+                --cpu-sbatch-arg) cpu_sbatch_extra+=("$value") ;;
             esac ;;
         *) die "unknown option '$opt' (megatron-slim arguments go after --; see --help)" ;;
     esac
@@ -167,6 +218,13 @@ done
 args=("$@")
 [ "$submit" = 1 ] || [ -z "$submit_only" ] || die "$submit_only only applies with --submit"
 [ "$chain" = 1 ] || [ -z "$stages_opt" ] || die "--stages only applies with --chain"
+[ "$chain" = 0 ] || [ -z "$array" ] || die "--array runs one command as a job array, not a --chain"
+if [ -z "$cpu_partition" ] && [ -z "$array" ]; then
+    for opt in cpu_time cpu_qos cpu_mem cpu_cpus; do
+        [ -z "${!opt}" ] || die "--${opt//_/-} shapes the CPU jobs of --chain --cpu-partition P or of --array N"
+    done
+    [ "${#cpu_sbatch_extra[@]}" = 0 ] || die "--cpu-sbatch-arg applies to the CPU jobs of --cpu-partition or --array"
+fi
 [ "${#args[@]}" -gt 0 ] || die "nothing to run: give megatron-slim arguments after -- (see --help)"
 
 # The repository: where this script lives, or (inside a batch job, where SLURM runs a copy of the script) the
@@ -206,19 +264,34 @@ tasks_from_options() {
 }
 
 # ---------------------------------------------------------------------------------------------- --submit
-# The sbatch options shared by every job of a submission (not --job-name, --dependency, --wait) and the batch
-# script's own command line, up to its `--`: launch.sh itself, with the run-time options as arguments (argv keeps
-# spaces intact).
-sbatch_common=() inner=()
+# The sbatch options shared by every job of a kind (gpu: the job the options describe; cpu: one task on one CPU
+# node, from the --cpu-* options) except --job-name, --dependency and --wait; then the job's own extra sbatch
+# arguments; and the batch script's own command line, up to its `--`: launch.sh itself, with the run-time options
+# as arguments (argv keeps spaces intact).
+sbatch_common=() job_extra=() inner=()
 
 build_submit() {
-    local gpus="${gpus_per_node:-8}" tasks
-    tasks="$(tasks_from_options)"
-    [ -n "$tasks" ] || tasks="$(( gpus > 0 ? gpus : 1 ))"
-    sbatch_common=("--nodes=$nodes" "--ntasks-per-node=$tasks")
-    [ "$gpus" -gt 0 ] && sbatch_common+=("--gpus-per-node=$gpus")
-    [ -n "$time_limit" ] && sbatch_common+=("--time=$time_limit")
-    [ -n "$partition" ] && sbatch_common+=("--partition=$partition")
+    local kind="$1" gpus tasks nnodes
+    if [ "$kind" = cpu ]; then
+        gpus=0 tasks=1 nnodes=1
+        sbatch_common=(--nodes=1 --ntasks-per-node=1)
+        [ -n "$cpu_cpus" ] && sbatch_common+=("--cpus-per-task=$cpu_cpus")
+        [ -n "$cpu_mem" ] && sbatch_common+=("--mem=$cpu_mem")
+        [ -n "$cpu_time" ] && sbatch_common+=("--time=$cpu_time")
+        [ -n "$cpu_partition" ] && sbatch_common+=("--partition=$cpu_partition")
+        [ -n "$cpu_qos" ] && sbatch_common+=("--qos=$cpu_qos")
+        job_extra=("${cpu_sbatch_extra[@]}")
+    else
+        gpus="${gpus_per_node:-8}" nnodes="$nodes"
+        tasks="$(tasks_from_options)"
+        [ -n "$tasks" ] || tasks="$(( gpus > 0 ? gpus : 1 ))"
+        sbatch_common=("--nodes=$nnodes" "--ntasks-per-node=$tasks")
+        [ "$gpus" -gt 0 ] && sbatch_common+=("--gpus-per-node=$gpus")
+        [ -n "$time_limit" ] && sbatch_common+=("--time=$time_limit")
+        [ -n "$partition" ] && sbatch_common+=("--partition=$partition")
+        [ -n "$qos" ] && sbatch_common+=("--qos=$qos")
+        job_extra=("${sbatch_extra[@]}")
+    fi
     [ -n "$account" ] && sbatch_common+=("--account=$account")
     if [ "$requeue" = 1 ]; then
         sbatch_common+=(--requeue --open-mode=append "--signal=${signal:-B:USR1@120}")
@@ -226,7 +299,10 @@ build_submit() {
         sbatch_common+=("--signal=$signal")
     fi
     if [ -n "$log_dir" ]; then
-        sbatch_common+=("--output=$log_dir/%x-%j.out" "--error=$log_dir/%x-%j.err")
+        # An array's tasks: <job name>-<array job id>_<task index>.
+        local id='%j'
+        [ -n "$array" ] && id='%A_%a'
+        sbatch_common+=("--output=$log_dir/%x-$id.out" "--error=$log_dir/%x-$id.err")
     fi
 
     local script
@@ -252,11 +328,19 @@ prepare_submit() {
 }
 
 submit_job() {
-    build_submit
+    local count="${array%%%*}" throttle=""
+    [[ "$array" == *%* ]] && throttle="%${array#*%}"
+    if [ -n "$array" ]; then
+        build_submit cpu
+    else
+        build_submit gpu
+    fi
     local cmd=(sbatch --parsable "--job-name=$job_name" "${sbatch_common[@]}")
+    # Task I of N sees SLURM_ARRAY_TASK_ID=I and SLURM_ARRAY_TASK_COUNT=N (e.g. for `preprocess --shard auto`).
+    [ -n "$array" ] && cmd+=("--array=0-$((count - 1))$throttle")
     [ -n "$dependency" ] && cmd+=("--dependency=$dependency")
     [ "$wait" = 1 ] && cmd+=(--wait)
-    cmd+=("${sbatch_extra[@]}" "${inner[@]}" -- "${args[@]}")
+    cmd+=("${job_extra[@]}" "${inner[@]}" -- "${args[@]}")
 
     if [ "$dry_run" = 1 ]; then
         print_command "${cmd[@]}"
@@ -266,16 +350,18 @@ submit_job() {
     exec "${cmd[@]}"
 }
 
-# The stage names of `run RECIPE --workdir DIR ...`: from --stages, else from the program's --list-stages.
+# The chain's jobs of `run RECIPE --workdir DIR ...`: from --stages, else from the program's --list-stages (one
+# job per stage) or, with CPU jobs, --list-jobs (NAME:cpu or NAME:gpu).
 chain_stages() {
-    local listed rc=0
+    local listed rc=0 list=--list-stages
     if [ -n "$stages_opt" ]; then
         tr ',' '\n' <<<"$stages_opt"
         return 0
     fi
-    listed="$(env "${envs[@]}" "$python" -m megatron_slim.cli "${args[@]}" --list-stages)" || rc=$?
-    [ "$rc" = 0 ] || die "could not list the stages: \`$(print_command "$python" -m megatron_slim.cli "${args[@]}" \
---list-stages)\` exited $rc (name them with --stages A,B,...)"
+    [ -n "$cpu_partition" ] && list=--list-jobs
+    listed="$(env "${envs[@]}" "$python" -m megatron_slim.cli "${args[@]}" "$list")" || rc=$?
+    [ "$rc" = 0 ] || die "could not list the chain's jobs: \`$(print_command "$python" -m megatron_slim.cli \
+"${args[@]}" "$list")\` exited $rc (name them with --stages A,B,...)"
     printf '%s\n' "$listed"
 }
 
@@ -290,30 +376,48 @@ submit_chain() {
     [ "$exec_mode" = 0 ] || die "--chain runs megatron-slim's run command, not --exec"
     [ "${args[0]}" = run ] ||
         die "--chain submits the stages of \`run RECIPE --workdir DIR [run args]\`: give those after --"
-    local word
+    # With CPU jobs each job runs `run ... --job NAME`, else `run ... --stage NAME`.
+    local word select=--stage allow=0
+    [ -n "$cpu_partition" ] && select=--job
     for word in "${args[@]}"; do
         case "$word" in
-            --stage|--stage=*|--list-stages) die "--chain adds --stage NAME to each job; do not give $word" ;;
+            --stage|--stage=*|--list-stages|--job|--job=*|--list-jobs)
+                die "--chain adds $select NAME to each job; do not give $word" ;;
+            --allow-single-process-steps) allow=1 ;;
         esac
     done
-    local stages=() stage listed
+    if [ "$select" = --stage ] && [ "$nodes" -gt 1 ] && [ "$allow" = 0 ]; then
+        die "a chain of $nodes-node jobs runs its single-process steps (teacher conversion, tokenization, pruning," \
+            "export) in jobs of their own: name a CPU partition with --cpu-partition P (or give" \
+            "--allow-single-process-steps after -- to run them in the GPU jobs while the other GPUs wait)"
+    fi
+    local stages=() wheres=() stage where listed
     listed="$(chain_stages)" || exit "$?"
     while IFS= read -r stage; do
         [ -n "$stage" ] || continue
+        where=gpu
+        if [[ "$stage" == *:* ]]; then
+            where="${stage##*:}" stage="${stage%:*}"
+            [ -n "$cpu_partition" ] || die "'$stage:$where' names the kind of node of a job: give --cpu-partition"
+            [ "$where" = cpu ] || [ "$where" = gpu ] || die "unknown kind of job '$where' in '$stage:$where' (cpu, gpu)"
+        fi
         [[ "$stage" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$ ]] ||
             die "unusable stage name '$stage' (letters, digits, _ . -, not starting with . or -; VARIANT/STAGE)"
         stages+=("$stage")
+        wheres+=("$where")
     done <<<"$listed"
     [ "${#stages[@]}" -gt 0 ] || die "the recipe has no stages to submit"
 
-    # Each job's predecessor: the stage before it in its chain. A recipe with variants lists `shared` (the steps
-    # variants share) and VARIANT/STAGE: each variant is its own chain, starting after the shared job.
+    # Each job's predecessor: the job before it in its chain. A recipe with variants lists the jobs of the steps
+    # variants share (`shared`, or shared.JOB) and then VARIANT/STAGE (or VARIANT/JOB): each variant is its own
+    # chain, starting after the last shared job.
     local i j parents=() shared_index=""
     for i in "${!stages[@]}"; do
         parents[i]=""
-        if [ "${stages[$i]}" = shared ]; then
+        if [[ "${stages[$i]}" != */* ]]; then
+            parents[i]="$shared_index"
             shared_index="$i"
-        elif [[ "${stages[$i]}" == */* ]]; then
+        else
             for ((j = i - 1; j >= 0; j--)); do
                 if [ "${stages[$j]%%/*}" = "${stages[$i]%%/*}" ] && [[ "${stages[$j]}" == */* ]]; then
                     parents[i]="$j"
@@ -321,16 +425,14 @@ submit_chain() {
                 fi
             done
             [ -n "${parents[$i]}" ] || parents[i]="$shared_index"
-        elif [ "$i" -gt 0 ]; then
-            parents[i]=$((i - 1))
         fi
     done
 
-    build_submit
     [ "$dry_run" = 1 ] || prepare_submit
     local dep cmd ids=() fds=() fd out rc id
     for i in "${!stages[@]}"; do
         stage="${stages[$i]}"
+        build_submit "${wheres[$i]}"
         cmd=(sbatch --parsable "--job-name=$job_name-${stage//\//-}" "${sbatch_common[@]}")
         if [ -z "${parents[$i]}" ]; then
             dep="$dependency"
@@ -344,7 +446,7 @@ submit_chain() {
             cmd+=("--dependency=$dep" --kill-on-invalid-dep=yes)
         fi
         [ "$wait" = 1 ] && cmd+=(--wait)
-        cmd+=("${sbatch_extra[@]}" "${inner[@]}" -- "${args[@]}" --stage "$stage")
+        cmd+=("${job_extra[@]}" "${inner[@]}" -- "${args[@]}" "$select" "$stage")
         if [ "$dry_run" = 1 ]; then
             print_command "${cmd[@]}"
             continue
@@ -439,7 +541,11 @@ run_in_slurm_job() {
             tasks=1
         fi
     fi
-    local srun=(srun "--nodes=$nnodes" "--ntasks-per-node=$tasks" "--ntasks=$(( nnodes * tasks ))")
+    # --kill-on-bad-exit: a rank that dies ends the step (and the job) at once, instead of the others waiting for
+    # it in a collective until the process-group timeout while the whole allocation idles.
+    local srun=(srun --kill-on-bad-exit=1 "--nodes=$nnodes" "--ntasks-per-node=$tasks" "--ntasks=$(( nnodes * tasks ))")
+    # srun does not inherit the job's --cpus-per-task on every SLURM version.
+    [[ "${SLURM_CPUS_PER_TASK:-}" =~ ^[0-9]+$ ]] && srun+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
     [ -n "$container_image" ] && srun+=("--container-image=$container_image")
     [ -n "$container_mounts" ] && srun+=("--container-mounts=$container_mounts")
     local cmd=("${srun[@]}" "${program[@]}")

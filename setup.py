@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8.0"],
+        "dev": ["pytest>=8.0", "ruff>=0.17,<0.18"],  # ruff: `make lint` (rules in pyproject.toml)
     },
     entry_points={"console_scripts": ["megatron-slim=megatron_slim.cli:main"]},
 )

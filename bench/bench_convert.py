@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from _common import GB, add_model_arguments, dir_bytes, evict, hf_config, hf_shapes, nbytes, run_step, write_synthetic
+from safetensors import safe_open
 
 
 def cli(*args: str) -> list[str]:

@@ -71,12 +71,14 @@ def main() -> None:
     from megatron_slim.eval.harness import greedy_generate
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_distributed, init_model_parallel
+    from megatron_slim.runtime.distributed import init_distributed, init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     init_distributed()  # one local process (NCCL on a GPU, gloo on CPU)
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel, seed=1)
-    model = build_model(model_config_from_hf(config(a)), parallel, BuildOptions(params_dtype=torch.bfloat16 if a.bf16 else torch.float32))
+    dtype = torch.bfloat16 if a.bf16 else torch.float32
+    model = build_model(model_config_from_hf(config(a)), parallel, BuildOptions(params_dtype=dtype))
     model.eval()
     if (why := kv_cache_blocker(model)) is not None:
         raise SystemExit(f"the KV cache cannot serve this model: {why}")
@@ -102,7 +104,8 @@ def main() -> None:
     tokens = a.batch * a.gen_len
     p, g = a.prompt_len, a.gen_len
     ideal = sum(p + i for i in range(g)) / (p + g - 1)
-    print(f"model: {a.family}, {a.layers} layers, hidden {a.hidden}, {a.experts} experts top-{a.topk}, vocab {a.vocab}; "
+    print(f"model: {a.family}, {a.layers} layers, hidden {a.hidden}, {a.experts} experts top-{a.topk}, "
+          f"vocab {a.vocab}; "
           f"batch {a.batch}, prompt {p}, {g} new tokens; {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"median of {a.repeats}")
     print(f"full prefix : {full_s:8.3f} s  {tokens / full_s:9.1f} tokens/s")

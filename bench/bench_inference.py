@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from megatron_slim.data.assets import cache_dir
-from megatron_slim.engines.bench_inference import DTYPES, BenchInferenceJob, bench_models, format_table
+from megatron_slim.engines.bench_inference_job import DTYPES, BenchInferenceJob, bench_models, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 

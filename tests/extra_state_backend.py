@@ -26,7 +26,8 @@ from megatron_slim.models.builder import BuildOptions, build_model
 from megatron_slim.models.forward import full_logits
 from megatron_slim.models.norm import RMSNorm
 from megatron_slim.models.specs import TorchSpecProvider
-from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+from megatron_slim.runtime.distributed import init_model_parallel
+from megatron_slim.runtime.layout import ParallelLayout
 
 HISTORY = 4
 
@@ -142,7 +143,7 @@ def _object_keys(ckpt_dir: str) -> list[str]:
 
 def portability(rank: int, world: int, converted: str, work: str, tokens: torch.Tensor) -> dict:
     """Both directions of a load between the local backend and the TE-style one, and the one refusal."""
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel, seed=11)
     cfg = load_model_config(converted)
     opts = BuildOptions(transformer_impl="local")

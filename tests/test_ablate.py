@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_slim.ablate.suite import FINDINGS, Finding, judge
 from support.run_assets import build, recipe as chain_recipe, write_recipe
 from support.train_assets import cli
-
-from megatron_slim.demo.ablate import FINDINGS, Finding, judge
 
 BY_NAME = {f.name: f for f in FINDINGS}
 
@@ -82,8 +81,9 @@ def test_training_seeds_widen_the_noise_a_verdict_must_beat() -> None:
 
 
 def test_seed_replicates_are_variants_sharing_everything_but_training() -> None:
-    from megatron_slim.demo.ablate import prepare_suite
     import yaml
+
+    from megatron_slim.ablate.suite import prepare_suite
 
     work = Path(tempfile.mkdtemp(prefix="ablate_seeds_"))
     base = work / "base.yaml"

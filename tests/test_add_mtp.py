@@ -1,5 +1,5 @@
-"""engines/mtp.py: a Megatron checkpoint gains fresh MTP depths; every existing weight is kept bit for bit, the new
-depth is initialised (not left empty), and the main head computes exactly what it did before."""
+"""compress/mtp_depths.py: a Megatron checkpoint gains fresh MTP depths; every existing weight is kept bit for bit,
+the new depth is initialised (not left empty), and the main head computes exactly what it did before."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,11 +15,12 @@ from support.train_assets import cli
 def _state(rank: int, world: int, ckpt: str) -> dict[str, torch.Tensor]:
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    init_model_parallel(ParallelConfig())
+    init_model_parallel(ParallelLayout())
     cfg = load_model_config(ckpt)
-    model = build_model(cfg, ParallelConfig(), BuildOptions(perform_initialization=False))
+    model = build_model(cfg, ParallelLayout(), BuildOptions(perform_initialization=False))
     load_model(model, ckpt)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     model.eval()
@@ -30,7 +31,7 @@ def _state(rank: int, world: int, ckpt: str) -> dict[str, torch.Tensor]:
 
 
 def _grow(rank: int, world: int, src: str, out: str) -> int:
-    from megatron_slim.engines.mtp import add_mtp_depths
+    from megatron_slim.compress.mtp_depths import add_mtp_depths
 
     add_mtp_depths(src, out, 1, seed=3)
     return 0

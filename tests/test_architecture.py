@@ -17,8 +17,8 @@ FLOORS: list[set[str]] = [
     {"models"},                                           # model config, families, mapping/surgery vocabulary
     {"checkpoint", "data"},                               # formats and data sources at the edges
     {"compress", "distill"},                              # algorithms on plain tensors
-    {"engines", "train", "eval", "verify", "upcycle"},    # typed jobs that run models
-    {"run", "demo"},                                      # recipes and the embedded default
+    {"engines", "train", "eval", "verify"},              # typed jobs that run models
+    {"run", "demo", "ablate"},                            # recipes, the embedded default, the ablation suite
     {"commands", "cli"},                                  # argument parsing only
 ]
 

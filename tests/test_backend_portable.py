@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from extra_state_backend import portability
 
 from support import tiny_models
 from support.dist import run_distributed
-from extra_state_backend import portability
 from support.hf_checkpoints import build_tiny_hf
 from support.train_assets import convert
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -286,8 +287,8 @@ def test_config_shapes_disagreeing_with_the_weights_name_the_tensor(tiny_hf, tmp
 def test_prune_names_config_weight_mismatches_of_either_format(planned, tmp_path):
     """prune (HF or Megatron input) and mcore-to-hf check the shapes before anything is written."""
     from megatron_slim.checkpoint.convert import hf_to_mcore, mcore_to_hf
-    from megatron_slim.compress.apply import prune_checkpoint
     from megatron_slim.compress.plan import CompressionPlan
+    from megatron_slim.compress.prune_checkpoint import prune_checkpoint
     from megatron_slim.errors import CheckpointError
 
     hf, plan = planned
@@ -311,10 +312,9 @@ def test_prune_names_config_weight_mismatches_of_either_format(planned, tmp_path
 
 def test_model_type_must_agree_with_architectures():
     """A config whose `model_type` names another family used to be read as whatever `architectures` said."""
-    from support import tiny_models
-
     from megatron_slim.models.config import UnsupportedModelError
     from megatron_slim.models.registry import model_config_from_hf
+    from support import tiny_models
 
     with pytest.raises(UnsupportedModelError, match=r"architectures \['Qwen3MoeForCausalLM'\] is model_type "
                                                     r"'qwen3_moe', but model_type is 'mixtral'"):
@@ -419,11 +419,10 @@ def test_importance_refuses_nonfinite_weights_before_collecting(tiny_hf, tmp_pat
 def test_fingerprint_is_format_independent_and_sees_weights(tiny_hf, tmp_path):
     """Same for an HF checkpoint and its Megatron conversion; another seed, one norm gain of the last layer or one
     weight of the first layer's attention changes it."""
-    from support import tiny_models
-    from support.hf_checkpoints import build_tiny_hf
-
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.checkpoint.fingerprint import model_fingerprint
+    from support import tiny_models
+    from support.hf_checkpoints import build_tiny_hf
 
     base = model_fingerprint(tiny_hf)
     hf_to_mcore(tiny_hf, tmp_path / "mc", progress=False)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_slim.engines.bench_inference_job import BenchInferenceJob
+from megatron_slim.errors import UserError
 from support import tiny_models
 from support.hf_checkpoints import build_tiny_hf
-from megatron_slim.engines.bench_inference import BenchInferenceJob
-from megatron_slim.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_a_large_parent_does_not_count_toward_a_models_peak(checkpoints):
     a model measured in a child (getrusage's ru_maxrss would carry it across fork and exec)."""
     import torch
 
-    from megatron_slim.engines.bench_inference import bench_models
+    from megatron_slim.engines.bench_inference_job import bench_models
 
     ballast = torch.ones(256 * 2**20)  # 1 GiB, touched
     small = checkpoints["small"]

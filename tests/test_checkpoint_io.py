@@ -9,8 +9,13 @@ import pytest
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from megatron_slim.checkpoint.dcp_io import (MCORE_COMMON_FILE, MCORE_CONFIG, MCORE_CONFIG_FILE, McoreReader,
-                                             write_checkpoint)
+from megatron_slim.checkpoint.dcp_io import (
+    MCORE_COMMON_FILE,
+    MCORE_CONFIG,
+    MCORE_CONFIG_FILE,
+    McoreReader,
+    write_checkpoint,
+)
 from megatron_slim.checkpoint.layout import LayoutJob
 from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Splices, SpliceStream
 from megatron_slim.errors import CheckpointError

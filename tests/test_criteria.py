@@ -52,8 +52,7 @@ def test_criteria_agreement_counts_layers(tiny_config: ModelConfig) -> None:
 
 @pytest.fixture
 def tiny_config() -> ModelConfig:
-    from support.tiny_models import qwen3_moe
-
     from megatron_slim.models.registry import model_config_from_hf
+    from support.tiny_models import qwen3_moe
 
     return model_config_from_hf(qwen3_moe(num_hidden_layers=5))

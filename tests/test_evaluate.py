@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_slim.data.calibration import calibration_windows
-from megatron_slim.engines.evaluate import format_table
+from megatron_slim.engines.evaluate_job import format_table
 from megatron_slim.eval.metrics import acceptance_counts, acceptance_summary, draft_windows, lm_sums
 from megatron_slim.eval.stats import mean_se, paired_difference
 from support import tiny_models
@@ -184,8 +184,12 @@ def setup(tmp_path_factory) -> dict:
 def reference(hf_dir: Path, windows: torch.Tensor, prompts: torch.Tensor) -> dict:
     """transformers in float64: LM sums from its logits; greedy tokens from a literal decoding loop; acceptance
     from a literal speculative loop that feeds each draft back (not the greedy token) into the next MTP depth."""
-    from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
-                                                   reference_logits)
+    from megatron_slim.verify.hf_reference import (
+        load_hf_reference,
+        mtp_reference_logits,
+        reference_hidden,
+        reference_logits,
+    )
 
     model = load_hf_reference(hf_dir, dtype=torch.float64)
     logits = reference_logits(model, windows)
@@ -244,15 +248,16 @@ def test_reference_acceptance_is_informative(ref):
 def evaluate_sweep(rank: int, world: int, mcore: str, windows: torch.Tensor, prompts: torch.Tensor) -> dict:
     """Metrics at TP=2, then evaluate() at every layout in the same 2 processes (start-up dominates)."""
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
-    from megatron_slim.eval.evaluate import evaluate
     from megatron_slim.eval.generate import greedy_continuation
+    from megatron_slim.eval.heldout import evaluate
     from megatron_slim.models.builder import build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     out = {"metrics": sharded_metrics(rank, world)}
     cfg = load_model_config(mcore)
     for name, layout in LAYOUTS.items():
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=100 + rank)
         model = build_model(cfg, parallel)
         load_model(model, mcore)

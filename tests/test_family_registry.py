@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from megatron_slim.checkpoint.convert import hf_to_mcore, mcore_to_hf
-from megatron_slim.checkpoint.files import checkpoint_kind
+from megatron_slim.checkpoint.files import Checkpoint
 from megatron_slim.checkpoint.mcore import load_model_config
 from megatron_slim.checkpoint.source import plan_hf_to_mcore
-from megatron_slim.compress.apply import prune_checkpoint
 from megatron_slim.compress.plan import CompressionPlan
 from megatron_slim.compress.plan_check import implied_target
+from megatron_slim.compress.prune_checkpoint import prune_checkpoint
 from megatron_slim.models import qwen3_moe, registry
 from megatron_slim.models.config import UnsupportedModelError, load_hf_config
 from megatron_slim.models.family import Family
@@ -66,7 +66,7 @@ def test_a_registered_family_parses_converts_and_prunes(toy_hf, tmp_path, regist
 
     mcore, back = tmp_path / "mcore", tmp_path / "back"
     hf_to_mcore(toy_hf, mcore, progress=False)
-    assert checkpoint_kind(mcore) == "mcore" and load_model_config(mcore).family == NAME
+    assert Checkpoint.open(mcore).kind == "mcore" and load_model_config(mcore).family == NAME
     mcore_to_hf(mcore, back, progress=False)
     assert json.loads((back / "config.json").read_text())["architectures"] == [ARCH]
     source = read_tensors(toy_hf)

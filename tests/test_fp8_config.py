@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import contextlib
 
+import megatron.core.utils as mcore_utils
 import pytest
 import torch
 from packaging.version import Version
 
-import megatron.core.utils as mcore_utils
 from megatron_slim.errors import UserError
 from megatron_slim.models import specs
 from megatron_slim.models.builder import BuildOptions, build_model, transformer_config
 from megatron_slim.models.registry import model_config_from_hf
-from megatron_slim.runtime.distributed import ParallelConfig
+from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.train.config import run_config_from_dict
 from megatron_slim.train.data import write_indexed_dataset
 from support import tiny_models
@@ -62,15 +62,15 @@ def te_and_gpu_simulated(monkeypatch: pytest.MonkeyPatch, te_version: str | None
 def test_build_options_fp8_refused_without_te(model_cfg, fp8):
     opts = BuildOptions(fp8=fp8)
     with pytest.raises(RuntimeError, match="FP8 needs Transformer Engine"):
-        transformer_config(model_cfg, ParallelConfig(), opts)
+        transformer_config(model_cfg, ParallelLayout(), opts)
     with pytest.raises(RuntimeError, match="FP8 needs Transformer Engine"):
-        build_model(model_cfg, ParallelConfig(), opts)  # refused before any parallel state or module is touched
+        build_model(model_cfg, ParallelLayout(), opts)  # refused before any parallel state or module is touched
 
 
 @pytest.mark.skipif(specs.have_transformer_engine(), reason="Transformer Engine is installed")
 def test_forcing_the_te_backend_names_transformer_engine(model_cfg):
     with pytest.raises(RuntimeError, match="Transformer Engine is not installed"):
-        transformer_config(model_cfg, ParallelConfig(), BuildOptions(transformer_impl="transformer_engine"))
+        transformer_config(model_cfg, ParallelLayout(), BuildOptions(transformer_impl="transformer_engine"))
 
 
 def _run_dict(fp8: str | None) -> dict:
@@ -107,7 +107,7 @@ def test_train_with_fp8_refused_without_te(tmp_path):
 @pytest.mark.parametrize("fp8", FORMATS)
 def test_fp8_options_reach_transformer_config(model_cfg, monkeypatch, fp8, recipe):
     with te_and_gpu_simulated(monkeypatch):
-        tcfg = transformer_config(model_cfg, ParallelConfig(), BuildOptions(fp8=fp8, fp8_recipe=recipe))
+        tcfg = transformer_config(model_cfg, ParallelLayout(), BuildOptions(fp8=fp8, fp8_recipe=recipe))
     assert type(tcfg).__module__ == "megatron.core.transformer.transformer_config"
     assert (tcfg.fp8, tcfg.fp8_recipe) == (fp8, recipe)
     assert tcfg.transformer_impl == "transformer_engine"
@@ -116,7 +116,7 @@ def test_fp8_options_reach_transformer_config(model_cfg, monkeypatch, fp8, recip
 
 def test_no_fp8_unless_asked_with_te_simulated(model_cfg, monkeypatch):
     with te_and_gpu_simulated(monkeypatch):
-        tcfg = transformer_config(model_cfg, ParallelConfig(), BuildOptions())
+        tcfg = transformer_config(model_cfg, ParallelLayout(), BuildOptions())
     assert tcfg.fp8 is None and tcfg.transformer_impl == "transformer_engine"
 
 
@@ -124,7 +124,7 @@ def test_megatron_core_itself_requires_te_for_moe_fp8(model_cfg, monkeypatch):
     """Why the simulation includes the TE version: megatron-core asks for the installed version itself."""
     with te_and_gpu_simulated(monkeypatch, te_version=None), \
             pytest.raises(ValueError, match="transformer-engine>=1.7.0 supports MoE FP8"):
-        transformer_config(model_cfg, ParallelConfig(), BuildOptions(fp8="e4m3"))
+        transformer_config(model_cfg, ParallelLayout(), BuildOptions(fp8="e4m3"))
     with te_and_gpu_simulated(monkeypatch, te_version="1.10.0"), \
             pytest.raises(ValueError, match="transformer-engine>=1.11.0 supports FP8 grouped gemm"):
-        transformer_config(model_cfg, ParallelConfig(), BuildOptions(fp8="e4m3"))
+        transformer_config(model_cfg, ParallelLayout(), BuildOptions(fp8="e4m3"))

@@ -6,8 +6,6 @@ conditions, also for a student with an MTP depth (which generation must skip and
 cache cannot serve say why."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -54,13 +52,14 @@ def generation_sweep(rank: int, world: int, mcore: str) -> dict:
     from megatron_slim.eval.harness import greedy_generate
     from megatron_slim.models.builder import build_model
     from megatron_slim.models.unwrap import unwrap_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     out = {}
     cfg = load_model_config(mcore)
     with_mtp = cfg.replace(mtp_num_layers=1)  # as `add-mtp` grows a student's MTP depth
     for name, layout in LAYOUTS.items():
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=100 + rank)
         model = build_model(cfg, parallel)
         load_model(model, mcore)
@@ -88,11 +87,12 @@ def blockers(rank: int, world: int) -> dict:
     from megatron_slim.eval.generate import kv_cache_blocker
     from megatron_slim.models.builder import build_model
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     out = {}
     for name, layout in (("tp1", {}), ("tp2", {"tp": 2})):
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=1)
         out[name] = kv_cache_blocker(build_model(model_config_from_hf(tiny_models.qwen3_next()), parallel))
     return out

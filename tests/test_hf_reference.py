@@ -12,8 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
-                                               reference_logits, select_torch_kernels)
+from megatron_slim.verify.hf_reference import (
+    load_hf_reference,
+    mtp_reference_logits,
+    reference_hidden,
+    reference_logits,
+    select_torch_kernels,
+)
 from support import tiny_models
 from support.hf_checkpoints import read_tensors, save_tiny_hf_with_mtp, write_shard
 

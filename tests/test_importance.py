@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from megatron_slim.compress.importance import sequence_count
 from megatron_slim.compress.importance_file import Importance
+from megatron_slim.compress.importance_hooks import sequence_count
 from megatron_slim.data.calibration import calibration_windows, eos_token_id
 from megatron_slim.errors import UserError
 from support import tiny_models
@@ -277,7 +277,7 @@ def test_cli_from_hf_checkpoint_matches_float64_reference(setup, references, tmp
 def importance_sweep(rank: int, world: int, jobs: list[tuple[str, str, dict, str]]) -> None:
     """`importance` at several layouts in one set of processes (process start-up dominates on small machines)."""
     from megatron_slim.commands import importance as cmd
-    from megatron_slim.engines.importance import importance_worker
+    from megatron_slim.engines.importance_job import importance_worker
 
     parser = argparse.ArgumentParser()
     cmd.add_arguments(parser)

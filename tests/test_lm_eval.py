@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from support import tiny_models
-from support.dist import run_distributed
-from support.hf_checkpoints import build_tiny_hf, byte_tokenizer
 from megatron_slim.errors import UserError
 from megatron_slim.eval.harness import TaskSpec, check_tasks, shipped_task_names, text_tokenizer
 from megatron_slim.eval.tasks import wiki_docs
+from support import tiny_models
+from support.dist import run_distributed
+from support.hf_checkpoints import build_tiny_hf, byte_tokenizer
 
 LAYOUTS = {"tp1": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}, "ep2": {"ep": 2}}  # 2 ranks each; the rest is DP
 TASKS = ("wiki_cloze", "wiki_continuation", "wiki_perplexity", "wiki_cloze_gen")
@@ -88,13 +88,14 @@ def layout_sweep(rank: int, world: int, mcore: str, args: dict[str, list[tuple]]
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.eval.harness import MegatronLM, context_length, score_tasks
     from megatron_slim.models.builder import build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     cfg = load_model_config(mcore)
     tokenizer = text_tokenizer(Path(mcore) / TOKENIZER_DIR)
     out = {}
     for name, layout in LAYOUTS.items() if world > 1 else [("tp1", {})]:
-        parallel = ParallelConfig(**layout)
+        parallel = ParallelLayout(**layout)
         init_model_parallel(parallel, seed=100 + rank)
         model = build_model(cfg, parallel)
         load_model(model, mcore)
@@ -198,7 +199,7 @@ def test_unknown_or_unavailable_task_is_named(tmp_path):
 
 
 def test_table_has_a_row_per_task_metric():
-    from megatron_slim.engines.evaluate import format_table
+    from megatron_slim.engines.evaluate_job import format_table
 
     text = format_table({"tasks": {"wiki_cloze": {"perplexity": 12.5, "acc": 0.25}, "wiki_perplexity": {}}})
     assert text.splitlines()[1:] == ["wiki_cloze       perplexity       12.5000",
@@ -209,7 +210,7 @@ def test_table_has_a_row_per_task_metric():
 def test_checkpoint_without_tokenizer_is_refused(tiny, tmp_path):
     import shutil
 
-    from megatron_slim.engines.evaluate import EvaluateJob, run_evaluate
+    from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
 
     with pytest.raises(UserError, match="no tokenizer files"):
         text_tokenizer(None)

@@ -5,7 +5,7 @@ import torch
 from megatron_slim.models.builder import pipeline_pattern, validate_layout
 from megatron_slim.models.config import UnsupportedModelError
 from megatron_slim.models.registry import model_config_from_hf
-from megatron_slim.runtime.distributed import ParallelConfig
+from megatron_slim.runtime.layout import ParallelLayout
 from support import tiny_models
 from support.dist import run_distributed
 from support.workers import train_steps
@@ -50,14 +50,12 @@ def test_mtp_only_for_qwen3_next():
 def test_layout_errors_name_the_problem():
     cfg = model_config_from_hf(tiny_models.qwen3_next())
     with pytest.raises(ValueError, match="num_experts=8 is not divisible by ep=3"):
-        validate_layout(cfg, ParallelConfig(ep=3))
+        validate_layout(cfg, ParallelLayout(ep=3))
     with pytest.raises(ValueError, match="linear_num_key_heads=2 is not divisible by tp\\*cp=4"):
-        validate_layout(cfg, ParallelConfig(tp=4))
+        validate_layout(cfg, ParallelLayout(tp=4))
     with pytest.raises(ValueError, match="num_layers=4 is not divisible by pp=3"):
-        validate_layout(cfg, ParallelConfig(pp=3))
+        validate_layout(cfg, ParallelLayout(pp=3))
     with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
-        ParallelConfig(tp=2, pp=2).validate_world(6)
+        ParallelLayout(tp=2, pp=2).validate_world(6)
     with pytest.raises(ValueError, match="ep\\*expert_tp\\*pp"):
-        ParallelConfig(ep=4).validate_world(2)
-    with pytest.raises(ValueError, match="sequence parallelism"):
-        ParallelConfig(tp=2, sequence_parallel=False).validate_world(2)
+        ParallelLayout(ep=4).validate_world(2)

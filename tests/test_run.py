@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,6 +86,8 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"training": {"model": {"checkpoint": "x"}}}, "['model'] are set by the run"),
     ({"data": {"train": [[1.0, "/nonexistent/prefix"]], "calibration": "c", "heldout": "h"}}, "do not exist"),
     ({"preset": "two_shot"}, "preset must be one of"),
+    ({"parallel": {"cp": 2}}, "parallel.cp: a recipe's steps run tp/pp/ep layouts only"),
+    ({"parallel": {"dp": 2}}, "parallel: unknown keys ['dp']"),
     ({"inference": {"batch": 0, "beam": 2}}, "inference: unknown keys ['beam']"),
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
@@ -164,6 +167,11 @@ def test_list_stages(assets: Path) -> None:
     proc = cli("run", str(_write(assets, "recipe_list", _recipe(assets))), "--workdir", str(assets / "w"),
                "--list-stages")
     assert proc.stdout.split() == ["depth", "width"]
+    # the jobs of `launch.sh --chain --cpu-partition P`: heavy single-process steps on CPU nodes, the rest on GPUs
+    proc = cli("run", str(_write(assets, "recipe_jobs", _recipe(assets, inference=INFERENCE))), "--workdir",
+               str(assets / "w"), "--list-jobs")
+    assert proc.stdout.split() == ["prepare:cpu", "depth.importance:gpu", "depth.prune:cpu", "depth:gpu",
+                                   "width.prune:cpu", "width:gpu", "final.export:cpu", "final.bench_inference:gpu"]
 
 
 # ---- execution --------------------------------------------------------------------------------------------------
@@ -303,6 +311,68 @@ def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None
     assert resumed.keys() == full.keys()
     for key in full:
         assert torch.equal(resumed[key], full[key]), key
+
+
+def test_chain_job_runs_only_its_steps(assets: Path, finished: Path) -> None:
+    """`run --job NAME` (one job of launch.sh's chain) refuses to start before the jobs it reads from are done, then
+    runs exactly its own steps: here the second stage's pruning, bit-identical to the uninterrupted run's."""
+    work = assets / "work_jobs"
+    _rewind(finished, work, "width/prune")
+    proc = cli("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--job", "width", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "job 'width' needs the jobs before it finished: step width/eval_pruned reads ['width/prune']" in proc.stderr
+    out = cli("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--job", "width.prune", "--no-progress")
+    assert re.findall(r"\[run\] start (\S+)", out.stdout) == ["width/prune"], out.stdout
+    state = json.loads((work / "state.json").read_text())["steps"]
+    assert state["width/prune"]["status"] == "done" and "width/eval_pruned" not in state
+    pruned, reference = work / "width" / "pruned", finished / "width" / "pruned"
+    files = sorted(p.relative_to(pruned) for p in pruned.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert any(f.suffix == ".distcp" for f in files), files
+    for f in files:
+        if f.suffix == ".distcp":  # the weights
+            assert (pruned / f).read_bytes() == (reference / f).read_bytes(), f
+
+
+def _two_nodes(*args: str, timeout: int = 600) -> list[tuple[int, str]]:
+    """`megatron-slim ARGS` launched as a job of two nodes with one rank each: two torchrun agents (static
+    rendezvous on this host), each its node's launcher. Returns each agent's (exit status, output)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                                str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+                                str(port), "-m", "megatron_slim.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env) for rank in (0, 1)]
+    try:
+        return [(agent.wait(timeout=timeout), agent.stdout.read() if agent.stdout else "") for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+
+
+def test_multi_node_job_refuses_single_process_steps(assets: Path, tmp_path: Path) -> None:
+    """In a job that spans two nodes, `run` refuses the teacher conversion (the CPU job `prepare` of launch.sh's
+    chain does it) on every rank before anything runs; --allow-single-process-steps runs it there anyway."""
+    work = tmp_path / "work"
+    results = _two_nodes("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--no-progress")
+    for code, out in results:
+        assert code != 0, out[-3000:]
+        assert ("step prepare/teacher is single-process work that would keep the other GPUs of this 2-node job "
+                "idle") in out and "--job prepare`" in out, out[-3000:]
+    assert not (work / "state.json").exists() and not (work / "teacher").exists()
+    results = _two_nodes("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--job", "prepare",
+                         "--allow-single-process-steps", "--no-progress")
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    state = json.loads((work / "state.json").read_text())["steps"]
+    assert {step: entry["status"] for step, entry in state.items()} == {"prepare/teacher": "done",
+                                                                         "prepare/data": "done"}
+    assert (work / "teacher" / "mcore").is_dir()
 
 
 def test_sigterm_between_distillations_stops_at_the_next_step(assets: Path) -> None:

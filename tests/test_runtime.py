@@ -1,4 +1,6 @@
 """Launcher environments map to ranks correctly; GPU-only features fail clearly on this machine."""
+import re
+
 import pytest
 import torch
 
@@ -6,7 +8,8 @@ from megatron_slim.models.builder import BuildOptions, transformer_config
 from megatron_slim.models.registry import model_config_from_hf
 from megatron_slim.models.specs import select_backend
 from megatron_slim.runtime import cpu_compat
-from megatron_slim.runtime.distributed import ParallelConfig, _first_slurm_host, detect_env
+from megatron_slim.runtime.distributed import _first_slurm_host, detect_env
+from megatron_slim.runtime.layout import ParallelLayout
 from support import tiny_models
 
 _LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
@@ -52,7 +55,7 @@ def test_fp8_and_te_refused_without_transformer_engine():
         pytest.skip("Transformer Engine is available here")
     cfg = model_config_from_hf(tiny_models.qwen3_next())
     with pytest.raises(RuntimeError, match="FP8 needs Transformer Engine"):
-        transformer_config(cfg, ParallelConfig(), BuildOptions(fp8="hybrid"))
+        transformer_config(cfg, ParallelLayout(), BuildOptions(fp8="hybrid"))
     with pytest.raises(RuntimeError, match="Transformer Engine is not installed"):
         select_backend("transformer_engine")
 
@@ -88,3 +91,26 @@ def test_upstream_noise_is_silenced_and_nothing_else() -> None:
         logger.warning("a log record of ours")
     assert [str(w.message) for w in caught] == ["a warning of ours"]
     assert records == ["a log record of ours"]
+
+
+def test_parallel_layout_parses_command_line_strings() -> None:
+    layout = ParallelLayout.parse("tp=1,pp=4,ep=8")
+    assert layout == ParallelLayout(tp=1, pp=4, ep=8) and layout.expert_tp == 1 and layout.dp(32) == 8
+    assert ParallelLayout.parse(" tp=2 , etp=1, cp=2 ") == ParallelLayout(tp=2, etp=1, cp=2)
+    assert ParallelLayout.parse(str(ParallelLayout(tp=2, pp=2, etp=1))) == ParallelLayout(tp=2, pp=2, etp=1)
+    assert ParallelLayout.parse("") == ParallelLayout()
+    assert ParallelLayout(tp=2).use_sequence_parallel and not ParallelLayout().use_sequence_parallel
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tp=2,dp=4", "'dp=4' is not one of tp/pp/ep/etp/cp=N"),
+    ("tp", "'tp' is not one of"),
+    ("tp=2,tp=4", "tp is given twice"),
+    ("pp=two", "pp='two' is not an integer"),
+    ("ep=0", "ep must be >= 1"),
+])
+def test_parallel_layout_refuses_bad_strings(text: str, message: str) -> None:
+    from megatron_slim.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        ParallelLayout.parse(text)

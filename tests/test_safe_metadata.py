@@ -150,19 +150,20 @@ def load_cases(rank: int, world: int, cases: dict[str, str]) -> dict[str, str | 
 
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.models.builder import build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    init_model_parallel(ParallelConfig(), seed=5)
+    init_model_parallel(ParallelLayout(), seed=5)
     out: dict[str, str | bool] = {}
     for name, ckpt in cases.items():
         cfg = load_model_config(ckpt)
-        model = build_model(cfg, ParallelConfig())
+        model = build_model(cfg, ParallelLayout())
         try:
             load_model(model, ckpt)
         except CheckpointError as e:
             out[name] = f"error: {e}"
             continue
-        reference = build_model(cfg, ParallelConfig())
+        reference = build_model(cfg, ParallelLayout())
         sharded = reference.sharded_state_dict()
         state = dist_checkpointing.load(sharded, ckpt)
         reference.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=True)

@@ -257,9 +257,87 @@ def test_dry_run_quotes_submit_command(tmp_path: Path) -> None:
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert shlex.split(out.stdout) == [
-        "srun", "--nodes=2", "--ntasks-per-node=8", "--ntasks=16",
+        "srun", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=8", "--ntasks=16",
         "--container-image=nvcr.io/nvidia/pytorch:25.01-py3", "--container-mounts=/data set:/data",
         "python", "-m", "megatron_slim.cli", "demo", "--name", "a b"]
+
+
+def test_killed_rank_ends_the_job(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """srun --kill-on-bad-exit=1: when one rank dies (kill -9), the ranks still waiting for it are ended and the job
+    fails at once, instead of holding its allocation until the time limit."""
+    logs = tmp_path / "logs"
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--tasks-per-node", "2", "--gpus-per-node", "0", "--job-name", "hang",
+         "--log-dir", str(logs), "--exec", "--", sys.executable, str(SUPPORT / "slurm_hang.py"), str(tmp_path)],
+        capture_output=True, text=True, env=slurm_env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split(";")[0].strip()
+    assert job_id.isdigit(), out.stdout
+    pids = [tmp_path / "pid-0", tmp_path / "pid-1"]
+    info: dict[str, str] = {}
+    try:
+        _wait_until(lambda: all(p.is_file() and p.read_text() for p in pids), 60, "both ranks to start")
+        survivor = int(pids[0].read_text())
+        os.kill(int(pids[1].read_text()), 9)
+        killed_at = time.monotonic()
+
+        def ended() -> bool:
+            info.update(_job_info(slurm_env, job_id))
+            return info.get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", None)
+
+        _wait_until(ended, 60, "the job to end after a rank was killed", interval=0.5)
+        print(f"job ended {time.monotonic() - killed_at:.1f}s after the kill")
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm_env, timeout=30)
+    log = "".join(p.read_text() for p in sorted(logs.glob(f"hang-{job_id}.*")))
+    assert info["JobState"] == "FAILED", (info, log)
+    assert not Path(f"/proc/{survivor}").exists(), "the surviving rank must have been ended"
+
+
+def test_array_runs_one_task_per_part_on_cpu_nodes(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """`launch.sh --submit --array 3 --cpu-partition debug`: three one-task jobs (no GPUs), task I of N sees
+    SLURM_ARRAY_TASK_ID=I and SLURM_ARRAY_TASK_COUNT=N; here each runs `megatron-slim preprocess` on part I of a
+    pre-tokenized corpus, and part I's dataset holds exactly part I's tokens."""
+    import numpy as np
+
+    parts = [[[i * 100 + d * 10 + t for t in range(3 + d)] for d in range(2 + i)] for i in range(3)]
+    for i, docs in enumerate(parts):
+        (tmp_path / f"part-{i}.jsonl").write_text("".join(json.dumps({"ids": doc}) + "\n" for doc in docs))
+    script = ('echo "task $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT gpus=${SLURM_GPUS_ON_NODE:-0}"; '
+              'exec "$1" -m megatron_slim.cli preprocess --input "$2/part-$SLURM_ARRAY_TASK_ID.jsonl" '
+              '--output-prefix "$2/out-$SLURM_ARRAY_TASK_ID" --tokenizer none --json-key ids --vocab-size 1000 '
+              '--no-eod')
+    logs = tmp_path / "logs"
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--array", "3", "--cpu-partition", "debug", "--cpu-time", "00:10:00",
+         "--job-name", "shards", "--log-dir", str(logs), "--wait", "--exec", "--", "bash", "-c", script, "task",
+         sys.executable, str(tmp_path)],
+        capture_output=True, text=True, env=slurm_env, cwd=REPO, timeout=300)
+    array_id = out.stdout.split(";")[0].strip()
+    logs_text = {p.name: p.read_text() for p in sorted(logs.glob("*"))} if logs.is_dir() else {}
+    assert out.returncode == 0, (out.stdout, out.stderr, logs_text)
+    for i, docs in enumerate(parts):
+        assert f"task {i} of 3 gpus=0" in logs_text[f"shards-{array_id}_{i}.out"], logs_text
+        tokens = np.fromfile(tmp_path / f"out-{i}.bin", dtype=np.uint16)
+        assert tokens.tolist() == [t for doc in docs for t in doc], (i, tokens)
+
+
+def test_dry_run_array_submits_cpu_tasks() -> None:
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--dry-run", "--array", "64%8", "--cpu-partition", "cpu", "--cpu-time",
+         "02:00:00", "--cpu-qos", "long", "--cpu-mem", "64G", "--cpu-cpus", "16", "--cpu-sbatch-arg=--exclusive",
+         "--sbatch-arg=--gres=gpu:8", "--account", "proj", "--log-dir", "logs", "--",
+         "preprocess", "--input", "corpus/*.parquet", "--shard", "auto"],
+        capture_output=True, text=True, env=_clean_env(), timeout=30)
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(out.stdout)
+    script = words.index(str(LAUNCH))
+    assert words[:script] == [
+        "sbatch", "--parsable", "--job-name=megatron-slim", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=16",
+        "--mem=64G", "--time=02:00:00", "--partition=cpu", "--qos=long", "--account=proj",
+        "--output=logs/%x-%A_%a.out", "--error=logs/%x-%A_%a.err", "--array=0-63%8", "--exclusive"]
+    assert words[script + 1:] == ["--tasks-per-node", "1", "--gpus-per-node", "0", "--", "preprocess", "--input",
+                                  "corpus/*.parquet", "--shard", "auto"]
 
 
 def _chain_dry_run(*launch_args: str) -> list[list[str]]:
@@ -322,8 +400,70 @@ def test_chain_lists_the_recipe_stages() -> None:
                                               ["--workdir", "/runs/slimqwen", "--stage", "width"]]
 
 
+def _sbatch_and_inner(words: list[str]) -> tuple[list[str], list[str]]:
+    script = words.index(str(LAUNCH))
+    return words[:script], words[script + 1:]
+
+
+def test_chain_dry_run_puts_single_process_steps_on_cpu_nodes() -> None:
+    """--chain --cpu-partition: the jobs of `run --list-jobs`, the CPU ones (teacher conversion and tokenization,
+    each stage's pruning, the export) as one task on one node of the CPU partition with the --cpu-* options, the
+    GPU ones with the job's options; each after the one before it, each running `run ... --job NAME`."""
+    if not (REPO / "examples" / "slimqwen" / "recipe.yaml").is_file():
+        pytest.skip("examples/slimqwen/recipe.yaml is not in this tree")
+    jobs = _chain_dry_run(
+        "--nodes", "16", "--partition", "gpu", "--time", "04:00:00", "--cpu-partition", "cpu", "--cpu-time",
+        "12:00:00", "--cpu-qos", "cpu-long", "--cpu-mem", "900G", "--cpu-cpus", "64", "--account", "proj",
+        "--requeue", "--job-name", "sq", "--", "run", "examples/slimqwen/recipe.yaml", "--workdir", "/runs/sq")
+    names = ["prepare", "depth.importance", "depth.prune", "depth", "width.prune", "width", "final.export"]
+    assert [words[-1] for words in jobs] == names
+    previous = None
+    for name, words in zip(names, jobs):
+        sbatch, inner = _sbatch_and_inner(words)
+        assert inner[inner.index("--"):] == ["--", "run", "examples/slimqwen/recipe.yaml", "--workdir", "/runs/sq",
+                                             "--job", name]
+        cpu = name in ("prepare", "depth.prune", "width.prune", "final.export")
+        shape = (["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=64", "--mem=900G", "--time=12:00:00",
+                  "--partition=cpu", "--qos=cpu-long"] if cpu else
+                 ["--nodes=16", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=04:00:00", "--partition=gpu"])
+        assert sbatch[3:3 + len(shape)] == shape, (name, sbatch)
+        assert sbatch[3 + len(shape):3 + len(shape) + 2] == ["--account=proj", "--requeue"], sbatch
+        assert inner[:4] == (["--tasks-per-node", "1", "--gpus-per-node", "0"] if cpu else
+                             ["--tasks-per-node", "8", "--gpus-per-node", "8"]), inner
+        deps = [w for w in sbatch if w.startswith("--dependency=")]
+        assert deps == ([f"--dependency=afterok:<{previous}>"] if previous else []), (name, sbatch)
+        previous = name
+
+
+def test_chain_cpu_jobs_of_variants_and_named_jobs() -> None:
+    """--stages NAME:cpu|gpu: the jobs of the steps variants share chain one after another, each variant's jobs
+    chain after the last shared one."""
+    jobs = _chain_dry_run(
+        "--stages", "shared.prepare:cpu,shared.s.importance:gpu,a/s.prune:cpu,a/s,b/s.prune:cpu,b/s:gpu",
+        "--cpu-partition", "cpu", "--job-name", "v", "--", "run", "r.yaml", "--workdir", "w")
+    got = {words[-1]: ([w for w in words if w.startswith("--dependency=")],
+                       next(w for w in words if w.startswith("--partition=") or w == str(LAUNCH))) for words in jobs}
+    assert got == {"shared.prepare": ([], "--partition=cpu"),
+                   "shared.s.importance": (["--dependency=afterok:<shared.prepare>"], str(LAUNCH)),
+                   "a/s.prune": (["--dependency=afterok:<shared.s.importance>"], "--partition=cpu"),
+                   "a/s": (["--dependency=afterok:<a/s.prune>"], str(LAUNCH)),
+                   "b/s.prune": (["--dependency=afterok:<shared.s.importance>"], "--partition=cpu"),
+                   "b/s": (["--dependency=afterok:<b/s.prune>"], str(LAUNCH))}
+
+
 @pytest.mark.parametrize("launch_args, message", [
     (["--submit", "--chain", "--", "train", "--config", "x.yaml"], "--chain submits the stages of `run RECIPE"),
+    (["--submit", "--chain", "--nodes", "2", "--stages", "a", "--", "run", "r", "--workdir", "w"],
+     "name a CPU partition with --cpu-partition P"),
+    (["--submit", "--chain", "--cpu-partition", "c", "--stages", "a", "--", "run", "r", "--workdir", "w", "--job", "a"],
+     "--chain adds --job NAME to each job; do not give --job"),
+    (["--submit", "--chain", "--stages", "a:cpu", "--", "run", "r", "--workdir", "w"], "give --cpu-partition"),
+    (["--submit", "--chain", "--cpu-partition", "c", "--stages", "a:tpu", "--", "run", "r", "--workdir", "w"],
+     "unknown kind of job 'tpu'"),
+    (["--submit", "--cpu-time", "1:00:00", "--", "info"], "--cpu-time shapes the CPU jobs"),
+    (["--submit", "--array", "0", "--", "info"], "--array wants N or N%M"),
+    (["--submit", "--chain", "--array", "2", "--", "run", "r", "--workdir", "w"], "not a --chain"),
+    (["--array", "2", "--", "info"], "--array only applies with --submit"),
     (["--submit", "--chain", "--exec", "--", "run", "r", "--workdir", "w"], "not --exec"),
     (["--submit", "--chain", "--stages", "a", "--", "run", "r", "--workdir", "w", "--stage", "a"],
      "do not give --stage"),
@@ -435,6 +575,48 @@ def test_chain_runs_recipe_stages_with_requeue(slurm_env: dict[str, str], chain_
     state = json.loads((work / "state.json").read_text())["steps"]
     assert all(entry["status"] == "done" for entry in state.values()), state
     assert (work / "export" / "hf" / "config.json").is_file()
+
+
+# The jobs of the chain assets' two-stage recipe with CPU jobs, and the steps each one runs.
+CPU_CHAIN = {"prepare": ["prepare/teacher", "prepare/data"],
+             "depth.importance": ["prepare/eval_teacher", "depth/importance", "depth/plan"],
+             "depth.prune": ["depth/prune"],
+             "depth": ["depth/eval_pruned", "depth/distill", "depth/eval", "width/importance", "width/plan"],
+             "width.prune": ["width/prune"],
+             "width": ["width/eval_pruned", "width/distill", "width/eval"],
+             "final.export": ["final/export", "final/report"]}
+
+
+@pytest.mark.slow
+def test_chain_with_cpu_jobs_runs_the_recipe(slurm_env: dict[str, str], chain_assets: Path, tmp_path: Path) -> None:
+    """`launch.sh --submit --chain --cpu-partition debug --wait`: the recipe's seven jobs, the CPU ones as one task,
+    the GPU ones as the job's two tasks, each after the one before it; each job runs exactly its own steps and the
+    run ends complete (exported student, report)."""
+    from support.run_assets import recipe, write_recipe
+
+    path = write_recipe(chain_assets, "cpu_chain", recipe(chain_assets))
+    work, logs = tmp_path / "work", tmp_path / "logs"
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--chain", "--wait", "--cpu-partition", "debug", "--cpu-time", "00:30:00",
+         "--gpus-per-node", "0", "--tasks-per-node", "2", "--job-name", "cc", "--log-dir", str(logs), "--",
+         "run", str(path), "--workdir", str(work), "--no-progress"],
+        capture_output=True, text=True, env=slurm_env, cwd=tmp_path, timeout=2400)
+    ids = dict(reversed(line.split()) for line in out.stdout.splitlines())
+
+    def log(name: str, ext: str = "out") -> str:
+        f = logs / f"cc-{name}-{ids.get(name)}.{ext}"
+        return f.read_text() if f.is_file() else ""
+
+    assert out.returncode == 0, (out.stdout, out.stderr, {n: log(n)[-2000:] + log(n, "err")[-2000:] for n in ids})
+    assert list(ids) == list(CPU_CHAIN), out.stdout
+    for name, steps in CPU_CHAIN.items():
+        assert re.findall(r"\[run\] start (\S+)", log(name)) == steps, (name, log(name))
+        tasks = 1 if name in ("prepare", "depth.prune", "width.prune", "final.export") else 2
+        assert f"1 node(s) x {tasks} task(s)" in log(name, "err"), (name, log(name, "err"))
+    state = json.loads((work / "state.json").read_text())["steps"]
+    assert sorted(state) == sorted(step for steps in CPU_CHAIN.values() for step in steps), state
+    assert all(entry["status"] == "done" for entry in state.values()), state
+    assert (work / "export" / "hf" / "config.json").is_file() and (work / "report" / "report.md").is_file()
 
 
 def test_chain_jobs_run_one_after_another(slurm_env: dict[str, str], tmp_path: Path) -> None:

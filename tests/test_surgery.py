@@ -16,15 +16,28 @@ from safetensors.torch import save_file
 
 from megatron_slim.checkpoint.source import plan_hf_to_mcore
 from megatron_slim.compress import surgery
-from megatron_slim.compress.apply import Options, prune_checkpoint, spec_for
 from megatron_slim.compress.plan import CompressionPlan
 from megatron_slim.compress.plan_check import PlanError, implied_target
+from megatron_slim.compress.prune_checkpoint import Options, prune_checkpoint, spec_for
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
 from megatron_slim.models.registry import FAMILIES as REGISTERED, model_config_from_hf
-from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
-                                               QUERY_GROUPS, SHARED_NEURONS, TensorSpec, units)
-from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
-                                               reference_logits)
+from megatron_slim.models.surgery_spec import (
+    DENSE_NEURONS,
+    EXPERT_NEURONS,
+    EXPERTS,
+    GDN_KEY_HEADS,
+    HIDDEN,
+    QUERY_GROUPS,
+    SHARED_NEURONS,
+    TensorSpec,
+    units,
+)
+from megatron_slim.verify.hf_reference import (
+    load_hf_reference,
+    mtp_reference_logits,
+    reference_hidden,
+    reference_logits,
+)
 from support import tiny_models
 from support.dist import run_distributed
 from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors, read_tensors, saved_shapes
@@ -159,7 +172,7 @@ def test_removing_never_routed_experts_keeps_logits(tmp_path, family):
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
 def test_removing_layers_that_write_nothing_keeps_logits(tmp_path, family):
     src = make_source(family, tmp_path / "src")
-    cfg, tensors = source_config(src), read_tensors(src)
+    tensors = read_tensors(src)
     for key, tspec in entries(tensors, family):
         if key.startswith(("model.layers.1.", "model.layers.2.")) and writes_residual(tspec):
             tensors[key].zero_()
@@ -300,9 +313,8 @@ def cli(*commands: list[str | Path]) -> None:
 
 def parity_and_size(rank: int, world: int, hf_dir: str, mcore_dir: str, target: dict, tokens: torch.Tensor) -> dict:
     """`verify` at LAYOUTS (strict loads), plus the parameter count of a Megatron model built from the target."""
-    from support.workers import verify_sweep
-
     from megatron_slim.checkpoint.layout import mcore_layout
+    from support.workers import verify_sweep
 
     reports = verify_sweep(rank, world, hf_dir, mcore_dir, LAYOUTS, tokens)
     shapes = mcore_layout(ModelConfig.from_json(target)).tensors.values()

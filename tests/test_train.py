@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -17,7 +17,6 @@ from megatron_slim.errors import UserError
 from megatron_slim.train.config import run_config_from_dict
 from megatron_slim.train.evaluation import RECORD_KEYS, evaluation_due
 from support.train_assets import assets, cli, metrics, write_config  # noqa: F401  (assets is a fixture)
-
 
 TOKENS_PER_STEP = 8 * 32  # write_config: global batch 8 of 32 tokens
 EVAL_WINDOWS = 5

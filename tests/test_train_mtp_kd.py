@@ -32,13 +32,14 @@ def _save_random(rank: int, world_size: int, models: list[tuple[str, int, int, i
     from megatron_slim.checkpoint.mcore import save_model
     from megatron_slim.models.builder import build_model
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     for name, layers, depths, seed in models:
         torch.manual_seed(seed)
-        init_model_parallel(ParallelConfig(), seed=seed)
+        init_model_parallel(ParallelLayout(), seed=seed)
         cfg = model_config_from_hf(_qwen3_next(layers)).replace(mtp_num_layers=depths)
-        save_model(build_model(cfg, ParallelConfig()), f"{root}/{name}_mc", cfg)
+        save_model(build_model(cfg, ParallelLayout()), f"{root}/{name}_mc", cfg)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,10 @@ def _reference_step1(trainer) -> dict[str, float]:
 
 
 def _run(rank: int, world_size: int, config_path: str) -> dict:
+    from megatron.core import parallel_state
+
     from megatron_slim.train.config import load_run_config
     from megatron_slim.train.trainer import Trainer
-
-    from megatron.core import parallel_state
 
     trainer = Trainer(load_run_config(config_path))
     trainer.setup()

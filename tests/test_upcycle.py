@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
-from megatron_slim.engines.upcycle import upcycle_model
-from megatron_slim.upcycle import expert_output_norms, neuron_activations, upcycle_ffn
+from megatron_slim.compress.upcycle_ffn import expert_output_norms, neuron_activations, upcycle_ffn
+from megatron_slim.engines.upcycle_job import upcycle_model
 from support.hf_checkpoints import byte_tokenizer
-
 
 EXPERTS = 4
 
@@ -149,9 +148,9 @@ def test_upcycled_smollm2_matches_the_teacher() -> None:
     router still the same next-token distributions and answer (about a minute on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_slim.engines.upcycle import calibration_sequences
     from megatron_slim.data.assets import smollm2_hf_dir
     from megatron_slim.data.wiki import wiki_splits
+    from megatron_slim.engines.upcycle_job import calibration_sequences
 
     directory = smollm2_hf_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)

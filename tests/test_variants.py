@@ -17,12 +17,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from support.run_assets import build, recipe as chain_recipe, write_recipe
-from support.train_assets import cli
-
 from megatron_slim.eval.stats import paired_difference
 from megatron_slim.run.recipe import RecipeError, load_study
 from megatron_slim.run.state import RunState
+from support.run_assets import build, recipe as chain_recipe, write_recipe
+from support.train_assets import cli
 
 STEPS = 4  # distillation steps of 8 x 32 tokens per variant
 
@@ -124,6 +123,13 @@ def test_list_stages_and_dry_run_show_the_variants(assets: Path) -> None:
     path = write_recipe(assets, "listed", _study(assets))
     proc = cli("run", str(path), "--workdir", str(assets / "w"), "--list-stages")
     assert proc.stdout.split() == ["shared", "kd_only/one_shot", "pruned/one_shot", "random_init/one_shot"]
+    # launch.sh --chain --cpu-partition: the shared steps' jobs (the pruning variants share their pruning, and
+    # its evaluation, on a CPU node), then each variant's own chain (random init builds its student on the GPUs)
+    proc = cli("run", str(path), "--workdir", str(assets / "w"), "--list-jobs")
+    assert proc.stdout.split() == [
+        "shared.prepare:cpu", "shared.one_shot.importance:gpu", "shared.one_shot.prune:cpu",
+        "shared.one_shot.eval_pruned:gpu", "kd_only/one_shot:gpu", "kd_only/final.export:cpu", "pruned/one_shot:gpu",
+        "pruned/final.export:cpu", "random_init/one_shot:gpu", "random_init/final.export:cpu"]
     proc = cli("run", str(path), "--workdir", str(assets / "w"), "--dry-run")
     lines = proc.stdout.splitlines()
     assert "variant pruned" in proc.stdout and "[reference]" in proc.stdout

@@ -1,16 +1,20 @@
-"""What every checkpoint reader and writer shares: which format a directory holds, the files that travel with the
-weights, staging an output so that only a complete one ever appears, and the check that a mapping's tensors are
-all there."""
+"""What every checkpoint reader and writer shares: what a directory holds (`Checkpoint.open`: its format, model
+config and tokenizer directory), the files that travel with the weights, staging an output so that only a complete
+one ever appears, and the check that a mapping's tensors are all there."""
 from __future__ import annotations
 
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import CheckpointError, UserError
 from megatron_slim.runtime.outputs import claim_output
+
+if TYPE_CHECKING:
+    from megatron_slim.models.config import ModelConfig
 
 HF_CONFIG = "config.json"  # marks an HF checkpoint directory
 TOKENIZER_DIR = "tokenizer"  # HF tokenizer/generation files carried inside Megatron checkpoints
@@ -18,14 +22,43 @@ _HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", 
                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
-def checkpoint_kind(path: str | Path) -> Literal["mcore", "hf"]:
-    """Whether `path` is a megatron-slim Megatron checkpoint or an HF one, by its marker file."""
-    path = Path(path)
-    if (path / MODEL_CONFIG).is_file():
-        return "mcore"
-    if (path / HF_CONFIG).is_file():
-        return "hf"
-    raise UserError(f"{path} is neither a Megatron checkpoint ({MODEL_CONFIG}) nor an HF checkpoint ({HF_CONFIG})")
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model directory as every job reads it: "mcore" (a megatron-slim Megatron checkpoint, marked by
+    model_config.json, its tokenizer files under tokenizer/) or "hf" (config.json, tokenizer files beside it)."""
+
+    path: Path
+    kind: Literal["mcore", "hf"]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        """`path` by its marker file; anything else is the user's mistake (one line naming it)."""
+        path = Path(path)
+        if (path / MODEL_CONFIG).is_file():
+            return cls(path, "mcore")
+        if (path / HF_CONFIG).is_file():
+            return cls(path, "hf")
+        raise UserError(f"{path} is neither a Megatron checkpoint ({MODEL_CONFIG}) nor an HF checkpoint ({HF_CONFIG})")
+
+    @property
+    def tokenizer_files(self) -> Path:
+        """Where this checkpoint's tokenizer and generation files are (or would be)."""
+        return self.path / TOKENIZER_DIR if self.kind == "mcore" else self.path
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The tokenizer directory, or None when the checkpoint carries none."""
+        return self.tokenizer_files if self.tokenizer_files.is_dir() else None
+
+    def config(self) -> ModelConfig:
+        """The model config, from model_config.json or translated from the HF config by the family's reader."""
+        from megatron_slim.checkpoint.mcore import load_model_config
+        from megatron_slim.models.config import load_hf_config
+        from megatron_slim.models.registry import model_config_from_hf
+
+        if self.kind == "mcore":
+            return load_model_config(self.path)
+        return model_config_from_hf(load_hf_config(self.path))
 
 
 @contextmanager

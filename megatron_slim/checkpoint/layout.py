@@ -64,9 +64,10 @@ def mcore_layout(cfg: ModelConfig) -> McoreLayout:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel)
     with torch.device("meta"):
         model = build_model(cfg, parallel, BuildOptions(perform_initialization=False, use_cpu_initialization=True))

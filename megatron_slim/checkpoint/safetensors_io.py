@@ -6,7 +6,6 @@ count towards RSS. Every tensor read is checked against its file's size, so a tr
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,11 +212,3 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for s in shape:
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from megatron_slim.checkpoint.dcp_io import McoreReader
-from megatron_slim.checkpoint.files import TOKENIZER_DIR, check_keys, checkpoint_kind
+from megatron_slim.checkpoint.files import Checkpoint, check_keys
 from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mcore_mismatch, describe_mismatch
 from megatron_slim.checkpoint.mcore import load_model_config
 from megatron_slim.checkpoint.safetensors_io import HFReader
@@ -74,9 +74,10 @@ class Source:
     """A checkpoint read as HF-layout tensors, grouped by mapping location ("embeddings", "layer 3", "mtp 0")."""
 
     def __init__(self, path: Path) -> None:
-        if checkpoint_kind(path) == "mcore":
+        ckpt = Checkpoint.open(path)
+        if ckpt.kind == "mcore":
             self.cfg, rules, self._mcore = open_mcore(path)
-            self.side_files = path / TOKENIZER_DIR
+            self.side_files = ckpt.tokenizer_files
         else:
             self.cfg, rules, self._hf = plan_hf_to_mcore(path)
             self._mcore = None

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.demo.ablate import AblateJob, run_ablation
+    from megatron_slim.ablate.suite import AblateJob, run_ablation
 
     only = tuple(name.strip() for name in args.only.split(",") if name.strip())
     return run_ablation(AblateJob(workdir=Path(args.workdir), suite=args.suite, only=only,

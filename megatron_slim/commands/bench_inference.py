@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_slim.engines.bench_inference import DTYPES, BenchInferenceJob, run_bench_inference
+from megatron_slim.engines.bench_inference_job import DTYPES, BenchInferenceJob, run_bench_inference
 
 HELP = "peak memory, prefill latency and decode throughput of HF checkpoints (teacher vs students)"
 

@@ -25,6 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.demo.job import DemoJob, run_demo
+    from megatron_slim.demo.demo_job import DemoJob, run_demo
 
     return run_demo(DemoJob(workdir=Path(args.workdir), fresh=args.fresh, progress=not args.no_progress))

@@ -15,11 +15,12 @@ tokens, loss, ppl, accuracy, mtp_acceptance {k: rate}, mean_accepted, mtp_positi
 --out writes that object to a file (an existing one only with --overwrite).
 
 --tasks T1,T2 scores lm-eval tasks (its registry, the shipped wiki_cloze, wiki_cloze_gen, wiki_continuation and
-wiki_perplexity built from the demo's held-out Wikipedia text, and YAML tasks under --include-path) with the model at
-its layout, in place: loglikelihood, rolling loglikelihood and greedy generation (no KV cache: one forward of the
-prefix per generated token). With --tasks, --data/--tokens are optional. --json adds "tasks": {TASK: {METRIC:
-value}}. Data are read as the environment allows (HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1: local cache and files
-only); a task whose data cannot be loaded is refused before the model is loaded. The tokenizer is the checkpoint's.
+wiki_perplexity built from the demo's held-out Wikipedia text, and YAML tasks under --include-path) with the model
+at its layout, in place: loglikelihood, rolling loglikelihood and greedy generation (with a generation cache where
+it serves, eval/generate.py; otherwise one forward of the prefix per generated token). With --tasks, --data/--tokens
+are optional. --json adds "tasks": {TASK: {METRIC: value}}. Data are read as the environment allows
+(HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1: local cache and files only); a task whose data cannot be loaded is refused
+before the model is loaded. The tokenizer is the checkpoint's.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import argparse
 from pathlib import Path
 
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
-from megatron_slim.engines.evaluate import EvaluateJob, run_evaluate
+from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
 
 HELP = "evaluate LM loss, perplexity, accuracy and MTP acceptance on held-out data, and lm-eval tasks"
 
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp-prompts", type=int, default=8, help="prompts for MTP acceptance")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (at most --seq-len)")
     p.add_argument("--gen-tokens", type=int, default=32,
-                   help="greedy tokens generated per prompt (one full forward each); must exceed --mtp-k")
+                   help="greedy tokens generated per prompt; must exceed --mtp-k")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model parameter dtype")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval task or group names")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")

@@ -28,13 +28,14 @@ def _run_student(workdir: Path) -> tuple[str, str | None]:
     from megatron_slim.errors import UserError
     from megatron_slim.run.recipe import parse_recipe
     from megatron_slim.run.state import RunState, RunView
+    from megatron_slim.run.step_groups import TEACHER
 
     state = RunView(RunState.read(workdir))
     recipe = parse_recipe(yaml.safe_load((workdir / "recipe.yaml").read_text()), workdir)  # for the stage order
     last = recipe.stages[-1].name
     if not state.done(f"{last}/distill"):
         raise UserError(f"the run in {workdir} has not finished distilling its last stage ({last!r})")
-    return state.outputs(f"{last}/distill")["checkpoint"], state.outputs("prepare/teacher").get("tokenizer")
+    return state.outputs(f"{last}/distill")["checkpoint"], state.outputs(TEACHER).get("tokenizer")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
-from megatron_slim.engines.importance import ImportanceJob, run_importance
+from megatron_slim.engines.importance_job import ImportanceJob, run_importance
 
 HELP = "collect importance statistics (experts, neurons, heads, layers, channels) over calibration data"
 

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         dist.all_reduce(t)
         info["distributed"] = {"rank": denv.rank, "world_size": denv.world_size, "local_rank": denv.local_rank,
                                "master": f"{denv.master_addr}:{denv.master_port}", "backend": dist.get_backend(),
-                               "rank_sum": int(t.item()), "expected_rank_sum": denv.world_size * (denv.world_size - 1) // 2}
+                               "rank_sum": int(t.item()),
+                               "expected_rank_sum": denv.world_size * (denv.world_size - 1) // 2}
         dist.destroy_process_group()
     if args.json:
         print(json.dumps(info))

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF tokenizer directory, a sentencepiece .model file, or 'none' for pre-tokenized ids")
     p.add_argument("--json-key", default="text", help="field holding the text (or the ids with --tokenizer none)")
     p.add_argument("--vocab-size", type=int, default=None, help="with --tokenizer none: the vocabulary size")
-    p.add_argument("--eod-id", type=int, default=None, help="override the end-of-document id (default: tokenizer's EOS)")
+    p.add_argument("--eod-id", type=int, default=None,
+                   help="override the end-of-document id (default: tokenizer's EOS)")
     p.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
 
 

@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.compress.apply import Options, prune_checkpoint
     from megatron_slim.compress.plan import CompressionPlan
+    from megatron_slim.compress.prune_checkpoint import Options, prune_checkpoint
 
     plan = CompressionPlan.load(args.plan)
     opts = Options(align_neurons=args.align_neurons, rescale_norms=not args.no_norm_rescale)

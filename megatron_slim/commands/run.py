@@ -9,7 +9,11 @@ validated completely (keys, files, every stage's shapes, run configs) before any
 
 Under torchrun/srun the given ranks are used; as a plain process it spawns the recipe's `nproc` local ranks.
 `--stage NAME` runs one stage (the first also prepares, the last also exports and reports): what
-`launch.sh --submit --chain` submits as one SLURM job per stage.
+`launch.sh --submit --chain` submits as one SLURM job per stage. With `--cpu-partition P` the chain is finer
+(`--list-jobs`, `--job NAME`, see megatron_slim/run/chain.py): the heavy single-process steps (teacher conversion,
+tokenization, pruning, export) run as their own jobs on CPU nodes and the GPU jobs only run distributed steps. A
+job that spans several nodes refuses those steps (its GPUs would idle for hours) unless given
+--allow-single-process-steps.
 
 A recipe with `variants` runs each variant in <workdir>/variants/<name>/ (`--variant NAME` one of them); steps
 whose inputs agree across variants (teacher conversion, data, importance and plans a variant does not change) run
@@ -34,14 +38,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the stage names, one per line, and exit (with variants: `shared`, then VARIANT/STAGE)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the steps with their status and each stage's student")
+    p.add_argument("--list-jobs", action="store_true",
+                   help="print the jobs of a chain that keeps GPUs busy, one NAME:cpu or NAME:gpu per line, and exit "
+                   "(what `launch.sh --submit --chain --cpu-partition P` submits)")
+    p.add_argument("--job", help="run only this job of --list-jobs (the jobs before it must be done)")
+    p.add_argument("--allow-single-process-steps", action="store_true",
+                   help="in a job spanning several nodes, run the single-process steps (teacher conversion, "
+                   "tokenization, pruning, export) here anyway, while the other GPUs wait (refused by default)")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: one single-process step (child of a multi-rank job)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.run.job import RunJob, run_recipe
+    from megatron_slim.run.recipe_job import RunJob, run_recipe
 
     return run_recipe(RunJob(recipe=Path(args.recipe), workdir=Path(args.workdir), stage=args.stage,
                              variant=args.variant,
                              list_stages=args.list_stages, dry_run=args.dry_run, step=args.step,
-                             progress=not args.no_progress))
+                             progress=not args.no_progress, list_jobs=args.list_jobs, job=args.job,
+                             allow_single_process_steps=args.allow_single_process_steps))

@@ -1,18 +1,18 @@
 """Upcycle a dense Llama-style HF checkpoint into a Mixtral MoE checkpoint by splitting every FFN into experts.
 
 Each layer's FFN neurons are split into equal experts and a router is fitted on calibration inputs to that FFN
-(captured from the dense model on the demo's Wikipedia calibration paragraphs); see `megatron_slim.upcycle` for
-the construction. Attention, norms and embeddings are copied unchanged. At `--topk` equal to `--experts` the MoE
-reproduces the dense model up to O(--router-scale) (exactly at 0); below it, each token skips the neuron groups
-its router predicts matter least. Expert outputs carry a factor of `--topk`: to change top-k later, multiply the
-experts' w2 by k_new / k_old.
+(captured from the dense model on the demo's Wikipedia calibration paragraphs); see
+`megatron_slim.compress.upcycle_ffn` for the construction. Attention, norms and embeddings are copied unchanged. At
+`--topk` equal to `--experts` the MoE reproduces the dense model up to O(--router-scale) (exactly at 0); below it,
+each token skips the neuron groups its router predicts matter least. Expert outputs carry a factor of `--topk`: to
+change top-k later, multiply the experts' w2 by k_new / k_old.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from megatron_slim.engines.upcycle import EMBEDDED_DENSE
+from megatron_slim.engines.upcycle_job import EMBEDDED_DENSE
 
 HELP = "turn a dense HF Llama checkpoint (or the embedded SmolLM2) into a Mixtral MoE checkpoint"
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.engines.upcycle import UpcycleJob, run_upcycle
+    from megatron_slim.engines.upcycle_job import UpcycleJob, run_upcycle
 
     run_upcycle(UpcycleJob(dense=args.dense, experts=args.experts, topk=args.topk, out=args.out,
                            calib_tokens=args.calib_tokens, router_scale=args.router_scale, seed=args.seed))

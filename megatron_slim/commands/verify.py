@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 from megatron_slim.commands.options import add_layout_arguments
-from megatron_slim.verify.job import VerifyJob, run_verify
 from megatron_slim.verify.parity import Thresholds
+from megatron_slim.verify.verify_job import VerifyJob, run_verify
 
 HELP = "compare HF and Megatron-Core logits on the same tokens (max/mean diff, top-1 agreement)"
 

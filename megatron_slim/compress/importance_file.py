@@ -7,7 +7,8 @@ that a plan carries to `prune`, see `checkpoint/fingerprint.py`). Tensor names, 
 
   experts.frequency      [E]    share of tokens routed to each expert (count / tokens; sums to topk)
   experts.soft_logits    [E]    mean router probability mass per expert (softmax over all experts; sums to 1)
-  experts.reap           [E]    REAP: mean over the tokens routed to e of gate(e) * ||expert_e(x)||_2 (0 if never routed)
+  experts.reap           [E]    REAP: mean over the tokens routed to e of gate(e) * ||expert_e(x)||_2
+                                (0 if never routed)
   experts.coactivation   [E,E]  share of tokens routed to both i and j (diagonal = frequency)
   experts.router_cosine  [E,E]  cosine similarity of router rows (merge partners)
   experts.neurons        [E,F]  mean |silu(gate) * up| of each expert neuron over the tokens routed to the expert

@@ -89,10 +89,6 @@ class TargetSpec:
         TargetSpec.from_dict(given, where="flags")  # same key and type checks as the YAML
         return dataclasses.replace(self, **given)
 
-    @property
-    def has_sizes(self) -> bool:
-        return any(getattr(self, f) is not None for f in SIZE_FIELDS)
-
     # ---- resolution against a source -------------------------------------------------------------------------
     def size(self, name: str, source_value: int) -> int:
         value = getattr(self, name)

@@ -51,17 +51,6 @@ class ModelJob:
 J = TypeVar("J", bound=ModelJob)
 
 
-def checkpoint_kind(model: Path) -> str:
-    """What `model` is: "mcore" (model_config.json) or "hf" (config.json); anything else is the user's mistake."""
-    from megatron_slim.checkpoint.mcore import MODEL_CONFIG
-
-    if (model / MODEL_CONFIG).is_file():
-        return "mcore"
-    if (model / "config.json").is_file():
-        return "hf"
-    raise UserError(f"{model} is neither a Megatron checkpoint ({MODEL_CONFIG}) nor an HF checkpoint (config.json)")
-
-
 @contextmanager
 def claimed_file(out: Path | None, inputs: Iterable[str | Path], overwrite: bool) -> Iterator[Path | None]:
     """A job's single-file output, claimed (`runtime.outputs.claim_output_file`: refused if it exists without
@@ -95,19 +84,19 @@ def open_checkpoint(job: ModelJob, temp: Path, progress: bool) -> tuple[Path, Pa
     None); converts an HF model into `temp` unless the launching process did."""
     import torch.distributed as dist
 
-    from megatron_slim.checkpoint.convert import TOKENIZER_DIR
+    from megatron_slim.checkpoint.files import Checkpoint
 
-    model_dir = Path(job.model)
+    model = Checkpoint.open(job.model)
     if job.converted is not None:
-        ckpt, tokenizer_dir = Path(job.converted), model_dir
-    elif checkpoint_kind(model_dir) == "hf":
-        ckpt, tokenizer_dir = temp, model_dir
+        ckpt = Path(job.converted)
+    elif model.kind == "hf":
+        ckpt = temp
         if dist.get_rank() == 0:
-            convert_in_child(model_dir, ckpt, progress=progress)
+            convert_in_child(model.path, ckpt, progress=progress)
         dist.barrier()
     else:
-        ckpt, tokenizer_dir = model_dir, model_dir / TOKENIZER_DIR
-    return ckpt, tokenizer_dir if tokenizer_dir.is_dir() else None
+        ckpt = model.path
+    return ckpt, model.tokenizer_dir
 
 
 def release_checkpoint(job: ModelJob, ckpt: Path) -> None:
@@ -135,18 +124,15 @@ def run_on_ranks(command: str, worker: Callable[[J], None], job: J, temp: Path, 
     process on tp*ep*pp spawned local ranks (an HF model converted into `temp` before any process group exists).
     Returns the exit status; `command` names the command in a spawned rank's error line."""
     from megatron_slim.checkpoint.convert import hf_to_mcore
-    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.checkpoint.files import Checkpoint
     from megatron_slim.models.builder import validate_layout
-    from megatron_slim.models.config import load_hf_config
-    from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
-    model = Path(job.model)
-    is_mcore = checkpoint_kind(model) == "mcore"
-    cfg = load_model_config(model) if is_mcore else model_config_from_hf(load_hf_config(model))
+    checkpoint = Checkpoint.open(job.model)
+    model, is_mcore = checkpoint.path, checkpoint.kind == "mcore"
     try:
-        validate_layout(cfg, ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp))
+        validate_layout(checkpoint.config(), ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp))
     except ValueError as e:
         raise UserError(str(e)) from e
 

@@ -66,7 +66,8 @@ def _next_tokens(model: torch.nn.Module, tokens: torch.Tensor, lengths: list[int
         nxt[rows] = vocab_parallel_argmax(logits[torch.arange(rows.stop - rows.start, device=device), last[rows]], tp)
     forward_rows(model, tokens.to(device), micro_batch, on_logits, inference_context=context)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
     return nxt.tolist()
 
 

@@ -3,7 +3,7 @@
 `MegatronLM` is lm-eval's `LM` interface over a built, loaded model: `loglikelihood`, `loglikelihood_rolling` and
 greedy `generate_until`. Every rank of the job runs `score_tasks` with the same tasks, so lm-eval builds the same
 requests on every rank (the LM reports rank 0 of 1: lm-eval does not split requests itself). Requests are sorted by
-length and batched; the batch rows are dealt to data-parallel ranks as in eval/evaluate.py (`dp_share`: equal
+length and batched; the batch rows are dealt to data-parallel ranks as in eval/heldout.py (`dp_share`: equal
 counts, weight-0 padding rows), every forward is right-padded to one width across the world (causal layers, so
 padding on the right changes nothing before it, and expert-parallel collectives see equal shapes), and the last
 pipeline stage's answers reach every rank through one all-reduce to which only the reporting rank of each replica
@@ -40,8 +40,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from megatron_slim.data.calibration import encoded_text, load_tokenizer
 from megatron_slim.errors import UserError
-from megatron_slim.eval.evaluate import dp_share
 from megatron_slim.eval.generate import greedy_steps, kv_cache_blocker
+from megatron_slim.eval.heldout import dp_share
 from megatron_slim.eval.metrics import token_logprobs, vocab_parallel_argmax
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.forward import forward_rows, right_padded, tp_group

@@ -88,4 +88,5 @@ def replicated_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[flo
         raise ValueError(f"replicated_difference needs the same seeds and windows: got {x.shape} and {y.shape}")
     window = paired_difference(x.mean(axis=0), y.mean(axis=0))
     se = math.sqrt(window.se ** 2 + _seed_se((x - y).mean(axis=1)) ** 2)
-    return PairedDiff(mean=window.mean, se=se, n=window.n, significant=bool(window.n >= 2 and abs(window.mean) > 2 * se))
+    significant = bool(window.n >= 2 and abs(window.mean) > 2 * se)
+    return PairedDiff(mean=window.mean, se=se, n=window.n, significant=significant)

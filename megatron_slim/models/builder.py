@@ -15,7 +15,7 @@ from megatron.core.models.backends import BackendSpecProvider
 
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.specs import hybrid_stack_spec, select_backend
-from megatron_slim.runtime.distributed import ParallelConfig
+from megatron_slim.runtime.layout import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BuildOptions:
     use_cpu_initialization: bool | None = None  # None: on CPU-only machines (True also builds on the meta device)
 
 
-def validate_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:
+def validate_layout(cfg: ModelConfig, parallel: ParallelLayout) -> None:
     """Clear errors when the parallel sizes do not divide the model (megatron-core would assert deep inside)."""
     problems = []
     tp = parallel.tp
@@ -66,7 +66,7 @@ def pipeline_pattern(cfg: ModelConfig, pp: int) -> str:
     return "|".join(stages) + ("/" + mtp if mtp else "")
 
 
-def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOptions = BuildOptions()):
+def transformer_config(cfg: ModelConfig, parallel: ParallelLayout, opts: BuildOptions = BuildOptions()):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     validate_layout(cfg, parallel)
@@ -142,7 +142,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOp
     )
 
 
-def build_model(cfg: ModelConfig, parallel: ParallelConfig, opts: BuildOptions = BuildOptions(),
+def build_model(cfg: ModelConfig, parallel: ParallelLayout, opts: BuildOptions = BuildOptions(),
                 pre_process: bool | None = None, post_process: bool | None = None,
                 backend: BackendSpecProvider | None = None):
     """Build this rank's HybridModel shard (megatron parallel state must be initialised). `backend` overrides the

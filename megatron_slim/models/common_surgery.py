@@ -2,8 +2,15 @@
 `models/surgery_spec.py`. Family tables in `models/<family>/surgery_spec.py` compose them."""
 from __future__ import annotations
 
-from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, HIDDEN, QUERY_GROUPS, Dim,
-                                                 TensorSpec)
+from megatron_slim.models.surgery_spec import (
+    DENSE_NEURONS,
+    EXPERT_NEURONS,
+    EXPERTS,
+    HIDDEN,
+    QUERY_GROUPS,
+    Dim,
+    TensorSpec,
+)
 
 HIDDEN_COLUMNS = TensorSpec((Dim(HIDDEN, 1),))  # [*, H]: embedding, LM head, a gate reading the stream
 NORM = TensorSpec((Dim(HIDDEN, 0),), norm=True)

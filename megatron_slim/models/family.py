@@ -1,7 +1,7 @@
 """The record a model family registers: everything the rest of the package needs to know about it.
 
 A family is one folder, `models/<family>/`, whose `__init__.py` builds its `Family` from the folder's HF config
-reader and writer (`config.py`), parameter mapping (`state_dict_adapter.py`) and surgery table
+reader and writer (`config.py`), parameter mapping (`weight_mapping.py`) and surgery table
 (`surgery_spec.py`); `models/registry.py` registers it. Nothing else names a family.
 """
 from __future__ import annotations

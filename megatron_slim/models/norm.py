@@ -9,7 +9,6 @@ norms), so the replicated weight's gradient is partial on each rank.
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 

@@ -89,8 +89,9 @@ def select_backend(transformer_impl: str | None = None) -> tuple[str, BackendSpe
     raise ValueError(f"unknown transformer_impl {transformer_impl!r} (use 'transformer_engine' or 'local')")
 
 
-def _qkv_or_fused(backend: BackendSpecProvider) -> tuple[type, type, dict[str, str]]:
-    """(input norm, first linear, checkpoint key map) for a block whose norm TE can fuse into its first linear."""
+def _qkv_or_fused(backend: BackendSpecProvider) -> tuple[type, type, bool]:
+    """(input norm, first linear, whether the norm is fused into that linear) for a block whose norm TE can fuse
+    into its first linear."""
     fused = backend.fuse_layernorm_and_linear()
     norm = IdentityOp if fused else backend.layer_norm(rms_norm=True)
     linear = backend.column_parallel_layer_norm_linear() if fused else backend.column_parallel_linear()

@@ -16,9 +16,10 @@ from typing import Any
 from megatron_slim.eval.stats import PairedDiff, paired_difference
 from megatron_slim.run.recipe import Recipe, Study
 from megatron_slim.run.report import benchmark_table
-from megatron_slim.run.runner import plan_runs, shared_state
-from megatron_slim.run.state import STATE, RunState, RunView
-from megatron_slim.run.step_groups import PREPARE
+from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import EVAL_TEACHER
+from megatron_slim.run.variants import variant_views
+from megatron_slim.runtime.jsonl import read_jsonl
 
 
 @dataclass
@@ -54,10 +55,6 @@ def _read_json(path: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _variant(recipe: Recipe, view: RunView, name: str) -> VariantResult:
     last = recipe.stages[-1].name
     final = _read_json(view.outputs(f"{last}/eval")["eval"]) if view.done(f"{last}/eval") else None
@@ -66,11 +63,11 @@ def _variant(recipe: Recipe, view: RunView, name: str) -> VariantResult:
         if not view.done(f"{stage.name}/distill"):
             break
         metrics = Path(view.outputs(f"{stage.name}/distill")["metrics"])
-        for rec in _jsonl(metrics.with_name("eval.jsonl")):
+        for rec in read_jsonl(metrics.with_name("eval.jsonl")):
             curve.tokens.append(offset + rec["consumed_tokens"])
             curve.loss.append(rec["loss"])
             curve.loss_se.append(rec["loss_se"])
-        records = _jsonl(metrics)
+        records = read_jsonl(metrics)
         offset += records[-1]["consumed_tokens"] if records else 0.0
     seconds = sum(entry.get("seconds", 0.0) for entry in view.entries().values())
     return VariantResult(name, final is not None, final, offset, seconds, curve)
@@ -78,14 +75,11 @@ def _variant(recipe: Recipe, view: RunView, name: str) -> VariantResult:
 
 def variant_results(study: Study, workdir: Path) -> tuple[dict[str, Any] | None, dict[str, VariantResult]]:
     """(the teacher's evaluation, each variant's result in recipe order, differences against the reference)."""
-    shared = shared_state(workdir) if (workdir / "shared" / STATE).is_file() else None
     results, teacher = {}, None
-    for run in plan_runs(study, workdir):
-        own = RunState(run.workdir, run.recipe.digest)
-        view = RunView(own, shared, run.shared)
+    for run, view in variant_views(study, workdir):
         results[run.name] = _variant(run.recipe, view, run.name)
-        if teacher is None and view.done(f"{PREPARE}/eval_teacher"):
-            teacher = _read_json(view.outputs(f"{PREPARE}/eval_teacher")["eval"])
+        if teacher is None and view.done(EVAL_TEACHER):
+            teacher = _read_json(view.outputs(EVAL_TEACHER)["eval"])
     ref = results.get(study.reference)
     for res in results.values():
         if ref is not None and ref.finished and res.finished and res is not ref:

@@ -55,6 +55,7 @@ from megatron_slim.compress.target import SIZE_FIELDS, TargetError, TargetSpec
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
+from megatron_slim.runtime.layout import SIZES, ParallelLayout
 
 PRESETS = ("one_shot", "depth_first")
 INITS = ("pruned", "random")
@@ -77,11 +78,8 @@ class DataSources:
     seq_length: int = 1024
 
 
-@dataclass(frozen=True)
-class ParallelSection:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
+# The parallel sizes a recipe's steps pass to their jobs (the `parallel:` section's keys).
+RECIPE_SIZES = ("tp", "pp", "ep")
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class EvaluationSection:
     mtp_k: int = 4  # speculative acceptance for drafts of 1..mtp_k tokens (models with MTP heads; 0: skip)
     mtp_prompts: int = 8  # held-out prompts the acceptance is measured on
     prompt_len: int = 0  # prompt tokens (0: half the sequence length)
-    gen_tokens: int = 32  # greedy tokens generated after each prompt (one full forward each)
+    gen_tokens: int = 32  # greedy tokens generated after each prompt
     every_tokens: float = 0.0  # also evaluate the student during distillation every N tokens (0: only after)
     tasks: list[str] = field(default_factory=list)  # lm-eval tasks every evaluation also scores (offline data)
     num_fewshot: int | None = None  # lm-eval few-shot examples (None: each task's default)
@@ -108,7 +106,7 @@ class EvaluationSection:
 
 @dataclass(frozen=True)
 class InferenceSection:
-    """`bench-inference` settings for the run's deployment-efficiency table (engines/bench_inference.py)."""
+    """`bench-inference` settings for the run's deployment-efficiency table (engines/bench_inference_job.py)."""
 
     batch: int = 1
     prompt_len: int = 512
@@ -133,7 +131,7 @@ class Recipe:
     name: str
     teacher: Path
     data: DataSources
-    parallel: ParallelSection
+    parallel: ParallelLayout
     nproc: int
     importance: ImportanceSection
     evaluation: EvaluationSection
@@ -254,7 +252,11 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     for key in ("calibration", "heldout"):
         if not getattr(data, key):
             problems.append(f"data.{key} is required")
-    parallel = load_dataclass(ParallelSection, raw.get("parallel"), "parallel", problems)
+    parallel = load_dataclass(ParallelLayout, raw.get("parallel"), "parallel", problems)
+    for key in sorted(set(SIZES) - set(RECIPE_SIZES)):
+        if getattr(parallel, key) != getattr(ParallelLayout(), key):
+            problems.append(f"parallel.{key}: a recipe's steps run tp/pp/ep layouts only (set {key} in a run config "
+                            "for `megatron-slim train`)")
     nproc = raw.get("nproc", parallel.tp * parallel.pp * parallel.ep)
     if not isinstance(nproc, int) or nproc < 1:
         problems.append(f"nproc must be a positive integer, got {nproc!r}")
@@ -321,7 +323,7 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         problems.append(f"export must be true or false, got {export!r}")
     inference = None
     if raw.get("inference") is not None:
-        from megatron_slim.engines.bench_inference import BenchInferenceJob
+        from megatron_slim.engines.bench_inference_job import BenchInferenceJob
 
         inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
         problems += BenchInferenceJob(models=(), **dataclasses.asdict(inference)).settings_problems(
@@ -498,11 +500,10 @@ def _check_data(recipe: Recipe) -> list[str]:
 def _check_data_sample(recipe: Recipe, teacher: ModelConfig) -> None:
     """The first documents of every jsonl source read as the run will read them: JSON lines with text (the
     teacher must carry a tokenizer) or pre-tokenized ids inside the teacher's vocabulary."""
-    from megatron_slim.checkpoint.convert import TOKENIZER_DIR
-    from megatron_slim.checkpoint.mcore import MODEL_CONFIG
+    from megatron_slim.checkpoint.files import Checkpoint
     from megatron_slim.data.calibration import check_sample
 
-    tokenizer = recipe.teacher / TOKENIZER_DIR if (recipe.teacher / MODEL_CONFIG).is_file() else recipe.teacher
+    tokenizer = Checkpoint.open(recipe.teacher).tokenizer_files
     problems = []
     for key in ("train", "calibration", "heldout"):
         source = getattr(recipe.data, key)

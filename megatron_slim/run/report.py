@@ -14,7 +14,8 @@ from typing import Any
 
 from megatron_slim.run.recipe import Recipe
 from megatron_slim.run.state import RunView
-from megatron_slim.run.step_groups import FINAL, PREPARE, student_step
+from megatron_slim.run.step_groups import BENCH_INFERENCE, DATA, EVAL_TEACHER, REPORT, TEACHER, student_step
+from megatron_slim.runtime.jsonl import read_jsonl
 
 LOSS_KEYS = ("loss", "lm", "kd", "mtp_lm", "mtp_kd")
 
@@ -33,7 +34,7 @@ def _evals(recipe: Recipe, state: RunView) -> list[tuple[str, dict[str, Any]]]:
             if ev is not None:
                 rows.append((label, ev))
 
-    add("teacher", f"{PREPARE}/eval_teacher")
+    add("teacher", EVAL_TEACHER)
     for s in recipe.stages:
         made = "initialised at random" if student_step(recipe, s).endswith("/init") else "pruned"
         add(f"{s.name}: {made}, before training", f"{s.name}/eval_pruned")
@@ -108,7 +109,7 @@ def plot_losses(recipe: Recipe, state: RunView, path: Path) -> bool:
         metrics = state.outputs(f"{s.name}/distill").get("metrics") if state.done(f"{s.name}/distill") else None
         if not metrics or not Path(metrics).is_file():
             continue
-        records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+        records = read_jsonl(Path(metrics))
         if not records:
             continue
         for i, key in enumerate(LOSS_KEYS):  # one colour per loss part across stages, labelled once
@@ -157,8 +158,8 @@ def _accounting(recipe: Recipe, state: RunView) -> str:
     from megatron_slim.compress.accounting import account, human, human_bytes
 
     models = []
-    if state.done(f"{PREPARE}/teacher"):
-        models.append(("teacher", state.outputs(f"{PREPARE}/teacher")["mcore"]))
+    if state.done(TEACHER):
+        models.append(("teacher", state.outputs(TEACHER)["mcore"]))
     models += [(f"{s.name} student", state.outputs(student_step(recipe, s))["checkpoint"])
                for s in recipe.stages if state.done(student_step(recipe, s))]
     lines = ["| model | layers | hidden | experts (top-k) | total params | active params | bf16 weights |",
@@ -172,9 +173,9 @@ def _accounting(recipe: Recipe, state: RunView) -> str:
 
 
 def _efficiency(state: RunView) -> str:
-    from megatron_slim.engines.bench_inference import Measurement, markdown_table
+    from megatron_slim.engines.bench_inference_job import Measurement, markdown_table
 
-    bench = json.loads(Path(state.outputs(f"{FINAL}/bench_inference")["bench"]).read_text())
+    bench = json.loads(Path(state.outputs(BENCH_INFERENCE)["bench"]).read_text())
     rows = [(m.pop("label"), Measurement(**m)) for m in bench["models"]]
     return bench["settings"] + "\n\n" + markdown_table(rows)
 
@@ -191,8 +192,8 @@ def data_stream_lines(recipe: Recipe, view: RunView | None) -> list[str]:
         start += n
     lines = [f"data stream: {start} samples of {recipe.data.seq_length} tokens; " + ", ".join(ranges)]
     blend = recipe.data.train
-    if not isinstance(blend, list) and view is not None and view.done(f"{PREPARE}/data"):
-        blend = view.outputs(f"{PREPARE}/data")["train"]
+    if not isinstance(blend, list) and view is not None and view.done(DATA):
+        blend = view.outputs(DATA)["train"]
     if isinstance(blend, list):
         lines += [f"  {line}" for line in usage_lines(stream_usage(recipe, blend))]
     else:
@@ -229,7 +230,7 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
     parts += ["## Training data", "", _data(recipe, state), ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
-    if state.done(f"{FINAL}/bench_inference"):
+    if state.done(BENCH_INFERENCE):
         parts += ["## Deployment efficiency (transformers, HF checkpoints)", "", _efficiency(state), ""]
     parts += ["## Importance and plans", ""]
     for s in recipe.stages:
@@ -242,7 +243,7 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     parts += ["## Steps", "", "| step | status | time |", "|---|---|---|"]
     total = 0.0
     for step, entry in state.entries().items():
-        if step == f"{FINAL}/report":  # this step, still running
+        if step == REPORT:  # this step, still running
             continue
         total += entry.get("seconds", 0.0)
         parts.append(f"| {step} | {entry.get('status')} | {entry.get('seconds', 0.0):.1f} s |")

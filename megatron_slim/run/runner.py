@@ -10,6 +10,10 @@ after each step, so the work dir must be on a file system all ranks share.
 With variants (run/recipe.py), each variant's steps run in its own work dir `<workdir>/variants/<name>/`, and the
 steps several variants share (run/steps.py: same key) run once, the first variant to reach one computing it under a
 lock; after the variants, `<workdir>/report/compare.md` compares them (run/compare.py).
+
+In a job that spans several nodes, the heavy single-process steps (`Step.where == "cpu"`: conversion,
+tokenization, pruning, export) are refused unless allowed: the job of a chain on CPU nodes (run/chain.py,
+`run --job NAME`) does them while no GPU waits.
 """
 from __future__ import annotations
 
@@ -19,60 +23,29 @@ import subprocess
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
 from megatron_slim.errors import UserError
-from megatron_slim.run.recipe import Recipe, Study
+from megatron_slim.run.chain import chain_jobs, job_of_step
+from megatron_slim.run.recipe import Study
 from megatron_slim.run.state import RunState, RunView
-from megatron_slim.run.step_groups import FINAL, PREPARE
-from megatron_slim.run.steps import Context, Step, StepInterrupted, all_steps, step_keys
+from megatron_slim.run.step_groups import FINAL, PREPARE, SHARED, shared_dir
+from megatron_slim.run.steps import CPU, Context, Step, StepInterrupted
+from megatron_slim.run.variants import VariantRun, plan_runs, shared_state
 from megatron_slim.runtime.launch_env import without_launcher_env
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
-
-SHARED = "shared"  # <workdir>/shared/: steps that variants share, with their own state.json
-VARIANTS = "variants"  # <workdir>/variants/<name>/: each variant's own work dir
+from megatron_slim.runtime.spawn import launched_nodes
 
 
-@dataclass
-class VariantRun:
-    """One variant's steps, its work dir and which of its steps are shared (step id -> shared record id)."""
-
-    name: str | None
-    recipe: Recipe
-    workdir: Path
-    steps: list[Step]
-    shared: dict[str, str]
-
-    def view(self, shared_state: RunState | None) -> RunView:
-        return RunView(RunState(self.workdir, self.recipe.digest), shared_state, self.shared)
-
-    def shared_dir(self, root: Path, step: Step) -> Path:
-        return root / SHARED / self.shared[step.id].split("@")[1]
-
-
-def plan_runs(study: Study, workdir: Path) -> list[VariantRun]:
-    """Every variant's steps; a step whose key (steps.step_keys) two variants agree on is shared, recorded as
-    `<kind>@<key>` in <workdir>/shared/state.json. A recipe without variants is one run in `workdir` itself."""
-    runs = []
-    for name, recipe in study.recipes.items():
-        steps = all_steps(recipe)
-        keys = step_keys(steps)
-        runs.append(VariantRun(name, recipe, workdir if name is None else workdir / VARIANTS / name, steps,
-                               {s.id: f"{s.kind}@{keys[s.id]}" for s in steps}))
-    users = Counter(record for run in runs for record in set(run.shared.values()))
-    for run in runs:
-        run.shared = {step: record for step, record in run.shared.items() if users[record] > 1}
-    return runs
-
-
-def shared_state(workdir: Path) -> RunState:
-    return RunState(workdir / SHARED, SHARED)
+def timeout_minutes(study: Study) -> float:
+    """The recipe's process-group timeout: how long a collective (and the other ranks, at a barrier, for rank 0's
+    single-process steps) may wait before the job fails instead of holding its nodes; the longest of the
+    variants' (one job runs them all)."""
+    return max(recipe.timeout_minutes for recipe in study.recipes.values())
 
 
 def select_steps(run: VariantRun, view: RunView, stage: str | None) -> list[Step]:
@@ -145,7 +118,7 @@ def _shared_lock(root: Path, step: Step) -> Iterator[None]:
     if dist.get_rank() != 0:
         yield
         return
-    path = root / SHARED / ".lock"
+    path = shared_dir(root) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -174,14 +147,30 @@ def _run_step(run: VariantRun, recipe_path: Path, root: Path, step: Step, progre
         raise RuntimeError(f"step {step.id} failed")
 
 
-def _run_variant(run: VariantRun, recipe_path: Path, root: Path, stage: str | None, stop: StopFlag,
-                 progress: bool) -> int:
+class SingleProcessStepRefused(UserError):
+    """A heavy single-process step asked of a multi-node job: its chain's CPU job should have done it."""
+
+
+def _refuse_single_process_step(runs: list[VariantRun], run: VariantRun, root: Path, step: Step, nodes: int) -> None:
+    job = job_of_step(runs, run.name, step.id)
+    raise SingleProcessStepRefused(
+        f"step {step.id} is single-process work that would keep the other GPUs of this {nodes}-node job idle: run "
+        f"it on a CPU node first (`launch.sh --submit --chain --cpu-partition P` submits it as job "
+        f"{job.name if job else '?'}; by hand: `megatron-slim run RECIPE --workdir {root} --job "
+        f"{job.name if job else 'NAME'}`), or pass --allow-single-process-steps to run it here")
+
+
+def _run_variant(runs: list[VariantRun], run: VariantRun, recipe_path: Path, root: Path, steps: list[Step],
+                 stop: StopFlag, progress: bool, allow_single: bool) -> int:
     label = f"variant {run.name}: " if run.name else ""
-    for step in select_steps(run, run.view(shared_state(root) if run.shared else None), stage):
+    nodes = launched_nodes()
+    for step in steps:
         view = run.view(shared_state(root) if run.shared else None)  # rank 0 (or its child) wrote it
         if view.done(step.id):
             _log(f"skip  {label}{step.id} (done{', shared' if step.id in run.shared else ''})")
             continue
+        if step.where == CPU and nodes > 1 and not allow_single:
+            _refuse_single_process_step(runs, run, root, step, nodes)
         if stop.agreed():
             _log(f"stop  before {label}{step.id}: stop signal received; rerun the same command to resume")
             return REQUEUE_EXIT_CODE
@@ -205,14 +194,12 @@ def _run_variant(run: VariantRun, recipe_path: Path, root: Path, stage: str | No
 
 
 def run_steps(study: Study, recipe_path: Path, workdir: Path, variant: str | None = None, stage: str | None = None,
-              progress: bool = True) -> int:
+              progress: bool = True, allow_single: bool = False) -> int:
     """Called on every rank: the steps of one variant (or of the plain recipe), or of every variant in turn.
     Returns 0, or the requeue status when distillation was preempted."""
     from megatron_slim.runtime.distributed import init_distributed
 
-    # the recipe's timeout: how long a collective (and the other ranks, at a barrier, for rank 0's single-process
-    # steps) may wait before the job fails instead of holding its nodes
-    init_distributed(timeout_minutes=next(iter(study.recipes.values())).timeout_minutes)
+    init_distributed(timeout_minutes=timeout_minutes(study))
     stop = StopFlag()  # a preemption signal between distillation steps stops the run at the next step boundary
     runs = plan_runs(study, workdir)
     if variant is not None:
@@ -220,7 +207,47 @@ def run_steps(study: Study, recipe_path: Path, workdir: Path, variant: str | Non
     for run in runs:
         if variant is not None and run.name != variant:
             continue
-        code = _run_variant(run, recipe_path, workdir, stage, stop, progress)
+        steps = select_steps(run, run.view(shared_state(workdir) if run.shared else None), stage)
+        code = _run_variant(runs, run, recipe_path, workdir, steps, stop, progress, allow_single)
+        if code:
+            return code
+    return 0
+
+
+def run_job(study: Study, recipe_path: Path, workdir: Path, name: str, progress: bool = True,
+            allow_single: bool = False) -> int:
+    """Called on every rank: the steps of one job of the chain (run/chain.py), after checking that the steps they
+    read are done (by the jobs before it). Returns 0, or the requeue status when distillation was preempted."""
+    from megatron_slim.runtime.distributed import init_distributed
+
+    runs = plan_runs(study, workdir)
+    jobs = {job.name: job for job in chain_jobs(runs)}
+    if name not in jobs:
+        raise UserError(f"no job {name!r} in the recipe's chain (jobs: {list(jobs)})")
+    by_name = {run.name: run for run in runs}
+    groups: list[tuple[VariantRun, list[Step]]] = []
+    for variant, step_id in jobs[name].steps:
+        run = by_name[variant]
+        if not groups or groups[-1][0] is not run:
+            groups.append((run, []))
+        groups[-1][1].append(next(s for s in run.steps if s.id == step_id))
+
+    def record(run: VariantRun, step_id: str) -> str:  # a shared step by its record: any variant may have run it
+        return run.shared.get(step_id) or f"{run.name}:{step_id}"
+
+    ours: set[str] = set()
+    for run, steps in groups:
+        view = run.view(shared_state(workdir) if run.shared else None)
+        for step in steps:
+            missing = [d for d in step.deps if record(run, d) not in ours and not view.done(d)]
+            if missing:
+                raise UserError(f"job {name!r} needs the jobs before it finished: step {step.id} reads {missing}, "
+                                "not done")
+            ours.add(record(run, step.id))
+    init_distributed(timeout_minutes=timeout_minutes(study))
+    stop = StopFlag()
+    for run, steps in groups:
+        code = _run_variant(runs, run, recipe_path, workdir, steps, stop, progress, allow_single)
         if code:
             return code
     return 0

@@ -16,8 +16,11 @@ has a key, the digest of both (`step_keys`), and a step whose key two variants a
 `shared/<key>/` (`shared/state.json` records it).
 
 `single` steps run on one process (rank 0); the others run on every rank of the job (model-parallel layout from
-the recipe). Every step's outputs appear atomically or the step resumes itself (distillation), so rerunning a
-killed step is safe.
+the recipe). A step's `where` says which job of a SLURM chain it belongs in (run/chain.py): `cpu` for the heavy
+single-process steps (teacher conversion, tokenization, pruning, export) that would leave a multi-node GPU job's
+other GPUs idle for hours, `gpu` for the distributed steps (and the inference bench), `any` for the light
+single-process steps (planning, the report) that join the job before them. Every step's outputs appear atomically
+or the step resumes itself (distillation), so rerunning a killed step is safe.
 """
 from __future__ import annotations
 
@@ -28,9 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_slim.run.recipe import Recipe, Stage, stage_run_config
+from megatron_slim.run.recipe import RECIPE_SIZES, Recipe, Stage, stage_run_config, stream_settings
 from megatron_slim.run.state import RunView
-from megatron_slim.run.step_groups import FINAL, PREPARE, input_step, student_step
+from megatron_slim.run.step_groups import (
+    BENCH_INFERENCE,
+    DATA,
+    EVAL_TEACHER,
+    EXPORT,
+    REPORT,
+    TEACHER,
+    input_step,
+    student_step,
+)
 
 
 @dataclass
@@ -47,12 +59,12 @@ class Context:
         return self.view.outputs(step)
 
     def teacher_ckpt(self) -> str:
-        return self.out(f"{PREPARE}/teacher")["mcore"]
+        return self.out(TEACHER)["mcore"]
 
     def stage_input(self, stage: Stage) -> str:
         """The checkpoint a stage compresses: the teacher, or the previous stage's distilled student."""
         source = input_step(self.recipe, stage)
-        return self.teacher_ckpt() if source == f"{PREPARE}/teacher" else self.out(source)["checkpoint"]
+        return self.teacher_ckpt() if source == TEACHER else self.out(source)["checkpoint"]
 
     def data_start(self, stage: Stage) -> int:
         """Where the stage starts in the run's data stream: where the previous stage's distillation stopped."""
@@ -64,6 +76,9 @@ class Context:
         return self.out(student_step(self.recipe, stage))["checkpoint"]
 
 
+CPU, GPU, ANY = "cpu", "gpu", "any"  # Step.where
+
+
 @dataclass(frozen=True)
 class Step:
     id: str
@@ -71,6 +86,7 @@ class Step:
     fn: Callable[[Context], dict[str, Any]]
     deps: tuple[str, ...] = ()  # the steps whose outputs it reads
     params: Any = None  # everything else its outputs depend on (JSON-serialisable)
+    where: str = GPU  # CPU, GPU or ANY: the kind of job of a chain that runs it (run/chain.py)
 
     @property
     def group(self) -> str:
@@ -95,14 +111,14 @@ def step_keys(steps: list[Step]) -> dict[str, str]:
 # ---- prepare -----------------------------------------------------------------------------------------------------
 def convert_teacher(ctx: Context) -> dict[str, Any]:
     from megatron_slim.checkpoint.convert import hf_to_mcore
-    from megatron_slim.checkpoint.files import checkpoint_kind
+    from megatron_slim.checkpoint.files import Checkpoint
 
-    teacher = ctx.recipe.teacher
-    if checkpoint_kind(teacher) == "mcore":
-        return {"mcore": str(teacher), "tokenizer": str(teacher / "tokenizer")}
+    teacher = Checkpoint.open(ctx.recipe.teacher)
+    if teacher.kind == "mcore":
+        return {"mcore": str(teacher.path), "tokenizer": str(teacher.tokenizer_files)}
     out = ctx.workdir / "teacher" / "mcore"
-    hf_to_mcore(teacher, out, overwrite=True, progress=ctx.progress)
-    return {"mcore": str(out), "tokenizer": str(teacher)}
+    hf_to_mcore(teacher.path, out, overwrite=True, progress=ctx.progress)
+    return {"mcore": str(out), "tokenizer": str(teacher.tokenizer_files)}
 
 
 def tokenize_data(ctx: Context) -> dict[str, Any]:
@@ -111,7 +127,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
     from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
 
-    tokenizer = ctx.out(f"{PREPARE}/teacher")["tokenizer"]
+    tokenizer = ctx.out(TEACHER)["tokenizer"]
     teacher = load_model_config(ctx.teacher_ckpt())
     # the document separator every other step assumes (the config's EOS first, as calibration windows read it)
     eod = eos_token_id(teacher.hf_config, tokenizer)
@@ -133,11 +149,11 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
-    from megatron_slim.engines.evaluate import EvaluateJob, evaluate_worker
+    from megatron_slim.engines.evaluate_job import EvaluateJob, evaluate_worker
 
     e = ctx.recipe.evaluation
     out.parent.mkdir(parents=True, exist_ok=True)  # a shared step writes into its own, new directory
-    evaluate_worker(EvaluateJob(model=model, data=ctx.out(f"{PREPARE}/data")["heldout"], tokens=int(e.tokens),
+    evaluate_worker(EvaluateJob(model=model, data=ctx.out(DATA)["heldout"], tokens=int(e.tokens),
                                 seq_len=ctx.recipe.data.seq_length, micro_batch=e.micro_batch,
                                 tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
                                 mtp_k=e.mtp_k, mtp_prompts=e.mtp_prompts,
@@ -154,13 +170,13 @@ def evaluate_teacher(ctx: Context) -> dict[str, Any]:
 # ---- per stage ----------------------------------------------------------------------------------------------------
 def importance(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        from megatron_slim.engines.importance import ImportanceJob, importance_worker
+        from megatron_slim.engines.importance_job import ImportanceJob, importance_worker
 
         imp = ctx.recipe.importance
         out = ctx.workdir / stage.name / "importance.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
         importance_worker(ImportanceJob(
-            model=ctx.stage_input(stage), data=ctx.out(f"{PREPARE}/data")["calibration"], tokens=int(imp.tokens),
+            model=ctx.stage_input(stage), data=ctx.out(DATA)["calibration"], tokens=int(imp.tokens),
             out=out, tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
             seq_len=ctx.recipe.data.seq_length, micro_batch=imp.micro_batch, layer_loss=imp.layer_loss,
             max_tokens=None, dtype=imp.dtype, overwrite=True, progress=ctx.progress))
@@ -193,8 +209,8 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
 
 def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        from megatron_slim.compress.apply import Options, prune_checkpoint
         from megatron_slim.compress.plan import CompressionPlan
+        from megatron_slim.compress.prune_checkpoint import Options, prune_checkpoint
 
         out = ctx.workdir / stage.name / "pruned"
         grow = added_mtp_depths(ctx.recipe, stage)
@@ -207,7 +223,7 @@ def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         if grow:
             import shutil
 
-            from megatron_slim.engines.mtp import add_mtp_depths
+            from megatron_slim.compress.mtp_depths import add_mtp_depths
 
             add_mtp_depths(cut, out, grow, seed=init_seed(stage))
             shutil.rmtree(cut)
@@ -221,36 +237,21 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     places), initialised as megatron-core initialises a new model at the run's layout and seed: the baseline
     pruning is measured against."""
     def fn(ctx: Context) -> dict[str, Any]:
-        import shutil
-
-        import torch
-        import torch.distributed as dist
-
-        from megatron_slim.checkpoint.files import TOKENIZER_DIR, copy_side_files
-        from megatron_slim.checkpoint.mcore import save_model
+        from megatron_slim.compress.mtp_depths import save_initialised
         from megatron_slim.compress.plan import CompressionPlan
-        from megatron_slim.models.builder import BuildOptions, build_model
-        from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
 
-        p, seed = ctx.recipe.parallel, init_seed(stage)
         cfg = CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]).target
         cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
-        parallel = ParallelConfig(tp=p.tp, ep=p.ep, pp=p.pp)
-        torch.manual_seed(seed)
-        init_model_parallel(parallel, seed=seed)
-        model = build_model(cfg, parallel, BuildOptions(perform_initialization=True))
         out = ctx.workdir / stage.name / "init"
-        tmp = out.with_name("init.partial")
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, cfg)
-        if dist.get_rank() == 0:
-            copy_side_files(Path(ctx.out(f"{PREPARE}/teacher")["tokenizer"]), tmp / TOKENIZER_DIR)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        dist.barrier()
+        save_initialised(cfg, ctx.recipe.parallel, init_seed(stage), out,
+                         Path(ctx.out(TEACHER)["tokenizer"]))
         return {"checkpoint": str(out)}
     return fn
+
+
+def recipe_layout(recipe: Recipe) -> dict[str, int]:
+    """The recipe's layout as a step parameter (the sizes its steps use, so step keys stay what they were)."""
+    return {k: getattr(recipe.parallel, k) for k in RECIPE_SIZES}
 
 
 def added_mtp_depths(recipe: Recipe, stage: Stage) -> int:
@@ -281,7 +282,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         from megatron_slim.train.trainer import Trainer
 
         save_dir = ctx.workdir / stage.name / "train"
-        data = ctx.out(f"{PREPARE}/data")
+        data = ctx.out(DATA)
         start = ctx.data_start(stage)
         cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data["train"],
                                str(save_dir), heldout=data["heldout"], sample_offset=start)
@@ -315,7 +316,7 @@ def export(ctx: Context) -> dict[str, Any]:
     last = ctx.recipe.stages[-1].name
     out = ctx.workdir / "export" / "hf"
     summary = mcore_to_hf(ctx.out(f"{last}/distill")["checkpoint"], out,
-                          hf_template=ctx.out(f"{PREPARE}/teacher")["tokenizer"], overwrite=True,
+                          hf_template=ctx.out(TEACHER)["tokenizer"], overwrite=True,
                           progress=ctx.progress)
     print(f"exported {out}: {summary.describe()}", flush=True)
     return {"hf": str(out)}
@@ -323,14 +324,14 @@ def export(ctx: Context) -> dict[str, Any]:
 
 def bench_inference(ctx: Context) -> dict[str, Any]:
     """The deployment-efficiency table: the HF teacher (when the recipe names one) and the exported student, each
-    measured in a fresh process (engines/bench_inference.py); figures in export/bench_inference.json."""
-    from megatron_slim.checkpoint.files import checkpoint_kind
-    from megatron_slim.engines.bench_inference import BenchInferenceJob, bench_models, settings_line
+    measured in a fresh process (engines/bench_inference_job.py); figures in export/bench_inference.json."""
+    from megatron_slim.checkpoint.files import Checkpoint
+    from megatron_slim.engines.bench_inference_job import BenchInferenceJob, bench_models, settings_line
 
     models = {}
-    if checkpoint_kind(ctx.recipe.teacher) == "hf":
+    if Checkpoint.open(ctx.recipe.teacher).kind == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
-    models["student"] = ctx.out(f"{FINAL}/export")["hf"]
+    models["student"] = ctx.out(EXPORT)["hf"]
     job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
     results = bench_models(job)
     out = ctx.workdir / "export" / "bench_inference.json"
@@ -361,33 +362,36 @@ class StepInterrupted(Exception):
 def all_steps(recipe: Recipe) -> list[Step]:
     r = recipe
     evaluation = {"evaluation": {k: v for k, v in dataclasses.asdict(r.evaluation).items() if k != "every_tokens"},
-                  "seq_length": r.data.seq_length, "parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
-    teacher, data = f"{PREPARE}/teacher", f"{PREPARE}/data"
-    steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}),
-             Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}),
-             Step(f"{PREPARE}/eval_teacher", False, evaluate_teacher, (teacher, data), evaluation)]
-    for s in r.stages:
-        source, layout = input_step(r, s), {"parallel": dataclasses.asdict(r.parallel), "nproc": r.nproc}
+                  "seq_length": r.data.seq_length, "parallel": recipe_layout(r), "nproc": r.nproc}
+    teacher, data = TEACHER, DATA
+    steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}, where=CPU),
+             Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}, where=CPU),
+             Step(EVAL_TEACHER, False, evaluate_teacher, (teacher, data), evaluation)]
+    for i, s in enumerate(r.stages):
+        source, layout = input_step(r, s), {"parallel": recipe_layout(r), "nproc": r.nproc}
         target = {"target": dataclasses.asdict(s.target)} | layout
         student = student_step(r, s)
         grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": init_seed(s)} if added_mtp_depths(r, s) else {}
         steps += [Step(f"{s.name}/importance", False, importance(s), (source, data),
                        {"importance": dataclasses.asdict(r.importance), "seq_length": r.data.seq_length} | layout),
-                  Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target)]
+                  Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target, where=ANY)]
         if student.endswith("/init"):  # the planned architecture, random weights
             steps.append(Step(student, False, random_init(s), (f"{s.name}/plan",),
                               layout | grow | {"seed": init_seed(s)}))
         else:
             steps.append(Step(student, True, prune(s), (f"{s.name}/plan", source),
-                              {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow))
+                              {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow,
+                              where=CPU))
         distill_params = {"training": s.training, "seq_length": r.data.seq_length, "every_tokens":
-                          r.evaluation.every_tokens} | evaluation
+                          r.evaluation.every_tokens, "data_stream": stream_settings(r)} | evaluation
+        # it starts in the data stream where the previous stage's distillation stopped (Context.data_start)
+        previous = (f"{r.stages[i - 1].name}/distill",) if i else ()
         steps += [Step(f"{s.name}/eval_pruned", False, evaluate_pruned(s), (student, data), evaluation),
-                  Step(f"{s.name}/distill", False, distill(s), (student, teacher, data), distill_params),
+                  Step(f"{s.name}/distill", False, distill(s), (student, teacher, data) + previous, distill_params),
                   Step(f"{s.name}/eval", False, evaluate_student(s), (f"{s.name}/distill", data), evaluation)]
     if r.export:
-        steps.append(Step(f"{FINAL}/export", True, export, (f"{r.stages[-1].name}/distill", teacher)))
+        steps.append(Step(EXPORT, True, export, (f"{r.stages[-1].name}/distill", teacher), where=CPU))
         if r.inference is not None:
-            steps.append(Step(f"{FINAL}/bench_inference", True, bench_inference, (f"{FINAL}/export",),
+            steps.append(Step(BENCH_INFERENCE, True, bench_inference, (EXPORT,),
                               {"inference": dataclasses.asdict(r.inference), "teacher": str(r.teacher)}))
-    return steps + [Step(f"{FINAL}/report", True, report, params={"variant": r.variant, "recipe": r.digest})]
+    return steps + [Step(REPORT, True, report, params={"variant": r.variant, "recipe": r.digest}, where=ANY)]

@@ -15,44 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """Model-parallel sizes; data parallelism takes what is left of the world."""
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None  # expert tensor parallel; None = same as tp (megatron-core's default)
-    cp: int = 1
-    sequence_parallel: bool | None = None  # None: on whenever tp > 1 (required by MoE with TP)
-
-    @property
-    def expert_tp(self) -> int:
-        return self.tp if self.etp is None else self.etp
-
-    @property
-    def use_sequence_parallel(self) -> bool:
-        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
-
-    def dp(self, world_size: int) -> int:
-        self.validate_world(world_size)
-        return world_size // (self.tp * self.pp * self.cp)
-
-    def validate_world(self, world_size: int) -> None:
-        for name in ("tp", "pp", "ep", "cp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        dense = self.tp * self.pp * self.cp
-        if world_size % dense:
-            raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp}")
-        expert = self.ep * self.expert_tp * self.pp
-        if world_size % expert:
-            raise ValueError(
-                f"world size {world_size} is not divisible by ep*expert_tp*pp = {self.ep}*{self.expert_tp}*{self.pp}"
-            )
-        if self.tp > 1 and not self.use_sequence_parallel:
-            raise ValueError("MoE layers with tp > 1 require sequence parallelism; leave sequence_parallel unset")
+from megatron_slim.runtime.layout import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -128,7 +91,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return denv
 
 
-def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
+def init_model_parallel(parallel: ParallelLayout, seed: int = 1234) -> None:
     """Create Megatron-Core's process groups for `parallel` and seed its RNG tracker."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

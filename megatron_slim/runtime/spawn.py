@@ -22,6 +22,20 @@ def launched_world_size() -> int | None:
     return None
 
 
+def launched_nodes() -> int:
+    """How many nodes the launched job's ranks span (1 for a plain or single-node process): torchrun's agent count
+    (GROUP_WORLD_SIZE, else WORLD_SIZE / LOCAL_WORLD_SIZE), else the srun step's node count."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        if env.get("GROUP_WORLD_SIZE", "").isdigit():
+            return int(env["GROUP_WORLD_SIZE"])
+        local = int(env.get("LOCAL_WORLD_SIZE") or env["WORLD_SIZE"])
+        return -(-int(env["WORLD_SIZE"]) // max(local, 1))
+    if "SLURM_PROCID" in env:
+        return int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    return 1
+
+
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

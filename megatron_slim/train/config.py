@@ -11,6 +11,7 @@ from typing import Any
 from megatron_slim.distill.objective import Objective
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
+from megatron_slim.runtime.layout import ParallelLayout
 
 
 @dataclass
@@ -32,15 +33,6 @@ class DataSection:
     seed: int | None = None
     sample_offset: int = 0
     stream_samples: int = 0
-
-
-@dataclass
-class ParallelSection:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    cp: int = 1
 
 
 @dataclass
@@ -137,7 +129,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     teacher: ModelSection | None = None
     data: DataSection = field(default_factory=DataSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     batch: BatchSection = field(default_factory=BatchSection)
     train: TrainSection = field(default_factory=TrainSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -205,7 +197,7 @@ class RunConfig:
             problems.append(f"precision.fp8 must be e4m3 or hybrid, not {self.precision.fp8!r}")
         problems += self._evaluation_problems() + self._long_run_problems()
         if world_size is not None:
-            dp = world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
+            dp = world_size // self.parallel.model_parallel_size
             per_step = self.batch.micro_batch_size * dp
             if dp < 1 or self.batch.global_batch_size % per_step:
                 problems.append(f"global_batch_size {self.batch.global_batch_size} is not a multiple of "

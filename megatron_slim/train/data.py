@@ -33,11 +33,12 @@ class TokenizerInfo:
 
 def tokenizer_info(ckpt_dir: str | Path, vocab_size: int) -> TokenizerInfo:
     """EOD id from the checkpoint's tokenizer files (carried by our conversions), else the config's eos id."""
+    from megatron_slim.checkpoint.files import Checkpoint
     from megatron_slim.checkpoint.mcore import load_model_config
 
     cfg = load_model_config(ckpt_dir)
     eos = cfg.hf_config.get("eos_token_id")
-    gen = Path(ckpt_dir) / "tokenizer" / "generation_config.json"
+    gen = Checkpoint(Path(ckpt_dir), "mcore").tokenizer_files / "generation_config.json"
     if eos is None and gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
     if isinstance(eos, list):
@@ -61,8 +62,10 @@ class DatasetUsage:
 
 def _split_bounds(split: str) -> list:
     """megatron-core's split matrix for a split string (its builder's own parsing)."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
-                                                                        parse_and_normalize_split)
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
 

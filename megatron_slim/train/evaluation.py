@@ -2,7 +2,7 @@
 
 The student is evaluated on the same held-out windows (built once) at step 0 of a fresh run, after every step in
 which the consumed tokens cross a multiple of `evaluation.every_tokens`, and after the last step, through
-eval/evaluate.py at the trainer's layout (forward only, no MTP acceptance). A record is appended before the
+eval/heldout.py at the trainer's layout (forward only, no MTP acceptance). A record is appended before the
 checkpoint of its step is saved, so every checkpoint's records are on disk; on resume the records after the
 checkpoint's step are dropped first (those steps run again), and a killed and resumed run ends with exactly the
 records of an uninterrupted one. Evaluating draws no random numbers and reads no training data, so training is the
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.runtime.jsonl import read_jsonl
 from megatron_slim.train.config import EvaluationSection
 
 EVAL_LOG = "eval.jsonl"
@@ -35,26 +36,11 @@ def evaluation_due(step: int, last_step: int, tokens_per_step: int, every_tokens
     return crossed or step == last_step
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of an eval.jsonl (none when it does not exist). A last line without its newline is a write cut
-    short by a kill and is left out; any other unreadable line is an error naming it."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().split("\n")
-    records = []
-    for number, line in enumerate(lines[:-1], start=1):  # lines[-1] is "" or a torn write
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not a JSON record ({e})") from None
-    return records
-
-
 def keep_records_up_to(path: Path, step: int | None) -> None:
     """Atomically rewrite eval.jsonl with only the records of steps <= `step` (None: no record, a fresh run)."""
     if not path.is_file():
         return
-    kept = [r for r in read_records(path) if step is not None and r["step"] <= step]
+    kept = [r for r in read_jsonl(path) if step is not None and r["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
@@ -68,7 +54,7 @@ class HeldOutEvaluation:
         """Read the windows on every rank (collective-free): the first ceil(tokens / seq_length) windows of the
         EOS-joined documents, the EOS and tokenizer being the student checkpoint's, as `megatron-slim evaluate`
         reads them (so the last record matches evaluating the final checkpoint on the same data)."""
-        from megatron_slim.checkpoint.files import TOKENIZER_DIR
+        from megatron_slim.checkpoint.files import Checkpoint
         from megatron_slim.data.calibration import calibration_windows, check_source, eos_token_id
 
         self.section, self.cfg = section, cfg
@@ -77,8 +63,7 @@ class HeldOutEvaluation:
             check_source(section.data)
         except FileNotFoundError as e:
             raise UserError(f"evaluation.data: {e}") from None
-        tokenizer_dir = student_checkpoint / TOKENIZER_DIR
-        tokenizer_dir = tokenizer_dir if tokenizer_dir.is_dir() else None
+        tokenizer_dir = Checkpoint(student_checkpoint, "mcore").tokenizer_dir
         eos = eos_token_id(cfg.hf_config, tokenizer_dir)
         wanted = math.ceil(section.tokens / seq_length)
         self.windows = calibration_windows(section.data, seq_length, wanted, eos, tokenizer_dir, cfg.vocab_size)
@@ -91,7 +76,7 @@ class HeldOutEvaluation:
     def run(self, student: torch.nn.Module, step: int, consumed_tokens: int, write: bool) -> dict[str, Any]:
         """Collective: evaluate the bare (unwrapped) student, restore its training mode, append the record when
         `write` (one rank), print one line on rank 0; returns the record."""
-        from megatron_slim.eval.evaluate import evaluate
+        from megatron_slim.eval.heldout import evaluate
 
         training = student.training
         result = evaluate(student, self.cfg, self.windows, self.section.micro_batch, mtp_k=0)  # sets eval mode

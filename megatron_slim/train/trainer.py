@@ -24,8 +24,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from megatron_slim.checkpoint.files import Checkpoint
 from megatron_slim.distill.objective import forward_step
-from megatron_slim.checkpoint.files import TOKENIZER_DIR
 from megatron_slim.errors import UserError
 from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
@@ -78,20 +78,22 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_slim.checkpoint.mcore import load_model, load_model_config
         from megatron_slim.models.builder import BuildOptions, build_model
-        from megatron_slim.runtime.distributed import ParallelConfig, init_distributed, init_model_parallel
+        from megatron_slim.runtime.distributed import init_distributed, init_model_parallel
 
         c = self.cfg
         init_distributed()
         c.validate(dist.get_world_size())
-        p = c.parallel
-        self.parallel = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp)
+        self.parallel = c.parallel
         init_model_parallel(self.parallel, seed=c.train.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -113,8 +115,9 @@ class Trainer:
             self._check_same_tokenizer(Path(c.teacher.checkpoint), Path(c.model.checkpoint))
             tcfg = tcfg.replace(mtp_num_layers=self._teacher_mtp_depths(tcfg.mtp_num_layers))
             if not self._teacher_used():
-                self._log_rank0(f"the teacher {c.teacher.checkpoint} is not loaded: no loss term uses it (loss.kd_weight 0"
-                       f"{' and loss.mtp_kd_weight 0' if self.model_cfg.mtp_num_layers else ', no student MTP heads'})")
+                why = " and loss.mtp_kd_weight 0" if self.model_cfg.mtp_num_layers else ", no student MTP heads"
+                self._log_rank0(f"the teacher {c.teacher.checkpoint} is not loaded: no loss term uses it "
+                                f"(loss.kd_weight 0{why})")
                 tcfg = None
         opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
                             moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
@@ -190,8 +193,8 @@ class Trainer:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self.async_queue = AsyncCallsQueue()
-        self.reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-                         and self.dp_rank == 0)
+        self.reporter = (parallel_state.is_pipeline_last_stage()
+                         and parallel_state.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0)
         self.logger = None
         if self.reporter:
             from megatron_slim.train.metrics import MetricsLogger
@@ -222,7 +225,7 @@ class Trainer:
 
     @staticmethod
     def _check_same_tokenizer(a: Path, b: Path) -> None:
-        ta, tb = a / "tokenizer" / "tokenizer.json", b / "tokenizer" / "tokenizer.json"
+        ta, tb = (Checkpoint(p, "mcore").tokenizer_files / "tokenizer.json" for p in (a, b))
         if ta.is_file() and tb.is_file() and ta.read_bytes() != tb.read_bytes():
             raise UserError(f"teacher and student tokenizers differ ({ta} vs {tb})")
 
@@ -317,7 +320,7 @@ class Trainer:
         c = self.cfg
         if self.async_queue is not None:  # the previous save completes first (in order; its .tmp is in use)
             self.async_queue.maybe_finalize_async_calls(blocking=True)
-        tokenizer = Path(c.model.checkpoint) / TOKENIZER_DIR
+        tokenizer = Checkpoint(Path(c.model.checkpoint), "mcore").tokenizer_files
         start = c.data.sample_offset
         extra = {"consumed_tokens": self.step * c.tokens_per_step, "sample_offset": start,
                  "data_samples": [start, start + self.step * c.batch.global_batch_size],

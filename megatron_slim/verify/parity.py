@@ -68,8 +68,12 @@ def megatron_logits(mcore_dir: str | Path, tokens: torch.Tensor, parallel, micro
 
 def hf_parity(hf_dir: str | Path, tokens: torch.Tensor, logits: torch.Tensor, mtp: list[torch.Tensor]) -> dict:
     """Compare against transformers (fp32) and, for MTP depths, the float64 HF-layout reference."""
-    from megatron_slim.verify.hf_reference import (load_hf_reference, mtp_reference_logits, reference_hidden,
-                                                   reference_logits)
+    from megatron_slim.verify.hf_reference import (
+        load_hf_reference,
+        mtp_reference_logits,
+        reference_hidden,
+        reference_logits,
+    )
 
     ref_model = load_hf_reference(hf_dir, dtype=torch.float32)
     report = {"main": asdict(Parity.of(logits, reference_logits(ref_model, tokens)))}

@@ -29,6 +29,7 @@ def figures() -> Iterator[dict]:
 @pytest.fixture(scope="session")
 def cuda_model_parallel() -> None:
     """One NCCL process group (this process) and megatron-core's parallel state, for every check."""
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    init_model_parallel(ParallelConfig(), seed=1)
+    init_model_parallel(ParallelLayout(), seed=1)

@@ -75,10 +75,11 @@ def cpu_reference(out_dir: Path) -> None:
     from megatron_slim.checkpoint.mcore import save_model
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     assert not torch.cuda.is_available(), "the reference runs on CPU (CUDA_VISIBLE_DEVICES='')"
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel, seed=1)
     cfg = model_config_from_hf(qwen3_next_hf())
     model = build_model(cfg, parallel, BuildOptions(transformer_impl="local"))

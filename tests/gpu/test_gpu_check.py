@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from support import tiny_models
-from gpu_models import batch, cached_step_logits, forward_backward, qwen3_next_hf
-from support.hf_checkpoints import build_tiny_hf
+from gpu_models import cached_step_logits, forward_backward, qwen3_next_hf
 from test_kd_losses import ref_kd
+
+from support.hf_checkpoints import build_tiny_hf
 from support.train_assets import cli, convert, metrics, write_config, write_toy_data
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -41,9 +40,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_qwen3_next_forward_backward_on_cuda_matches_cpu(tmp_path, figures, cuda_model_parallel):
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_models.py")), str(tmp_path)], env=env,
@@ -53,7 +53,7 @@ def test_qwen3_next_forward_backward_on_cuda_matches_cpu(tmp_path, figures, cuda
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = load_model_config(tmp_path / "ckpt")
-    model = build_model(cfg, ParallelConfig(), BuildOptions(transformer_impl="local"))
+    model = build_model(cfg, ParallelLayout(), BuildOptions(transformer_impl="local"))
     assert next(model.parameters()).is_cuda
     load_model(model, tmp_path / "ckpt")
     logits, loss, grads = forward_backward(model, ref["tokens"].cuda(), ref["labels"].cuda())
@@ -87,12 +87,12 @@ def test_generation_cache_on_cuda_matches_the_full_forward(figures, cuda_model_p
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.forward import position_ids_for
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = model_config_from_hf(qwen3_next_hf())
-    model = build_model(cfg, ParallelConfig(), BuildOptions(transformer_impl="local"))
+    model = build_model(cfg, ParallelLayout(), BuildOptions(transformer_impl="local"))
     model.eval()
     assert kv_cache_blocker(model) is None
     prompts = torch.randint(0, cfg.vocab_size, (4, 100), generator=torch.Generator().manual_seed(0)).cuda()

@@ -13,7 +13,8 @@ from megatron_slim.models.builder import build_model
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.forward import full_logits
 from megatron_slim.models.registry import model_config_from_hf
-from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+from megatron_slim.runtime.distributed import init_model_parallel
+from megatron_slim.runtime.layout import ParallelLayout
 from support import tiny_models
 
 
@@ -24,7 +25,7 @@ def tiny_config(family: str, **over):
 
 def save_reference(rank: int, world: int, family: str, ckpt_dir: str, tokens: torch.Tensor, seed: int = 7):
     """Build at TP=1 with random weights, save a distributed checkpoint, return full logits."""
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel, seed=seed)
     cfg = tiny_config(family)
     model = build_model(cfg, parallel)
@@ -49,7 +50,7 @@ def layout_sweep(rank: int, world: int, families: list[str], layouts: dict[str, 
 
 def logits_at_layout(rank: int, world: int, ckpt_dir: str, tokens: torch.Tensor, layout: dict):
     """Load the checkpoint at another layout; return full logits (None on non-last pipeline stages)."""
-    parallel = ParallelConfig(**layout)
+    parallel = ParallelLayout(**layout)
     init_model_parallel(parallel, seed=1000 + rank)  # different init everywhere: only loaded weights may matter
     cfg = load_model_config(ckpt_dir)
     model = build_model(cfg, parallel)
@@ -59,7 +60,7 @@ def logits_at_layout(rank: int, world: int, ckpt_dir: str, tokens: torch.Tensor,
 
 def train_steps(rank: int, world: int, family: str, steps: int, tokens: torch.Tensor):
     """A few Adam steps on a fixed batch: return the loss curve and whether every parameter got a gradient."""
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel, seed=3)
     model = build_model(tiny_config(family), parallel)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -81,7 +82,7 @@ def verify_sweep(rank: int, world: int, hf_dir: str, mcore_dir: str, layouts: di
 
     reports = {}
     for name, layout in layouts.items():
-        _, logits, mtp = megatron_logits(mcore_dir, tokens, ParallelConfig(**layout))
+        _, logits, mtp = megatron_logits(mcore_dir, tokens, ParallelLayout(**layout))
         if logits is not None:
             reports[name] = hf_parity(hf_dir, tokens, logits, mtp)
     return reports
@@ -90,6 +91,6 @@ def verify_sweep(rank: int, world: int, hf_dir: str, mcore_dir: str, layouts: di
 def parameter_numels(rank: int, world: int, configs: dict[str, ModelConfig]) -> dict[str, dict[str, int]]:
     """{config name: {parameter name: numel}} of the HybridModel built from each config at TP=PP=EP=1: the real
     Megatron-Core counts that test_plan.py checks the parameter accounting against."""
-    init_model_parallel(ParallelConfig(), seed=0)
-    return {name: {n: p.numel() for n, p in build_model(cfg, ParallelConfig()).named_parameters()}
+    init_model_parallel(ParallelLayout(), seed=0)
+    return {name: {n: p.numel() for n, p in build_model(cfg, ParallelLayout()).named_parameters()}
             for name, cfg in configs.items()}

@@ -1,6 +1,6 @@
 """mixtral family: HF config reader/writer, parameter mapping and surgery table, registered as one record."""
 from megatron_slim.models.family import Family
-from megatron_slim.models.mixtral import config, state_dict_adapter, surgery_spec
+from megatron_slim.models.mixtral import config, surgery_spec, weight_mapping
 
 FAMILY = Family(name=config.NAME, architecture=config.ARCHITECTURE, from_hf=config.from_hf, to_hf=config.to_hf,
-                mapping=state_dict_adapter.MAPPING, surgery=surgery_spec.SPEC)
+                mapping=weight_mapping.MAPPING, surgery=surgery_spec.SPEC)

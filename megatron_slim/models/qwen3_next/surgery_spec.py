@@ -5,8 +5,16 @@ heads' v/z/b/a rows, conv channels, A_log/dt_bias entries and out_proj columns);
 dim and untouched. The MTP fc reads [norm(embedding), norm(hidden)]: both halves of its input lose the pruned
 hidden channels. All hidden-size norms are zero-centred, which the rescaling takes from the config.
 """
-from megatron_slim.models.common_surgery import (DENSE_MLP, HEAD, HIDDEN_COLUMNS, NORM, UNTOUCHED, attention,
-                                                 routed_experts, swiglu)
+from megatron_slim.models.common_surgery import (
+    DENSE_MLP,
+    HEAD,
+    HIDDEN_COLUMNS,
+    NORM,
+    UNTOUCHED,
+    attention,
+    routed_experts,
+    swiglu,
+)
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.surgery_spec import GDN_KEY_HEADS, HIDDEN, SHARED_NEURONS, Dim, SurgerySpec, TensorSpec
 

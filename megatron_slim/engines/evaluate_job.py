@@ -9,11 +9,16 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from megatron_slim.engines.source import (ModelJob, checkpoint_kind, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
-                                          temp_checkpoint)
+from megatron_slim.engines.source import (
+    ModelJob,
+    claimed_file,
+    open_checkpoint,
+    release_checkpoint,
+    run_on_ranks,
+    temp_checkpoint,
+)
 from megatron_slim.errors import UserError
 
 if TYPE_CHECKING:
@@ -104,11 +109,12 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
-    from megatron_slim.eval.evaluate import evaluate
+    from megatron_slim.eval.heldout import evaluate
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
     init_model_parallel(parallel)
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, job.temp_checkpoint(), progress=False)
@@ -168,12 +174,10 @@ def run_evaluate(job: EvaluateJob) -> int:
     if job.data is not None:
         check_source(job.data)
     if job.tasks:
-        from megatron_slim.checkpoint.files import TOKENIZER_DIR
+        from megatron_slim.checkpoint.files import Checkpoint
         from megatron_slim.eval.harness import check_tasks, text_tokenizer
 
-        model = Path(job.model)
-        tokenizer_dir = model if checkpoint_kind(model) == "hf" else model / TOKENIZER_DIR
-        text_tokenizer(tokenizer_dir if tokenizer_dir.is_dir() else None)
+        text_tokenizer(Checkpoint.open(job.model).tokenizer_dir)
         check_tasks(job.task_spec())
     inputs = [job.model] + ([job.data] if job.data is not None else [])
     with claimed_file(job.out, inputs, job.overwrite) as staging:

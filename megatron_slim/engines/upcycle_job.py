@@ -1,6 +1,6 @@
 """Upcycle a dense Llama-style HF checkpoint into a Mixtral MoE checkpoint (`UpcycleJob`, `run_upcycle`): the
-model-level wrapping of `megatron_slim.upcycle`, which splits one FFN on plain tensors. Used by the `upcycle`
-command and by the demo, which builds its teacher with it."""
+model-level wrapping of `megatron_slim.compress.upcycle_ffn`, which splits one FFN on plain tensors. Used by the
+`upcycle` command and by the demo, which builds its teacher with it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -135,7 +135,7 @@ def upcycle_model(dense: LlamaForCausalLM, sequences: list[torch.Tensor], num_ex
     from tqdm import tqdm
     from transformers import MixtralForCausalLM
 
-    from megatron_slim.upcycle import upcycle_ffn
+    from megatron_slim.compress.upcycle_ffn import upcycle_ffn
 
     config = mixtral_config(dense.config, num_experts, top_k)
     hidden = capture_ffn_inputs(dense, sequences)

@@ -34,10 +34,10 @@ def verify_worker(job: VerifyJob) -> int:
     import torch.distributed as dist
 
     from megatron_slim.checkpoint.mcore import load_model_config
-    from megatron_slim.runtime.distributed import ParallelConfig
+    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.verify.parity import failures, hf_parity, megatron_logits, sample_tokens
 
-    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
     tokens = sample_tokens(load_model_config(job.mcore).vocab_size, job.batch, job.seq_len, job.seed)
     _, logits, mtp = megatron_logits(job.mcore, tokens, parallel)
     failed = 0

@@ -36,7 +36,7 @@ def prepare_assets() -> Path:
 
 def upcycled_teacher(teacher: Path, experts: int, topk: int) -> None:
     """SmolLM2-135M upcycled into a Mixtral-style MoE at `teacher` (built once, through a .partial directory)."""
-    from megatron_slim.engines.upcycle import EMBEDDED_DENSE, UpcycleJob, run_upcycle
+    from megatron_slim.engines.upcycle_job import EMBEDDED_DENSE, UpcycleJob, run_upcycle
 
     if (teacher / "config.json").is_file():
         return
@@ -61,8 +61,8 @@ def prepare_data(root: Path) -> None:
 
 def run_demo(job: DemoJob) -> int:
     """Build the assets, run the demo recipe in `job.workdir` and print the retention table; the exit status."""
-    from megatron_slim.run.job import RunJob, run_recipe
     from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.recipe_job import RunJob, run_recipe
     from megatron_slim.run.report import retention_table
     from megatron_slim.run.state import RunState, RunView
 

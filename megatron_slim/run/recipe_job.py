@@ -1,6 +1,6 @@
-"""Run a recipe (`RunJob`, `run_recipe`), as the `run` command and the demo do: list its stages, print a dry run,
-run one single-process step (the child of a multi-rank job), or run the steps on the launched ranks, spawning the
-recipe's `nproc` local ranks as a plain process."""
+"""Run a recipe (`RunJob`, `run_recipe`), as the `run` command and the demo do: list its stages or its chain's jobs,
+print a dry run, run one single-process step (the child of a multi-rank job), or run the steps (all, one stage's or
+one chain job's) on the launched ranks, spawning the recipe's `nproc` local ranks as a plain process."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +9,7 @@ from pathlib import Path
 from megatron_slim.errors import UserError
 from megatron_slim.run.recipe import Study
 from megatron_slim.run.state import RunView
+from megatron_slim.run.step_groups import SHARED
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class RunJob:
     dry_run: bool = False  # validate the recipe and print the steps with their status
     step: str | None = None  # one single-process step (the child of a multi-rank job)
     progress: bool = True
+    list_jobs: bool = False  # print the chain's jobs (run/chain.py) as NAME:cpu|gpu and return
+    job: str | None = None  # run only this job of the chain (the jobs before it must be done)
+    allow_single_process_steps: bool = False  # run heavy single-process steps even in a multi-node job
 
     def target(self) -> tuple[str | None, str | None]:
         """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""
@@ -37,8 +41,8 @@ class RunJob:
 def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
     import yaml
 
-    from megatron_slim.run.runner import plan_runs
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.variants import plan_runs
 
     workdir.mkdir(parents=True, exist_ok=True)
     if study.variants and (workdir / STATE).is_file():
@@ -55,17 +59,18 @@ def list_stages(study: Study) -> list[str]:
     VARIANT/STAGE for each variant's stages (what `launch.sh --submit --chain` submits, one job each)."""
     if not study.variants:
         return [s.name for s in study.recipe(None).stages]
-    return ["shared"] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
+    return [SHARED] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
 
 
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
-    from megatron_slim.run.report import data_stream_lines
     from megatron_slim.run.recipe import validate
-    from megatron_slim.run.runner import SHARED, plan_runs, shared_state
+    from megatron_slim.run.report import data_stream_lines
     from megatron_slim.run.state import STATE, RunState
+    from megatron_slim.run.step_groups import shared_dir
+    from megatron_slim.run.variants import plan_runs, shared_state
 
-    shared = shared_state(workdir) if (workdir / SHARED / STATE).is_file() else None
+    shared = shared_state(workdir) if (shared_dir(workdir) / STATE).is_file() else None
     for run in plan_runs(study, workdir):
         if variant is not None and run.name != variant:
             continue
@@ -90,14 +95,21 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
 
 
 def _worker(job: RunJob) -> int:
+    import torch.distributed as dist
+
     from megatron_slim.run.recipe import load_study
     from megatron_slim.run.runner import run_steps
 
-    import torch.distributed as dist
-
     variant, stage = job.target()
     study = load_study(job.recipe)
-    code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress)
+    if job.job is not None:
+        from megatron_slim.run.runner import run_job
+
+        code = run_job(study, job.recipe, job.workdir, job.job, progress=job.progress,
+                       allow_single=job.allow_single_process_steps)
+    else:
+        code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress,
+                         allow_single=job.allow_single_process_steps)
     if study.variants and dist.get_rank() == 0:  # with whatever has finished, by every job of the study
         from megatron_slim.run.compare import write_comparison
 
@@ -114,6 +126,14 @@ def run_recipe(job: RunJob) -> int:
     if job.list_stages:
         print("\n".join(list_stages(read_study(recipe_path))))
         return 0
+    if job.list_jobs:
+        from megatron_slim.run.chain import chain_jobs
+        from megatron_slim.run.variants import plan_runs
+
+        print("\n".join(j.line() for j in chain_jobs(plan_runs(read_study(recipe_path), workdir))))
+        return 0
+    if job.job is not None and (job.stage or job.variant):
+        raise UserError("--job names one job of the chain (what --list-jobs prints); give no --stage/--variant")
     study = load_study(recipe_path)
     variant, _ = job.target()
     if variant is not None:
@@ -133,11 +153,9 @@ def run_recipe(job: RunJob) -> int:
     if world is None and nprocs.pop() > 1:
         return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job)
     if world is not None:
-        from megatron_slim.runtime.distributed import ParallelConfig
-
-        for tp, ep, pp in {(r.parallel.tp, r.parallel.ep, r.parallel.pp) for r in study.recipes.values()}:
+        for layout in {r.parallel for r in study.recipes.values()}:
             try:
-                ParallelConfig(tp=tp, ep=ep, pp=pp).validate_world(world)
+                layout.validate_world(world)
             except ValueError as e:
                 raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
     return _worker(job)

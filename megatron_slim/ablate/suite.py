@@ -154,7 +154,7 @@ def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None
         raise UserError(f"--seeds {seeds}: give at least one seed")
     if base is None:
         from megatron_slim.data.assets import cache_dir
-        from megatron_slim.demo.job import prepare_data, upcycled_teacher
+        from megatron_slim.demo.demo_job import prepare_data, upcycled_teacher
 
         root = cache_dir() / "findings"
         upcycled_teacher(root / "teacher", SUITE_EXPERTS, SUITE_TOPK)
@@ -274,11 +274,10 @@ def as_json(found: list[Verdict]) -> dict[str, Any]:
 
 def _study_view(recipe_path: Path, workdir: Path, variant: str):
     from megatron_slim.run.recipe import read_study
-    from megatron_slim.run.runner import plan_runs, shared_state
-    from megatron_slim.run.state import RunState, RunView
+    from megatron_slim.run.variants import variant_views
 
-    run = next(r for r in plan_runs(read_study(recipe_path), workdir) if r.name == variant)
-    return run.recipe, RunView(RunState(run.workdir, run.recipe.digest), shared_state(workdir), run.shared)
+    run, view = next((r, v) for r, v in variant_views(read_study(recipe_path), workdir) if r.name == variant)
+    return run.recipe, view
 
 
 def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path | None) -> dict[str, Any]:
@@ -287,12 +286,13 @@ def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path 
     the expert criteria rank its experts (compress/criteria.py) in the importance pass the variants share."""
     from megatron_slim.compress.criteria import criteria_agreement
     from megatron_slim.compress.importance_file import Importance
+    from megatron_slim.run.step_groups import DATA, EVAL_TEACHER
 
     recipe, view = _study_view(recipe_path, workdir, reference)
     def quality(path: str | Path) -> dict[str, Any]:
         return {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "window_losses"}
 
-    out: dict[str, Any] = {"teacher": quality(view.outputs("prepare/eval_teacher")["eval"])}
+    out: dict[str, Any] = {"teacher": quality(view.outputs(EVAL_TEACHER)["eval"])}
     first = recipe.stages[0]
     if view.done(f"{first.name}/importance"):
         imp = Importance.load(view.outputs(f"{first.name}/importance")["importance"])
@@ -300,12 +300,12 @@ def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path 
         out["criteria"] = [vars(a) for a in criteria_agreement(imp, keep)]
         out["criteria_keep"] = keep
     if dense is not None:
-        from megatron_slim.engines.evaluate import EvaluateJob, run_evaluate
+        from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
 
         e, path = recipe.evaluation, workdir / "report" / "dense_eval.json"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            run_evaluate(EvaluateJob(model=str(dense), data=view.outputs("prepare/data")["heldout"],
+            run_evaluate(EvaluateJob(model=str(dense), data=view.outputs(DATA)["heldout"],
                                      tokens=int(e.tokens), seq_len=recipe.data.seq_length, micro_batch=e.micro_batch,
                                      mtp_k=0, out=path))
         out["dense"] = quality(path)
@@ -328,7 +328,7 @@ def format_teacher_check(check: dict[str, Any]) -> str:
 
 def run_ablation(job: AblateJob) -> int:
     """Run the chosen findings' variants (shared steps once) and print the verdicts; the exit status."""
-    from megatron_slim.run.job import RunJob, run_recipe
+    from megatron_slim.run.recipe_job import RunJob, run_recipe
 
     if job.suite != "paper":
         raise UserError(f"--suite {job.suite!r}: the only suite is `paper`")
@@ -341,7 +341,7 @@ def run_ablation(job: AblateJob) -> int:
     dense = None
     if job.base is None:
         from megatron_slim.data.assets import cache_dir
-        from megatron_slim.demo.job import DEMO_EXPERTS, upcycled_teacher
+        from megatron_slim.demo.demo_job import DEMO_EXPERTS, upcycled_teacher
 
         dense = cache_dir() / "demo" / "teacher"
         upcycled_teacher(dense, DEMO_EXPERTS, DEMO_EXPERTS)

@@ -8,8 +8,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_slim.engines.source import (ModelJob, claimed_file, open_checkpoint, release_checkpoint, run_on_ranks,
-                                          temp_checkpoint)
+from megatron_slim.engines.source import (
+    ModelJob,
+    claimed_file,
+    open_checkpoint,
+    release_checkpoint,
+    run_on_ranks,
+    temp_checkpoint,
+)
 from megatron_slim.errors import UserError
 
 if TYPE_CHECKING:
@@ -39,12 +45,13 @@ def importance_worker(job: ImportanceJob) -> None:
 
     from megatron_slim.checkpoint.fingerprint import model_fingerprint
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
-    from megatron_slim.compress.importance import CollectOptions, collect, sequence_count
+    from megatron_slim.compress.importance_hooks import CollectOptions, collect, sequence_count
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.runtime.distributed import ParallelConfig, init_model_parallel
+    from megatron_slim.runtime.distributed import init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
-    parallel = ParallelConfig(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
     init_model_parallel(parallel)
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, temp_checkpoint(job.out), progress=job.progress)

@@ -15,8 +15,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_slim.eval.generate import greedy_continuation
-from megatron_slim.eval.metrics import (acceptance_counts, acceptance_summary, draft_windows, lm_sums,
-                                        vocab_parallel_argmax)
+from megatron_slim.eval.metrics import (
+    acceptance_counts,
+    acceptance_summary,
+    draft_windows,
+    lm_sums,
+    vocab_parallel_argmax,
+)
 from megatron_slim.eval.stats import mean_se
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.forward import forward_rows, tp_group

@@ -23,8 +23,18 @@ from megatron_slim.compress.plan_check import check_plan
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.registry import FAMILIES
-from megatron_slim.models.surgery_spec import (DENSE_NEURONS, EXPERT_NEURONS, EXPERTS, GDN_KEY_HEADS, HIDDEN,
-                                               QUERY_GROUPS, SHARED_NEURONS, SurgerySpec, TensorSpec, units)
+from megatron_slim.models.surgery_spec import (
+    DENSE_NEURONS,
+    EXPERT_NEURONS,
+    EXPERTS,
+    GDN_KEY_HEADS,
+    HIDDEN,
+    QUERY_GROUPS,
+    SHARED_NEURONS,
+    SurgerySpec,
+    TensorSpec,
+    units,
+)
 
 Tensors = dict[str, torch.Tensor]
 

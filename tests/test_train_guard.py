@@ -164,3 +164,39 @@ def test_background_saves_resume_like_synchronous_saves(assets):
         runs[background] = (_tensors(assets / name, 4), [r["loss"] for r in metrics(assets, name)])
     _assert_same_state(runs[False][0], runs[True][0])
     assert runs[False][1] == runs[True][1] and len(runs[True][1]) == 4
+
+
+def test_guard_verdicts_spikes_and_the_skip_count(monkeypatch):
+    """One process: a NaN is skipped; a loss above spike_factor x the running median is flagged (skipped only with
+    skip_spikes) once the window holds 10 losses; max_skipped_steps consecutive skips exhaust the guard, an update
+    in between resets the count; the injection variable is parsed strictly."""
+    import pytest
+
+    from megatron_slim.errors import UserError
+    from megatron_slim.train.config import GuardSection
+    from megatron_slim.train.guard import StepGuard, injected_nan_steps
+
+    for skip_spikes in (False, True):
+        guard = StepGuard(GuardSection(max_skipped_steps=2, spike_factor=2.0, spike_window=20, skip_spikes=skip_spikes))
+        for loss in [1.0] * 9:
+            assert not guard.verdict(loss).spike  # too few losses for a median yet
+            guard.record(loss, skipped=False)
+        assert not guard.verdict(3.0).spike
+        guard.record(1.0, skipped=False)
+        v = guard.verdict(3.0)
+        assert v.spike and not v.non_finite and v.skip == skip_spikes and guard.median() == 1.0
+        assert not guard.verdict(1.9).spike
+    v = guard.verdict(float("nan"))
+    assert v.non_finite and v.skip and not v.spike
+    guard.record(float("nan"), skipped=True)
+    guard.record(1.0, skipped=False)
+    assert guard.consecutive == 0 and not guard.exhausted
+    guard.record(float("inf"), skipped=True)
+    guard.record(float("nan"), skipped=True)
+    assert guard.exhausted and guard.total == 3 and guard.median() == 1.0  # non-finite losses never enter it
+    monkeypatch.setenv(INJECT_ENV, "5, 9")
+    assert injected_nan_steps() == {5, 9}
+    for bad in ("x", "0"):
+        monkeypatch.setenv(INJECT_ENV, bad)
+        with pytest.raises(UserError, match=INJECT_ENV):
+            injected_nan_steps()

@@ -116,7 +116,8 @@ def test_corpus_too_small_is_refused_before_any_model(assets):
     proc = cli("train", "--config", str(cfg), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"requests 25,600 tokens of {assets / 'data'}" in proc.stderr and "data.max_epochs 1" in proc.stderr
-    assert not (assets / "too_long").exists()  # refused before anything was built or written
+    refused = assets / "too_long"  # refused before any model or dataset index was built, or a metric written
+    assert not (refused / "data_cache").exists() and not (refused / "metrics.jsonl").exists()
     allowed = write_config(assets, "too_long", teacher=False, train={"train_iters": 100, "exit_interval": 1},
                            data={"max_epochs": 2})  # repeating the data knowingly: one step, then exit
     cli("train", "--config", str(allowed))

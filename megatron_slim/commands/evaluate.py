@@ -29,9 +29,12 @@ from pathlib import Path
 
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
 from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
+from megatron_slim.runtime.outputs import Output
 
 HELP = "evaluate LM loss, perplexity, accuracy and MTP acceptance on held-out data, and lm-eval tasks"
 
+
+OUTPUTS = (Output("out", "file", inputs=("model", "data", "include_path")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_data_arguments(p, "evaluation", "evaluation tokens (rounded up to whole windows of --seq-len)",

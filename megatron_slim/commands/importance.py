@@ -17,9 +17,12 @@ from pathlib import Path
 
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
 from megatron_slim.engines.importance_job import ImportanceJob, run_importance
+from megatron_slim.runtime.outputs import Output
 
 HELP = "collect importance statistics (experts, neurons, heads, layers, channels) over calibration data"
 
+
+OUTPUTS = (Output("out", "file", inputs=("model", "data")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_data_arguments(p, "calibration",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from megatron_slim.engines.source import (
     temp_checkpoint,
 )
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.outputs import atomic_write
 
 if TYPE_CHECKING:
     from megatron_slim.eval.harness import TaskSpec
@@ -157,9 +157,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if job.write_to:
         job.write_to.write_text(text + "\n")
     elif job.out:
-        tmp = job.out.with_name(job.out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, job.out)
+        atomic_write(job.out, text + "\n")
     print(text if job.json else format_table(result), flush=True)
 
 

@@ -43,6 +43,7 @@ from megatron_slim.run.step_groups import (
     input_step,
     student_step,
 )
+from megatron_slim.runtime.outputs import atomic_path, atomic_write
 
 
 @dataclass
@@ -199,9 +200,8 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         result = make_plan(imp, spec)
         out = ctx.workdir / stage.name / "plan.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name("plan.json.tmp")
-        result.save(tmp)
-        tmp.replace(out)
+        with atomic_path(out) as staging:
+            result.save(staging)
         plots = write_plots(imp, spec, result, ctx.workdir / stage.name / "plots")
         return {"plan": str(out), "plots": [str(x) for x in plots]}
     return fn
@@ -288,7 +288,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
                                str(save_dir), heldout=data["heldout"], sample_offset=start)
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             save_dir.parent.mkdir(parents=True, exist_ok=True)
-            (ctx.workdir / stage.name / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            atomic_write(ctx.workdir / stage.name / "train.yaml", yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
         code = trainer.train()
@@ -335,10 +335,8 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
     results = bench_models(job)
     out = ctx.workdir / "export" / "bench_inference.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings_line(job), "models": [
+    atomic_write(out, json.dumps({"settings": settings_line(job), "models": [
         {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
-    tmp.replace(out)
     return {"bench": str(out)}
 
 

@@ -3,8 +3,8 @@
 Layout: <save_dir>/iter_0000100/ (model + optimizer + scheduler + step + RNG, plus model_config.json so every
 tool can read it as a model checkpoint) and <save_dir>/latest (the step of the newest complete checkpoint).
 A save writes into iter_XXXXXXX.tmp and is renamed only after every rank finished; `latest` is replaced with
-os.replace afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous complete
-checkpoint; stale .tmp directories are removed by the next save.
+runtime.outputs.atomic_write afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous
+complete checkpoint; stale .tmp directories are removed by the next save.
 
 Each checkpoint also carries train_state.json (its step, data position, and whether the loss of the step it was
 taken after was finite). Retention keeps the newest `keep_last`, every `keep_every` milestone, and always the newest
@@ -13,7 +13,6 @@ checkpoint whose loss was finite, so rotation never deletes the last good state 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from megatron_slim.checkpoint.load_rules import load_sharded, module_state
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.runtime.outputs import atomic_write
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"  # in each iter dir: {"step", "finite", ...the trainer's extra}
@@ -162,11 +162,7 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            marker = save_dir / (LATEST + ".tmp")
-            marker.write_text(f"{step}\n")
-            with open(marker) as f:
-                os.fsync(f.fileno())
-            os.replace(marker, save_dir / LATEST)
+            atomic_write(save_dir / LATEST, f"{step}\n", fsync=True)
             rotate(save_dir, keep_last, keep_every)
         dist.barrier()
 

@@ -37,14 +37,14 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def wandb_run_id(save_dir: Path) -> str:
-    """The save dir's wandb run id, created (atomically) on first use."""
+    """The save dir's wandb run id, created on first use."""
     path = save_dir / WANDB_ID
     if path.is_file():
         return path.read_text().strip()
+    from megatron_slim.runtime.outputs import atomic_write
+
     run_id = uuid.uuid4().hex[:12]  # wandb run ids: lower-case letters and digits
-    tmp = path.with_name(WANDB_ID + ".tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, run_id + "\n")
     return run_id
 
 

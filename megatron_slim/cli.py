@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "verify": "verify",
     "preprocess": "preprocess",
+    "merge-datasets": "merge_datasets",
+    "blend": "blend",
     "train": "train",
     "demo": "demo",
     "ablate": "ablate",

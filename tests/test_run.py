@@ -93,6 +93,11 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
     ({"inference": {}, "export": False}, "inference measures the exported student: it needs export: true"),
+    ({"inference": {"engines": ["transformers", "tgi"]}}, "inference.engines must be distinct entries of"),
+    ({"inference": {"engines": ["vllm"], "vllm_python": "/nonexistent/python3.11"}},
+     "inference.vllm_python /nonexistent/python3.11: no such interpreter"),
+    ({"inference": {"engines": ["transformers", "vllm"], "vllm_python": sys.executable, "device": "cpu"}},
+     "inference.engines: vLLM refuses"),  # the tiny Qwen3-Next teacher: head dims vLLM's CPU kernels reject
     ({"preset": None, "train_tokens": None, "stages": [
         {"name": "a", "target": {"num_layers": 4}, "training": {"train": {"train_iters": 1}}}]},
      "the stages do not end at `target`"),
@@ -128,12 +133,12 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
     the run's data preparation writes the ids `preprocess --tokenizer none` writes, with the teacher's EOS."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     recipe = _recipe(assets)
     recipe["data"]["train"] = str(assets / "train.jsonl")
     load_recipe(_write(assets, "pretokenized", recipe))
-    run_preprocess(PreprocessJob(input=str(assets / "train.jsonl"), output_prefix=str(tmp_path / "run"),
+    run_preprocess(PreprocessJob(inputs=(str(assets / "train.jsonl"),), output_prefix=str(tmp_path / "run"),
                                  tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
     ours, ref = IndexedDataset(str(tmp_path / "run")), IndexedDataset(str(assets / "train"))
     assert len(ours) == len(ref) == 200
@@ -148,7 +153,7 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
 def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, message: str) -> None:
     """The teacher has no tokenizer files: text data used to become one end-of-document token per document, with
     prepare/data recorded done. Now the recipe is refused before anything runs, and so is preparation itself."""
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
     from megatron_slim.errors import UserError
 
     (assets / "train_bad.jsonl").write_text(line + "\n")
@@ -160,7 +165,7 @@ def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, me
     assert f"data.train: {assets / message}" in proc.stderr
     assert not work.exists()
     with pytest.raises(UserError, match=message.split(":", 1)[1].strip()):
-        run_preprocess(PreprocessJob(input=str(assets / "train_bad.jsonl"), output_prefix=str(assets / "bad"),
+        run_preprocess(PreprocessJob(inputs=(str(assets / "train_bad.jsonl"),), output_prefix=str(assets / "bad"),
                                      tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
 
 

@@ -7,8 +7,10 @@
       calibration: /data/calib.jsonl    # importance statistics (.jsonl or an indexed prefix)
       heldout: /data/heldout.jsonl      # evaluation (.jsonl or an indexed prefix); must not overlap training
       seq_length: 4096
-    parallel: {tp: 1, pp: 1, ep: 8}     # layout of importance, distillation and evaluation
+    parallel: {tp: 1, pp: 1, ep: 8}     # layout of importance, distillation and evaluation (etp: expert TP)
     nproc: 8                            # local ranks when not launched by torchrun/srun
+    cluster: {nodes: 16, gpus_per_node: 8, gpu_memory: 80GiB}   # optional: what the stages run on; the dry run
+                                        # and the run refuse a stage whose memory plan does not fit
     importance: {tokens: 5e7}           # see ImportanceSection
     evaluation: {tokens: 1e7}           # see EvaluationSection
     training: {...}                     # run-config sections (batch, optimizer, schedule, loss, precision, ...)
@@ -28,7 +30,9 @@
                                         # (initialised as megatron-core does), trained by the MTP loss terms
     export: true                        # false: skip the final HF export (e.g. ablations)
     inference: {batch: 1, prompt_len: 512, gen_len: 64}   # optional: after the export, the deployment-efficiency
-                                        # table (bench-inference on the HF teacher and the exported student)
+                                        # table (bench-inference on the HF teacher and the exported student);
+                                        # engines: [transformers, vllm] adds vLLM (`make vllm-env`; vllm_python:
+                                        # PATH names another interpreter)
     timeout_minutes: 30                 # process-group timeout: a hung collective or dead rank fails the job
     variants:                           # optional: settings to compare, each the recipe deep-merged with its
       pruned: {}                        # overrides (any key above); steps whose inputs agree run once
@@ -78,7 +82,17 @@ class DataSources:
     seq_length: int = 1024
 
 
-# The parallel sizes a recipe's steps pass to their jobs (the `parallel:` section's keys).
+@dataclass(frozen=True)
+class ClusterSection:
+    """Where distillation runs: its world size and GPU memory size the memory plan (train/memory_plan.py)."""
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: the recipe's nproc
+    gpu_memory: str = ""  # e.g. 80GiB; empty: the plan is printed without a verdict
+
+
+# The parallel sizes a recipe's steps pass to their jobs (the `parallel:` section's keys). etp (expert tensor
+# parallelism) is accepted too but only shapes distillation (stage_run_config): the steps that hold no optimizer
+# run their experts at etp = tp.
 RECIPE_SIZES = ("tp", "pp", "ep")
 
 
@@ -115,6 +129,8 @@ class InferenceSection:
     device: str = "auto"
     warmup: int = 1
     repeats: int = 3
+    engines: list[str] = field(default_factory=lambda: ["transformers"])  # transformers and/or vllm
+    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of the checkout)
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,7 @@ class Recipe:
     add_mtp_layers: int = 0  # fresh MTP depths the first stage's student gains
     export: bool = True  # the final HF export
     inference: InferenceSection | None = None  # the efficiency table after the export (None: not measured)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     variant: str | None = None  # the variant's name when the recipe declares variants
     timeout_minutes: float = 30.0  # process-group timeout of `run`: a hung collective fails the job after this
 
@@ -217,7 +234,7 @@ def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list
 
 _TOP_KEYS = {"name", "teacher", "data", "parallel", "nproc", "importance", "evaluation", "training", "target",
              "preset", "train_tokens", "stage_token_split", "stages", "init", "add_mtp_layers", "export",
-             "inference", "timeout_minutes"}
+             "inference", "cluster", "timeout_minutes"}
 # names the run gives its own step groups and work-dir entries
 RESERVED = ("prepare", "final", "shared", "variants")
 _STAGE_KEYS = {"name", "target", "training", "align_neurons", "rescale_norms"}
@@ -253,7 +270,7 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         if not getattr(data, key):
             problems.append(f"data.{key} is required")
     parallel = load_dataclass(ParallelLayout, raw.get("parallel"), "parallel", problems)
-    for key in sorted(set(SIZES) - set(RECIPE_SIZES)):
+    for key in sorted(set(SIZES) - set(RECIPE_SIZES) - {"etp"}):
         if getattr(parallel, key) != getattr(ParallelLayout(), key):
             problems.append(f"parallel.{key}: a recipe's steps run tp/pp/ep layouts only (set {key} in a run config "
                             "for `megatron-slim train`)")
@@ -326,10 +343,25 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         from megatron_slim.engines.bench_inference_job import BenchInferenceJob
 
         inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
-        problems += BenchInferenceJob(models=(), **dataclasses.asdict(inference)).settings_problems(
-            lambda key: f"inference.{key}")
+        bench = BenchInferenceJob(models=(), **dataclasses.asdict(inference))
+        problems += bench.settings_problems(lambda key: f"inference.{key}")
+        if isinstance(inference.engines, list) and "vllm" in inference.engines:
+            problems += bench.vllm_problems((path(raw["teacher"]),) if raw.get("teacher") else (),
+                                            lambda key: f"inference.{key}")
         if export is not True:
             problems.append("inference measures the exported student: it needs export: true")
+    cluster = load_dataclass(ClusterSection, raw.get("cluster"), "cluster", problems)
+    if cluster.nodes < 1 or cluster.gpus_per_node < 0:
+        problems.append(f"cluster: nodes must be >= 1 and gpus_per_node >= 0, got {cluster}")
+    if cluster.gpu_memory:
+        from megatron_slim.train.memory_plan import parse_memory
+
+        try:
+            parse_memory(cluster.gpu_memory)
+        except ValueError as e:
+            problems.append(f"cluster.gpu_memory: {e}")
+    if parallel.etp is not None and parallel.etp < 1:
+        problems.append(f"parallel.etp must be >= 1, got {parallel.etp}")
     timeout = raw.get("timeout_minutes", 30)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         problems.append(f"timeout_minutes must be a positive number of minutes, got {timeout!r}")
@@ -338,7 +370,8 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     return Recipe(name=str(raw.get("name", "run")), teacher=path(raw["teacher"]), data=data, parallel=parallel,
                   nproc=nproc, importance=importance, evaluation=evaluation, stages=stages,
                   source=raw | {"_final_target": dataclasses.asdict(final) if final else None}, init=init,
-                  add_mtp_layers=add_mtp, export=export, inference=inference, timeout_minutes=float(timeout))
+                  add_mtp_layers=add_mtp, export=export, inference=inference, cluster=cluster,
+                  timeout_minutes=float(timeout))
 
 
 # ---- checks against the models (configs only) -------------------------------------------------------------------
@@ -567,6 +600,8 @@ def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, b
     cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length, sample_offset=sample_offset,
                        **stream_settings(recipe))
     cfg.setdefault("parallel", {}).update(tp=recipe.parallel.tp, pp=recipe.parallel.pp, ep=recipe.parallel.ep)
+    if recipe.parallel.etp is not None:
+        cfg["parallel"]["etp"] = recipe.parallel.etp
     cfg.setdefault("checkpoint", {})["save_dir"] = save_dir
     return cfg
 

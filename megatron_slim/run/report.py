@@ -232,7 +232,8 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     parts += ["## Training data", "", _data(recipe, state), ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
     if state.done(BENCH_INFERENCE):
-        parts += ["## Deployment efficiency (transformers, HF checkpoints)", "", _efficiency(state), ""]
+        parts += ["## Deployment efficiency (HF checkpoints; transformers, and vLLM where the recipe asks)", "",
+                  _efficiency(state), ""]
     parts += ["## Importance and plans", ""]
     for s in recipe.stages:
         if not state.done(f"{s.name}/plan"):

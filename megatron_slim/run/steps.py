@@ -126,7 +126,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     """jsonl sources -> indexed datasets with the teacher's tokenizer, so every step reads identical tokens."""
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     tokenizer = ctx.out(TEACHER)["tokenizer"]
     teacher = load_model_config(ctx.teacher_ckpt())
@@ -139,12 +139,10 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
             out[name] = src if isinstance(src, list) else ([[1.0, src]] if name == "train" else src)
             continue
         prefix = ctx.workdir / "data" / name
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        tmp = prefix.with_name(name + ".tmp")
-        run_preprocess(PreprocessJob(input=src, output_prefix=str(tmp), tokenizer=tokenizer,
-                                     vocab_size=teacher.vocab_size, eod_id=eod))
-        for ext in (".idx", ".bin"):  # .idx last: a prefix counts as present once both exist
-            Path(str(tmp) + ext).replace(str(prefix) + ext)
+        # written atomically (.bin, then .idx, then the manifest); a rerun after a kill rewrites it
+        run_preprocess(PreprocessJob(inputs=(src,), output_prefix=str(prefix), tokenizer=tokenizer,
+                                     vocab_size=teacher.vocab_size, eod_id=eod, overwrite=True,
+                                     progress=ctx.progress))
         out[name] = [[1.0, str(prefix)]] if name == "train" else str(prefix)
     return out
 
@@ -332,11 +330,13 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     if Checkpoint.open(ctx.recipe.teacher).kind == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
     models["student"] = ctx.out(EXPORT)["hf"]
-    job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
+    settings = dataclasses.asdict(ctx.recipe.inference)
+    job = BenchInferenceJob(models=tuple(models.values()), **settings | {"engines": tuple(settings["engines"])})
     results = bench_models(job)
+    labels = [label for _ in job.engines for label in models]  # bench_models measures engine by engine
     out = ctx.workdir / "export" / "bench_inference.json"
     atomic_write(out, json.dumps({"settings": settings_line(job), "models": [
-        {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
+        {"label": label} | dataclasses.asdict(r) for label, r in zip(labels, results, strict=True)]}, indent=1))
     return {"bench": str(out)}
 
 

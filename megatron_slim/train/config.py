@@ -124,6 +124,81 @@ class EvaluationSection:
         return self.every_tokens > 0
 
 
+DISPATCHERS = ("auto", "alltoall", "allgather", "flex")
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+# megatron-core 0.19's selective recompute modules for these models (mla_up_proj: MLA only; gdn_norm_out: only its
+# experimental GDN variant, not the HybridModel GDN layer built here)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+
+
+@dataclass
+class RecomputeSection:
+    """megatron-core activation recomputation (TransformerConfig recompute_*); `megatron-slim plan` and
+    `run --dry-run` show what each setting saves."""
+    granularity: str | None = None  # None (off) | selective | full
+    method: str | None = None  # full: uniform (chunks of num_layers) | block (the first num_layers per stage)
+    num_layers: int | None = None  # full only (default 1)
+    modules: list[str] | None = None  # selective: core_attn (default), moe_act, layernorm, mlp, moe, shared_experts
+
+
+@dataclass
+class MemorySection:
+    """Knobs that trade compute or communication for memory, passed to megatron-core as they are."""
+    recompute: RecomputeSection = field(default_factory=RecomputeSection)
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16: gradient buffers and their reduction (DDP grad_reduce_in_fp32)
+    overlap_grad_reduce: bool = False  # DDP: reduce-scatter gradients in buckets during the backward
+    overlap_param_gather: bool = False  # DDP: all-gather updated weights during the next forward (needs the above)
+    moe_token_dispatcher: str = "auto"  # alltoall | allgather | flex (DeepEP, GPU); auto: alltoall on GPU
+    teacher_precision: str = "bf16"  # bf16 | fp8 (teacher's linear weights kept in FP8: Transformer Engine)
+
+    def problems(self, bf16: bool) -> list[str]:
+        r, out = self.recompute, []
+        if r.granularity is not None and r.granularity not in RECOMPUTE_GRANULARITIES:
+            out.append(f"memory.recompute.granularity must be selective or full, not {r.granularity!r}")
+        if r.granularity == "full":
+            if r.method is not None and r.method not in RECOMPUTE_METHODS:
+                out.append(f"memory.recompute.method must be uniform or block, not {r.method!r}")
+            if r.num_layers is not None and r.num_layers < 1:
+                out.append(f"memory.recompute.num_layers must be >= 1, got {r.num_layers}")
+            if r.modules is not None:
+                out.append("memory.recompute.modules only applies to granularity: selective")
+        else:
+            for key in ("method", "num_layers"):
+                if getattr(r, key) is not None:
+                    out.append(f"memory.recompute.{key} only applies to granularity: full")
+            if r.granularity is None and r.modules is not None:
+                out.append("memory.recompute.modules needs granularity: selective")
+        unknown = sorted(set(r.modules or ()) - set(RECOMPUTE_MODULES))
+        if unknown:
+            out.append(f"memory.recompute.modules {unknown} are not among {list(RECOMPUTE_MODULES)}")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            out.append(f"memory.grad_reduce_dtype must be fp32 or bf16, not {self.grad_reduce_dtype!r}")
+        elif self.grad_reduce_dtype == "bf16" and not bf16:
+            out.append("memory.grad_reduce_dtype: bf16 needs precision.bf16: true (fp32 weights keep fp32 grads)")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            out.append("memory.overlap_param_gather needs memory.overlap_grad_reduce: true (megatron-core)")
+        if self.moe_token_dispatcher not in DISPATCHERS:
+            out.append(f"memory.moe_token_dispatcher must be one of {list(DISPATCHERS)}, not "
+                       f"{self.moe_token_dispatcher!r}")
+        if self.teacher_precision not in ("bf16", "fp8"):
+            out.append(f"memory.teacher_precision must be bf16 or fp8, not {self.teacher_precision!r}")
+        elif self.teacher_precision == "fp8" and not bf16:
+            out.append("memory.teacher_precision: fp8 needs precision.bf16: true")
+        return out
+
+    def recompute_kwargs(self) -> dict:
+        """TransformerConfig's recompute fields."""
+        r = self.recompute
+        if r.granularity == "full":
+            return {"recompute_granularity": "full", "recompute_method": r.method or "uniform",
+                    "recompute_num_layers": r.num_layers or 1}
+        if r.granularity == "selective":
+            return {"recompute_granularity": "selective",
+                    "recompute_modules": list(r.modules) if r.modules is not None else ["core_attn"]}
+        return {}
+
+
 @dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -140,6 +215,7 @@ class RunConfig:
     guard: GuardSection = field(default_factory=GuardSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    memory: MemorySection = field(default_factory=MemorySection)
 
     @property
     def tokens_per_step(self) -> int:
@@ -196,6 +272,9 @@ class RunConfig:
         if self.precision.fp8 and self.precision.fp8 not in ("e4m3", "hybrid"):
             problems.append(f"precision.fp8 must be e4m3 or hybrid, not {self.precision.fp8!r}")
         problems += self._evaluation_problems() + self._long_run_problems()
+        problems += self.memory.problems(self.precision.bf16)
+        if self.parallel.etp is not None and self.parallel.etp < 1:
+            problems.append(f"parallel.etp must be >= 1, got {self.parallel.etp}")
         if world_size is not None:
             dp = world_size // self.parallel.model_parallel_size
             per_step = self.batch.micro_batch_size * dp

@@ -71,6 +71,45 @@ def _active_params(cfg) -> float:
     return acc.active - acc.components["embeddings"].active
 
 
+def student_build_options(c: RunConfig):
+    """How the trainer builds the student: precision, FP8, MoE loss coefficients and the memory knobs."""
+    from megatron_slim.models.builder import BuildOptions
+
+    r = c.memory.recompute
+    rk = c.memory.recompute_kwargs()
+    return BuildOptions(params_dtype=torch.bfloat16 if c.precision.bf16 else torch.float32,
+                        moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff, moe_z_loss_coeff=c.loss.moe_z_loss_coeff,
+                        mtp_loss_scaling_factor=0.0, fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe,
+                        perform_initialization=False,  # both models are loaded from checkpoints (strictly)
+                        recompute_granularity=r.granularity, recompute_method=rk.get("recompute_method"),
+                        recompute_num_layers=rk.get("recompute_num_layers"),
+                        recompute_modules=tuple(rk["recompute_modules"]) if "recompute_modules" in rk else None,
+                        moe_token_dispatcher=c.memory.moe_token_dispatcher)
+
+
+def teacher_build_options(c: RunConfig):
+    """The frozen teacher: the student's kernels without recomputation (it runs no backward), and FP8 weights
+    when memory.teacher_precision is fp8 (the run's fp8 format, e4m3 by default)."""
+    import dataclasses
+
+    opts = dataclasses.replace(student_build_options(c), recompute_granularity=None, recompute_method=None,
+                               recompute_num_layers=None, recompute_modules=None)
+    if c.memory.teacher_precision == "fp8":
+        opts = dataclasses.replace(opts, fp8=c.precision.fp8 or "e4m3", fp8_param=True)
+    return opts
+
+
+def ddp_config(c: RunConfig):
+    """megatron-core DDP settings: the distributed optimizer, gradient dtype and communication overlap."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    m = c.memory
+    return DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                         grad_reduce_in_fp32=m.grad_reduce_dtype == "fp32",
+                                         overlap_grad_reduce=m.overlap_grad_reduce,
+                                         overlap_param_gather=m.overlap_param_gather)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -80,14 +119,13 @@ class Trainer:
         from megatron.core import parallel_state
         from megatron.core.distributed import (
             DistributedDataParallel,
-            DistributedDataParallelConfig,
             finalize_model_grads,
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_slim.checkpoint.mcore import load_model, load_model_config
-        from megatron_slim.models.builder import BuildOptions, build_model
+        from megatron_slim.models.builder import build_model
         from megatron_slim.runtime.distributed import init_distributed, init_model_parallel
 
         c = self.cfg
@@ -119,14 +157,11 @@ class Trainer:
                 self._log_rank0(f"the teacher {c.teacher.checkpoint} is not loaded: no loss term uses it "
                                 f"(loss.kd_weight 0{why})")
                 tcfg = None
-        opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
-                            moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
-                            fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe,
-                            perform_initialization=False)  # both models are loaded from checkpoints (strictly)
+        opts = student_build_options(c)
         student = build_model(self.model_cfg, self.parallel, opts)
         self.teacher = None
         if tcfg is not None:
-            self.teacher = build_model(tcfg, self.parallel, opts)
+            self.teacher = build_model(tcfg, self.parallel, teacher_build_options(c))
             load_model(self.teacher, c.teacher.checkpoint)
             self.teacher.eval()
             for prm in self.teacher.parameters():
@@ -143,9 +178,7 @@ class Trainer:
 
         self.student = student
         trained = student if self.teacher is None else DistillPair(student, self.teacher)
-        self.model = DistributedDataParallel(
-            student.config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
-            trained)
+        self.model = DistributedDataParallel(student.config, ddp_config(c), trained)
         student.config.finalize_model_grads_func = finalize_model_grads
         o = c.optimizer
         self.optimizer = get_megatron_optimizer(

@@ -33,6 +33,7 @@
                                         # table (bench-inference on the HF teacher and the exported student);
                                         # engines: [transformers, vllm] adds vLLM (`make vllm-env`; vllm_python:
                                         # PATH names another interpreter)
+    timeout_minutes: 30                 # process-group timeout: a hung collective or dead rank fails the job
     variants:                           # optional: settings to compare, each the recipe deep-merged with its
       pruned: {}                        # overrides (any key above); steps whose inputs agree run once
       random_init: {init: random}
@@ -65,7 +66,7 @@ PRESETS = ("one_shot", "depth_first")
 INITS = ("pruned", "random")
 # run-config sections that the run owns: a recipe setting them would be silently overridden
 _RUN_OWNED = {"model", "teacher", "parallel", "evaluation"}
-_RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir"}
+_RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir", "seed", "sample_offset", "stream_samples"}
 
 
 class RecipeError(UserError):
@@ -159,6 +160,7 @@ class Recipe:
     inference: InferenceSection | None = None  # the efficiency table after the export (None: not measured)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     variant: str | None = None  # the variant's name when the recipe declares variants
+    timeout_minutes: float = 30.0  # process-group timeout of `run`: a hung collective fails the job after this
 
     @property
     def digest(self) -> str:
@@ -235,7 +237,7 @@ def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list
 
 _TOP_KEYS = {"name", "teacher", "data", "parallel", "nproc", "importance", "evaluation", "training", "target",
              "preset", "train_tokens", "stage_token_split", "stages", "init", "add_mtp_layers", "export",
-             "inference", "cluster"}
+             "inference", "cluster", "timeout_minutes"}
 # names the run gives its own step groups and work-dir entries
 RESERVED = ("prepare", "final", "shared", "variants")
 _STAGE_KEYS = {"name", "target", "training", "align_neurons", "rescale_norms"}
@@ -370,12 +372,16 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
             problems.append(f"cluster.gpu_memory: {e}")
     if parallel.etp is not None and parallel.etp < 1:
         problems.append(f"parallel.etp must be >= 1, got {parallel.etp}")
+    timeout = raw.get("timeout_minutes", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        problems.append(f"timeout_minutes must be a positive number of minutes, got {timeout!r}")
     if problems:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
     return Recipe(name=str(raw.get("name", "run")), teacher=path(raw["teacher"]), data=data, parallel=parallel,
                   nproc=nproc, importance=importance, evaluation=evaluation, stages=stages,
                   source=raw | {"_final_target": dataclasses.asdict(final) if final else None}, init=init,
-                  add_mtp_layers=add_mtp, export=export, inference=inference, cluster=cluster)
+                  add_mtp_layers=add_mtp, export=export, inference=inference, cluster=cluster,
+                  timeout_minutes=float(timeout))
 
 
 # ---- checks against the models (configs only) -------------------------------------------------------------------
@@ -606,13 +612,19 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
                                                   "<save>")).validate(recipe.nproc)
         except UserError as e:
             raise RecipeError(f"stage {stage.name!r}: {e}") from e
+    if isinstance(recipe.data.train, list):  # an indexed blend: its size is known now (a .jsonl once tokenized)
+        try:
+            stream_usage(recipe, recipe.data.train)
+        except UserError as e:
+            raise RecipeError(f"invalid recipe: {e}") from e
     return configs
 
 
 def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, blend: list[list[Any]],
-                     save_dir: str, heldout: str = "<heldout>") -> dict[str, Any]:
+                     save_dir: str, heldout: str = "<heldout>", sample_offset: int = 0) -> dict[str, Any]:
     """The `train --config` dict of a stage's distillation (held-out evaluation along training when the recipe's
-    evaluation.every_tokens asks for it)."""
+    evaluation.every_tokens asks for it), reading the run's data stream (run/data_stream.py) from
+    `sample_offset` on."""
     cfg = copy.deepcopy(stage.training)
     e = recipe.evaluation
     if e.every_tokens:
@@ -621,9 +633,53 @@ def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, b
     cfg["model"] = {"checkpoint": student}
     cfg["teacher"] = {"checkpoint": teacher}
     cfg.setdefault("data", {})
-    cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length)
+    cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length, sample_offset=sample_offset,
+                       **stream_settings(recipe))
     cfg.setdefault("parallel", {}).update(tp=recipe.parallel.tp, pp=recipe.parallel.pp, ep=recipe.parallel.ep)
     if recipe.parallel.etp is not None:
         cfg["parallel"]["etp"] = recipe.parallel.etp
     cfg.setdefault("checkpoint", {})["save_dir"] = save_dir
     return cfg
+
+
+# ---- the data stream ---------------------------------------------------------------------------------------------
+# A run's stages (and variants) read one shuffle of the training blend, each stage from where the previous one
+# stopped, so no sample repeats until the corpus is exhausted. The stream is fixed by the blend, split, sequence
+# length, the first stage's train.seed and its length (the samples of all stages together): every stage builds it
+# alike (run config data.seed, data.stream_samples) and trains on its own range from data.sample_offset, the end of
+# the previous stage's range as recorded in the run's state (`data_samples` in the distill step's outputs).
+# Variants whose stages train as long see the same samples.
+def _stage_config(recipe: Recipe, stage: Stage):
+    from megatron_slim.train.config import run_config_from_dict
+
+    cfg = copy.deepcopy(stage.training)
+    cfg.setdefault("data", {})["seq_length"] = recipe.data.seq_length
+    return run_config_from_dict(cfg)
+
+
+def stage_samples(recipe: Recipe) -> list[int]:
+    """Samples each stage trains on, in stage order."""
+    return [_stage_config(recipe, s).run_samples for s in recipe.stages]
+
+
+def stream_settings(recipe: Recipe) -> dict[str, Any]:
+    """The run-config `data` fields every stage shares: the stream's seed and length."""
+    return {"seed": _stage_config(recipe, recipe.stages[0]).train.seed, "stream_samples": sum(stage_samples(recipe))}
+
+
+def stream_usage(recipe: Recipe, blend: list[list[Any]]) -> list:
+    """Per dataset of `blend`: tokens available, requested by the whole stream, epochs; checked against every
+    stage's data.max_epochs (and empty splits refused). Raises UserError naming the dataset."""
+    from megatron_slim.train.data import check_corpus, corpus_usage
+
+    total = sum(stage_samples(recipe))
+    usages = None
+    for stage in recipe.stages:
+        cfg = _stage_config(recipe, stage)
+        try:
+            usages = corpus_usage(blend, cfg.data.split, recipe.data.seq_length,
+                                  (total, cfg.batch.global_batch_size, 0))
+            check_corpus(usages, cfg.data.max_epochs)
+        except UserError as e:
+            raise UserError(f"stage {stage.name!r}: {e}") from None
+    return usages

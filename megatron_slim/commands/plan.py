@@ -132,11 +132,10 @@ def _memory_plans(args: argparse.Namespace, teacher, student) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from megatron_slim.compress.accounting import account, format_table
     from megatron_slim.compress.target import TargetSpec
     from megatron_slim.errors import UserError
+    from megatron_slim.runtime import json_out
 
     overrides = _flag_overrides(args)
     spec = (TargetSpec.from_yaml(args.target) if args.target else TargetSpec()).with_overrides(**overrides)
@@ -178,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                "target_pattern": target.hybrid_pattern if target else None, "plan": plan_path, "plots": plots}
         if memory is not None:
             out["stages"] = [p.to_json() for p in memory]
-        print(json.dumps(out))
+        json_out.emit(out)
         return 0
     print(format_table(before, after))
     if memory is not None:

@@ -111,6 +111,7 @@ def _memory_check(study: Study, variant: str | None, gpu_memory: str | None, sho
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
     from megatron_slim.run.recipe import validate
+    from megatron_slim.run.report import data_stream_lines
     from megatron_slim.run.state import STATE, RunState
     from megatron_slim.run.step_groups import shared_dir
     from megatron_slim.run.variants import plan_runs, shared_state
@@ -127,6 +128,7 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
                   f"{cfg.num_experts} experts top-{cfg.topk}; {human(acc.total)} params, {human(acc.active)} active")
         own = RunState(run.workdir, run.recipe.digest) if (run.workdir / STATE).is_file() else None
         view = RunView(own, shared, run.shared) if own is not None else None
+        print("\n".join(data_stream_lines(run.recipe, view)))  # refuses a blend too small for the stream
         for step in run.steps:
             where = f"  shared {run.shared[step.id]}" if step.id in run.shared else ""
             if view is not None:

@@ -2,6 +2,7 @@
 idempotent reruns, and a run killed mid-distillation that resumes to the same final checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -92,6 +93,11 @@ def test_presets_derive_stages(assets: Path) -> None:
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
     ({"inference": {}, "export": False}, "inference measures the exported student: it needs export: true"),
+    ({"inference": {"engines": ["transformers", "tgi"]}}, "inference.engines must be distinct entries of"),
+    ({"inference": {"engines": ["vllm"], "vllm_python": "/nonexistent/python3.11"}},
+     "inference.vllm_python /nonexistent/python3.11: no such interpreter"),
+    ({"inference": {"engines": ["transformers", "vllm"], "vllm_python": sys.executable, "device": "cpu"}},
+     "inference.engines: vLLM refuses"),  # the tiny Qwen3-Next teacher: head dims vLLM's CPU kernels reject
     ({"preset": None, "train_tokens": None, "stages": [
         {"name": "a", "target": {"num_layers": 4}, "training": {"train": {"train_iters": 1}}}]},
      "the stages do not end at `target`"),
@@ -201,6 +207,42 @@ def test_run_end_to_end(finished: Path) -> None:
     assert "## Deployment efficiency" in report and "| student |" in report and "vs teacher" in report
 
 
+def test_stages_read_one_data_stream(finished: Path, tmp_path: Path) -> None:
+    """Stage `width` starts where `depth` stopped in one shuffle of the corpus: contiguous sample ranges in the
+    state, run configs that build the same stream, and no window of the corpus read by both stages."""
+    from megatron_slim.train.config import run_config_from_dict
+    from megatron_slim.train.data import TokenizerInfo, build_datasets
+
+    state = RunState.read(finished)
+    assert [state.outputs(f"{s}/distill")["data_samples"] for s in ("depth", "width")] == [[0, 48], [48, 96]]
+    data = [run_config_from_dict(yaml.safe_load((finished / s / "train.yaml").read_text())).data
+            for s in ("depth", "width")]
+    assert [d.sample_offset for d in data] == [0, 48]
+    assert dataclasses.replace(data[0], sample_offset=48) == data[1] and data[0].stream_samples == 96
+    d = data[0]
+    train = build_datasets(d.blend, d.split, d.seq_length, (d.stream_samples, 8, 0), d.seed,
+                           TokenizerInfo(vocab_size=128, eod=127), str(tmp_path), False)[0]
+
+    def windows(start: int, end: int) -> set[tuple[int, int]]:  # (document position, offset) each sample starts at
+        return {tuple(int(x) for x in train.sample_index[train.shuffle_index[i]]) for i in range(start, end)}
+
+    depth, width = windows(0, 48), windows(48, 96)
+    assert len(depth) == len(width) == 48 and not depth & width
+
+
+def test_dry_run_refuses_a_too_small_corpus(assets: Path) -> None:
+    """The toy corpus (~8K tokens) cannot feed 10^5 tokens at data.max_epochs 1: the dry run names the dataset;
+    a recipe it can feed prints each dataset's tokens available / requested / epochs."""
+    big = _write(assets, "recipe_big", _recipe(assets, train_tokens=100_000))
+    proc = cli("run", str(big), "--workdir", str(assets / "w_big"), "--dry-run", check=False)
+    assert proc.returncode == 2 and f"of {assets / 'train'}" in proc.stderr, proc.stderr[-2000:]
+    assert "data.max_epochs 1" in proc.stderr
+    ok = cli("run", str(_write(assets, "recipe_dry", _recipe(assets))), "--workdir", str(assets / "w_dry"),
+             "--dry-run")
+    assert "data stream: 96 samples of 32 tokens; depth [0, 48), width [48, 96)" in ok.stdout
+    assert f"{assets / 'train'}: weight 1, " in ok.stdout and "3,072 requested" in ok.stdout, ok.stdout
+
+
 def test_export_matches_megatron_student(finished: Path) -> None:
     """The exported HF student computes what the final Megatron checkpoint computes (transformers vs megatron)."""
     state = RunState.read(finished)
@@ -270,6 +312,7 @@ def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None
     out = cli("run", str(assets / "recipe.yaml"), "--workdir", os.path.relpath(work, assets / "elsewhere"),
               "--no-progress", timeout=1200, cwd=assets / "elsewhere")
     assert "skip  depth/distill" in out.stdout and "resumed from" in out.stdout
+    assert RunState.read(work).outputs("width/distill")["data_samples"] == [48, 96]  # the same stream range
     resumed, full = _final_weights(work), _final_weights(finished)
     assert resumed.keys() == full.keys()
     for key in full:

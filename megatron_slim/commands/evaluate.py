@@ -68,7 +68,7 @@ def job(args: argparse.Namespace) -> EvaluateJob:
                        tasks=tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else (),
                        num_fewshot=args.num_fewshot, limit=args.limit,
                        include_path=tuple(Path(p) for p in args.include_path), batch_size=args.batch_size,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
 
 
 def run(args: argparse.Namespace) -> int:

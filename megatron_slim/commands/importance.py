@@ -47,7 +47,8 @@ def job(args: argparse.Namespace) -> ImportanceJob:
     return ImportanceJob(model=args.model, data=args.data, tokens=args.tokens, out=Path(args.out), tp=args.tp,
                          ep=args.ep, pp=args.pp, seq_len=args.seq_len, micro_batch=args.micro_batch,
                          layer_loss=args.layer_loss, max_tokens=args.max_tokens, dtype=args.dtype,
-                         overwrite=args.overwrite, progress=not args.no_progress)
+                         overwrite=args.overwrite, progress=not args.no_progress,
+                         allow_nonfinite=args.allow_nonfinite)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,3 +20,17 @@ def add_model_data_arguments(p: argparse.ArgumentParser, use: str, tokens_help: 
                    help=f"{use} data: .jsonl with {{'text': ...}} or {{'tokens': [ids]}} per line, or a Megatron "
                         "indexed dataset prefix (.bin/.idx)")
     p.add_argument("--tokens", type=int, required=required, default=None if required else 0, help=tokens_help)
+    add_nonfinite_argument(p)
+
+
+def add_follow_symlinks_argument(p: argparse.ArgumentParser) -> None:
+    """--follow-symlinks: read input files that link outside the input (`checkpoint/links.py`)."""
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="read files of an input that link outside it (a Hugging Face hub-cache snapshot's links into "
+                        "its blobs/ are always read); refused by default, naming the link")
+
+
+def add_nonfinite_argument(p: argparse.ArgumentParser) -> None:
+    """--allow-nonfinite: use a model whose weights hold NaN/Inf (refused by default, naming the tensor)."""
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a model whose weights hold NaN or Inf (refused by default, naming the tensor)")

@@ -7,8 +7,10 @@
       calibration: /data/calib.jsonl    # importance statistics (.jsonl or an indexed prefix)
       heldout: /data/heldout.jsonl      # evaluation (.jsonl or an indexed prefix); must not overlap training
       seq_length: 4096
-    parallel: {tp: 1, pp: 1, ep: 8}     # layout of importance, distillation and evaluation
+    parallel: {tp: 1, pp: 1, ep: 8}     # layout of importance, distillation and evaluation (etp: expert TP)
     nproc: 8                            # local ranks when not launched by torchrun/srun
+    cluster: {nodes: 16, gpus_per_node: 8, gpu_memory: 80GiB}   # optional: what the stages run on; the dry run
+                                        # and the run refuse a stage whose memory plan does not fit
     importance: {tokens: 5e7}           # see ImportanceSection
     evaluation: {tokens: 1e7}           # see EvaluationSection
     training: {...}                     # run-config sections (batch, optimizer, schedule, loss, precision, ...)
@@ -28,7 +30,10 @@
                                         # (initialised as megatron-core does), trained by the MTP loss terms
     export: true                        # false: skip the final HF export (e.g. ablations)
     inference: {batch: 1, prompt_len: 512, gen_len: 64}   # optional: after the export, the deployment-efficiency
-                                        # table (bench-inference on the HF teacher and the exported student)
+                                        # table (bench-inference on the HF teacher and the exported student);
+                                        # engines: [transformers, vllm] adds vLLM (`make vllm-env`; vllm_python:
+                                        # PATH names another interpreter)
+    timeout_minutes: 30                 # process-group timeout: a hung collective or dead rank fails the job
     variants:                           # optional: settings to compare, each the recipe deep-merged with its
       pruned: {}                        # overrides (any key above); steps whose inputs agree run once
       random_init: {init: random}
@@ -46,6 +51,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +66,7 @@ PRESETS = ("one_shot", "depth_first")
 INITS = ("pruned", "random")
 # run-config sections that the run owns: a recipe setting them would be silently overridden
 _RUN_OWNED = {"model", "teacher", "parallel", "evaluation"}
-_RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir"}
+_RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir", "seed", "sample_offset", "stream_samples"}
 
 
 class RecipeError(UserError):
@@ -77,7 +83,17 @@ class DataSources:
     seq_length: int = 1024
 
 
-# The parallel sizes a recipe's steps pass to their jobs (the `parallel:` section's keys).
+@dataclass(frozen=True)
+class ClusterSection:
+    """Where distillation runs: its world size and GPU memory size the memory plan (train/memory_plan.py)."""
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: the recipe's nproc
+    gpu_memory: str = ""  # e.g. 80GiB; empty: the plan is printed without a verdict
+
+
+# The parallel sizes a recipe's steps pass to their jobs (the `parallel:` section's keys). etp (expert tensor
+# parallelism) is accepted too but only shapes distillation (stage_run_config): the steps that hold no optimizer
+# run their experts at etp = tp.
 RECIPE_SIZES = ("tp", "pp", "ep")
 
 
@@ -114,6 +130,8 @@ class InferenceSection:
     device: str = "auto"
     warmup: int = 1
     repeats: int = 3
+    engines: list[str] = field(default_factory=lambda: ["transformers"])  # transformers and/or vllm
+    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of the checkout)
 
 
 @dataclass(frozen=True)
@@ -140,7 +158,9 @@ class Recipe:
     add_mtp_layers: int = 0  # fresh MTP depths the first stage's student gains
     export: bool = True  # the final HF export
     inference: InferenceSection | None = None  # the efficiency table after the export (None: not measured)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     variant: str | None = None  # the variant's name when the recipe declares variants
+    timeout_minutes: float = 30.0  # process-group timeout of `run`: a hung collective fails the job after this
 
     @property
     def digest(self) -> str:
@@ -196,6 +216,8 @@ def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list
     total = raw.get("train_tokens")
     try:
         total = float(total)
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(total)
     except (TypeError, ValueError):
         problems.append(f"preset {preset!r} needs train_tokens (total distillation tokens), got {total!r}")
         return []
@@ -215,7 +237,7 @@ def _preset_stages(raw: dict, target: TargetSpec, training: dict, problems: list
 
 _TOP_KEYS = {"name", "teacher", "data", "parallel", "nproc", "importance", "evaluation", "training", "target",
              "preset", "train_tokens", "stage_token_split", "stages", "init", "add_mtp_layers", "export",
-             "inference"}
+             "inference", "cluster", "timeout_minutes"}
 # names the run gives its own step groups and work-dir entries
 RESERVED = ("prepare", "final", "shared", "variants")
 _STAGE_KEYS = {"name", "target", "training", "align_neurons", "rescale_norms"}
@@ -240,7 +262,14 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     if isinstance(train, str):
         train = str(path(train)) if train else ""
     elif isinstance(train, list) and all(isinstance(w, list) and len(w) == 2 for w in train):
-        train = [[float(w), str(path(p))] for w, p in train]
+        try:
+            train = [[float(w), str(path(p))] for w, p in train]
+        except (TypeError, ValueError):
+            train = None
+        if train is None or not all(math.isfinite(w) and w > 0 for w, _ in train):
+            problems.append(f"data.train: blend weights must be positive finite numbers, got "
+                            f"{[w for w, _ in data.train]!r}")
+            train = data.train
     else:
         problems.append("data.train must be a .jsonl path or a list of [weight, indexed-dataset prefix]")
     if not train:
@@ -251,7 +280,7 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         if not getattr(data, key):
             problems.append(f"data.{key} is required")
     parallel = load_dataclass(ParallelLayout, raw.get("parallel"), "parallel", problems)
-    for key in sorted(set(SIZES) - set(RECIPE_SIZES)):
+    for key in sorted(set(SIZES) - set(RECIPE_SIZES) - {"etp"}):
         if getattr(parallel, key) != getattr(ParallelLayout(), key):
             problems.append(f"parallel.{key}: a recipe's steps run tp/pp/ep layouts only (set {key} in a run config "
                             "for `megatron-slim train`)")
@@ -324,16 +353,35 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
         from megatron_slim.engines.bench_inference_job import BenchInferenceJob
 
         inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
-        problems += BenchInferenceJob(models=(), **dataclasses.asdict(inference)).settings_problems(
-            lambda key: f"inference.{key}")
+        bench = BenchInferenceJob(models=(), **dataclasses.asdict(inference))
+        problems += bench.settings_problems(lambda key: f"inference.{key}")
+        if isinstance(inference.engines, list) and "vllm" in inference.engines:
+            problems += bench.vllm_problems((path(raw["teacher"]),) if raw.get("teacher") else (),
+                                            lambda key: f"inference.{key}")
         if export is not True:
             problems.append("inference measures the exported student: it needs export: true")
+    cluster = load_dataclass(ClusterSection, raw.get("cluster"), "cluster", problems)
+    if cluster.nodes < 1 or cluster.gpus_per_node < 0:
+        problems.append(f"cluster: nodes must be >= 1 and gpus_per_node >= 0, got {cluster}")
+    if cluster.gpu_memory:
+        from megatron_slim.train.memory_plan import parse_memory
+
+        try:
+            parse_memory(cluster.gpu_memory)
+        except ValueError as e:
+            problems.append(f"cluster.gpu_memory: {e}")
+    if parallel.etp is not None and parallel.etp < 1:
+        problems.append(f"parallel.etp must be >= 1, got {parallel.etp}")
+    timeout = raw.get("timeout_minutes", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        problems.append(f"timeout_minutes must be a positive number of minutes, got {timeout!r}")
     if problems:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
     return Recipe(name=str(raw.get("name", "run")), teacher=path(raw["teacher"]), data=data, parallel=parallel,
                   nproc=nproc, importance=importance, evaluation=evaluation, stages=stages,
                   source=raw | {"_final_target": dataclasses.asdict(final) if final else None}, init=init,
-                  add_mtp_layers=add_mtp, export=export, inference=inference)
+                  add_mtp_layers=add_mtp, export=export, inference=inference, cluster=cluster,
+                  timeout_minutes=float(timeout))
 
 
 # ---- checks against the models (configs only) -------------------------------------------------------------------
@@ -492,6 +540,29 @@ def _check_data(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data sources (a .jsonl or an indexed prefix) are the same files, however they are spelled."""
+    def files(p: str) -> Path:
+        return Path(p) if p.endswith(".jsonl") else Path(p + ".bin")
+
+    try:
+        return files(a).samefile(files(b))
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def heldout_overlap_warning(recipe: Recipe) -> str | None:
+    """The warning when the held-out data is (one of) the training data: held-out loss then measures memorisation,
+    and every eval step and comparison of the run would look better than the model is."""
+    train = recipe.data.train
+    sources = [train] if isinstance(train, str) else [p for _, p in train]
+    same = [p for p in sources if _same_data(p, recipe.data.heldout)]
+    if same:
+        return (f"warning: data.heldout {recipe.data.heldout} is also training data (data.train {same[0]}): "
+                "held-out loss will measure memorisation, not generalisation")
+    return None
+
+
 def _check_data_sample(recipe: Recipe, teacher: ModelConfig) -> None:
     """The first documents of every jsonl source read as the run will read them: JSON lines with text (the
     teacher must carry a tokenizer) or pre-tokenized ids inside the teacher's vocabulary."""
@@ -516,6 +587,9 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
     from megatron_slim.train.config import run_config_from_dict
 
     problems = _check_data(recipe)
+    warning = heldout_overlap_warning(recipe)
+    if warning:
+        print(warning, file=sys.stderr)
     if not recipe.teacher.is_dir():
         problems.append(f"teacher {recipe.teacher} does not exist")
     if problems:
@@ -538,13 +612,19 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
                                                   "<save>")).validate(recipe.nproc)
         except UserError as e:
             raise RecipeError(f"stage {stage.name!r}: {e}") from e
+    if isinstance(recipe.data.train, list):  # an indexed blend: its size is known now (a .jsonl once tokenized)
+        try:
+            stream_usage(recipe, recipe.data.train)
+        except UserError as e:
+            raise RecipeError(f"invalid recipe: {e}") from e
     return configs
 
 
 def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, blend: list[list[Any]],
-                     save_dir: str, heldout: str = "<heldout>") -> dict[str, Any]:
+                     save_dir: str, heldout: str = "<heldout>", sample_offset: int = 0) -> dict[str, Any]:
     """The `train --config` dict of a stage's distillation (held-out evaluation along training when the recipe's
-    evaluation.every_tokens asks for it)."""
+    evaluation.every_tokens asks for it), reading the run's data stream (run/data_stream.py) from
+    `sample_offset` on."""
     cfg = copy.deepcopy(stage.training)
     e = recipe.evaluation
     if e.every_tokens:
@@ -553,7 +633,53 @@ def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, b
     cfg["model"] = {"checkpoint": student}
     cfg["teacher"] = {"checkpoint": teacher}
     cfg.setdefault("data", {})
-    cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length)
+    cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length, sample_offset=sample_offset,
+                       **stream_settings(recipe))
     cfg.setdefault("parallel", {}).update(tp=recipe.parallel.tp, pp=recipe.parallel.pp, ep=recipe.parallel.ep)
+    if recipe.parallel.etp is not None:
+        cfg["parallel"]["etp"] = recipe.parallel.etp
     cfg.setdefault("checkpoint", {})["save_dir"] = save_dir
     return cfg
+
+
+# ---- the data stream ---------------------------------------------------------------------------------------------
+# A run's stages (and variants) read one shuffle of the training blend, each stage from where the previous one
+# stopped, so no sample repeats until the corpus is exhausted. The stream is fixed by the blend, split, sequence
+# length, the first stage's train.seed and its length (the samples of all stages together): every stage builds it
+# alike (run config data.seed, data.stream_samples) and trains on its own range from data.sample_offset, the end of
+# the previous stage's range as recorded in the run's state (`data_samples` in the distill step's outputs).
+# Variants whose stages train as long see the same samples.
+def _stage_config(recipe: Recipe, stage: Stage):
+    from megatron_slim.train.config import run_config_from_dict
+
+    cfg = copy.deepcopy(stage.training)
+    cfg.setdefault("data", {})["seq_length"] = recipe.data.seq_length
+    return run_config_from_dict(cfg)
+
+
+def stage_samples(recipe: Recipe) -> list[int]:
+    """Samples each stage trains on, in stage order."""
+    return [_stage_config(recipe, s).run_samples for s in recipe.stages]
+
+
+def stream_settings(recipe: Recipe) -> dict[str, Any]:
+    """The run-config `data` fields every stage shares: the stream's seed and length."""
+    return {"seed": _stage_config(recipe, recipe.stages[0]).train.seed, "stream_samples": sum(stage_samples(recipe))}
+
+
+def stream_usage(recipe: Recipe, blend: list[list[Any]]) -> list:
+    """Per dataset of `blend`: tokens available, requested by the whole stream, epochs; checked against every
+    stage's data.max_epochs (and empty splits refused). Raises UserError naming the dataset."""
+    from megatron_slim.train.data import check_corpus, corpus_usage
+
+    total = sum(stage_samples(recipe))
+    usages = None
+    for stage in recipe.stages:
+        cfg = _stage_config(recipe, stage)
+        try:
+            usages = corpus_usage(blend, cfg.data.split, recipe.data.seq_length,
+                                  (total, cfg.batch.global_batch_size, 0))
+            check_corpus(usages, cfg.data.max_epochs)
+        except UserError as e:
+            raise UserError(f"stage {stage.name!r}: {e}") from None
+    return usages

@@ -521,7 +521,7 @@ def test_yaml_syntax_errors_name_file_and_line(tmp_path):
     """Run configs, recipes and targets with a YAML syntax error used to raise PyYAML's multi-line error (a
     traceback for run configs) instead of one line naming the file and line."""
     from megatron_slim.compress.target import TargetSpec
-    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.recipe_check import load_recipe
     from megatron_slim.train.config import load_run_config
 
     broken = tmp_path / "broken.yaml"

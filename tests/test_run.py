@@ -18,7 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
+from megatron_slim.run.recipe_check import load_recipe
+from megatron_slim.run.recipe_parse import parse_recipe
+from megatron_slim.run.recipe_schema import RecipeError
 from megatron_slim.run.state import RunState
 from support.run_assets import build, recipe as chain_recipe, write_recipe as _write
 from support.train_assets import cli
@@ -68,11 +70,28 @@ def test_presets_derive_stages(assets: Path) -> None:
     depth, width = recipe.stages
     assert depth.target.num_layers == 4 and depth.target.num_experts is None and depth.target.hidden_size is None
     assert (width.target.num_experts, width.target.hidden_size, width.target.moe_ffn_hidden_size) == (4, 48, 16)
-    assert depth.training["train"]["train_tokens"] == width.training["train"]["train_tokens"] == 6 * 8 * 32
-    assert depth.training["optimizer"]["lr"] == 3e-3  # shared training sections reach every stage
+    assert depth.training.train_tokens == width.training.train_tokens == 6 * 8 * 32
+    assert depth.training.sections["optimizer"]["lr"] == 3e-3  # shared training sections reach every stage
     one = parse_recipe(_recipe(assets, preset="one_shot"), assets)
     assert [s.name for s in one.stages] == ["one_shot"] and one.stages[0].target.hidden_size == 48
-    assert one.stages[0].training["train"]["train_tokens"] == 6 * 8 * 32 * 2
+    assert one.stages[0].training.train_tokens == 6 * 8 * 32 * 2
+
+
+def test_stage_seed_and_final_target_are_fields(assets: Path) -> None:
+    """Each stage trains (and a random student initialises) from its explicit seed: the recipe's `train.seed`, a
+    stage's own, else the one default; the recipe's `target` is a typed field, part of the work dir's digest."""
+    from megatron_slim.runtime.seed import DEFAULT_SEED
+
+    recipe = parse_recipe(_recipe(assets), assets)
+    assert [s.training.seed for s in recipe.stages] == [DEFAULT_SEED, DEFAULT_SEED]
+    assert recipe.final_target is not None and recipe.final_target.num_experts == 4
+    assert "_final_target" not in recipe.source  # the parsed YAML stays as written
+    raw = _recipe(assets)
+    raw["training"] = dict(raw.get("training") or {}) | {"train": {"seed": 7}}
+    seeded = parse_recipe(raw, assets)
+    assert [s.training.seed for s in seeded.stages] == [7, 7] and seeded.digest != recipe.digest
+    smaller = parse_recipe(_recipe(assets) | {"target": dict(_recipe(assets)["target"], num_experts=2)}, assets)
+    assert smaller.final_target.num_experts == 2 and smaller.digest != recipe.digest
 
 
 @pytest.mark.parametrize("change, message", [
@@ -365,7 +384,7 @@ def test_sigterm_between_distillations_stops_at_the_next_step(assets: Path) -> N
 def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:
     """examples/slimqwen/recipe.yaml parses and its stages chain from the real teacher config to SlimQwen-23A2B."""
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.run.recipe import check_final, stage_configs
+    from megatron_slim.run.recipe_check import check_final, stage_configs
 
     root = Path(__file__).parents[1] / "examples" / "slimqwen"
     recipe = parse_recipe(yaml.safe_load((root / "recipe.yaml").read_text()), root)
@@ -375,5 +394,5 @@ def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:
     assert (width.num_layers, width.hidden_size, width.num_experts, width.topk) == (36, 1536, 256, 8)
     assert width.hybrid_pattern.count("*") == 9 + 1  # 9 full-attention decoder layers + the MTP layer
     check_final(recipe, width, teacher)
-    assert recipe.stages[0].training["train"]["train_tokens"] + recipe.stages[1].training["train"]["train_tokens"] \
+    assert recipe.stages[0].training.train_tokens + recipe.stages[1].training.train_tokens \
         == 400e9

@@ -22,6 +22,7 @@ import yaml
 
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import load_yaml
+from megatron_slim.runtime.seed import DEFAULT_SEED
 
 SUITE_EXPERTS = 8
 SUITE_TOPK = 6
@@ -167,7 +168,7 @@ def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None
         if not isinstance(recipe, dict) or "variants" in recipe:
             raise UserError(f"--base {base}: give a recipe without variants (the suite adds its own)")
     recipe = _absolute(recipe, base_dir)
-    first_seed = int(((recipe.get("training") or {}).get("train") or {}).get("seed", 1234))
+    first_seed = int(((recipe.get("training") or {}).get("train") or {}).get("seed", DEFAULT_SEED))
     recipe["variants"] = {replicate(name, k): VARIANTS[name] if k == 0 else _with_seed(VARIANTS[name], first_seed + k)
                           for f in chosen for name in f.variants for k in range(seeds)}
     recipe["reference"] = chosen[0].variants[0]
@@ -238,7 +239,7 @@ def _row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def verdicts(recipe_path: Path, workdir: Path, chosen: list[Finding], seeds: int = 1) -> list[Verdict]:
     from megatron_slim.run.compare import variant_results
-    from megatron_slim.run.recipe import read_study
+    from megatron_slim.run.recipe_parse import read_study
 
     _, results = variant_results(read_study(recipe_path), workdir)
     finished = {name: r.eval for name, r in results.items() if r.finished}
@@ -273,7 +274,7 @@ def as_json(found: list[Verdict]) -> dict[str, Any]:
 
 
 def _study_view(recipe_path: Path, workdir: Path, variant: str):
-    from megatron_slim.run.recipe import read_study
+    from megatron_slim.run.recipe_parse import read_study
     from megatron_slim.run.variants import variant_views
 
     run, view = next((r, v) for r, v in variant_views(read_study(recipe_path), workdir) if r.name == variant)

@@ -26,7 +26,7 @@ def _run_student(workdir: Path) -> tuple[str, str | None]:
     import yaml
 
     from megatron_slim.errors import UserError
-    from megatron_slim.run.recipe import parse_recipe
+    from megatron_slim.run.recipe_parse import parse_recipe
     from megatron_slim.run.state import RunState, RunView
     from megatron_slim.run.step_groups import TEACHER
 

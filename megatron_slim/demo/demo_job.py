@@ -61,7 +61,7 @@ def prepare_data(root: Path) -> None:
 
 def run_demo(job: DemoJob) -> int:
     """Build the assets, run the demo recipe in `job.workdir` and print the retention table; the exit status."""
-    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.recipe_check import load_recipe
     from megatron_slim.run.recipe_job import RunJob, run_recipe
     from megatron_slim.run.report import retention_table
     from megatron_slim.run.state import RunState, RunView

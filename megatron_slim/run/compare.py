@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_slim.eval.stats import PairedDiff, paired_difference
-from megatron_slim.run.recipe import Recipe, Study
+from megatron_slim.run.recipe_schema import Recipe, Study
 from megatron_slim.run.report import benchmark_table
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import EVAL_TEACHER

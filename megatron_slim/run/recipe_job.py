@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_slim.errors import UserError
-from megatron_slim.run.recipe import Study
+from megatron_slim.run.recipe_schema import Study
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import SHARED
 
@@ -64,7 +64,7 @@ def list_stages(study: Study) -> list[str]:
 
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
-    from megatron_slim.run.recipe import validate
+    from megatron_slim.run.recipe_check import validate
     from megatron_slim.run.state import STATE, RunState
     from megatron_slim.run.step_groups import shared_dir
     from megatron_slim.run.variants import plan_runs, shared_state
@@ -95,7 +95,7 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
 def _worker(job: RunJob) -> int:
     import torch.distributed as dist
 
-    from megatron_slim.run.recipe import load_study
+    from megatron_slim.run.recipe_check import load_study
     from megatron_slim.run.runner import run_steps
 
     variant, stage = job.target()
@@ -117,7 +117,8 @@ def _worker(job: RunJob) -> int:
 
 def run_recipe(job: RunJob) -> int:
     """Do what the job asks; the exit status (75 when a stop signal interrupted the run: requeue it)."""
-    from megatron_slim.run.recipe import load_study, read_study
+    from megatron_slim.run.recipe_check import load_study
+    from megatron_slim.run.recipe_parse import read_study
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
     recipe_path, workdir = job.recipe, job.workdir

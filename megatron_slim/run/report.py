@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megatron_slim.run.recipe import Recipe
+from megatron_slim.run.recipe_schema import Recipe
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import BENCH_INFERENCE, EVAL_TEACHER, REPORT, TEACHER, student_step
 from megatron_slim.runtime.jsonl import read_jsonl

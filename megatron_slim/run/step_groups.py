@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_slim.run.recipe import Recipe, Stage
+from megatron_slim.run.recipe_schema import Recipe, Stage
 
 PREPARE = "prepare"
 FINAL = "final"

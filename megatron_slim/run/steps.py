@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_slim.run.recipe import RECIPE_SIZES, Recipe, Stage, stage_run_config
+from megatron_slim.run.recipe_check import stage_run_config
+from megatron_slim.run.recipe_schema import RECIPE_SIZES, Recipe, Stage
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import (
     BENCH_INFERENCE,
@@ -220,7 +221,7 @@ def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
 
             from megatron_slim.compress.mtp_depths import add_mtp_depths
 
-            add_mtp_depths(cut, out, grow, seed=init_seed(stage))
+            add_mtp_depths(cut, out, grow, seed=stage.training.seed)
             shutil.rmtree(cut)
             print(f"added {grow} fresh MTP depth(s) to the {stage.name} student", flush=True)
         return {"checkpoint": str(out)}
@@ -238,7 +239,7 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         cfg = CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]).target
         cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
         out = ctx.workdir / stage.name / "init"
-        save_initialised(cfg, ctx.recipe.parallel, init_seed(stage), out,
+        save_initialised(cfg, ctx.recipe.parallel, stage.training.seed, out,
                          Path(ctx.out(TEACHER)["tokenizer"]))
         return {"checkpoint": str(out)}
     return fn
@@ -252,11 +253,6 @@ def recipe_layout(recipe: Recipe) -> dict[str, int]:
 def added_mtp_depths(recipe: Recipe, stage: Stage) -> int:
     """Fresh MTP depths this stage's student gains (the recipe's add_mtp_layers, on the first stage)."""
     return recipe.add_mtp_layers if stage is recipe.stages[0] else 0
-
-
-def init_seed(stage: Stage) -> int:
-    """The random student's seed: the stage's training seed, so `init: random` follows `train.seed`."""
-    return int((stage.training.get("train") or {}).get("seed", 1234))
 
 
 def evaluate_pruned(stage: Stage) -> Callable[[Context], dict[str, Any]]:
@@ -359,18 +355,18 @@ def all_steps(recipe: Recipe) -> list[Step]:
         source, layout = input_step(r, s), {"parallel": recipe_layout(r), "nproc": r.nproc}
         target = {"target": dataclasses.asdict(s.target)} | layout
         student = student_step(r, s)
-        grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": init_seed(s)} if added_mtp_depths(r, s) else {}
+        grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": s.training.seed} if added_mtp_depths(r, s) else {}
         steps += [Step(f"{s.name}/importance", False, importance(s), (source, data),
                        {"importance": dataclasses.asdict(r.importance), "seq_length": r.data.seq_length} | layout),
                   Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target, where=ANY)]
         if student.endswith("/init"):  # the planned architecture, random weights
             steps.append(Step(student, False, random_init(s), (f"{s.name}/plan",),
-                              layout | grow | {"seed": init_seed(s)}))
+                              layout | grow | {"seed": s.training.seed}))
         else:
             steps.append(Step(student, True, prune(s), (f"{s.name}/plan", source),
                               {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow,
                               where=CPU))
-        distill_params = {"training": s.training, "seq_length": r.data.seq_length, "every_tokens":
+        distill_params = {"training": s.training.sections, "seq_length": r.data.seq_length, "every_tokens":
                           r.evaluation.every_tokens} | evaluation
         steps += [Step(f"{s.name}/eval_pruned", False, evaluate_pruned(s), (student, data), evaluation),
                   Step(f"{s.name}/distill", False, distill(s), (student, teacher, data), distill_params),

@@ -83,13 +83,13 @@ def test_stage_seed_and_final_target_are_fields(assets: Path) -> None:
     from megatron_slim.runtime.seed import DEFAULT_SEED
 
     recipe = parse_recipe(_recipe(assets), assets)
-    assert [s.training.seed for s in recipe.stages] == [DEFAULT_SEED, DEFAULT_SEED]
+    assert [s.training.seed for s in recipe.stages] == [recipe.source["training"]["train"]["seed"]] * 2
     assert recipe.final_target is not None and recipe.final_target.num_experts == 4
     assert "_final_target" not in recipe.source  # the parsed YAML stays as written
     raw = _recipe(assets)
-    raw["training"] = dict(raw.get("training") or {}) | {"train": {"seed": 7}}
-    seeded = parse_recipe(raw, assets)
-    assert [s.training.seed for s in seeded.stages] == [7, 7] and seeded.digest != recipe.digest
+    del raw["training"]["train"]["seed"]
+    unseeded = parse_recipe(raw, assets)
+    assert [s.training.seed for s in unseeded.stages] == [DEFAULT_SEED] * 2 and unseeded.digest != recipe.digest
     smaller = parse_recipe(_recipe(assets) | {"target": dict(_recipe(assets)["target"], num_experts=2)}, assets)
     assert smaller.final_target.num_experts == 2 and smaller.digest != recipe.digest
 

@@ -132,7 +132,7 @@ def writes_residual(tspec: TensorSpec) -> bool:
 def hold_channel_constant(tensors: dict[str, torch.Tensor], cfg: ModelConfig, c: int) -> None:
     """Make residual channel `c` equal 1 everywhere (embeddings set it, nothing writes it, the MTP fc copies it),
     with unit norm gain there: every norm output is then positive at `c`, so a router row very negative at `c`
-    gives its expert a probability that underflows to exactly 0 (float64)."""
+    gives its expert a probability that underflows to exactly 0 (in float32 as in float64)."""
     for key, tspec in entries(tensors, cfg.family):
         t = tensors[key]
         if key == "model.embed_tokens.weight":
@@ -151,6 +151,12 @@ def kill_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig, c: int, dea
             tensors[key][dead, c] = -1e6
 
 
+# transformers computes router probabilities in float32 (`softmax(router_logits.float())`) even in a float64
+# model. Removing or merging experts changes the softmax's reduction length, so the routing weights of the same
+# experts may round differently (observed 4e-7 in the logits on AMD EPYC, 0 on other CPUs); a wrong expert, row or
+# weight moves the logits by > 1e-4.
+FLOAT32_ROUTING = 1e-5
+
 # ---------------------------------------------------------------- functional invariants
 
 
@@ -166,7 +172,7 @@ def test_removing_never_routed_experts_keeps_logits(tmp_path, family):
     plan = make_plan(src, experts={p: [[(e, 1.0)] for e in live] for p in moe_prefixes(cfg)})
     out = prune(plan, src, tmp_path / "out")
     assert model_config_from_hf(out).num_experts == len(live)
-    assert max_diff(logits(src), logits(out)) < 1e-10
+    assert max_diff(logits(src), logits(out)) < FLOAT32_ROUTING
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
@@ -275,7 +281,7 @@ def test_merging_a_permuted_copy_into_its_original_keeps_logits(tmp_path, family
     slots = [[(0, 1.0)], [(1, 1.0)], [(2, 0.6), (3, 0.4)]] + [[(e, 1.0)] for e in range(4, cfg.num_experts)]
     plan = make_plan(src, experts={p: slots for p in moe_prefixes(cfg)})
     ref = logits(src)
-    assert max_diff(ref, logits(prune(plan, src, tmp_path / "aligned", align_neurons=True))) < 1e-10
+    assert max_diff(ref, logits(prune(plan, src, tmp_path / "aligned", align_neurons=True))) < FLOAT32_ROUTING
     assert max_diff(ref, logits(prune(plan, src, tmp_path / "averaged"))) > 1e-4
 
 

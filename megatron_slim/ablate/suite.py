@@ -287,16 +287,16 @@ def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path 
     the expert criteria rank its experts (compress/criteria.py) in the importance pass the variants share."""
     from megatron_slim.compress.criteria import criteria_agreement
     from megatron_slim.compress.importance_file import Importance
-    from megatron_slim.run.step_groups import DATA, EVAL_TEACHER
+    from megatron_slim.run.step_groups import DATA, EVAL_TEACHER, Out, stage_steps
 
     recipe, view = _study_view(recipe_path, workdir, reference)
     def quality(path: str | Path) -> dict[str, Any]:
         return {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "window_losses"}
 
-    out: dict[str, Any] = {"teacher": quality(view.outputs(EVAL_TEACHER)["eval"])}
+    out: dict[str, Any] = {"teacher": quality(view.outputs(EVAL_TEACHER)[Out.EVAL])}
     first = recipe.stages[0]
-    if view.done(f"{first.name}/importance"):
-        imp = Importance.load(view.outputs(f"{first.name}/importance")["importance"])
+    if view.done(stage_steps(first).importance):
+        imp = Importance.load(view.outputs(stage_steps(first).importance)[Out.IMPORTANCE])
         keep = first.target.num_experts or imp.model.num_experts
         out["criteria"] = [vars(a) for a in criteria_agreement(imp, keep)]
         out["criteria_keep"] = keep
@@ -306,7 +306,7 @@ def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path 
         e, path = recipe.evaluation, workdir / "report" / "dense_eval.json"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            run_evaluate(EvaluateJob(model=str(dense), data=view.outputs(DATA)["heldout"],
+            run_evaluate(EvaluateJob(model=str(dense), data=view.outputs(DATA)[Out.HELDOUT],
                                      tokens=int(e.tokens), seq_len=recipe.data.seq_length, micro_batch=e.micro_batch,
                                      mtp_k=0, out=path))
         out["dense"] = quality(path)

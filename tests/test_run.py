@@ -128,6 +128,38 @@ def test_recipe_errors_before_compute(assets: Path, change: dict, message: str) 
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("section, change, message", [
+    ("importance", {"micro_batch": 0}, "importance.micro_batch must be >= 1"),
+    ("importance", {"tokens": 0}, "importance.tokens must be >= 1"),
+    ("evaluation", {"tokens": -1}, "evaluation.tokens must be >= 1"),
+    ("evaluation", {"micro_batch": 0}, "evaluation.micro_batch must be >= 1"),
+    ("evaluation", {"mtp_prompts": 0}, "evaluation.mtp_prompts must be >= 1"),
+    ("evaluation", {"mtp_k": -1}, "evaluation.mtp_k must be >= 0"),
+    ("evaluation", {"mtp_k": 6}, "evaluation.gen_tokens (6) must exceed evaluation.mtp_k (6)"),
+    ("evaluation", {"tasks": ["wiki_cloze"], "num_fewshot": -1}, "evaluation.num_fewshot must be >= 0"),
+    ("evaluation", {"tasks": ["wiki_cloze"], "limit": 0}, "evaluation.limit must be > 0"),
+    ("data", {"seq_length": 1}, "data.seq_length must be >= 2"),
+    ("parallel", {"ep": 0}, "parallel.ep must be >= 1"),
+])
+def test_recipe_refuses_what_the_workers_refuse(assets: Path, section: str, change: dict, message: str) -> None:
+    """The importance and evaluation sections build the jobs the steps run, and each job's own validation runs at
+    parse time, naming the recipe key: nothing a worker would refuse reaches the teacher conversion."""
+    recipe = _recipe(assets)
+    recipe[section] = dict(recipe.get(section) or {}) | change
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(recipe, assets)
+    assert message in str(err.value)
+
+
+def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:
+    recipe = _recipe(assets, importance={"micro_batch": 0}, evaluation={"tokens": -1})
+    work = assets / "never_dry"
+    proc = cli("run", str(_write(assets, "bad_job", recipe)), "--workdir", str(work), "--dry-run", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "importance.micro_batch must be >= 1" in proc.stderr and "evaluation.tokens must be >= 1" in proc.stderr
+    assert not work.exists()
+
+
 def test_cli_reports_every_problem_before_compute(assets: Path) -> None:
     recipe = _recipe(assets, colour="red", preset="two_shot")
     del recipe["data"]["calibration"]

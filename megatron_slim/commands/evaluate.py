@@ -29,6 +29,7 @@ from pathlib import Path
 
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
 from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
+from megatron_slim.runtime.layout import ParallelLayout
 
 HELP = "evaluate LM loss, perplexity, accuracy and MTP acceptance on held-out data, and lm-eval tasks"
 
@@ -59,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def job(args: argparse.Namespace) -> EvaluateJob:
     """The parsed flags as the library's job."""
     return EvaluateJob(model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
-                       micro_batch=args.micro_batch, tp=args.tp, ep=args.ep, pp=args.pp, mtp_k=args.mtp_k,
+                       micro_batch=args.micro_batch, parallel=ParallelLayout(tp=args.tp, ep=args.ep, pp=args.pp),
+                       mtp_k=args.mtp_k,
                        mtp_prompts=args.mtp_prompts, prompt_len=args.prompt_len, gen_tokens=args.gen_tokens,
                        dtype=args.dtype, json=args.json, out=Path(args.out) if args.out else None,
                        tasks=tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else (),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
 from megatron_slim.engines.importance_job import ImportanceJob, run_importance
+from megatron_slim.runtime.layout import ParallelLayout
 
 HELP = "collect importance statistics (experts, neurons, heads, layers, channels) over calibration data"
 
@@ -41,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def job(args: argparse.Namespace) -> ImportanceJob:
     """The parsed flags as the library's job."""
-    return ImportanceJob(model=args.model, data=args.data, tokens=args.tokens, out=Path(args.out), tp=args.tp,
-                         ep=args.ep, pp=args.pp, seq_len=args.seq_len, micro_batch=args.micro_batch,
+    return ImportanceJob(model=args.model, data=args.data, tokens=args.tokens, out=Path(args.out),
+                         parallel=ParallelLayout(tp=args.tp, ep=args.ep, pp=args.pp), seq_len=args.seq_len,
+                         micro_batch=args.micro_batch,
                          layer_loss=args.layer_loss, max_tokens=args.max_tokens, dtype=args.dtype,
                          overwrite=args.overwrite, progress=not args.no_progress)
 

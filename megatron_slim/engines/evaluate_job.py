@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from megatron_slim.engines.source import (
     ModelJob,
     claimed_file,
+    flag,
     open_checkpoint,
     release_checkpoint,
     run_on_ranks,
@@ -46,29 +48,28 @@ class EvaluateJob(ModelJob):
     overwrite: bool = False  # replace an existing `out` (`run_evaluate` refuses one otherwise)
     write_to: Path | None = None  # where rank 0 writes `out` (its staging path, see `run_evaluate`)
 
-    def validate(self) -> None:
-        """Refuse what no layout or data can run; messages name the command's flags."""
+    def validate(self, name: Callable[[str], str] = flag) -> None:
+        """Refuse what no layout or data can run; `name` names a field in the message (the command's flag by
+        default; a recipe names its key)."""
         if self.data is None and not self.tasks:
             raise UserError("nothing to evaluate: give --data and --tokens (held-out metrics), --tasks, or both")
         if self.data is None:
-            self.check_sizes(("batch_size",) if self.tasks else ())
+            self.check_sizes(("batch_size",) if self.tasks else (), name)
         else:
-            self.check_sizes(("mtp_prompts", "prompt_len", "batch_size"))
+            self.check_sizes(("mtp_prompts", "prompt_len", "batch_size"), name)
         if self.tasks:
-            self.task_spec().validate()
+            self.task_spec().validate(name)
         if self.mtp_k < 0:
-            raise UserError("--mtp-k must be >= 0")
+            raise UserError(f"{name('mtp_k')} must be >= 0")
         if self.mtp_k and self.gen_tokens <= self.mtp_k:
-            raise UserError(f"--gen-tokens ({self.gen_tokens}) must exceed --mtp-k ({self.mtp_k})")
+            raise UserError(f"{name('gen_tokens')} ({self.gen_tokens}) must exceed {name('mtp_k')} ({self.mtp_k})")
 
-    def check_sizes(self, more: tuple[str, ...] = ()) -> None:
+    def check_sizes(self, more: tuple[str, ...] = (), name: Callable[[str], str] | None = None) -> None:
         """As ModelJob's, except that --tokens only counts with --data."""
         if self.data is not None:
-            super().check_sizes(more)
+            super().check_sizes(more, name)
             return
-        for name in ("tp", "ep", "pp", "micro_batch", *more):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        self.check_positive(("tp", "ep", "pp", "micro_batch", *more), name or flag)
 
     def task_spec(self) -> TaskSpec:
         from megatron_slim.eval.harness import TaskSpec
@@ -112,9 +113,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
     from megatron_slim.eval.heldout import evaluate
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.runtime.distributed import init_model_parallel
-    from megatron_slim.runtime.layout import ParallelLayout
-
-    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = job.parallel
     init_model_parallel(parallel)
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, job.temp_checkpoint(), progress=False)
@@ -150,7 +149,8 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if rank != 0:
         return
     report = result | {"model": str(job.model),
-                       "layout": {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}}
+                       "layout": {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp,
+                                  "world": dist.get_world_size()}}
     if job.data is not None:
         report |= {"data": str(job.data), "seq_len": job.seq_len}
     text = json.dumps(report)

@@ -4,6 +4,7 @@ See megatron_slim/compress/importance_file.py for what is collected."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 from megatron_slim.engines.source import (
     ModelJob,
     claimed_file,
+    flag,
     open_checkpoint,
     release_checkpoint,
     run_on_ranks,
@@ -33,9 +35,10 @@ class ImportanceJob(ModelJob):
     progress: bool = True
     write_to: Path | None = None  # where rank 0 writes the file (`out`'s staging path, see `run_importance`)
 
-    def validate(self) -> None:
-        """Refuse what no layout or data can run; messages name the command's flags."""
-        self.check_sizes()
+    def validate(self, name: Callable[[str], str] = flag) -> None:
+        """Refuse what no layout or data can run; `name` names a field in the message (the command's flag by
+        default; a recipe names its key)."""
+        self.check_sizes(name=name)
 
 
 def importance_worker(job: ImportanceJob) -> None:
@@ -49,9 +52,7 @@ def importance_worker(job: ImportanceJob) -> None:
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.runtime.distributed import init_model_parallel
-    from megatron_slim.runtime.layout import ParallelLayout
-
-    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = job.parallel
     init_model_parallel(parallel)
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, temp_checkpoint(job.out), progress=job.progress)
@@ -78,7 +79,7 @@ def importance_worker(job: ImportanceJob) -> None:
                      CollectOptions(micro_batch=job.micro_batch, layer_loss=job.layer_loss, progress=job.progress))
     if result is not None:
         result.data, result.fingerprint = str(job.data), fingerprint
-        result.options |= {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size(),
+        result.options |= {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp, "world": dist.get_world_size(),
                            "dtype": job.dtype}
         result.save(job.write_to or job.out)
         print(f"wrote {job.out}: {result.tokens} tokens ({usable} x {job.seq_len}), LM loss "

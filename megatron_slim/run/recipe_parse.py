@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_slim.compress.target import SIZE_FIELDS, TargetError, TargetSpec
+from megatron_slim.errors import UserError
 from megatron_slim.run.recipe_schema import (
     INITS,
     PRESETS,
@@ -219,14 +220,25 @@ def _inference(raw: dict, export: Any, problems: list[str]) -> InferenceSection 
     """The efficiency table's settings, refused here as `bench-inference` would refuse them."""
     if raw.get("inference") is None:
         return None
-    from megatron_slim.engines.bench_inference_job import BenchInferenceJob
-
     inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
-    problems += BenchInferenceJob(models=(), **dataclasses.asdict(inference)).settings_problems(
-        lambda key: f"inference.{key}")
+    problems += inference.job(models=()).settings_problems(InferenceSection.key)
     if export is not True:
         problems.append("inference measures the exported student: it needs export: true")
     return inference
+
+
+def _jobs(importance: ImportanceSection, evaluation: EvaluationSection, seq_len: int, parallel: ParallelLayout,
+          problems: list[str]) -> None:
+    """Refuse what the importance and evaluation workers would refuse, naming the recipe key: the sections build
+    the jobs the steps run (paths aside), and each job validates itself."""
+    placeholder = "<recipe>"
+    for job, key in ((importance.job(placeholder, placeholder, Path(placeholder), seq_len, parallel),
+                      ImportanceSection.key),
+                     (evaluation.job(placeholder, placeholder, None, seq_len, parallel), EvaluationSection.key)):
+        try:
+            job.validate(key)
+        except UserError as e:
+            problems.append(str(e))
 
 
 def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
@@ -244,6 +256,8 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     parallel, nproc = _parallel(raw, problems)
     importance = load_dataclass(ImportanceSection, raw.get("importance"), "importance", problems)
     evaluation = _evaluation(raw, problems)
+    if not problems:  # the sections' values have their types: the jobs can be built
+        _jobs(importance, evaluation, data.seq_length, parallel, problems)
     training = _training(raw.get("training"), "training", problems)
     final = _target(raw.get("target", {}), "target", problems) if "target" in raw else None
     stages = _stages(raw, training, final, problems)

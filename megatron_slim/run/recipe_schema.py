@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_slim.compress.target import TargetSpec
+from megatron_slim.engines.bench_inference_job import BenchInferenceJob
+from megatron_slim.engines.evaluate_job import EvaluateJob
+from megatron_slim.engines.importance_job import ImportanceJob
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.runtime.seed import DEFAULT_SEED
@@ -84,16 +87,40 @@ class DataSources:
     seq_length: int = 1024
 
 
+def _job_key(section: str, field: str) -> str:
+    """The recipe key a job field comes from (the window length and the layout are the recipe's own)."""
+    if field == "seq_len":
+        return "data.seq_length"
+    if field in RECIPE_SIZES:
+        return f"parallel.{field}"
+    return f"{section}.{field}"
+
+
 @dataclass(frozen=True)
 class ImportanceSection:
+    """The settings of each stage's `importance` job (engines/importance_job.py), which `job` builds."""
+
     tokens: float = 1e6
     micro_batch: int = 1
     layer_loss: bool = False  # loss_increase depth criterion: one extra forward per layer
     dtype: str = "float32"  # float32 | bfloat16 (statistics accumulate in float64 either way)
 
+    def job(self, model: str, data: str, out: Path, seq_len: int, parallel: ParallelLayout,
+            progress: bool = True) -> ImportanceJob:
+        return ImportanceJob(model=model, data=data, tokens=int(self.tokens), out=out, parallel=parallel,
+                             seq_len=seq_len, micro_batch=self.micro_batch, layer_loss=self.layer_loss,
+                             max_tokens=None, dtype=self.dtype, overwrite=True, progress=progress)
+
+    @staticmethod
+    def key(field: str) -> str:
+        return _job_key("importance", field)
+
 
 @dataclass(frozen=True)
 class EvaluationSection:
+    """The settings of every held-out evaluation of a run (engines/evaluate_job.py's job, which `job` builds), and
+    of the evaluation along distillation (`every_tokens`)."""
+
     tokens: float = 1e5  # held-out tokens for loss / perplexity / next-token accuracy
     micro_batch: int = 1
     mtp_k: int = 4  # speculative acceptance for drafts of 1..mtp_k tokens (models with MTP heads; 0: skip)
@@ -104,6 +131,17 @@ class EvaluationSection:
     tasks: list[str] = field(default_factory=list)  # lm-eval tasks every evaluation also scores (offline data)
     num_fewshot: int | None = None  # lm-eval few-shot examples (None: each task's default)
     limit: float | None = None  # lm-eval documents per task (a fraction when < 1; None: all)
+
+    def job(self, model: str, data: str, out: Path | None, seq_len: int, parallel: ParallelLayout) -> EvaluateJob:
+        return EvaluateJob(model=model, data=data, tokens=int(self.tokens), seq_len=seq_len,
+                           micro_batch=self.micro_batch, parallel=parallel, mtp_k=self.mtp_k,
+                           mtp_prompts=self.mtp_prompts, prompt_len=self.prompt_len or seq_len // 2,
+                           gen_tokens=self.gen_tokens, tasks=tuple(self.tasks), num_fewshot=self.num_fewshot,
+                           limit=self.limit, dtype="float32", json=False, out=out)
+
+    @staticmethod
+    def key(field: str) -> str:
+        return _job_key("evaluation", field)
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,13 @@ class InferenceSection:
     device: str = "auto"
     warmup: int = 1
     repeats: int = 3
+
+    def job(self, models: tuple[str, ...]) -> BenchInferenceJob:
+        return BenchInferenceJob(models=models, **dataclasses.asdict(self))
+
+    @staticmethod
+    def key(field: str) -> str:
+        return f"inference.{field}"
 
 
 @dataclass(frozen=True)

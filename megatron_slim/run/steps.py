@@ -148,17 +148,11 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
-    from megatron_slim.engines.evaluate_job import EvaluateJob, evaluate_worker
+    from megatron_slim.engines.evaluate_job import evaluate_worker
 
-    e = ctx.recipe.evaluation
+    r = ctx.recipe
     out.parent.mkdir(parents=True, exist_ok=True)  # a shared step writes into its own, new directory
-    evaluate_worker(EvaluateJob(model=model, data=ctx.out(DATA)[Out.HELDOUT], tokens=int(e.tokens),
-                                seq_len=ctx.recipe.data.seq_length, micro_batch=e.micro_batch,
-                                tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
-                                mtp_k=e.mtp_k, mtp_prompts=e.mtp_prompts,
-                                prompt_len=e.prompt_len or ctx.recipe.data.seq_length // 2, gen_tokens=e.gen_tokens,
-                                tasks=tuple(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit,
-                                dtype="float32", json=False, out=out))
+    evaluate_worker(r.evaluation.job(model, ctx.out(DATA)[Out.HELDOUT], out, r.data.seq_length, r.parallel))
     return {Out.EVAL: str(out)}
 
 
@@ -169,16 +163,13 @@ def evaluate_teacher(ctx: Context) -> dict[str, Any]:
 # ---- per stage ----------------------------------------------------------------------------------------------------
 def importance(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        from megatron_slim.engines.importance_job import ImportanceJob, importance_worker
+        from megatron_slim.engines.importance_job import importance_worker
 
-        imp = ctx.recipe.importance
+        r = ctx.recipe
         out = ctx.workdir / stage.name / "importance.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        importance_worker(ImportanceJob(
-            model=ctx.stage_input(stage), data=ctx.out(DATA)[Out.CALIBRATION], tokens=int(imp.tokens),
-            out=out, tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
-            seq_len=ctx.recipe.data.seq_length, micro_batch=imp.micro_batch, layer_loss=imp.layer_loss,
-            max_tokens=None, dtype=imp.dtype, overwrite=True, progress=ctx.progress))
+        importance_worker(r.importance.job(ctx.stage_input(stage), ctx.out(DATA)[Out.CALIBRATION], out,
+                                           r.data.seq_length, r.parallel, progress=ctx.progress))
         return {Out.IMPORTANCE: str(out)}
     return fn
 
@@ -316,13 +307,13 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     """The deployment-efficiency table: the HF teacher (when the recipe names one) and the exported student, each
     measured in a fresh process (engines/bench_inference_job.py); figures in export/bench_inference.json."""
     from megatron_slim.checkpoint.files import Checkpoint
-    from megatron_slim.engines.bench_inference_job import BenchInferenceJob, bench_models, settings_line
+    from megatron_slim.engines.bench_inference_job import bench_models, settings_line
 
     models = {}
     if Checkpoint.open(ctx.recipe.teacher).kind == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
     models["student"] = ctx.out(EXPORT)[Out.HF]
-    job = BenchInferenceJob(models=tuple(models.values()), **dataclasses.asdict(ctx.recipe.inference))
+    job = ctx.recipe.inference.job(tuple(models.values()))
     results = bench_models(job)
     out = ctx.workdir / "export" / "bench_inference.json"
     tmp = out.with_name(out.name + ".tmp")

@@ -10,6 +10,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.verify.parity import Thresholds
 
 
@@ -17,9 +18,7 @@ from megatron_slim.verify.parity import Thresholds
 class VerifyJob:
     hf: str  # HF checkpoint directory
     mcore: str  # Megatron-Core checkpoint directory
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
+    parallel: ParallelLayout = ParallelLayout()  # tp, ep, pp (the command's --tp/--ep/--pp)
     batch: int = 2
     seq_len: int = 32
     seed: int = 0
@@ -34,16 +33,15 @@ def verify_worker(job: VerifyJob) -> int:
     import torch.distributed as dist
 
     from megatron_slim.checkpoint.mcore import load_model_config
-    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.verify.parity import failures, hf_parity, megatron_logits, sample_tokens
 
-    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = job.parallel
     tokens = sample_tokens(load_model_config(job.mcore).vocab_size, job.batch, job.seq_len, job.seed)
     _, logits, mtp = megatron_logits(job.mcore, tokens, parallel)
     failed = 0
     if logits is not None:
         report = hf_parity(job.hf, tokens, logits, mtp)
-        report["layout"] = {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}
+        report["layout"] = {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp, "world": dist.get_world_size()}
         if job.json:
             print(json.dumps(report), flush=True)
         else:
@@ -64,4 +62,4 @@ def run_verify(job: VerifyJob) -> int:
     """0 when the heads agree within `job.limits`, 1 when not (on the launched ranks or tp*pp*EP local ones)."""
     from megatron_slim.runtime.spawn import run_on_world
 
-    return run_on_world(verify_worker, math.lcm(job.tp, job.ep) * job.pp, job)
+    return run_on_world(verify_worker, math.lcm(job.parallel.tp, job.parallel.ep) * job.parallel.pp, job)

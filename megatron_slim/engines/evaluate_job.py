@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from megatron_slim.engines.source import (
     ModelJob,
     claimed_file,
+    data_help,
     flag,
     open_checkpoint,
     release_checkpoint,
@@ -22,6 +23,7 @@ from megatron_slim.engines.source import (
     temp_checkpoint,
 )
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import setting
 
 if TYPE_CHECKING:
     from megatron_slim.eval.harness import TaskSpec
@@ -32,20 +34,22 @@ class EvaluateJob(ModelJob):
     """The `evaluate` command's flags, by the same names; `model` is echoed in the result. Held-out metrics need
     `data` and `tokens`; lm-eval scores need `tasks`; either or both."""
 
-    data: str | None = None
-    tokens: int = 0
-    tasks: tuple[str, ...] = ()  # lm-eval task or group names
-    num_fewshot: int | None = None
-    limit: float | None = None  # documents per task (a fraction when < 1)
-    include_path: tuple[Path, ...] = ()  # extra lm-eval YAML task directories
-    batch_size: int = 8  # lm-eval requests per forward
-    mtp_k: int = 4
-    mtp_prompts: int = 8
-    prompt_len: int = 256
-    gen_tokens: int = 32
-    json: bool = False  # print one JSON object instead of the table
-    out: Path | None = None  # also write the JSON result here
-    overwrite: bool = False  # replace an existing `out` (`run_evaluate` refuses one otherwise)
+    data: str | None = setting(None, help=data_help("evaluation"))
+    tokens: int = setting(0, help="evaluation tokens (rounded up to whole windows of --seq-len)")
+    seq_len: int = setting(4096, help="tokens per evaluation window")
+    tasks: tuple[str, ...] = setting((), help="comma-separated lm-eval task or group names", many="comma")
+    num_fewshot: int | None = setting(None, help="few-shot examples per task (default: the task's)")
+    limit: float | None = setting(None, help="documents per task (a fraction when < 1)")
+    include_path: tuple[Path, ...] = setting((), help="directory of extra lm-eval YAML tasks (repeatable)",
+                                             many="append")
+    batch_size: int = setting(8, help="lm-eval requests per forward")
+    mtp_k: int = setting(4, help="MTP drafts per speculative step (0: no MTP acceptance)")
+    mtp_prompts: int = setting(8, help="prompts for MTP acceptance")
+    prompt_len: int = setting(256, help="prompt tokens (at most --seq-len)")
+    gen_tokens: int = setting(32, help="greedy tokens generated per prompt; must exceed --mtp-k")
+    json: bool = setting(False, help="print the result as one JSON object")
+    out: Path | None = setting(None, help="also write the JSON result to this file")
+    overwrite: bool = setting(False, help="replace --out if it exists")
     write_to: Path | None = None  # where rank 0 writes `out` (its staging path, see `run_evaluate`)
 
     def validate(self, name: Callable[[str], str] = flag) -> None:

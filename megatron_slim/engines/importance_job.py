@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_slim.engines.source import (
+    DTYPES,
     ModelJob,
     claimed_file,
+    data_help,
     flag,
     open_checkpoint,
     release_checkpoint,
@@ -19,6 +21,7 @@ from megatron_slim.engines.source import (
     temp_checkpoint,
 )
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import setting
 
 if TYPE_CHECKING:
     import torch
@@ -28,11 +31,18 @@ if TYPE_CHECKING:
 class ImportanceJob(ModelJob):
     """The `importance` command's flags, by the same names (progress: not --no-progress)."""
 
-    out: Path
-    layer_loss: bool = False
-    max_tokens: int | None = None
-    overwrite: bool = False
-    progress: bool = True
+    data: str = setting(help=data_help("calibration"))
+    tokens: int = setting(help="calibration tokens (rounded up to whole steps of DP ranks x micro-batch x seq-len)")
+    seq_len: int = setting(4096, help="tokens per calibration window")
+    dtype: str = setting("float32", help="model parameter dtype (statistics are accumulated in float64 either way)",
+                         choices=DTYPES)
+    out: Path = setting(help="output importance file (.safetensors)")
+    layer_loss: bool = setting(False, help="also measure each decoder layer's LM-loss increase when skipped (one "
+                                           "extra forward per layer and batch)")
+    max_tokens: int | None = setting(None, help="hard budget: never run more calibration tokens than this (rounds "
+                                                "--tokens down instead of up)")
+    overwrite: bool = setting(False, help="replace --out if it exists")
+    progress: bool = setting(True, help="no progress bar")
     write_to: Path | None = None  # where rank 0 writes the file (`out`'s staging path, see `run_importance`)
 
     def validate(self, name: Callable[[str], str] = flag) -> None:

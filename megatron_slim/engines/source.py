@@ -19,9 +19,18 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.launch_env import without_launcher_env
 from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.runtime.outputs import claim_output_file
+
+DTYPES = ("float32", "bfloat16")
+
+
+def data_help(use: str) -> str:
+    """The --data help of a job that reads token windows of data for `use`."""
+    return (f"{use} data: .jsonl with {{'text': ...}} or {{'tokens': [ids]}} per line, or a Megatron indexed dataset "
+            "prefix (.bin/.idx)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,13 +38,13 @@ class ModelJob:
     """What the jobs that run a model on every rank over token windows of data share (fields named as the
     commands' flags): the model, the data, the window shape and the layout."""
 
-    model: str  # Megatron checkpoint (model_config.json) or HF checkpoint directory, as given
-    data: str  # .jsonl or Megatron indexed dataset prefix
+    model: str = setting(help="Megatron checkpoint directory (model_config.json) or HF checkpoint directory")
+    data: str  # .jsonl or Megatron indexed dataset prefix (each job declares what for: `data_help`)
     tokens: int
     seq_len: int = 4096
-    micro_batch: int = 1
-    parallel: ParallelLayout = ParallelLayout()  # tp, ep, pp (the commands' --tp/--ep/--pp)
-    dtype: str = "float32"  # model parameter dtype
+    micro_batch: int = setting(1, help="sequences per forward micro-batch")
+    parallel: ParallelLayout = setting(ParallelLayout(), help="model-parallel layout (--tp, --ep, --pp)")
+    dtype: str = setting("float32", help="model parameter dtype", choices=DTYPES)
     converted: Path | None = None  # set by `run_on_ranks` when it converted an HF model before spawning ranks
 
     def check_sizes(self, more: tuple[str, ...] = (), name: Callable[[str], str] | None = None) -> None:

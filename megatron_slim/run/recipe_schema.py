@@ -100,10 +100,10 @@ def _job_key(section: str, field: str) -> str:
 class ImportanceSection:
     """The settings of each stage's `importance` job (engines/importance_job.py), which `job` builds."""
 
-    tokens: float = 1e6
-    micro_batch: int = 1
-    layer_loss: bool = False  # loss_increase depth criterion: one extra forward per layer
-    dtype: str = "float32"  # float32 | bfloat16 (statistics accumulate in float64 either way)
+    tokens: float = 1e6  # the recipe's own default (the command's --tokens is required)
+    micro_batch: int = ImportanceJob.micro_batch
+    layer_loss: bool = ImportanceJob.layer_loss  # loss_increase depth criterion: one extra forward per layer
+    dtype: str = ImportanceJob.dtype  # float32 | bfloat16 (statistics accumulate in float64 either way)
 
     def job(self, model: str, data: str, out: Path, seq_len: int, parallel: ParallelLayout,
             progress: bool = True) -> ImportanceJob:
@@ -121,16 +121,17 @@ class EvaluationSection:
     """The settings of every held-out evaluation of a run (engines/evaluate_job.py's job, which `job` builds), and
     of the evaluation along distillation (`every_tokens`)."""
 
+    # defaults are the `evaluate` job's (EvaluateJob), except tokens and prompt_len, which follow the recipe
     tokens: float = 1e5  # held-out tokens for loss / perplexity / next-token accuracy
-    micro_batch: int = 1
-    mtp_k: int = 4  # speculative acceptance for drafts of 1..mtp_k tokens (models with MTP heads; 0: skip)
-    mtp_prompts: int = 8  # held-out prompts the acceptance is measured on
-    prompt_len: int = 0  # prompt tokens (0: half the sequence length)
-    gen_tokens: int = 32  # greedy tokens generated after each prompt
+    micro_batch: int = EvaluateJob.micro_batch
+    mtp_k: int = EvaluateJob.mtp_k  # speculative acceptance for drafts of 1..mtp_k tokens (MTP heads; 0: skip)
+    mtp_prompts: int = EvaluateJob.mtp_prompts  # held-out prompts the acceptance is measured on
+    prompt_len: int = 0  # prompt tokens (0: half the recipe's data.seq_length)
+    gen_tokens: int = EvaluateJob.gen_tokens  # greedy tokens generated after each prompt
     every_tokens: float = 0.0  # also evaluate the student during distillation every N tokens (0: only after)
     tasks: list[str] = field(default_factory=list)  # lm-eval tasks every evaluation also scores (offline data)
-    num_fewshot: int | None = None  # lm-eval few-shot examples (None: each task's default)
-    limit: float | None = None  # lm-eval documents per task (a fraction when < 1; None: all)
+    num_fewshot: int | None = EvaluateJob.num_fewshot  # lm-eval few-shot examples (None: each task's default)
+    limit: float | None = EvaluateJob.limit  # lm-eval documents per task (a fraction when < 1; None: all)
 
     def job(self, model: str, data: str, out: Path | None, seq_len: int, parallel: ParallelLayout) -> EvaluateJob:
         return EvaluateJob(model=model, data=data, tokens=int(self.tokens), seq_len=seq_len,

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -425,6 +426,81 @@ def test_sigterm_between_distillations_stops_at_the_next_step(assets: Path) -> N
     assert proc.returncode == 75, out[-3000:]
     assert status("prepare/eval_teacher") == "done" and status("depth/importance") is None, out[-3000:]
     assert "stop  before depth/importance" in out
+
+
+# ---- the work dir: one writer, never the user's files, outputs that vanished are redone -------------------------
+HOLD_WORKDIR = """
+import sys
+from megatron_slim.runtime.outputs import workdir_lock
+with workdir_lock(sys.argv[1]):
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def workdir_holder():
+    """Start a real process holding a work dir's lock (as a running `run` does); yields it once it holds it."""
+    procs = []
+
+    def start(workdir: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_WORKDIR, str(workdir)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_second_run_into_a_work_dir_refuses_naming_the_holder(assets: Path, tmp_path: Path, workdir_holder) -> None:
+    """Two `run`s into one work dir used to train into one train/ while state.json kept the last writer's view."""
+    work = tmp_path / "work"
+    first = workdir_holder(work)
+    proc = cli("run", str(_write(assets, "recipe_lock", _recipe(assets))), "--workdir", str(work), "--no-progress",
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"pid {first.pid} on host {socket.gethostname()}" in proc.stderr
+    assert not (work / "state.json").exists() and "start" not in proc.stdout
+
+
+def test_recipe_in_the_work_dir_is_never_written_back(assets: Path, tmp_path: Path) -> None:
+    """`run ./recipe.yaml --workdir .` used to rewrite the user's recipe through yaml.safe_dump (comments gone):
+    the run keeps its own copy, run.recipe.yaml. (`--stage nope` stops the run once it prepared the work dir.)"""
+    study = _recipe(assets)
+    study["variants"], study["reference"] = {"a": {}, "b": {"training": {"loss": {"kd_weight": 1.0}}}}, "a"
+    text = "# my study, hand-written\n" + yaml.safe_dump(study)
+    (tmp_path / "recipe.yaml").write_text(text)
+    proc = cli("run", "recipe.yaml", "--workdir", ".", "--stage", "nope", "--no-progress", check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "no stage 'nope'" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "recipe.yaml").read_text() == text
+    assert yaml.safe_load((tmp_path / "run.recipe.yaml").read_text()) == study
+
+
+def test_run_fresh_clears_only_a_work_dir_run_made(assets: Path, tmp_path: Path) -> None:
+    recipe = _write(assets, "recipe_fresh", _recipe(assets))
+    mine = tmp_path / "mine"
+    (mine / "docs").mkdir(parents=True)
+    (mine / "docs" / "thesis.tex").write_text("years of work")
+    proc = cli("run", str(recipe), "--workdir", str(mine), "--fresh", check=False)
+    assert proc.returncode == 2 and "refusing to clear" in proc.stderr, proc.stderr[-2000:]
+    assert (mine / "docs" / "thesis.tex").read_text() == "years of work"
+
+
+def test_finished_step_whose_outputs_vanished_is_redone(assets: Path, finished: Path) -> None:
+    """Deleted outputs of a finished step used to still count as done: the step runs again, the others are
+    skipped."""
+    work = assets / "work_vanished"
+    shutil.copytree(finished, work)
+    (work / "report" / "report.md").unlink()
+    proc = cli("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--no-progress")
+    assert "redo  final/report: its outputs are gone" in proc.stdout
+    assert [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("[run] start")] == [
+        "final/report"]
+    assert (work / "report" / "report.md").is_file()
 
 
 def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:

@@ -22,6 +22,7 @@ import yaml
 
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import load_yaml
+from megatron_slim.runtime.outputs import atomic_write, prepare_workdir
 from megatron_slim.runtime.seed import DEFAULT_SEED
 
 SUITE_EXPERTS = 8
@@ -172,10 +173,8 @@ def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None
     recipe["variants"] = {replicate(name, k): VARIANTS[name] if k == 0 else _with_seed(VARIANTS[name], first_seed + k)
                           for f in chosen for name in f.variants for k in range(seeds)}
     recipe["reference"] = chosen[0].variants[0]
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "suite.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    prepare_workdir(workdir, owner="ablate", inputs=[base] if base is not None else [])
+    return atomic_write(workdir / "suite.yaml", yaml.safe_dump(recipe, sort_keys=False))
 
 
 @dataclass(frozen=True)
@@ -348,8 +347,8 @@ def run_ablation(job: AblateJob) -> int:
         upcycled_teacher(dense, DEMO_EXPERTS, DEMO_EXPERTS)
     check = teacher_check(recipe_path, job.workdir, chosen[0].variants[0], dense)
     result = as_json(found) | {"teacher_check": check}
-    (job.workdir / "report" / "findings.json").write_text(json.dumps(result, indent=1))
+    atomic_write(job.workdir / "report" / "findings.json", json.dumps(result, indent=1))
     text = format_teacher_check(check) + "\n\n" + format_table(found, job.seeds)
-    (job.workdir / "report" / "findings.md").write_text(text + "\n")
+    atomic_write(job.workdir / "report" / "findings.md", text + "\n")
     print(json.dumps(result) if job.json else "\n" + text, flush=True)
     return 0

@@ -17,8 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "measure the SlimQwen paper's findings as recipe variants (pruned vs random init, criteria, ...)"
 
+
+OUTPUTS = (Output("workdir", "workdir", inputs=("base",), overwrite=None),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="paper", choices=["paper"], help="which set of findings (the paper's)")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 
 from megatron_slim.engines.bench_inference_job import DTYPES, BenchInferenceJob, run_bench_inference
+from megatron_slim.runtime.outputs import Output
 
 HELP = "peak memory, prefill latency and decode throughput of HF checkpoints (teacher vs students)"
 
+
+OUTPUTS: tuple[Output, ...] = ()  # prints only
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True,

@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "convert checkpoints: hf-to-mcore | mcore-to-hf (streamed, any layout at load time)"
 
+
+OUTPUTS = (Output("out", "dir", inputs=("hf", "mcore", "hf_template")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="direction", metavar="<direction>", required=True)

@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "compress the embedded SmolLM2-MoE teacher end to end on this machine (two stages, online teacher)"
 
+
+OUTPUTS = (Output("workdir", "workdir", overwrite=None),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs/demo", help="the run's work dir (outputs, state, report)")

@@ -28,9 +28,12 @@ import argparse
 
 from megatron_slim.commands.options import add_job_arguments, job_from_args
 from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
+from megatron_slim.runtime.outputs import Output
 
 HELP = "evaluate LM loss, perplexity, accuracy and MTP acceptance on held-out data, and lm-eval tasks"
 
+
+OUTPUTS = (Output("out", "file", inputs=("model", "data", "include_path")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_job_arguments(p, EvaluateJob)  # each flag's name, default and help: EvaluateJob's fields

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "Megatron checkpoint or a run's final student -> HF safetensors (tokenizer included)"
 
+
+OUTPUTS = (Output("out", "dir", inputs=("run", "mcore", "hf_template")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -26,12 +30,16 @@ def _run_student(workdir: Path) -> tuple[str, str | None]:
     import yaml
 
     from megatron_slim.errors import UserError
+    from megatron_slim.run.recipe_job import RECIPE_COPY
     from megatron_slim.run.recipe_parse import parse_recipe
     from megatron_slim.run.state import RunState, RunView
     from megatron_slim.run.step_groups import TEACHER, Out, stage_steps
 
     state = RunView(RunState.read(workdir))
-    recipe = parse_recipe(yaml.safe_load((workdir / "recipe.yaml").read_text()), workdir)  # for the stage order
+    copy = workdir / RECIPE_COPY
+    if not copy.is_file():  # a work dir of a version that kept its copy as recipe.yaml
+        copy = workdir / "recipe.yaml"
+    recipe = parse_recipe(yaml.safe_load(copy.read_text()), workdir)  # for the stage order
     last = recipe.stages[-1].name
     if not state.done(stage_steps(last).distill):
         raise UserError(f"the run in {workdir} has not finished distilling its last stage ({last!r})")

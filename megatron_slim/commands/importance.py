@@ -16,9 +16,12 @@ import argparse
 
 from megatron_slim.commands.options import add_job_arguments, job_from_args
 from megatron_slim.engines.importance_job import ImportanceJob, run_importance
+from megatron_slim.runtime.outputs import Output
 
 HELP = "collect importance statistics (experts, neurons, heads, layers, channels) over calibration data"
 
+
+OUTPUTS = (Output("out", "file", inputs=("model", "data")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_job_arguments(p, ImportanceJob)  # each flag's name, default and help: ImportanceJob's fields

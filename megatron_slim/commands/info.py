@@ -11,10 +11,14 @@ import json
 import os
 import platform
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "versions, devices, TE/apex availability; --distributed checks the launcher's process group"
 _PACKAGES = ["torch", "megatron-core", "transformers", "flash-linear-attention", "transformer-engine", "apex",
              "safetensors", "numpy"]
 
+
+OUTPUTS: tuple[Output, ...] = ()  # prints only
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed", action="store_true",

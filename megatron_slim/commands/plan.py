@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "importance + target -> compression plan, with parameter accounting (--config: accounting only)"
 
 # (flag dest, type, help) of the target fields settable from the command line.
@@ -31,6 +33,9 @@ _TARGET_FLAGS: list[tuple[str, type, str]] = [
     ("pp", int, "pipeline-parallel size the student must fit (default 1)"),
 ]
 
+
+OUTPUTS = (Output("out", "file", inputs=("importance", "config", "target")),
+           Output("plots", "workdir", inputs=("importance",), overwrite=None))  # adds its three PNGs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from megatron_slim.compress.target import DEPTH_CRITERIA, EXPERT_CRITERIA, MERGE_SIMILARITIES, ROUTERS

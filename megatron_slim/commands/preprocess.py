@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "jsonl/text -> Megatron indexed dataset (.bin/.idx) with an HF or sentencepiece tokenizer"
 
+
+OUTPUTS = (Output("output_prefix", "prefix", inputs=("input", "tokenizer")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="jsonl file (one JSON object per line) or .txt (one doc per line)")

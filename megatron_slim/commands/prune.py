@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "apply a compression plan to a checkpoint (prune/merge; streamed, HF or Megatron in and out)"
 
+
+OUTPUTS = (Output("out", "dir", inputs=("input", "plan")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="compression plan JSON (from `megatron-slim plan`)")

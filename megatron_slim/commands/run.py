@@ -24,8 +24,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_slim.runtime.outputs import Output
+
 HELP = "run a recipe (stages of importance/plan/prune/distill/evaluate, export, report); idempotent, resumable"
 
+
+OUTPUTS = (Output("workdir", "workdir", inputs=("recipe",), overwrite=None),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (see examples/slimqwen/recipe.yaml and "
@@ -39,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the stage names, one per line, and exit (with variants: `shared`, then VARIANT/STAGE)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the steps with their status and each stage's student")
+    p.add_argument("--fresh", action="store_true", help="remove the work dir's contents first and run every step "
+                   "again (only a work dir `run` created, holding none of the run's inputs)")
     p.add_argument("--list-jobs", action="store_true",
                    help="print the jobs of a chain that keeps GPUs busy, one NAME:cpu or NAME:gpu per line, and exit "
                    "(what `launch.sh --submit --chain --cpu-partition P` submits)")
@@ -57,4 +63,4 @@ def run(args: argparse.Namespace) -> int:
                              variant=args.variant,
                              list_stages=args.list_stages, dry_run=args.dry_run, step=args.step,
                              progress=not args.no_progress, list_jobs=args.list_jobs, job=args.job,
-                             allow_single_process_steps=args.allow_single_process_steps))
+                             allow_single_process_steps=args.allow_single_process_steps, fresh=args.fresh))

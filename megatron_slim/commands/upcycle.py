@@ -13,9 +13,12 @@ import argparse
 from pathlib import Path
 
 from megatron_slim.engines.upcycle_job import EMBEDDED_DENSE
+from megatron_slim.runtime.outputs import Output
 
 HELP = "turn a dense HF Llama checkpoint (or the embedded SmolLM2) into a Mixtral MoE checkpoint"
 
+
+OUTPUTS = (Output("out", "dir", inputs=("dense",)),)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", required=True,
@@ -28,11 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-scale", type=float, default=1e-3,
                         help="router logit scale: smaller is closer to the dense model at top-k = experts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is an earlier output of megatron-slim (never another directory)")
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_slim.engines.upcycle_job import UpcycleJob, run_upcycle
 
     run_upcycle(UpcycleJob(dense=args.dense, experts=args.experts, topk=args.topk, out=args.out,
-                           calib_tokens=args.calib_tokens, router_scale=args.router_scale, seed=args.seed))
+                           calib_tokens=args.calib_tokens, router_scale=args.router_scale, seed=args.seed,
+                           overwrite=args.overwrite))
     return 0

@@ -11,11 +11,14 @@ import argparse
 
 from megatron_slim.commands.options import add_layout_arguments
 from megatron_slim.runtime.layout import ParallelLayout
+from megatron_slim.runtime.outputs import Output
 from megatron_slim.verify.parity import Thresholds
 from megatron_slim.verify.verify_job import VerifyJob, run_verify
 
 HELP = "compare HF and Megatron-Core logits on the same tokens (max/mean diff, top-1 agreement)"
 
+
+OUTPUTS: tuple[Output, ...] = ()  # prints only
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", required=True, help="HF checkpoint directory (safetensors + config.json)")

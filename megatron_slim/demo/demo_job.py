@@ -2,7 +2,6 @@
 any other, then the retention table and where the report and the student are."""
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ class DemoJob:
 def prepare_assets() -> Path:
     """Teacher, data splits and recipe in the cache (built once); returns the recipe's path."""
     from megatron_slim.data.assets import cache_dir
+    from megatron_slim.runtime.outputs import atomic_write
 
     root = cache_dir() / "demo"
     upcycled_teacher(root / "teacher", DEMO_EXPERTS, DEMO_TOPK)
@@ -30,33 +30,31 @@ def prepare_assets() -> Path:
     recipe = root / "recipe.yaml"
     template = (Path(__file__).parent / "recipe.yaml").read_text()
     if not recipe.is_file() or recipe.read_text() != template:
-        recipe.write_text(template)
+        atomic_write(recipe, template)
     return recipe
 
 
 def upcycled_teacher(teacher: Path, experts: int, topk: int) -> None:
-    """SmolLM2-135M upcycled into a Mixtral-style MoE at `teacher` (built once, through a .partial directory)."""
+    """SmolLM2-135M upcycled into a Mixtral-style MoE at `teacher` (built once; run_upcycle stages it)."""
     from megatron_slim.engines.upcycle_job import EMBEDDED_DENSE, UpcycleJob, run_upcycle
 
     if (teacher / "config.json").is_file():
         return
     print(f"building the teacher (once): SmolLM2-135M -> {experts} experts, top-{topk}", flush=True)
-    tmp = teacher.with_name(teacher.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    run_upcycle(UpcycleJob(dense=EMBEDDED_DENSE, experts=experts, topk=topk, out=tmp, calib_tokens=16384,
-                           router_scale=1e-3, seed=0))
-    tmp.rename(teacher)
+    run_upcycle(UpcycleJob(dense=EMBEDDED_DENSE, experts=experts, topk=topk, out=teacher, calib_tokens=16384,
+                           router_scale=1e-3, seed=0, overwrite=True))
 
 
 def prepare_data(root: Path) -> None:
     """The Wikipedia calibration, training and held-out paragraphs as jsonl files in `root` (written once)."""
     from megatron_slim.data.wiki import wiki_splits, write_jsonl
+    from megatron_slim.runtime.outputs import atomic_path
 
     if not (root / "heldout.jsonl").is_file():
-        root.mkdir(parents=True, exist_ok=True)
         splits = wiki_splits()
         for name in ("calibration", "train", "heldout"):
-            write_jsonl(getattr(splits, name), root / f"{name}.jsonl.tmp").rename(root / f"{name}.jsonl")
+            with atomic_path(root / f"{name}.jsonl") as staging:
+                write_jsonl(getattr(splits, name), staging)
 
 
 def run_demo(job: DemoJob) -> int:
@@ -66,10 +64,12 @@ def run_demo(job: DemoJob) -> int:
     from megatron_slim.run.report import retention_table
     from megatron_slim.run.state import RunState, RunView
     from megatron_slim.run.step_groups import EXPORT, Out
+    from megatron_slim.runtime.outputs import clear_workdir, prepare_workdir
 
     workdir = job.workdir
-    if job.fresh:
-        shutil.rmtree(workdir, ignore_errors=True)
+    if job.fresh:  # only a work dir the demo made (its marker says so), never whatever --workdir names
+        clear_workdir(workdir, owner="demo")
+    prepare_workdir(workdir, owner="demo")
     t0 = time.time()
     recipe_path = prepare_assets()
     t1 = time.time()

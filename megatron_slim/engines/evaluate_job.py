@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from megatron_slim.engines.source import (
 )
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import setting
+from megatron_slim.runtime.outputs import atomic_write
 
 if TYPE_CHECKING:
     from megatron_slim.eval.harness import TaskSpec
@@ -161,9 +161,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if job.write_to:
         job.write_to.write_text(text + "\n")
     elif job.out:
-        tmp = job.out.with_name(job.out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, job.out)
+        atomic_write(job.out, text + "\n")
     print(text if job.json else format_table(result), flush=True)
 
 

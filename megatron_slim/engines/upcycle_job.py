@@ -27,21 +27,32 @@ class UpcycleJob:
     calib_tokens: int = 16384
     router_scale: float = 1e-3
     seed: int = 0
+    overwrite: bool = False  # replace `out` if it is an earlier output of ours (runtime.outputs.claim_output)
 
 
 def run_upcycle(job: UpcycleJob) -> None:
-    """Calibrate on the Wikipedia calibration paragraphs, upcycle and write `job.out` (HF checkpoint + tokenizer)."""
+    """Calibrate on the Wikipedia calibration paragraphs, upcycle and write `job.out` (HF checkpoint + tokenizer),
+    claimed before any compute (an `out` overlapping the dense input, or an existing directory without
+    `overwrite`, is refused)."""
+    from megatron_slim.data.assets import smollm2_hf_dir
+    from megatron_slim.runtime.outputs import claim_output
+
+    dense_dir = smollm2_hf_dir() if job.dense == EMBEDDED_DENSE else Path(job.dense)
+    if not (dense_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{dense_dir} is not an HF checkpoint dir (no config.json)")
+    with claim_output(job.out, inputs=[dense_dir], overwrite=job.overwrite, kind="hf") as staging:
+        _upcycle_into(job, dense_dir, staging)
+
+
+def _upcycle_into(job: UpcycleJob, dense_dir: Path, staging: Path) -> None:
+    """Calibrate, upcycle and save into `staging` (claimed by run_upcycle)."""
     import time
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_slim.data.assets import smollm2_hf_dir
     from megatron_slim.data.wiki import wiki_splits
 
-    dense_dir = smollm2_hf_dir() if job.dense == EMBEDDED_DENSE else Path(job.dense)
-    if not (dense_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{dense_dir} is not an HF checkpoint dir (no config.json)")
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype="auto").eval()
@@ -51,8 +62,8 @@ def run_upcycle(job: UpcycleJob) -> None:
     # calibrate and split in float32; write in the dtype the dense checkpoint was stored in
     moe = upcycle_model(dense.to(torch.float32), sequences, job.experts, job.topk, router_scale=job.router_scale,
                         seed=job.seed, progress=True)
-    moe.to(stored_dtype).save_pretrained(job.out)
-    tokenizer.save_pretrained(job.out)
+    moe.to(stored_dtype).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
     print(f"wrote {job.out} ({job.experts} experts, top-{job.topk}) in {time.perf_counter() - start:.0f}s")
 
 

@@ -20,6 +20,7 @@ from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import EVAL_TEACHER, Out, stage_steps
 from megatron_slim.run.variants import variant_views
 from megatron_slim.runtime.jsonl import read_jsonl
+from megatron_slim.runtime.outputs import atomic_write
 
 
 @dataclass
@@ -158,11 +159,9 @@ def write_comparison(study: Study, workdir: Path) -> Path:
         parts += ["## Benchmarks (lm-evaluation-harness; retention vs the teacher in parentheses)", "", benchmarks, ""]
     if plot_curves(results, out / "loss_vs_tokens.png"):
         parts += ["## Held-out loss along distillation", "", "![loss vs tokens](loss_vs_tokens.png)", ""]
-    (out / "compare.json").write_text(json.dumps(
+    atomic_write(out / "compare.json", json.dumps(
         {"reference": study.reference, "teacher": teacher,
          "variants": {name: r.row() | {"curve": asdict(r.curve)} for name, r in results.items()}}, indent=1))
     path = out / "compare.md"
-    tmp = out / "compare.md.tmp"
-    tmp.write_text("\n".join(parts) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(parts) + "\n")
     return path

@@ -3,6 +3,8 @@ print a dry run, run one single-process step (the child of a multi-rank job), or
 one chain job's) on the launched ranks, spawning the recipe's `nproc` local ranks as a plain process."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,8 @@ from megatron_slim.errors import UserError
 from megatron_slim.run.recipe_schema import Study
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import SHARED
+
+RECIPE_COPY = "run.recipe.yaml"  # the run's own copy of its recipe in the work dir (`export --run` reads it)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class RunJob:
     list_jobs: bool = False  # print the chain's jobs (run/chain.py) as NAME:cpu|gpu and return
     job: str | None = None  # run only this job of the chain (the jobs before it must be done)
     allow_single_process_steps: bool = False  # run heavy single-process steps even in a multi-node job
+    fresh: bool = False  # remove the work dir's contents first (only a work dir `run` made) and start over
 
     def target(self) -> tuple[str | None, str | None]:
         """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""
@@ -39,19 +44,38 @@ class RunJob:
 
 
 def _prepare_workdir(study: Study, recipe_path: Path, workdir: Path) -> None:
+    """Under the work dir's lock: refuse a work dir of another recipe, and keep the run's copy of the recipe,
+    `RECIPE_COPY`, never the user's file (a recipe is never written back, even when it sits in the work dir)."""
     import yaml
 
     from megatron_slim.run.state import STATE, RunState
     from megatron_slim.run.variants import plan_runs
+    from megatron_slim.runtime.outputs import atomic_write
 
-    workdir.mkdir(parents=True, exist_ok=True)
     if study.variants and (workdir / STATE).is_file():
         raise UserError(f"{workdir} holds a run of a recipe without variants; use another --workdir")
     for run in plan_runs(study, workdir):
         RunState(run.workdir, run.recipe.digest)  # refuses a work dir of another recipe (or variant)
-    copy = workdir / "recipe.yaml"
+    copy = workdir / RECIPE_COPY
+    if copy.resolve() == recipe_path.resolve():
+        return
     if not copy.is_file() or study.variants:  # variants may be added to a study: keep the latest
-        copy.write_text(yaml.safe_dump(yaml.safe_load(recipe_path.read_text()), sort_keys=False))
+        atomic_write(copy, yaml.safe_dump(yaml.safe_load(recipe_path.read_text()), sort_keys=False))
+
+
+@contextmanager
+def _workdir_locks(study: Study, workdir: Path, variant: str | None) -> Iterator[None]:
+    """One writer per run work dir: the lock of each variant's work dir this job runs (the work dir itself for a
+    recipe without variants), held by this process (it runs the steps or spawns the ranks that do). Jobs running
+    different variants of one study may run at once; their shared steps have their own lock (runner.py)."""
+    from megatron_slim.run.variants import plan_runs
+    from megatron_slim.runtime.outputs import workdir_lock
+
+    with ExitStack() as stack:
+        for run in plan_runs(study, workdir):
+            if variant is None or run.name == variant:
+                stack.enter_context(workdir_lock(run.workdir))
+        yield
 
 
 def list_stages(study: Study) -> list[str]:
@@ -92,7 +116,23 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
             print(f"  {step.id:<28} {status}{where}")
 
 
-def _worker(job: RunJob) -> int:
+@contextmanager
+def _guarded(study: Study, job: RunJob) -> Iterator[None]:
+    """The work dir cleared (`--fresh`: only one `run` made), created (runtime.outputs.prepare_workdir: not an
+    input nor inside one), locked (`_workdir_locks`) and prepared (`_prepare_workdir`) for the body."""
+    from megatron_slim.runtime.outputs import clear_workdir, prepare_workdir
+
+    if job.fresh:
+        clear_workdir(job.workdir, owner="run", inputs=[job.recipe])
+    prepare_workdir(job.workdir, owner="run", inputs=[job.recipe])
+    with _workdir_locks(study, job.workdir, job.target()[0]):
+        _prepare_workdir(study, job.recipe, job.workdir)
+        yield
+
+
+def _worker(job: RunJob, guard_here: bool) -> int:
+    """A rank's run; `guard_here`: rank 0 prepares and locks the work dir (launched ranks; a plain process that
+    spawns its ranks has done it already)."""
     import torch.distributed as dist
 
     from megatron_slim.run.recipe_check import load_study
@@ -107,7 +147,8 @@ def _worker(job: RunJob) -> int:
                        allow_single=job.allow_single_process_steps)
     else:
         code = run_steps(study, job.recipe, job.workdir, variant, stage, progress=job.progress,
-                         allow_single=job.allow_single_process_steps)
+                         allow_single=job.allow_single_process_steps,
+                         guard=(lambda: _guarded(study, job)) if guard_here else None)
     if study.variants and dist.get_rank() == 0:  # with whatever has finished, by every job of the study
         from megatron_slim.run.compare import write_comparison
 
@@ -133,6 +174,8 @@ def run_recipe(job: RunJob) -> int:
         return 0
     if job.job is not None and (job.stage or job.variant):
         raise UserError("--job names one job of the chain (what --list-jobs prints); give no --stage/--variant")
+    if job.job is not None and job.fresh:
+        raise UserError("--fresh clears the whole work dir: start the chain over with `run --fresh`, not one --job")
     study = load_study(recipe_path)
     variant, _ = job.target()
     if variant is not None:
@@ -144,17 +187,30 @@ def run_recipe(job: RunJob) -> int:
     if job.dry_run:
         _dry_run(study, workdir, variant)
         return 0
-    _prepare_workdir(study, recipe_path, workdir)
     nprocs = {r.nproc for r in study.recipes.values()}
     if len(nprocs) > 1:
         raise UserError(f"variants disagree on nproc {sorted(nprocs)}: one job runs them all")
     world = launched_world_size()
-    if world is None and nprocs.pop() > 1:
-        return run_local_world(_worker, next(iter(study.recipes.values())).nproc, job)
     if world is not None:
         for layout in {r.parallel for r in study.recipes.values()}:
             try:
                 layout.validate_world(world)
             except ValueError as e:
                 raise UserError(f"{world} launched ranks do not fit the recipe's parallel layout: {e}") from None
-    return _worker(job)
+    nproc = nprocs.pop()
+    if job.job is not None:
+        # the jobs of a chain run in the order their dependencies give, a CPU job beside a GPU job: they share the
+        # work dir without its lock
+        from megatron_slim.runtime.outputs import prepare_workdir
+
+        prepare_workdir(workdir, owner="run", inputs=[recipe_path])
+        _prepare_workdir(study, recipe_path, workdir)
+        if world is None and nproc > 1:
+            return run_local_world(_worker, nproc, job, False)
+        return _worker(job, False)
+    if world is None:  # this process runs the steps or spawns the ranks: it holds the work dir's lock
+        with _guarded(study, job):
+            if nproc > 1:
+                return run_local_world(_worker, nproc, job, False)
+            return _worker(job, False)
+    return _worker(job, True)  # launched ranks: rank 0 prepares and locks once the process group exists

@@ -25,6 +25,7 @@ from megatron_slim.run.step_groups import (
     student_step,
 )
 from megatron_slim.runtime.jsonl import read_jsonl
+from megatron_slim.runtime.outputs import atomic_write
 
 LOSS_KEYS = ("loss", "lm", "kd", "mtp_lm", "mtp_kd")
 
@@ -224,7 +225,5 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
         parts.append(f"| {step} | {entry.get('status')} | {entry.get('seconds', 0.0):.1f} s |")
     parts.append(f"| total | | {total:.1f} s |")
     path = out / "report.md"
-    tmp = out / "report.md.tmp"
-    tmp.write_text("\n".join(parts) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(parts) + "\n")
     return path

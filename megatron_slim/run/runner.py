@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -165,6 +165,8 @@ def _run_variant(runs: list[VariantRun], run: VariantRun, recipe_path: Path, roo
         if view.done(step.id):
             _log(f"skip  {label}{step.id} (done{', shared' if step.id in run.shared else ''})")
             continue
+        if view.status(step.id) == "done":
+            _log(f"redo  {label}{step.id}: its outputs are gone: {view.missing(step.id)[:3]}")
         if step.where == CPU and nodes > 1 and not allow_single:
             _refuse_single_process_step(runs, run, root, step, nodes)
         if stop.agreed():
@@ -189,23 +191,37 @@ def _run_variant(runs: list[VariantRun], run: VariantRun, recipe_path: Path, roo
 
 
 def run_steps(study: Study, recipe_path: Path, workdir: Path, variant: str | None = None, stage: str | None = None,
-              progress: bool = True, allow_single: bool = False) -> int:
+              progress: bool = True, allow_single: bool = False,
+              guard: Callable[[], AbstractContextManager] | None = None) -> int:
     """Called on every rank: the steps of one variant (or of the plain recipe), or of every variant in turn.
-    Returns 0, or the requeue status when distillation was preempted."""
+    `guard`: what rank 0 holds around them (the work dir's preparation and lock, job.py) when no parent process
+    holds it; its refusal ends every rank with it. Returns 0, or the requeue status when distillation was
+    preempted."""
     from megatron_slim.runtime.distributed import init_distributed
 
     init_distributed(timeout_minutes=BARRIER_TIMEOUT_MINUTES)
-    stop = StopFlag()  # a preemption signal between distillation steps stops the run at the next step boundary
-    runs = plan_runs(study, workdir)
-    if variant is not None:
-        study.recipe(variant)  # names the variants when there is no such one
-    for run in runs:
-        if variant is not None and run.name != variant:
-            continue
-        steps = select_steps(run, run.view(shared_state(workdir) if run.shared else None), stage)
-        code = _run_variant(runs, run, recipe_path, workdir, steps, stop, progress, allow_single)
-        if code:
-            return code
+    with ExitStack() as held:
+        if guard is not None:
+            refused = [None]
+            if dist.get_rank() == 0:
+                try:
+                    held.enter_context(guard())
+                except UserError as e:
+                    refused = [str(e)]
+            dist.broadcast_object_list(refused, src=0)
+            if refused[0] is not None:
+                raise UserError(refused[0])
+        stop = StopFlag()  # a preemption signal between distillation steps stops the run at the next step boundary
+        runs = plan_runs(study, workdir)
+        if variant is not None:
+            study.recipe(variant)  # names the variants when there is no such one
+        for run in runs:
+            if variant is not None and run.name != variant:
+                continue
+            steps = select_steps(run, run.view(shared_state(workdir) if run.shared else None), stage)
+            code = _run_variant(runs, run, recipe_path, workdir, steps, stop, progress, allow_single)
+            if code:
+                return code
     return 0
 
 

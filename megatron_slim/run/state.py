@@ -1,7 +1,8 @@
 """The work dir's record of a run: which steps finished, when, and what they wrote (`<workdir>/state.json`).
 
 A step is `done` only after its outputs are complete (every step writes through a temporary name or is itself
-resumable), so a rerun skips done steps and redoes or resumes the rest. Only rank 0 writes; the file is replaced
+resumable), and only while they are all still there: a rerun skips done steps and redoes or resumes the rest,
+including a finished step whose outputs were deleted since. Only rank 0 writes; the file is replaced
 atomically, so a kill at any moment leaves the previous record.
 
 Step outputs are numbers, paths, and lists of them; every string is a path. Paths inside the work dir are stored
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.outputs import atomic_write
 
 STATE = "state.json"
 
@@ -49,7 +51,13 @@ class RunState:
         return dict(self.data["steps"])
 
     def done(self, step: str) -> bool:
-        return self.status(step) == "done"
+        """Finished, and every path it recorded is still there (otherwise the step must run again)."""
+        return self.status(step) == "done" and not self.missing(step)
+
+    def missing(self, step: str) -> list[str]:
+        """The outputs of a finished step that were there when it finished (`present`) and are gone now."""
+        present = self.data["steps"].get(step, {}).get("present", [])
+        return [p for p in present if not os.path.lexists(self.path.parent / p)]
 
     def outputs(self, step: str) -> dict[str, Any]:
         entry = self.data["steps"].get(step)
@@ -72,9 +80,27 @@ class RunState:
             resolved = Path(path).resolve()
             return str(resolved.relative_to(workdir)) if resolved.is_relative_to(workdir) else str(resolved)
 
-        entry.update(status="done", finished=now, outputs=_map_paths(outputs, stored),
+        stored_outputs = _map_paths(outputs, stored)
+        entry.update(status="done", finished=now, outputs=stored_outputs, present=self._present(stored_outputs),
                      seconds=entry.get("seconds", 0.0) + now - entry["started"])
         self._write()
+
+    def _present(self, outputs: dict[str, Any]) -> list[str]:
+        """The paths among `outputs` (as stored) that exist now, an indexed-dataset prefix as its .bin and .idx:
+        what `missing` checks later (an output that may legitimately be absent, such as a teacher without a
+        tokenizer directory, is not among them)."""
+        found: list[str] = []
+
+        def note(path: str) -> str:
+            full = self.path.parent / path
+            if os.path.lexists(full):
+                found.append(path)
+            elif all(os.path.lexists(f"{full}{ext}") for ext in (".bin", ".idx")):
+                found.extend([f"{path}.bin", f"{path}.idx"])
+            return path
+
+        _map_paths(outputs, note)
+        return found
 
     def fail(self, step: str, error: str, status: str = "failed") -> None:
         entry = self.data["steps"][step]
@@ -83,10 +109,7 @@ class RunState:
         self._write()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(STATE + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.data, indent=1))
 
 
 class RunView:
@@ -105,7 +128,12 @@ class RunView:
         return state.status(record)
 
     def done(self, step: str) -> bool:
-        return self.status(step) == "done"
+        state, record = self._where(step)
+        return state.done(record)
+
+    def missing(self, step: str) -> list[str]:
+        state, record = self._where(step)
+        return state.missing(record)
 
     def outputs(self, step: str) -> dict[str, Any]:
         state, record = self._where(step)

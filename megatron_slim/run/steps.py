@@ -47,6 +47,7 @@ from megatron_slim.run.step_groups import (
     stage_steps,
     student_step,
 )
+from megatron_slim.runtime.outputs import atomic_path, atomic_write
 
 
 @dataclass
@@ -189,9 +190,8 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         result = make_plan(imp, spec)
         out = ctx.workdir / stage.name / "plan.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name("plan.json.tmp")
-        result.save(tmp)
-        tmp.replace(out)
+        with atomic_path(out) as staging:
+            result.save(staging)
         plots = write_plots(imp, spec, result, ctx.workdir / stage.name / "plots")
         return {Out.PLAN: str(out), Out.PLOTS: [str(x) for x in plots]}
     return fn
@@ -271,7 +271,7 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
                                str(save_dir), heldout=data[Out.HELDOUT])
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             save_dir.parent.mkdir(parents=True, exist_ok=True)
-            (ctx.workdir / stage.name / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            atomic_write(ctx.workdir / stage.name / "train.yaml", yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
         code = trainer.train()
@@ -316,10 +316,8 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     job = ctx.recipe.inference.job(tuple(models.values()))
     results = bench_models(job)
     out = ctx.workdir / "export" / "bench_inference.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings_line(job), "models": [
+    atomic_write(out, json.dumps({"settings": settings_line(job), "models": [
         {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
-    tmp.replace(out)
     return {Out.BENCH: str(out)}
 
 

@@ -26,6 +26,9 @@ _WARNINGS = (
 _LOG_MESSAGES = (
     "load_common is deprecated",  # megatron-core's own torch_dist loader
     "DistributedDataParallel: full_param_layout not provided",
+    # megatron-core's dist_checkpointing.save into a non-empty directory: ours are fresh runtime.outputs staging
+    # directories holding only their marker (a stale one is removed before it is reused)
+    "Overwriting old incomplete / corrupted checkpoint",
 )
 
 

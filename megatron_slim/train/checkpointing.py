@@ -3,13 +3,12 @@
 Layout: <save_dir>/iter_0000100/ (model + optimizer + scheduler + step + RNG, plus model_config.json so every
 tool can read it as a model checkpoint) and <save_dir>/latest (the step of the newest complete checkpoint).
 A save writes into iter_XXXXXXX.tmp and is renamed only after every rank finished; `latest` is replaced with
-os.replace afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous complete
-checkpoint; stale .tmp directories are removed by the next save.
+runtime.outputs.atomic_write afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous
+complete checkpoint; stale .tmp directories are removed by the next save.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from megatron_slim.checkpoint.load_rules import load_sharded, module_state
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.runtime.outputs import atomic_write
 
 LATEST = "latest"
 
@@ -112,11 +112,7 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        marker = save_dir / (LATEST + ".tmp")
-        marker.write_text(f"{step}\n")
-        with open(marker) as f:
-            os.fsync(f.fileno())
-        os.replace(marker, save_dir / LATEST)
+        atomic_write(save_dir / LATEST, f"{step}\n", fsync=True)
         kept = sorted(save_dir.glob("iter_???????"), key=lambda p: int(p.name[5:]))
         for old in kept[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

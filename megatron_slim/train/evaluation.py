@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.runtime.jsonl import read_jsonl
+from megatron_slim.runtime.outputs import atomic_write
 from megatron_slim.train.config import EvaluationSection
 
 EVAL_LOG = "eval.jsonl"
@@ -41,9 +41,7 @@ def keep_records_up_to(path: Path, step: int | None) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_jsonl(path) if step is not None and r["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class HeldOutEvaluation:

@@ -155,15 +155,18 @@ def test_recipe_refuses_what_the_workers_refuse(assets: Path, section: str, chan
 
 def test_recipe_sections_take_the_jobs_defaults() -> None:
     """A recipe section's setting defaults to the command's, except those the recipe derives on purpose."""
+    from megatron_slim.engines.bench_inference_job import BenchInferenceJob
     from megatron_slim.engines.evaluate_job import EvaluateJob
     from megatron_slim.engines.importance_job import ImportanceJob
-    from megatron_slim.run.recipe_schema import EvaluationSection, ImportanceSection
+    from megatron_slim.run.recipe_schema import EvaluationSection, ImportanceSection, InferenceSection
 
-    own = {"tokens", "prompt_len", "tasks"}  # recipe budgets; prompt_len 0: half data.seq_length
+    own = {"tokens", "prompt_len", "tasks"}  # recipe budgets; evaluation.prompt_len 0: half data.seq_length
     for section, job in ((ImportanceSection, ImportanceJob), (EvaluationSection, EvaluateJob)):
         jobs = {f.name: f.default for f in dataclasses.fields(job)}
         shared = [f for f in dataclasses.fields(section) if f.name in jobs and f.name not in own]
         assert shared and all(f.default == jobs[f.name] for f in shared), section
+    jobs = {f.name: f.default for f in dataclasses.fields(BenchInferenceJob)}
+    assert all(f.default == jobs[f.name] for f in dataclasses.fields(InferenceSection))
 
 
 def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:

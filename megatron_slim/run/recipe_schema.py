@@ -149,13 +149,13 @@ class EvaluationSection:
 class InferenceSection:
     """`bench-inference` settings for the run's deployment-efficiency table (engines/bench_inference_job.py)."""
 
-    batch: int = 1
-    prompt_len: int = 512
-    gen_len: int = 64
-    dtype: str = "bfloat16"
-    device: str = "auto"
-    warmup: int = 1
-    repeats: int = 3
+    batch: int = BenchInferenceJob.batch
+    prompt_len: int = BenchInferenceJob.prompt_len
+    gen_len: int = BenchInferenceJob.gen_len
+    dtype: str = BenchInferenceJob.dtype
+    device: str = BenchInferenceJob.device
+    warmup: int = BenchInferenceJob.warmup
+    repeats: int = BenchInferenceJob.repeats
 
     def job(self, models: tuple[str, ...]) -> BenchInferenceJob:
         return BenchInferenceJob(models=models, **dataclasses.asdict(self))

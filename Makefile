@@ -5,10 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint ablate clean
+.PHONY: venv vllm-env demo test lint ablate clean
 
 venv:
 	@bash scripts/ensure_venv.sh
+
+# The separate vLLM environment (.vllm-venv, Python 3.11) that `bench-inference --engine vllm` runs its worker in.
+vllm-env:
+	@bash scripts/vllm_env.sh
 
 demo: venv
 	$(PY) -m megatron_slim.cli demo

@@ -36,6 +36,8 @@ setup(
         "gguf>=0.10",
         "accelerate>=1.0",
         "lm-eval>=0.4.13,<0.5",  # benchmarks through lm-evaluation-harness (evaluate --tasks)
+        "pyarrow>=15",  # preprocess: parquet and HF datasets.save_to_disk inputs
+        "zstandard>=0.22",  # preprocess: .jsonl.zst inputs
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -36,9 +36,11 @@ def test_json_schema_and_memory_ordering(checkpoints):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["settings"] == {"batch": 1, "prompt_len": 32, "gen_len": 4, "dtype": "float32", "device": "cpu",
-                                  "repeats": 2}
+                                  "repeats": 2, "engines": ["transformers"]}
     got = report["models"]
-    assert [set(m) for m in got] == [{"path", "params", "peak_memory_bytes", "prefill_s", "decode_tokens_per_s"}] * 2
+    assert [set(m) for m in got] == [{"path", "params", "peak_memory_bytes", "prefill_s", "decode_tokens_per_s",
+                                      "engine", "greedy_checked", "greedy_matching"}] * 2
+    assert [(m["engine"], m["greedy_checked"]) for m in got] == [("transformers", 0)] * 2
     assert [(m["path"], m["params"]) for m in got] == [(str(large[0]), large[1]), (str(small[0]), small[1])]
     assert all(m["prefill_s"] > 0 and m["decode_tokens_per_s"] > 0 for m in got)
     assert 0 < got[1]["peak_memory_bytes"] < got[0]["peak_memory_bytes"]

@@ -112,6 +112,11 @@ def test_stage_seed_and_final_target_are_fields(assets: Path) -> None:
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
     ({"inference": {}, "export": False}, "inference measures the exported student: it needs export: true"),
+    ({"inference": {"engines": ["transformers", "tgi"]}}, "inference.engines must be distinct entries of"),
+    ({"inference": {"engines": ["vllm"], "vllm_python": "/nonexistent/python3.11"}},
+     "inference.vllm_python /nonexistent/python3.11: no such interpreter"),
+    ({"inference": {"engines": ["transformers", "vllm"], "vllm_python": sys.executable, "device": "cpu"}},
+     "inference.engines: vLLM refuses"),  # the tiny Qwen3-Next teacher: head dims vLLM's CPU kernels reject
     ({"preset": None, "train_tokens": None, "stages": [
         {"name": "a", "target": {"num_layers": 4}, "training": {"train": {"train_iters": 1}}}]},
      "the stages do not end at `target`"),
@@ -166,7 +171,8 @@ def test_recipe_sections_take_the_jobs_defaults() -> None:
         shared = [f for f in dataclasses.fields(section) if f.name in jobs and f.name not in own]
         assert shared and all(f.default == jobs[f.name] for f in shared), section
     jobs = {f.name: f.default for f in dataclasses.fields(BenchInferenceJob)}
-    assert all(f.default == jobs[f.name] for f in dataclasses.fields(InferenceSection))
+    assert all(f.default == jobs[f.name] for f in dataclasses.fields(InferenceSection)
+               if f.default is not dataclasses.MISSING)
 
 
 def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:
@@ -195,12 +201,12 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
     the run's data preparation writes the ids `preprocess --tokenizer none` writes, with the teacher's EOS."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     recipe = _recipe(assets)
     recipe["data"]["train"] = str(assets / "train.jsonl")
     load_recipe(_write(assets, "pretokenized", recipe))
-    run_preprocess(PreprocessJob(input=str(assets / "train.jsonl"), output_prefix=str(tmp_path / "run"),
+    run_preprocess(PreprocessJob(inputs=(str(assets / "train.jsonl"),), output_prefix=str(tmp_path / "run"),
                                  tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
     ours, ref = IndexedDataset(str(tmp_path / "run")), IndexedDataset(str(assets / "train"))
     assert len(ours) == len(ref) == 200
@@ -215,7 +221,7 @@ def test_pretokenized_jsonl_data_is_prepared_like_preprocess(assets: Path, tmp_p
 def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, message: str) -> None:
     """The teacher has no tokenizer files: text data used to become one end-of-document token per document, with
     prepare/data recorded done. Now the recipe is refused before anything runs, and so is preparation itself."""
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
     from megatron_slim.errors import UserError
 
     (assets / "train_bad.jsonl").write_text(line + "\n")
@@ -227,7 +233,7 @@ def test_bad_training_data_is_refused_before_compute(assets: Path, line: str, me
     assert f"data.train: {assets / message}" in proc.stderr
     assert not work.exists()
     with pytest.raises(UserError, match=message.split(":", 1)[1].strip()):
-        run_preprocess(PreprocessJob(input=str(assets / "train_bad.jsonl"), output_prefix=str(assets / "bad"),
+        run_preprocess(PreprocessJob(inputs=(str(assets / "train_bad.jsonl"),), output_prefix=str(assets / "bad"),
                                      tokenizer=str(assets / "teacher_hf"), vocab_size=128, eod_id=127))
 
 
@@ -267,6 +273,42 @@ def test_run_end_to_end(finished: Path) -> None:
     assert 0 < student_row["params"] < teacher_row["params"]
     assert all(m["prefill_s"] > 0 and m["decode_tokens_per_s"] > 0 for m in bench["models"])
     assert "## Deployment efficiency" in report and "| student |" in report and "vs teacher" in report
+
+
+def test_stages_read_one_data_stream(finished: Path, tmp_path: Path) -> None:
+    """Stage `width` starts where `depth` stopped in one shuffle of the corpus: contiguous sample ranges in the
+    state, run configs that build the same stream, and no window of the corpus read by both stages."""
+    from megatron_slim.train.config import run_config_from_dict
+    from megatron_slim.train.data import TokenizerInfo, build_datasets
+
+    state = RunState.read(finished)
+    assert [state.outputs(f"{s}/distill")["data_samples"] for s in ("depth", "width")] == [[0, 48], [48, 96]]
+    data = [run_config_from_dict(yaml.safe_load((finished / s / "train.yaml").read_text())).data
+            for s in ("depth", "width")]
+    assert [d.sample_offset for d in data] == [0, 48]
+    assert dataclasses.replace(data[0], sample_offset=48) == data[1] and data[0].stream_samples == 96
+    d = data[0]
+    train = build_datasets(d.blend, d.split, d.seq_length, (d.stream_samples, 8, 0), d.seed,
+                           TokenizerInfo(vocab_size=128, eod=127), str(tmp_path), False)[0]
+
+    def windows(start: int, end: int) -> set[tuple[int, int]]:  # (document position, offset) each sample starts at
+        return {tuple(int(x) for x in train.sample_index[train.shuffle_index[i]]) for i in range(start, end)}
+
+    depth, width = windows(0, 48), windows(48, 96)
+    assert len(depth) == len(width) == 48 and not depth & width
+
+
+def test_dry_run_refuses_a_too_small_corpus(assets: Path) -> None:
+    """The toy corpus (~8K tokens) cannot feed 10^5 tokens at data.max_epochs 1: the dry run names the dataset;
+    a recipe it can feed prints each dataset's tokens available / requested / epochs."""
+    big = _write(assets, "recipe_big", _recipe(assets, train_tokens=100_000))
+    proc = cli("run", str(big), "--workdir", str(assets / "w_big"), "--dry-run", check=False)
+    assert proc.returncode == 2 and f"of {assets / 'train'}" in proc.stderr, proc.stderr[-2000:]
+    assert "data.max_epochs 1" in proc.stderr
+    ok = cli("run", str(_write(assets, "recipe_dry", _recipe(assets))), "--workdir", str(assets / "w_dry"),
+             "--dry-run")
+    assert "data stream: 96 samples of 32 tokens; depth [0, 48), width [48, 96)" in ok.stdout
+    assert f"{assets / 'train'}: weight 1, " in ok.stdout and "3,072 requested" in ok.stdout, ok.stdout
 
 
 def test_export_matches_megatron_student(finished: Path) -> None:
@@ -338,6 +380,7 @@ def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None
     out = cli("run", str(assets / "recipe.yaml"), "--workdir", os.path.relpath(work, assets / "elsewhere"),
               "--no-progress", timeout=1200, cwd=assets / "elsewhere")
     assert "skip  depth/distill" in out.stdout and "resumed from" in out.stdout
+    assert RunState.read(work).outputs("width/distill")["data_samples"] == [48, 96]  # the same stream range
     resumed, full = _final_weights(work), _final_weights(finished)
     assert resumed.keys() == full.keys()
     for key in full:

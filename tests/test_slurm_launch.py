@@ -676,3 +676,31 @@ def test_local_torchrun_two_processes() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank="))
     assert lines == ["rank=0 world=2 local_rank=0 sum=1", "rank=1 world=2 local_rank=1 sum=1"], out.stdout
+
+
+def test_array_preprocess_shard_auto_merges_to_the_unsharded_dataset(slurm_env: dict[str, str],
+                                                                      tmp_path: Path) -> None:
+    """`preprocess --shard auto` in a 3-task array over one directory of parts: each task takes its shard from
+    SLURM_ARRAY_TASK_ID/COUNT, and merge-datasets of the three shards is byte-identical to the unsharded dataset."""
+    from megatron_slim.engines.preprocess_job import PreprocessJob, merge_datasets, run_preprocess
+
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        docs = [[i * 100 + d * 10 + t for t in range(3 + d)] for d in range(2 + i)]
+        (tmp_path / "corpus" / f"part-{i}.jsonl").write_text("".join(json.dumps({"tokens": d}) + "\n" for d in docs))
+    script = ('exec "$1" -m megatron_slim.cli preprocess --input "$2/corpus" --output-prefix "$2/ds" '
+              '--tokenizer none --vocab-size 1000 --eod-id 999 --shard auto --no-progress')
+    logs = tmp_path / "logs"
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--array", "3", "--cpu-partition", "debug", "--cpu-time", "00:10:00",
+         "--job-name", "tok", "--log-dir", str(logs), "--wait", "--exec", "--", "bash", "-c", script, "task",
+         sys.executable, str(tmp_path)],
+        capture_output=True, text=True, env=slurm_env, cwd=REPO, timeout=300)
+    logs_text = {p.name: p.read_text() for p in sorted(logs.glob("*"))} if logs.is_dir() else {}
+    assert out.returncode == 0, (out.stdout, out.stderr, logs_text)
+    shards = [str(tmp_path / f"ds-{i:05d}-of-00003") for i in range(3)]
+    merge_datasets(shards, str(tmp_path / "merged"))
+    run_preprocess(PreprocessJob(inputs=(str(tmp_path / "corpus"),), output_prefix=str(tmp_path / "whole"),
+                                 tokenizer="none", vocab_size=1000, eod_id=999, progress=False))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"whole{ext}").read_bytes()

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from megatron_slim.eval.stats import paired_difference
 from megatron_slim.run.recipe_check import load_study
 from megatron_slim.run.recipe_schema import RecipeError
+from megatron_slim.run.state import RunState
 from support.run_assets import build, recipe as chain_recipe, write_recipe
 from support.train_assets import cli
 
@@ -200,6 +202,18 @@ def test_comparison_report(study: Path) -> None:
     assert compare["variants"]["pruned"]["diff_vs_reference"] is None
     for name in ("kd_only", "pruned", "random_init"):  # every variant trained the same tokens
         assert compare["variants"][name]["tokens_trained"] == STEPS * 8 * 32
+
+
+def test_variants_read_the_same_samples(study: Path) -> None:
+    """Every variant (random init included) distils on the same range of the same data stream: equal data
+    sections in their run configs (blend, split, seed, stream length, offset) and equal recorded sample ranges."""
+    data, ranges = [], []
+    for name in ("pruned", "kd_only", "random_init"):
+        stage = study / "variants" / name / "one_shot"
+        data.append(yaml.safe_load((stage / "train.yaml").read_text())["data"])
+        ranges.append(RunState.read(study / "variants" / name).outputs("one_shot/distill")["data_samples"])
+    assert data[0] == data[1] == data[2] and data[0]["stream_samples"] == STEPS * 8
+    assert ranges == [[0, STEPS * 8]] * 3
 
 
 def test_killed_variant_resumes_to_the_same_weights(assets: Path, study: Path) -> None:

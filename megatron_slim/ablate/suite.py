@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
 from megatron_slim.runtime.config_loader import load_yaml
 from megatron_slim.runtime.outputs import atomic_write, prepare_workdir
 from megatron_slim.runtime.seed import DEFAULT_SEED
@@ -336,6 +337,9 @@ def run_ablation(job: AblateJob) -> int:
     recipe_path = prepare_suite(chosen, job.workdir, job.base, job.seeds)
     code = run_recipe(RunJob(recipe=recipe_path, workdir=job.workdir, progress=job.progress))
     if code:
+        if job.json:  # one JSON document whatever happened: the failure, with where to look
+            json_out.emit({"error": f"the suite's run failed (exit status {code}); its log and state are in "
+                                    f"{job.workdir}", "exit_status": code, "workdir": str(job.workdir)})
         return code
     found = verdicts(recipe_path, job.workdir, chosen, job.seeds)
     dense = None
@@ -347,8 +351,11 @@ def run_ablation(job: AblateJob) -> int:
         upcycled_teacher(dense, DEMO_EXPERTS, DEMO_EXPERTS)
     check = teacher_check(recipe_path, job.workdir, chosen[0].variants[0], dense)
     result = as_json(found) | {"teacher_check": check}
-    atomic_write(job.workdir / "report" / "findings.json", json.dumps(result, indent=1))
+    atomic_write(job.workdir / "report" / "findings.json", json_out.dumps(result, indent=1))
     text = format_teacher_check(check) + "\n\n" + format_table(found, job.seeds)
     atomic_write(job.workdir / "report" / "findings.md", text + "\n")
-    print(json.dumps(result) if job.json else "\n" + text, flush=True)
+    if job.json:
+        json_out.emit(result)
+    else:
+        print("\n" + text, flush=True)
     return 0

@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-template", help="copy tokenizer/generation files from this HF directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export weights holding NaN or Inf (refused by default, naming the tensor)")
 
 
 def _run_student(workdir: Path) -> tuple[str, str | None]:
@@ -52,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     ckpt, template = (_run_student(Path(args.run)) if args.run else (args.mcore, None))
     template = args.hf_template or template
     summary = mcore_to_hf(ckpt, args.out, hf_template=template, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {args.out} from {ckpt}: {summary.describe()}")
     return 0

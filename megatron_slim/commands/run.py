@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the stage names, one per line, and exit (with variants: `shared`, then VARIANT/STAGE)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the steps with their status and each stage's student")
+    p.add_argument("--gpu-memory", help="memory of one GPU (e.g. 80GiB; default: the recipe's cluster.gpu_memory): "
+                   "a stage whose memory plan does not fit is refused before anything runs")
     p.add_argument("--fresh", action="store_true", help="remove the work dir's contents first and run every step "
                    "again (only a work dir `run` created, holding none of the run's inputs)")
     p.add_argument("--list-jobs", action="store_true",
@@ -63,4 +65,5 @@ def run(args: argparse.Namespace) -> int:
                              variant=args.variant,
                              list_stages=args.list_stages, dry_run=args.dry_run, step=args.step,
                              progress=not args.no_progress, list_jobs=args.list_jobs, job=args.job,
-                             allow_single_process_steps=args.allow_single_process_steps, fresh=args.fresh))
+                             allow_single_process_steps=args.allow_single_process_steps, fresh=args.fresh,
+                             gpu_memory=args.gpu_memory))

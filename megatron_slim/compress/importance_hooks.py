@@ -6,7 +6,11 @@ What each forward hook observes (megatron-core itself is not patched):
   the router weight.
 - routed experts (SequentialMLP, or TEGroupedMLP on GPU): the dispatched tokens, tokens_per_expert and the output,
   which megatron-core already scales by the gate, so REAP per token is the output norm. The neuron activations
-  silu(gate) * up are recomputed per local expert from its fc1 weight (TE's fused path has no fc1 call to hook).
+  silu(gate) * up: with SequentialMLP, each local expert's linear_fc2 input divided by the routing probability
+  megatron-core multiplied into it (per_token_scale; the rows whose probability is 0 are recomputed from fc1);
+  with TEGroupedMLP recomputed per local expert from its fc1 weight (TE's fused path has no fc1 call to hook).
+  Reading the fc2 input instead of recomputing fc1 keeps the pass near a plain forward's speed
+  (bench/bench_importance.py).
 - shared expert / dense MLP: the input of linear_fc2 (= silu(gate) * up); attention: the input of linear_proj
   (after the output gate); Gated DeltaNet: the input of out_proj (gated, normed).
 - decoder layer i (hybrid layers 2i, 2i+1): input of 2i and output of 2i+1 -> block influence. Hidden channels
@@ -101,10 +105,14 @@ def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def _rms_norm64(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
-    x = x.double()
+def _rms_norm64_abs_sum(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    """sum over tokens of |RMSNorm(x)| per channel, in float64: |x_t * r_t * w| = |w| * |x_t| * r_t with
+    r_t = rsqrt(mean(x_t^2) + eps) > 0, so the sum is |w| * (r @ |x|), one matrix-vector product instead of three
+    full-size temporaries (the hook runs on every residual-reading norm); the norms upcast inside the reduction."""
+    x = x.reshape(-1, x.shape[-1])
+    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square() / x.shape[-1] + eps)
     w = weight.double()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w if zero_centered else w)
+    return (1.0 + w if zero_centered else w).abs() * (r @ x.to(torch.float64, copy=True).abs_())
 
 
 # Where the norm that reads the residual stream keeps its weight: a separate norm module (torch backend, MoE
@@ -225,45 +233,86 @@ class _Collector:
         width = self.cfg.moe_ffn_hidden_size // etp
         neurons = slice(etp_rank * width, (etp_rank + 1) * width)
         weights = _local_fc1_weights(experts)
+        name = f"{prefix}experts.neurons"
+
+        def activations(i: int, x: torch.Tensor) -> torch.Tensor:
+            gate, up = F.linear(x, weights[i]).chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        sequential = hasattr(experts, "local_experts")
+        if sequential:  # read each expert's fc2 input (activations x routing probability) instead of recomputing
+            inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+            def on_expert_input(i: int, args: tuple, kwargs: dict) -> None:
+                scale = args[1] if len(args) > 1 else kwargs.get("per_token_scale")
+                inputs[i] = (args[0], scale)
+
+            def on_fc2_input(i: int, a: torch.Tensor) -> None:
+                x, scale = inputs.pop(i)
+                if not a.shape[0]:
+                    return
+                a = a.reshape(-1, a.shape[-1]).to(torch.float64, copy=True).abs_()
+                if scale is None:
+                    self.add(name, a.sum(0), (first + i, neurons))
+                    return
+                # sum_t |a_t| / p_t as one matrix-vector product; p_t = 0 erased row t: recomputed from fc1
+                scale = scale.reshape(-1).double()
+                lost = scale == 0
+                self.add(name, torch.where(lost, 0.0, 1.0 / scale) @ a, (first + i, neurons))
+                if lost.any():
+                    self.add(name, activations(i, x.reshape(-1, x.shape[-1])[lost]).double().abs().sum(0),
+                             (first + i, neurons))
+
+            for i, expert in enumerate(experts.local_experts):
+                self._handles.append(expert.register_forward_pre_hook(
+                    lambda mod, args, kwargs, i=i: on_expert_input(i, args, kwargs) if self.active else None,
+                    with_kwargs=True))
+                self._pre(expert.linear_fc2, lambda a, i=i: on_fc2_input(i, a))
 
         def on_experts(args, out) -> None:
-            x, tokens_per_expert = args[0], args[1].tolist()
+            x = args[0]
             y = out[0]  # gate-scaled expert outputs; partial sums over expert-TP ranks
             if etp > 1:
                 y = y.clone()
                 dist.all_reduce(y, group=etp_group)
-            reap = y.double().norm(dim=-1)
-            start = 0
-            for i, n in enumerate(tokens_per_expert):
-                if n:
-                    gate, up = F.linear(x[start:start + n], weights[i]).chunk(2, dim=-1)
-                    self.add(f"{prefix}experts.neurons", (F.silu(gate) * up).double().abs().sum(0),
-                             (first + i, neurons))
-                    if etp_rank == 0:
-                        self.add(f"{prefix}experts.reap", reap[start:start + n].sum(), first + i)
-                start += n
+            if etp_rank == 0:  # each token's output norm, summed per local expert in one index_add
+                counts = args[1].to(device=y.device, dtype=torch.long)
+                owner = torch.repeat_interleave(torch.arange(n_local, device=y.device), counts)
+                reap = torch.zeros(n_local, dtype=torch.float64, device=y.device).index_add_(
+                    0, owner, torch.linalg.vector_norm(y, dim=-1, dtype=torch.float64))
+                self.add(f"{prefix}experts.reap", reap, slice(first, first + n_local))
+            if not sequential:
+                start = 0
+                for i, n in enumerate(args[1].tolist()):
+                    if n:
+                        self.add(name, activations(i, x[start:start + n]).double().abs().sum(0), (first + i, neurons))
+                    start += n
 
         return on_experts
 
     def _heads_hook(self, name: str, heads: int, head_dim: int) -> Callable:
         local = heads // self.tp
         own = slice(self.tp_rank * local, (self.tp_rank + 1) * local)
-        return lambda x: self.add(name, x.double().reshape(-1, local, head_dim).norm(dim=-1).sum(0), own)
+        return lambda x: self.add(name, torch.linalg.vector_norm(x.reshape(-1, local, head_dim), dim=-1,
+                                                                 dtype=torch.float64).sum(0), own)
 
     def _neurons_hook(self, name: str, width: int) -> Callable:
         local = width // self.tp
         own = slice(self.tp_rank * local, (self.tp_rank + 1) * local)
-        return lambda x: self.add(name, x.double().reshape(-1, local).abs().sum(0), own)
+        return lambda x: self.add(name, x.reshape(-1, local).abs().sum(0, dtype=torch.float64), own)
 
     def _hidden_channels_hook(self, weight: torch.Tensor) -> Callable:
         cfg = self.cfg
-        return lambda x: self.add("hidden.channels", _rms_norm64(x, weight, cfg.norm_eps, cfg.zero_centered_norm)
-                                  .abs().reshape(-1, cfg.hidden_size).sum(0))
+        return lambda x: self.add("hidden.channels", _rms_norm64_abs_sum(x, weight, cfg.norm_eps,
+                                                                         cfg.zero_centered_norm))
 
     def _block_influence(self, prefix: str, out: torch.Tensor) -> None:
         h = self.cfg.hidden_size
-        x = self._block_inputs.pop(prefix)
-        cos = F.cosine_similarity(x.double().reshape(-1, h), out.double().reshape(-1, h), dim=-1)
+        x, y = self._block_inputs.pop(prefix).reshape(-1, h), out.reshape(-1, h)
+        # cosine similarity in float64 as F.cosine_similarity defines it, without its normalised temporaries
+        norms = (torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+                 * torch.linalg.vector_norm(y, dim=-1, dtype=torch.float64))
+        cos = torch.linalg.vecdot(x.double(), y.double()) / norms.clamp_min(1e-8)
         self.add(f"{prefix}block_influence", cos.sum())
 
 

@@ -9,19 +9,28 @@ filling the KV cache) and decode (`--gen-len` greedy steps of one token each thr
 reported. Peak memory is what the model adds to the process: on CUDA `torch.cuda.max_memory_allocated`, on the
 CPU the process's resident high-water mark (reset just before loading the weights, the model's code already
 imported) minus its resident set at that moment.
+
+`engines` picks who runs the models: transformers (in the spawned process) and/or vLLM (engines/vllm_engine.py: a
+worker under the vLLM environment's interpreter, on the same prompts, timed by the same definitions on a warm
+engine). Every vLLM measurement also checks its greedy tokens against transformers' (the first `CHECK_TOKENS` of
+every row, transformers run in its own fresh process) and carries the agreement into the figures and the table.
 """
 from __future__ import annotations
 
-import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
 
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("transformers", "vllm")
+CHECK_TOKENS = 16  # greedy tokens per row compared between vLLM and transformers (fewer when gen_len + 1 is less)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +45,8 @@ class BenchInferenceJob:
     device: str = "auto"  # "auto": cuda when available, else cpu
     warmup: int = 1
     repeats: int = 3
+    engines: tuple[str, ...] = ("transformers",)
+    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of this checkout)
     json: bool = False
 
     def settings_problems(self, name: Callable[[str], str] = lambda f: "--" + f.replace("_", "-")) -> list[str]:
@@ -52,7 +63,17 @@ class BenchInferenceJob:
             problems.append(f"{name('dtype')} must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"{name('device')} must be auto, cpu or cuda, got {self.device!r}")
+        engines = list(self.engines) if isinstance(self.engines, (list, tuple)) else [self.engines]
+        bad = [e for e in engines if e not in ENGINES]
+        if bad or not engines or len(set(engines)) != len(engines):
+            problems.append(f"{name('engines')} must be distinct entries of {', '.join(ENGINES)}, got {engines!r}")
         return problems
+
+    def python(self) -> Path:
+        """The vLLM environment's interpreter this job uses."""
+        from megatron_slim.engines.vllm_engine import default_python
+
+        return Path(self.vllm_python) if self.vllm_python else default_python()
 
     def validate(self) -> None:
         """Refuse what cannot be measured, before any model is loaded; messages name the command's flags."""
@@ -71,6 +92,28 @@ class BenchInferenceJob:
                 megatron = (path / "model_config.json").is_file()
                 hint = " (a Megatron checkpoint: export it to HF first)" if megatron else ""
                 raise UserError(f"--model {model} is not an HF checkpoint directory (config.json){hint}")
+        if "vllm" in self.engines:
+            problems = self.vllm_problems(self.models)
+            if problems:
+                raise UserError(problems[0])
+
+    def vllm_problems(self, models: tuple[str | Path, ...],
+                      name: Callable[[str], str] = lambda f: "--" + f.replace("_", "-")) -> list[str]:
+        """Why vLLM cannot measure these HF checkpoints (others are skipped): no interpreter, or a combination
+        known to fail (engines/vllm_engine.refusal)."""
+        from megatron_slim.engines.vllm_engine import refusal
+
+        problems = []
+        python = self.python()
+        if not os.access(python, os.X_OK) or python.is_dir():
+            problems.append(f"{name('vllm_python')} {python}: no such interpreter (build the vLLM environment "
+                            "with `make vllm-env`, or name one)")
+        for model in models:
+            if (Path(model) / "config.json").is_file():
+                reason = refusal(model, self.dtype, self.resolved_device())
+                if reason:
+                    problems.append(f"{name('engines')}: vLLM refuses {model}: {reason}")
+        return problems
 
     def resolved_device(self) -> str:
         import torch
@@ -87,6 +130,17 @@ class Measurement:
     peak_memory_bytes: int
     prefill_s: float  # median seconds of one prefill of the whole batch
     decode_tokens_per_s: float  # median generated tokens per second over the batch (batch * gen_len / decode time)
+    engine: str = "transformers"
+    greedy_checked: int = 0  # vLLM: greedy tokens compared with transformers' over all rows (0: not compared)
+    greedy_matching: int = 0  # of those, the tokens before each row's first disagreement
+
+    def agreement(self) -> str:
+        """The greedy check in words ("" for transformers itself)."""
+        if not self.greedy_checked:
+            return ""
+        if self.greedy_matching == self.greedy_checked:
+            return f"greedy = transformers ({self.greedy_checked} tokens)"
+        return f"DIFFERS from transformers: {self.greedy_matching}/{self.greedy_checked} leading greedy tokens agree"
 
 
 def _status_bytes(field: str) -> int:
@@ -105,6 +159,71 @@ def _reset_peak_resident() -> int:
     return _status_bytes("VmRSS")
 
 
+def make_prompts(vocab_size: int, job: BenchInferenceJob) -> "torch.Tensor":
+    """The job's random prompts (seeded: the same for every model and engine of one vocabulary size)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (job.batch, job.prompt_len), generator=gen)
+
+
+def _load(path: str, job: BenchInferenceJob, device: "torch.device"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, job.dtype), local_files_only=True,
+                                                trust_remote_code=False).to(device).eval()
+
+
+def greedy_reference(path: str, job: BenchInferenceJob, tokens: int) -> tuple[list[list[int]], int, int]:
+    """Transformers' first `tokens` greedy tokens of every prompt row (argmax through the KV cache, as `measure`
+    decodes), the model's parameter count and vocabulary size: what a vLLM measurement is checked against."""
+    import torch
+
+    device = torch.device(job.resolved_device())
+    model = _load(path, job, device)
+    prompts = make_prompts(model.config.vocab_size, job).to(device)
+    out_tokens = []
+    with torch.inference_mode():
+        out = model(prompts, use_cache=True)
+        for step in range(tokens):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out_tokens.append(token)
+            if step + 1 < tokens:
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+    rows = torch.cat(out_tokens, dim=1).tolist()
+    return rows, sum(p.numel() for p in model.parameters()), model.config.vocab_size
+
+
+def _leading_matches(got: list[int], want: list[int]) -> int:
+    n = 0
+    for a, b in zip(got, want):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def measure_vllm(path: str, job: BenchInferenceJob, reference: tuple[list[list[int]], int, int]) -> Measurement:
+    """One model's figures from vLLM (engines/vllm_engine.py runs the worker), checked against transformers'
+    greedy tokens `reference` (from `greedy_reference`, which also gives the parameter count and vocabulary)."""
+    import torch
+
+    from megatron_slim.engines.vllm_engine import run_worker
+
+    rows, params, vocab = reference
+    request = {"model": str(path), "dtype": job.dtype, "prompts": make_prompts(vocab, job).tolist(),
+               "gen_len": job.gen_len, "warmup": job.warmup, "repeats": job.repeats}
+    reply = run_worker(job.python(), request, device=job.resolved_device(), threads=torch.get_num_threads())
+    decode = [g - p for p, g in zip(reply["prefill_s"], reply["generate_s"], strict=True)]
+    checked = sum(len(r) for r in rows)
+    matching = sum(_leading_matches(got, want) for got, want in zip(reply["greedy"], rows))
+    return Measurement(path=str(path), params=params, peak_memory_bytes=int(reply["peak_memory_bytes"]),
+                       prefill_s=statistics.median(reply["prefill_s"]),
+                       decode_tokens_per_s=job.batch * job.gen_len / statistics.median(decode), engine="vllm",
+                       greedy_checked=checked, greedy_matching=matching)
+
+
 def measure(path: str, job: BenchInferenceJob) -> Measurement:
     """One model's figures, in this process (`bench_models` calls it in a fresh one per model)."""
     import torch
@@ -119,11 +238,9 @@ def measure(path: str, job: BenchInferenceJob) -> Measurement:
         base = torch.cuda.memory_allocated(device)
     else:
         base = _reset_peak_resident()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, job.dtype), local_files_only=True,
-                                                 trust_remote_code=False).to(device).eval()
+    model = _load(path, job, device)
     params = sum(p.numel() for p in model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.config.vocab_size, (job.batch, job.prompt_len), generator=gen).to(device)
+    prompts = make_prompts(model.config.vocab_size, job).to(device)
 
     def clock() -> float:
         if cuda:
@@ -152,47 +269,77 @@ def measure(path: str, job: BenchInferenceJob) -> Measurement:
 
 
 def bench_models(job: BenchInferenceJob) -> list[Measurement]:
-    """Every model of the job measured in its own fresh process, in order."""
+    """Every model of the job measured in its own fresh process, in order, engine by engine (all models with the
+    first engine, then with the next). A vLLM disagreement with transformers is also warned about on stderr."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    def fresh(fn: Callable, *args):
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+
     job.validate()
     results = []
-    for path in job.models:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results.append(pool.submit(measure, path, job).result())
+    for engine in job.engines:
+        for path in job.models:
+            if engine == "transformers":
+                results.append(fresh(measure, path, job))
+                continue
+            reference = fresh(greedy_reference, path, job, min(CHECK_TOKENS, job.gen_len + 1))
+            result = measure_vllm(path, job, reference)
+            if result.greedy_matching != result.greedy_checked:
+                print(f"warning: vLLM on {path}: {result.agreement()}", file=sys.stderr, flush=True)
+            results.append(result)
     return results
 
 
 def settings_line(job: BenchInferenceJob) -> str:
     return (f"batch {job.batch}, prompt {job.prompt_len} tokens, {job.gen_len} generated tokens, {job.dtype} on "
-            f"{job.resolved_device()}, median of {job.repeats}")
+            f"{job.resolved_device()}, median of {job.repeats}, engines: {', '.join(job.engines)}")
+
+
+def _baselines(results: list[tuple[str, Measurement]]) -> dict[str, Measurement]:
+    """Each engine's first measurement: the baseline of that engine's ratios (engines are not compared by ratio:
+    their absolute figures stand side by side)."""
+    out: dict[str, Measurement] = {}
+    for _, r in results:
+        out.setdefault(r.engine, r)
+    return out
+
+
+def _ratios(r: Measurement, base: Measurement) -> tuple[float, float, float, float]:
+    return (r.params / base.params, r.peak_memory_bytes / base.peak_memory_bytes, base.prefill_s / r.prefill_s,
+            r.decode_tokens_per_s / base.decode_tokens_per_s)
 
 
 def markdown_table(results: list[tuple[str, Measurement]]) -> str:
-    """The efficiency table of labelled measurements in markdown, ratios against the first (the run report's)."""
-    base = results[0][1]
-    lines = [f"| model | params | peak memory | prefill | decode | vs {results[0][0]}: params, memory, prefill "
-             "speed-up, decode speed-up |", "|---|---|---|---|---|---|"]
+    """The efficiency table of labelled measurements in markdown; ratios against the first row of the same engine
+    (the run report's), the vLLM rows' greedy agreement with transformers in the last column."""
+    bases = _baselines(results)
+    firsts = list(dict.fromkeys(label for label, r in results if r is bases[r.engine]))
+    lines = [f"| model | engine | params | peak memory | prefill | decode | vs {' / '.join(firsts)} (same engine): "
+             "params, memory, prefill speed-up, decode speed-up | greedy check |", "|---|---|---|---|---|---|---|---|"]
     for label, r in results:
-        lines.append(f"| {label} | {r.params / 1e6:.1f}M | {r.peak_memory_bytes / 1e9:.3f} GB | "
+        p, m, f, d = _ratios(r, bases[r.engine])
+        lines.append(f"| {label} | {r.engine} | {r.params / 1e6:.1f}M | {r.peak_memory_bytes / 1e9:.3f} GB | "
                      f"{r.prefill_s * 1e3:.1f} ms | {r.decode_tokens_per_s:.1f} tok/s | "
-                     f"{r.params / base.params:.3f}x, {r.peak_memory_bytes / base.peak_memory_bytes:.3f}x, "
-                     f"{base.prefill_s / r.prefill_s:.2f}x, {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x |")
+                     f"{p:.3f}x, {m:.3f}x, {f:.2f}x, {d:.2f}x | {r.agreement() or '-'} |")
     return "\n".join(lines)
 
 
 def format_table(results: list[Measurement], job: BenchInferenceJob) -> str:
-    """The paper's efficiency table: figures per model and ratios to the first model."""
-    base = results[0]
+    """The paper's efficiency table: figures per model and engine, ratios to the engine's first model, and the
+    vLLM rows' greedy agreement with transformers."""
+    bases = _baselines([("", r) for r in results])
     lines = [settings_line(job),
-             f"{'model':<40} {'params':>12} {'peak memory':>12} {'prefill':>10} {'decode':>12}  vs first: "
-             "params, memory, prefill speed-up, decode speed-up"]
+             f"{'model':<32} {'engine':<12} {'params':>10} {'peak memory':>12} {'prefill':>10} {'decode':>12}  "
+             "vs the engine's first: params, memory, prefill speed-up, decode speed-up"]
     for r in results:
-        lines.append(f"{Path(r.path).name[-40:]:<40} {r.params / 1e6:>11.1f}M {r.peak_memory_bytes / 1e9:>10.3f}GB "
-                     f"{r.prefill_s * 1e3:>8.1f}ms {r.decode_tokens_per_s:>8.1f}tok/s  "
-                     f"{r.params / base.params:.3f}x {r.peak_memory_bytes / base.peak_memory_bytes:.3f}x "
-                     f"{base.prefill_s / r.prefill_s:.2f}x {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x")
+        p, m, f, d = _ratios(r, bases[r.engine])
+        lines.append(f"{Path(r.path).name[-32:]:<32} {r.engine:<12} {r.params / 1e6:>9.1f}M "
+                     f"{r.peak_memory_bytes / 1e9:>10.3f}GB {r.prefill_s * 1e3:>8.1f}ms "
+                     f"{r.decode_tokens_per_s:>8.1f}tok/s  {p:.3f}x {m:.3f}x {f:.2f}x {d:.2f}x"
+                     + (f"  {r.agreement()}" if r.agreement() else ""))
     return "\n".join(lines)
 
 
@@ -200,9 +347,10 @@ def run_bench_inference(job: BenchInferenceJob) -> int:
     """Measure every model and print the table, or with `job.json` one JSON object; the exit status."""
     results = bench_models(job)
     if job.json:
-        print(json.dumps({"models": [asdict(r) for r in results],
+        json_out.emit(({"models": [asdict(r) for r in results],
                           "settings": {"batch": job.batch, "prompt_len": job.prompt_len, "gen_len": job.gen_len,
-                                       "dtype": job.dtype, "device": job.resolved_device(), "repeats": job.repeats}}))
+                                       "dtype": job.dtype, "device": job.resolved_device(), "repeats": job.repeats,
+                                       "engines": list(job.engines)}}))
     else:
         print(format_table(results, job))
     return 0

@@ -3,7 +3,6 @@
 table a person reads. See megatron_slim/eval/metrics.py for the held-out metrics, eval/harness.py for the tasks."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from megatron_slim.engines.source import (
     temp_checkpoint,
 )
 from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
 from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.outputs import atomic_write
 
@@ -139,7 +139,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
     opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
     model = build_model(cfg, parallel, opts)
-    load_model(model, ckpt)
+    load_model(model, ckpt, allow_nonfinite=job.allow_nonfinite)
     release_checkpoint(job, ckpt)
     result: dict = {}
     if windows is not None:
@@ -148,8 +148,13 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if job.tasks:
         from megatron_slim.eval.harness import score_tasks  # lm-eval (and datasets) load only when asked for
 
-        result["tasks"] = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
-                                      micro_batch=job.micro_batch)
+        result["tasks"], errors = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
+                                              micro_batch=job.micro_batch)
+        if errors:
+            result["task_errors"] = errors
+            if rank == 0:
+                for task, error in errors.items():
+                    print(f"warning: task {task} failed, the other tasks' scores are kept: {error}", file=sys.stderr)
     if rank != 0:
         return
     report = result | {"model": str(job.model),
@@ -157,12 +162,15 @@ def evaluate_worker(job: EvaluateJob) -> None:
                                   "world": dist.get_world_size()}}
     if job.data is not None:
         report |= {"data": str(job.data), "seq_len": job.seq_len}
-    text = json.dumps(report)
+    text = json_out.dumps(report)  # NaN/Inf (a diverged model) as null, listed under "nonfinite"
     if job.write_to:
         job.write_to.write_text(text + "\n")
     elif job.out:
         atomic_write(job.out, text + "\n")
-    print(text if job.json else format_table(result), flush=True)
+    if job.json:
+        json_out.emit(report)
+    else:
+        print(format_table(result), flush=True)
 
 
 def run_evaluate(job: EvaluateJob) -> int:

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from megatron_slim.engines.source import (
     DTYPES,
@@ -22,9 +21,6 @@ from megatron_slim.engines.source import (
 )
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import setting
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,9 +78,8 @@ def importance_worker(job: ImportanceJob) -> None:
 
     opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
     model = build_model(cfg, parallel, opts)
-    load_model(model, ckpt)
+    load_model(model, ckpt, allow_nonfinite=job.allow_nonfinite)  # NaN/Inf would make every statistic NaN
     release_checkpoint(job, ckpt)
-    refuse_nonfinite(model, job.model)
     result = collect(model, cfg, windows[:usable],
                      CollectOptions(micro_batch=job.micro_batch, layer_loss=job.layer_loss, progress=job.progress))
     if result is not None:
@@ -94,22 +89,6 @@ def importance_worker(job: ImportanceJob) -> None:
         result.save(job.write_to or job.out)
         print(f"wrote {job.out}: {result.tokens} tokens ({usable} x {job.seq_len}), LM loss "
               f"{result.options['lm_loss']:.4f}, {len(result.tensors)} tensors", flush=True)
-
-
-def refuse_nonfinite(model: torch.nn.Module, where: str) -> None:
-    """Collective: NaN/Inf weights make every statistic NaN ("LM loss nan"), so they are refused, naming the first
-    such parameter, on every rank alike (a rank holding none must not wait for one that raised)."""
-    import torch.distributed as dist
-
-    from megatron_slim.checkpoint.finite import nonfinite_error
-
-    local = next((str(e) for name, p in model.named_parameters()
-                  if (e := nonfinite_error(where, name, p.detach())) is not None), None)
-    found: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(found, local)
-    error = next((e for e in found if e is not None), None)
-    if error is not None:
-        raise UserError(error)
 
 
 def run_importance(job: ImportanceJob) -> int:

@@ -22,6 +22,7 @@ from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.launch_env import without_launcher_env
 from megatron_slim.runtime.layout import ParallelLayout
+from megatron_slim.runtime.lifetime import child_env
 from megatron_slim.runtime.outputs import claim_output_file
 
 DTYPES = ("float32", "bfloat16")
@@ -45,6 +46,8 @@ class ModelJob:
     micro_batch: int = setting(1, help="sequences per forward micro-batch")
     parallel: ParallelLayout = setting(ParallelLayout(), help="model-parallel layout (--tp, --ep, --pp)")
     dtype: str = setting("float32", help="model parameter dtype", choices=DTYPES)
+    allow_nonfinite: bool = setting(False, help="load a model whose weights hold NaN or Inf (refused by default, "
+                                                "naming the tensor)")
     converted: Path | None = None  # set by `run_on_ranks` when it converted an HF model before spawning ranks
 
     def check_sizes(self, more: tuple[str, ...] = (), name: Callable[[str], str] | None = None) -> None:
@@ -91,12 +94,13 @@ def temp_checkpoint(base: Path) -> Path:
     return base.with_name(base.name + ".mcore-tmp")
 
 
-def convert_in_child(hf_dir: Path, out_dir: Path, progress: bool) -> None:
+def convert_in_child(hf_dir: Path, out_dir: Path, progress: bool, allow_nonfinite: bool = False) -> None:
     """hf_to_mcore builds a meta model under its own one-process group, which cannot happen inside a running
     multi-rank job: under torchrun/srun rank 0 converts in a child process that does not see the job's ranks."""
     cmd = [sys.executable, "-m", "megatron_slim.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir), "--out",
-           str(out_dir), "--overwrite", *([] if progress else ["--no-progress"])]
-    subprocess.run(cmd, env=without_launcher_env(), check=True)
+           str(out_dir), "--overwrite", *([] if progress else ["--no-progress"]),
+           *(["--allow-nonfinite"] if allow_nonfinite else [])]
+    subprocess.run(cmd, env=child_env(without_launcher_env()), check=True)
 
 
 def open_checkpoint(job: ModelJob, temp: Path, progress: bool) -> tuple[Path, Path | None]:
@@ -112,7 +116,7 @@ def open_checkpoint(job: ModelJob, temp: Path, progress: bool) -> tuple[Path, Pa
     elif model.kind == "hf":
         ckpt = temp
         if dist.get_rank() == 0:
-            convert_in_child(model.path, ckpt, progress=progress)
+            convert_in_child(model.path, ckpt, progress=progress, allow_nonfinite=job.allow_nonfinite)
         dist.barrier()
     else:
         ckpt = model.path
@@ -157,7 +161,7 @@ def run_on_ranks(command: str, worker: Callable[[J], None], job: J, temp: Path, 
 
     launched = launched_world_size() is not None
     if not launched and not is_mcore:  # convert before any process group exists (cf. `convert_in_child`)
-        hf_to_mcore(model, temp, overwrite=True, progress=progress)
+        hf_to_mcore(model, temp, overwrite=True, progress=progress, allow_nonfinite=job.allow_nonfinite)
         job = replace(job, converted=temp)
     # smallest world with room for tp*pp and ep*expert_tp*pp (expert_tp = tp)
     world = job.parallel.tp * job.parallel.ep * job.parallel.pp

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,29 @@ def _check_data(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data sources (a .jsonl or an indexed prefix) are the same files, however they are spelled."""
+    def files(p: str) -> Path:
+        return Path(p) if p.endswith(".jsonl") else Path(p + ".bin")
+
+    try:
+        return files(a).samefile(files(b))
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def heldout_overlap_warning(recipe: Recipe) -> str | None:
+    """The warning when the held-out data is (one of) the training data: held-out loss then measures memorisation,
+    and every eval step and comparison of the run would look better than the model is."""
+    train = recipe.data.train
+    sources = [train] if isinstance(train, str) else [p for _, p in train]
+    same = [p for p in sources if _same_data(p, recipe.data.heldout)]
+    if same:
+        return (f"warning: data.heldout {recipe.data.heldout} is also training data (data.train {same[0]}): "
+                "held-out loss will measure memorisation, not generalisation")
+    return None
+
+
 def _check_data_sample(recipe: Recipe, teacher: ModelConfig) -> None:
     """The first documents of every jsonl source read as the run will read them: JSON lines with text (the
     teacher must carry a tokenizer) or pre-tokenized ids inside the teacher's vocabulary."""
@@ -126,6 +150,9 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
     from megatron_slim.train.config import run_config_from_dict
 
     problems = _check_data(recipe)
+    warning = heldout_overlap_warning(recipe)
+    if warning:
+        print(warning, file=sys.stderr)
     if not recipe.teacher.is_dir():
         problems.append(f"teacher {recipe.teacher} does not exist")
     if problems:
@@ -148,13 +175,19 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
                                                   "<save>")).validate(recipe.nproc)
         except UserError as e:
             raise RecipeError(f"stage {stage.name!r}: {e}") from e
+    if isinstance(recipe.data.train, list):  # an indexed blend: its size is known now (a .jsonl once tokenized)
+        try:
+            stream_usage(recipe, recipe.data.train)
+        except UserError as e:
+            raise RecipeError(f"invalid recipe: {e}") from e
     return configs
 
 
 def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, blend: list[list[Any]],
-                     save_dir: str, heldout: str = "<heldout>") -> dict[str, Any]:
+                     save_dir: str, heldout: str = "<heldout>", sample_offset: int = 0) -> dict[str, Any]:
     """The `train --config` dict of a stage's distillation (held-out evaluation along training when the recipe's
-    evaluation.every_tokens asks for it)."""
+    evaluation.every_tokens asks for it), reading the run's data stream (run/data_stream.py) from
+    `sample_offset` on."""
     cfg = copy.deepcopy(stage.training.sections)
     e = recipe.evaluation
     if e.every_tokens:
@@ -163,7 +196,53 @@ def stage_run_config(recipe: Recipe, stage: Stage, student: str, teacher: str, b
     cfg["model"] = {"checkpoint": student}
     cfg["teacher"] = {"checkpoint": teacher}
     cfg.setdefault("data", {})
-    cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length)
+    cfg["data"].update(blend=blend, seq_length=recipe.data.seq_length, sample_offset=sample_offset,
+                       **stream_settings(recipe))
     cfg.setdefault("parallel", {}).update(tp=recipe.parallel.tp, pp=recipe.parallel.pp, ep=recipe.parallel.ep)
+    if recipe.parallel.etp is not None:
+        cfg["parallel"]["etp"] = recipe.parallel.etp
     cfg.setdefault("checkpoint", {})["save_dir"] = save_dir
     return cfg
+
+
+# ---- the data stream ---------------------------------------------------------------------------------------------
+# A run's stages (and variants) read one shuffle of the training blend, each stage from where the previous one
+# stopped, so no sample repeats until the corpus is exhausted. The stream is fixed by the blend, split, sequence
+# length, the first stage's train.seed and its length (the samples of all stages together): every stage builds it
+# alike (run config data.seed, data.stream_samples) and trains on its own range from data.sample_offset, the end of
+# the previous stage's range as recorded in the run's state (`data_samples` in the distill step's outputs).
+# Variants whose stages train as long see the same samples.
+def _stage_config(recipe: Recipe, stage: Stage) -> Any:
+    from megatron_slim.train.config import run_config_from_dict
+
+    cfg = copy.deepcopy(stage.training.sections)
+    cfg.setdefault("data", {})["seq_length"] = recipe.data.seq_length
+    return run_config_from_dict(cfg)
+
+
+def stage_samples(recipe: Recipe) -> list[int]:
+    """Samples each stage trains on, in stage order."""
+    return [_stage_config(recipe, s).run_samples for s in recipe.stages]
+
+
+def stream_settings(recipe: Recipe) -> dict[str, Any]:
+    """The run-config `data` fields every stage shares: the stream's seed and length."""
+    return {"seed": _stage_config(recipe, recipe.stages[0]).train.seed, "stream_samples": sum(stage_samples(recipe))}
+
+
+def stream_usage(recipe: Recipe, blend: list[list[Any]]) -> list:
+    """Per dataset of `blend`: tokens available, requested by the whole stream, epochs; checked against every
+    stage's data.max_epochs (and empty splits refused). Raises UserError naming the dataset."""
+    from megatron_slim.train.data import check_corpus, corpus_usage
+
+    total = sum(stage_samples(recipe))
+    usages = None
+    for stage in recipe.stages:
+        cfg = _stage_config(recipe, stage)
+        try:
+            usages = corpus_usage(blend, cfg.data.split, recipe.data.seq_length,
+                                  (total, cfg.batch.global_batch_size, 0))
+            check_corpus(usages, cfg.data.max_epochs)
+        except UserError as e:
+            raise UserError(f"stage {stage.name!r}: {e}") from None
+    return usages

@@ -20,6 +20,7 @@ from megatron_slim.run.recipe_schema import (
     RUN_OWNED_DATA,
     STAGE_KEYS,
     TOP_KEYS,
+    ClusterSection,
     DataSources,
     EvaluationSection,
     ImportanceSection,
@@ -95,7 +96,14 @@ def _data(raw: dict, path: _Paths, problems: list[str]) -> DataSources:
     if isinstance(train, str):
         train = str(path(train)) if train else ""
     elif isinstance(train, list) and all(isinstance(w, list) and len(w) == 2 for w in train):
-        train = [[float(w), str(path(p))] for w, p in train]
+        try:
+            train = [[float(w), str(path(p))] for w, p in train]
+        except (TypeError, ValueError):
+            train = None
+        if train is None or not all(math.isfinite(w) and w > 0 for w, _ in train):
+            problems.append(f"data.train: blend weights must be positive finite numbers, got "
+                            f"{[w for w, _ in data.train]!r}")
+            train = data.train
     else:
         problems.append("data.train must be a .jsonl path or a list of [weight, indexed-dataset prefix]")
     if not train:
@@ -109,10 +117,12 @@ def _data(raw: dict, path: _Paths, problems: list[str]) -> DataSources:
 def _parallel(raw: dict, problems: list[str]) -> tuple[ParallelLayout, int]:
     """The recipe's layout and its local rank count (`nproc`, default: one model copy)."""
     parallel = load_dataclass(ParallelLayout, raw.get("parallel"), "parallel", problems)
-    for key in sorted(set(SIZES) - set(RECIPE_SIZES)):
+    for key in sorted(set(SIZES) - set(RECIPE_SIZES) - {"etp"}):
         if getattr(parallel, key) != getattr(ParallelLayout(), key):
             problems.append(f"parallel.{key}: a recipe's steps run tp/pp/ep layouts only (set {key} in a run config "
                             "for `megatron-slim train`)")
+    if parallel.etp is not None and parallel.etp < 1:
+        problems.append(f"parallel.etp must be >= 1, got {parallel.etp}")
     nproc = raw.get("nproc", parallel.tp * parallel.pp * parallel.ep)
     if not isinstance(nproc, int) or nproc < 1:
         problems.append(f"nproc must be a positive integer, got {nproc!r}")
@@ -132,6 +142,8 @@ def _preset_stages(raw: dict, target: TargetSpec, problems: list[str]) -> list[d
     total = raw.get("train_tokens")
     try:
         total = float(total)
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(total)
     except (TypeError, ValueError):
         problems.append(f"preset {preset!r} needs train_tokens (total distillation tokens), got {total!r}")
         return []
@@ -216,12 +228,15 @@ def _options(raw: dict, problems: list[str]) -> tuple[str, int, bool]:
     return init, add_mtp, export
 
 
-def _inference(raw: dict, export: Any, problems: list[str]) -> InferenceSection | None:
+def _inference(raw: dict, export: Any, path: _Paths, problems: list[str]) -> InferenceSection | None:
     """The efficiency table's settings, refused here as `bench-inference` would refuse them."""
     if raw.get("inference") is None:
         return None
     inference = load_dataclass(InferenceSection, raw["inference"], "inference", problems)
-    problems += inference.job(models=()).settings_problems(InferenceSection.key)
+    bench = inference.job(models=())
+    problems += bench.settings_problems(InferenceSection.key)
+    if isinstance(inference.engines, list) and "vllm" in inference.engines:
+        problems += bench.vllm_problems((path(raw["teacher"]),) if raw.get("teacher") else (), InferenceSection.key)
     if export is not True:
         problems.append("inference measures the exported student: it needs export: true")
     return inference
@@ -239,6 +254,28 @@ def _jobs(importance: ImportanceSection, evaluation: EvaluationSection, seq_len:
             job.validate(key)
         except UserError as e:
             problems.append(str(e))
+
+
+def _cluster(raw: dict, problems: list[str]) -> ClusterSection:
+    cluster = load_dataclass(ClusterSection, raw.get("cluster"), "cluster", problems)
+    if cluster.nodes < 1 or cluster.gpus_per_node < 0:
+        problems.append(f"cluster: nodes must be >= 1 and gpus_per_node >= 0, got {cluster}")
+    if cluster.gpu_memory:
+        from megatron_slim.train.memory_plan import parse_memory
+
+        try:
+            parse_memory(cluster.gpu_memory)
+        except ValueError as e:
+            problems.append(f"cluster.gpu_memory: {e}")
+    return cluster
+
+
+def _timeout(raw: dict, problems: list[str]) -> float:
+    timeout = raw.get("timeout_minutes", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        problems.append(f"timeout_minutes must be a positive number of minutes, got {timeout!r}")
+        return 30.0
+    return float(timeout)
 
 
 def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
@@ -262,12 +299,15 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
     final = _target(raw.get("target", {}), "target", problems) if "target" in raw else None
     stages = _stages(raw, training, final, problems)
     init, add_mtp, export = _options(raw, problems)
-    inference = _inference(raw, export, problems)
+    inference = _inference(raw, export, path, problems)
+    cluster = _cluster(raw, problems)
+    timeout = _timeout(raw, problems)
     if problems:
         raise _invalid(problems)
     return Recipe(name=str(raw.get("name", "run")), teacher=path(raw["teacher"]), data=data, parallel=parallel,
                   nproc=nproc, importance=importance, evaluation=evaluation, stages=stages, source=raw,
-                  final_target=final, init=init, add_mtp_layers=add_mtp, export=export, inference=inference)
+                  final_target=final, init=init, add_mtp_layers=add_mtp, export=export, inference=inference,
+                  cluster=cluster, timeout_minutes=timeout)
 
 
 def _variant(name: Any, over: Any, base: dict, base_dir: Path, problems: list[str]) -> Recipe | None:

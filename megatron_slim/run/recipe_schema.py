@@ -7,8 +7,10 @@
       calibration: /data/calib.jsonl    # importance statistics (.jsonl or an indexed prefix)
       heldout: /data/heldout.jsonl      # evaluation (.jsonl or an indexed prefix); must not overlap training
       seq_length: 4096
-    parallel: {tp: 1, pp: 1, ep: 8}     # layout of importance, distillation and evaluation
+    parallel: {tp: 1, pp: 1, ep: 8}     # layout of importance, distillation and evaluation (etp: expert TP)
     nproc: 8                            # local ranks when not launched by torchrun/srun
+    cluster: {nodes: 16, gpus_per_node: 8, gpu_memory: 80GiB}   # optional: what the stages run on; the dry run
+                                        # and the run refuse a stage whose memory plan does not fit
     importance: {tokens: 5e7}           # see ImportanceSection
     evaluation: {tokens: 1e7}           # see EvaluationSection
     training: {...}                     # run-config sections (batch, optimizer, schedule, loss, precision, ...)
@@ -28,7 +30,10 @@
                                         # (initialised as megatron-core does), trained by the MTP loss terms
     export: true                        # false: skip the final HF export (e.g. ablations)
     inference: {batch: 1, prompt_len: 512, gen_len: 64}   # optional: after the export, the deployment-efficiency
-                                        # table (bench-inference on the HF teacher and the exported student)
+                                        # table (bench-inference on the HF teacher and the exported student);
+                                        # engines: [transformers, vllm] adds vLLM (`make vllm-env`; vllm_python:
+                                        # PATH names another interpreter)
+    timeout_minutes: 30                 # process-group timeout: a hung collective or dead rank fails the job
     variants:                           # optional: settings to compare, each the recipe deep-merged with its
       pruned: {}                        # overrides (any key above); steps whose inputs agree run once
       random_init: {init: random}
@@ -62,12 +67,14 @@ PRESETS = ("one_shot", "depth_first")
 INITS = ("pruned", "random")
 # run-config sections that the run owns: a recipe setting them would be silently overridden
 RUN_OWNED = {"model", "teacher", "parallel", "evaluation"}
-RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir"}
-# The parallel sizes a recipe's steps pass to their jobs (the `parallel:` section's keys).
+RUN_OWNED_DATA = {"blend", "seq_length", "cache_dir", "seed", "sample_offset", "stream_samples"}
+# The parallel sizes a recipe's steps pass to their jobs (the `parallel:` section's keys). etp (expert tensor
+# parallelism) is accepted too but only shapes distillation (stage_run_config): the steps that hold no optimizer
+# run their experts at etp = tp.
 RECIPE_SIZES = ("tp", "pp", "ep")
 TOP_KEYS = {"name", "teacher", "data", "parallel", "nproc", "importance", "evaluation", "training", "target",
             "preset", "train_tokens", "stage_token_split", "stages", "init", "add_mtp_layers", "export",
-            "inference"}
+            "inference", "cluster", "timeout_minutes"}
 # names the run gives its own step groups and work-dir entries
 RESERVED = ("prepare", "final", "shared", "variants")
 STAGE_KEYS = {"name", "target", "training", "align_neurons", "rescale_norms"}
@@ -85,6 +92,14 @@ class DataSources:
     calibration: str = ""
     heldout: str = ""
     seq_length: int = 1024
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """Where distillation runs: its world size and GPU memory size the memory plan (train/memory_plan.py)."""
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: the recipe's nproc
+    gpu_memory: str = ""  # e.g. 80GiB; empty: the plan is printed without a verdict
 
 
 def _job_key(section: str, field: str) -> str:
@@ -156,9 +171,13 @@ class InferenceSection:
     device: str = BenchInferenceJob.device
     warmup: int = BenchInferenceJob.warmup
     repeats: int = BenchInferenceJob.repeats
+    engines: list[str] = field(default_factory=lambda: ["transformers"])  # transformers and/or vllm
+    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of the checkout)
 
     def job(self, models: tuple[str, ...]) -> BenchInferenceJob:
-        return BenchInferenceJob(models=models, **dataclasses.asdict(self))
+        settings = dataclasses.asdict(self)
+        engines = tuple(self.engines) if isinstance(self.engines, list) else self.engines
+        return BenchInferenceJob(models=models, **settings | {"engines": engines})
 
     @staticmethod
     def key(field: str) -> str:
@@ -210,7 +229,9 @@ class Recipe:
     add_mtp_layers: int = 0  # fresh MTP depths the first stage's student gains
     export: bool = True  # the final HF export
     inference: InferenceSection | None = None  # the efficiency table after the export (None: not measured)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     variant: str | None = None  # the variant's name when the recipe declares variants
+    timeout_minutes: float = 30.0  # process-group timeout of `run`: a hung collective fails the job after this
 
     @property
     def digest(self) -> str:

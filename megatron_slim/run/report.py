@@ -16,6 +16,7 @@ from megatron_slim.run.recipe_schema import Recipe
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import (
     BENCH_INFERENCE,
+    DATA,
     EVAL_TEACHER,
     REPORT,
     TEACHER,
@@ -191,6 +192,40 @@ def _efficiency(state: RunView) -> str:
     return bench["settings"] + "\n\n" + markdown_table(rows)
 
 
+def data_stream_lines(recipe: Recipe, view: RunView | None) -> list[str]:
+    """The run's data stream: each stage's planned range of samples, and per dataset of the blend the tokens
+    available, requested and epochs (checked against data.max_epochs: UserError naming the dataset)."""
+    from megatron_slim.run.recipe_check import stage_samples, stream_usage
+    from megatron_slim.train.data import usage_lines
+
+    ranges, start = [], 0
+    for stage, n in zip(recipe.stages, stage_samples(recipe), strict=True):
+        ranges.append(f"{stage.name} [{start}, {start + n})")
+        start += n
+    lines = [f"data stream: {start} samples of {recipe.data.seq_length} tokens; " + ", ".join(ranges)]
+    blend = recipe.data.train
+    if not isinstance(blend, list) and view is not None and view.done(DATA):
+        blend = view.outputs(DATA)["train"]
+    if isinstance(blend, list):
+        lines += [f"  {line}" for line in usage_lines(stream_usage(recipe, blend))]
+    else:
+        lines.append(f"  {blend}: tokens available once prepare/data has tokenized it (checked then)")
+    return lines
+
+
+def _data(recipe: Recipe, state: RunView) -> str:
+    """The data stream's use of each dataset, and the sample range each stage trained on (from the run's state)."""
+    lines = data_stream_lines(recipe, state)
+    trained = []
+    for s in recipe.stages:
+        if state.done(f"{s.name}/distill") and "data_samples" in state.outputs(f"{s.name}/distill"):
+            start, end = state.outputs(f"{s.name}/distill")["data_samples"]
+            trained.append(f"{s.name} [{start}, {end})")
+    if trained:
+        lines.append("trained on samples (half-open ranges): " + ", ".join(trained))
+    return "\n".join(f"    {line}" for line in lines)
+
+
 def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -205,9 +240,11 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
         parts += ["![retention](retention.png)", ""]
     parts += ["## Distillation loss", ""]
     parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
+    parts += ["## Training data", "", _data(recipe, state), ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
     if state.done(BENCH_INFERENCE):
-        parts += ["## Deployment efficiency (transformers, HF checkpoints)", "", _efficiency(state), ""]
+        parts += ["## Deployment efficiency (HF checkpoints; transformers, and vLLM where the recipe asks)", "",
+                  _efficiency(state), ""]
     parts += ["## Importance and plans", ""]
     for s in recipe.stages:
         if not state.done(stage_steps(s).plan):

@@ -84,6 +84,7 @@ class Out:
     CHECKPOINT: Final = "checkpoint"  # <stage>/prune, init, distill: the stage's student
     STEPS: Final = "steps"  # <stage>/distill: training steps done (an int)
     METRICS: Final = "metrics"  # <stage>/distill: metrics.jsonl
+    DATA_SAMPLES: Final = "data_samples"  # <stage>/distill: [first, end) of the run's data stream it trained on
     HF: Final = "hf"  # final/export: the HF checkpoint
     BENCH: Final = "bench"  # final/bench_inference: the efficiency figures
     REPORT: Final = "report"  # final/report: report.md

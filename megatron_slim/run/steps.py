@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_slim.run.recipe_check import stage_run_config
+from megatron_slim.run.recipe_check import stage_run_config, stream_settings
 from megatron_slim.run.recipe_schema import RECIPE_SIZES, Recipe, Stage
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import (
@@ -70,6 +70,11 @@ class Context:
         """The checkpoint a stage compresses: the teacher, or the previous stage's distilled student."""
         source = input_step(self.recipe, stage)
         return self.teacher_ckpt() if source == TEACHER else self.out(source)[Out.CHECKPOINT]
+
+    def data_start(self, stage: Stage) -> int:
+        """Where the stage starts in the run's data stream: where the previous stage's distillation stopped."""
+        i = self.recipe.stages.index(stage)
+        return self.out(f"{self.recipe.stages[i - 1].name}/distill")["data_samples"][1] if i else 0
 
     def student(self, stage: Stage) -> str:
         """The stage's student before training: pruned, or randomly initialised (init: random)."""
@@ -125,7 +130,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     """jsonl sources -> indexed datasets with the teacher's tokenizer, so every step reads identical tokens."""
     from megatron_slim.checkpoint.mcore import load_model_config
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
-    from megatron_slim.engines.preprocess import PreprocessJob, run_preprocess
+    from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
     tokenizer = ctx.out(TEACHER)[Out.TOKENIZER]
     teacher = load_model_config(ctx.teacher_ckpt())
@@ -138,12 +143,10 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
             out[name] = src if isinstance(src, list) else ([[1.0, src]] if name == "train" else src)
             continue
         prefix = ctx.workdir / "data" / name
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        tmp = prefix.with_name(name + ".tmp")
-        run_preprocess(PreprocessJob(input=src, output_prefix=str(tmp), tokenizer=tokenizer,
-                                     vocab_size=teacher.vocab_size, eod_id=eod))
-        for ext in (".idx", ".bin"):  # .idx last: a prefix counts as present once both exist
-            Path(str(tmp) + ext).replace(str(prefix) + ext)
+        # written atomically (.bin, then .idx, then the manifest); a rerun after a kill rewrites it
+        run_preprocess(PreprocessJob(inputs=(src,), output_prefix=str(prefix), tokenizer=tokenizer,
+                                     vocab_size=teacher.vocab_size, eod_id=eod, overwrite=True,
+                                     progress=ctx.progress))
         out[name] = [[1.0, str(prefix)]] if name == "train" else str(prefix)
     return out
 
@@ -261,25 +264,33 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         import torch.distributed as dist
         import yaml
 
+        from megatron_slim.checkpoint.finite import refuse_nonfinite_model
         from megatron_slim.train import checkpointing
         from megatron_slim.train.config import run_config_from_dict
+        from megatron_slim.train.guard import DIVERGED_EXIT_CODE
         from megatron_slim.train.trainer import Trainer
 
         save_dir = ctx.workdir / stage.name / "train"
         data = ctx.out(DATA)
+        start = ctx.data_start(stage)
         cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data[Out.TRAIN],
-                               str(save_dir), heldout=data[Out.HELDOUT])
+                               str(save_dir), heldout=data[Out.HELDOUT], sample_offset=start)
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             save_dir.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(ctx.workdir / stage.name / "train.yaml", yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
         code = trainer.train()
+        if code == DIVERGED_EXIT_CODE:
+            raise StepInterrupted(code, trainer.diverged_message(), status="diverged")
         if code:
             raise StepInterrupted(code)
         step = checkpointing.latest_step(save_dir)
+        # a diverged run's weights are not a distilled student: the step stays undone (and eval never scores them)
+        refuse_nonfinite_model(trainer.student, str(checkpointing.iter_dir(save_dir, step)))
+        end = start + step * trainer.cfg.batch.global_batch_size
         return {Out.CHECKPOINT: str(checkpointing.iter_dir(save_dir, step)), Out.STEPS: step,
-                "metrics": str(save_dir / "metrics.jsonl")}
+                Out.METRICS: str(save_dir / "metrics.jsonl"), Out.DATA_SAMPLES: [start, end]}
     return fn
 
 
@@ -315,9 +326,10 @@ def bench_inference(ctx: Context) -> dict[str, Any]:
     models["student"] = ctx.out(EXPORT)[Out.HF]
     job = ctx.recipe.inference.job(tuple(models.values()))
     results = bench_models(job)
+    labels = [label for _ in job.engines for label in models]  # bench_models measures engine by engine
     out = ctx.workdir / "export" / "bench_inference.json"
     atomic_write(out, json.dumps({"settings": settings_line(job), "models": [
-        {"label": label} | dataclasses.asdict(r) for label, r in zip(models, results, strict=True)]}, indent=1))
+        {"label": label} | dataclasses.asdict(r) for label, r in zip(labels, results, strict=True)]}, indent=1))
     return {Out.BENCH: str(out)}
 
 
@@ -329,11 +341,13 @@ def report(ctx: Context) -> dict[str, Any]:
 
 
 class StepInterrupted(Exception):
-    """A step stopped early on purpose (preemption: checkpointed, exit status `code` asks for a requeue)."""
+    """A step stopped early on purpose with exit status `code`: preemption (checkpointed, the status asks for a
+    requeue), or a diverged distillation (status `diverged`, the reason names the last good checkpoint)."""
 
-    def __init__(self, code: int) -> None:
-        super().__init__(f"interrupted with exit status {code}")
-        self.code = code
+    def __init__(self, code: int, reason: str = "interrupted (checkpointed; rerun to resume)",
+                 status: str = "interrupted") -> None:
+        super().__init__(f"{reason} (exit status {code})")
+        self.code, self.reason, self.status = code, reason, status
 
 
 def all_steps(recipe: Recipe) -> list[Step]:
@@ -344,7 +358,7 @@ def all_steps(recipe: Recipe) -> list[Step]:
     steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}, where=CPU),
              Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}, where=CPU),
              Step(EVAL_TEACHER, False, evaluate_teacher, (teacher, data), evaluation)]
-    for s in r.stages:
+    for i, s in enumerate(r.stages):
         source, layout = input_step(r, s), {"parallel": recipe_layout(r), "nproc": r.nproc}
         target = {"target": dataclasses.asdict(s.target)} | layout
         student, ids = student_step(r, s), stage_steps(s)
@@ -360,9 +374,11 @@ def all_steps(recipe: Recipe) -> list[Step]:
                               {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow,
                               where=CPU))
         distill_params = {"training": s.training.sections, "seq_length": r.data.seq_length, "every_tokens":
-                          r.evaluation.every_tokens} | evaluation
+                          r.evaluation.every_tokens, "data_stream": stream_settings(r)} | evaluation
+        # it starts in the data stream where the previous stage's distillation stopped (Context.data_start)
+        previous = (stage_steps(r.stages[i - 1]).distill,) if i else ()
         steps += [Step(ids.eval_pruned, False, evaluate_pruned(s), (student, data), evaluation),
-                  Step(ids.distill, False, distill(s), (student, teacher, data), distill_params),
+                  Step(ids.distill, False, distill(s), (student, teacher, data) + previous, distill_params),
                   Step(ids.eval, False, evaluate_student(s), (ids.distill, data), evaluation)]
     if r.export:
         steps.append(Step(EXPORT, True, export, (stage_steps(r.stages[-1]).distill, teacher), where=CPU))

@@ -19,7 +19,8 @@ body completes. Semantics:
    waiting opener cannot give two holders). An existing `<out>.lock` that is not in our format is refused, never
    overwritten.
 3. Staging: a directory output is built in `<out>.partial`, a file output in a fresh hidden temporary file beside
-   it. Only the lock holder creates or removes `<out>.partial`, and it removes a pre-existing one only when that
+   it (`.<name>.XXXXXXXX.partial`; the lock holder first removes such files left by a killed earlier writer).
+   Only the lock holder creates or removes `<out>.partial`, and it removes a pre-existing one only when that
    one carries our marker (a previous run of ours for this `out` that was killed: no-one else can be writing it,
    since we hold the lock) - with or without `overwrite`. A `<out>.partial` without the marker is someone else's
    data: refused, never deleted. A failed body (any exception) removes the staging it created.
@@ -269,8 +270,18 @@ def claim_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
     `out`. Semantics in the module docstring."""
     out = Path(out)
     with _locked_target(out, inputs, directory=False, overwrite=overwrite):
+        _remove_stale_staging_files(out)
         with _temporary_beside(out) as staging:
             yield staging
+
+
+def _remove_stale_staging_files(out: Path) -> None:
+    """Temporary files of a killed earlier writer of `out` (mkstemp's names: our prefix, 8 characters, our suffix).
+    Called under `out`'s lock, so no live writer owns them."""
+    pattern = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}" + re.escape(PARTIAL))
+    for path in out.parent.iterdir():
+        if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 @contextmanager

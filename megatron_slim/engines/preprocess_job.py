@@ -1,0 +1,489 @@
+"""Tokenize a corpus into a Megatron indexed dataset (.bin/.idx + manifest): `PreprocessJob`/`run_preprocess`, used
+by the `preprocess` command and a run's data preparation, and `merge_datasets` for the `merge-datasets` command.
+
+Work split: the main process reads the inputs (`megatron_slim.data.corpus`) in batches and writes the dataset;
+`workers` processes decode and tokenize batches with the tokenizer's batch API. Results are consumed in submission
+order, so the output is byte-identical for any number of workers. With one worker everything runs in-process.
+One worker is one core: the fast tokenizer's own thread pool is switched off (TOKENIZERS_PARALLELISM=false).
+
+Scale-out: `shard=(I, N)` takes the I-th of N contiguous, size-balanced runs of the input files and writes
+`PREFIX-0000I-of-0000N`; merging shards 0..N-1 in order gives exactly the unsharded dataset. Every output file is
+claimed through runtime.outputs (locked, written to a temporary sibling, renamed into place; the manifest last), so
+a killed job leaves no half dataset, and a rerun skips a dataset whose manifest records the same job.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from megatron_slim.data.corpus import (
+    BadRecord,
+    Batch,
+    InputFile,
+    decode_batch,
+    detect,
+    expand_inputs,
+    parts,
+    read_batches,
+)
+from megatron_slim.data.manifest import (
+    FORMAT,
+    VERSION,
+    file_fingerprint,
+    manifest_path,
+    read_manifest,
+    tokenizer_fingerprint,
+)
+from megatron_slim.errors import UserError
+from megatron_slim.runtime.outputs import check_not_overlapping, claim_output_file
+
+OUTPUTS = (".manifest.json", ".idx", ".bin")  # claimed in this order, so put in place in reverse: manifest last
+MAX_REPORTED_BAD = 10  # skipped records printed one by one; the rest are counted
+
+
+@dataclass(frozen=True)
+class PreprocessJob:
+    """The `preprocess` command's flags, by the same names."""
+
+    inputs: tuple[str, ...]  # files, globs, directories (see megatron_slim.data.corpus)
+    output_prefix: str  # writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json (a shard: PREFIX-0000I-of-0000N.*)
+    tokenizer: str  # HF tokenizer directory, sentencepiece .model file, or "none" for pre-tokenized ids
+    json_key: str = "text"
+    column: str | None = None  # parquet / HF dataset column (default: json_key)
+    format: str = "auto"
+    vocab_size: int | None = None  # the model's: ids must lie below it (needed with tokenizer "none")
+    eod_id: int | None = None  # overrides the tokenizer's EOS
+    no_eod: bool = False
+    workers: int = 1
+    shard: str | None = None  # "I/N", or "auto" under a SLURM array
+    skip_bad: int = 0  # bad records skipped (counted) before the job fails
+    batch_size: int = 512  # documents per tokenizer call (and per unit of work sent to a worker)
+    overwrite: bool = False
+    progress: bool = True
+
+
+# ---- sharding ---------------------------------------------------------------------------------------------------
+def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """(index, count) from "I/N", or from the SLURM array for "auto" (task ids need not start at 0)."""
+    if spec is None:
+        return None
+    if spec == "auto":
+        env = os.environ if env is None else env
+        if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise UserError("--shard auto needs a SLURM array task (SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
+                            "are unset); outside SLURM pass --shard I/N")
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        index = task - first
+        if env.get("SLURM_ARRAY_TASK_STEP", "1") != "1":
+            raise UserError("--shard auto needs a contiguous array (--array A-B without a step); pass --shard I/N")
+    else:
+        try:
+            index, count = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise UserError(f"--shard {spec!r}: expected I/N (e.g. 0/8) or auto") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard: shard index {index} is outside 0..{count - 1}")
+    return index, count
+
+
+def shard_prefix(prefix: str, index: int, count: int) -> str:
+    return f"{prefix}-{index:05d}-of-{count:05d}"
+
+
+def select_shard(files: list[InputFile], index: int, count: int) -> list[InputFile]:
+    """Shard `index` of `count`: a contiguous run of the files, balanced by bytes (file i goes to the shard holding
+    the middle of its bytes), so concatenating the shards in order is the whole input."""
+    if count > len(files):
+        raise UserError(f"--shard {index}/{count}: {count} shards but only {len(files)} input files (a shard takes "
+                        "whole files); use at most as many shards as files")
+    total = sum(f.size for f in files) or 1
+    out, before, previous = [], 0, 0
+    for i, f in enumerate(files):
+        owner = min(count - 1, (2 * before + f.size) * count // (2 * total))
+        owner = max(owner, previous, count - (len(files) - i))  # never leave a later shard without a file
+        owner = min(owner, previous + 1 if i else 0)  # nor skip one
+        before, previous = before + f.size, owner
+        if owner == index:
+            out.append(f)
+    return out
+
+
+# ---- tokenization (runs in the workers) -------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """One batch's documents, ready to append: ids concatenated, one length per document."""
+
+    file_index: int
+    ids: np.ndarray
+    lengths: np.ndarray
+    bad: list[str]
+    empty: int
+    input_bytes: int
+    worker: int
+    seconds: float
+
+
+@dataclass
+class Encoder:
+    """The tokenizer side of a job; `setup` loads it in the process that encodes (inherited by forked workers)."""
+
+    tokenizer: str
+    key: str
+    column: str
+    vocab_size: int | None
+    eod_id: int | None
+    no_eod: bool
+    spec: tuple[str, str] | None = field(default=None, repr=False)  # ("tokenizers", JSON) | ("sentencepiece", path)
+    encode_texts: Callable[[list[str]], list[list[int]]] | None = field(default=None, repr=False)
+    vocab: int = 0
+    eod: int | None = None
+
+    def setup(self) -> None:
+        """Load the tokenizer, settle vocabulary and end-of-document id (in the main process)."""
+        if self.tokenizer == "none":
+            if self.vocab_size is None:
+                raise UserError("--tokenizer none needs --vocab-size")
+            vocab, eod = self.vocab_size, None
+        elif self.tokenizer.endswith(".model"):
+            import sentencepiece as spm
+
+            sp = spm.SentencePieceProcessor(model_file=self.tokenizer)
+            vocab, eod = sp.get_piece_size(), sp.eos_id()
+            eod = eod if eod >= 0 else None
+            self.spec = ("sentencepiece", self.tokenizer)
+        else:
+            from megatron_slim.data.calibration import load_tokenizer
+
+            tok = load_tokenizer(self.tokenizer)
+            vocab, eod = len(tok), tok.eos_token_id
+            self.spec = ("tokenizers", tok.backend_tokenizer.to_str())
+        self.eod = self.eod_id if self.eod_id is not None else eod
+        if self.eod is None and not self.no_eod:
+            raise UserError("the tokenizer has no EOS token: pass --eod-id or --no-eod")
+        self.vocab = self.vocab_size or vocab  # the model's vocabulary bounds the ids (padding rows allowed)
+        if not self.no_eod and not 0 <= self.eod < self.vocab:
+            raise UserError(f"end-of-document id {self.eod} is outside the vocabulary of {self.vocab} "
+                            f"(ids 0..{self.vocab - 1}); check --eod-id and --vocab-size")
+        self.build()
+
+    def build(self) -> None:
+        """The batch encoder, from `spec` alone (cheap: a worker imports `tokenizers` or sentencepiece, not
+        transformers). One worker is one core: the Rust tokenizer's thread pool is off."""
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if self.spec is None:
+            return
+        kind, value = self.spec
+        if kind == "sentencepiece":
+            import sentencepiece as spm
+
+            sp = spm.SentencePieceProcessor(model_file=value)
+            self.encode_texts = lambda texts: sp.encode(texts, num_threads=1)
+            return
+        from tokenizers import Tokenizer
+
+        # the Rust tokenizer's batch API, as HF's tokenizer(text, add_special_tokens=False) calls it, without the
+        # truncation/padding a tokenizer.json may carry (HF switches those off for such a call too)
+        backend = Tokenizer.from_str(value)
+        backend.no_truncation()
+        backend.no_padding()
+        self.encode_texts = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "encode_texts": None}  # rebuilt by `build` in the worker
+
+    @property
+    def dtype(self) -> type:
+        return np.uint16 if self.vocab <= 65536 else np.int32
+
+    def encode(self, batch: Batch) -> Encoded:
+        start = time.perf_counter()
+        docs = decode_batch(batch, self.column if batch.format in ("parquet", "hf") else self.key)
+        texts = [d for _, d in docs if type(d) is str]
+        if texts and self.encode_texts is None:
+            where = next(w for w, d in docs if type(d) is str)
+            raise UserError(f"{where}: text needs a tokenizer (--tokenizer none reads token ids only)")
+        encoded = iter(self.encode_texts(texts) if texts else ())
+        flat: list[int] = []
+        lengths: list[int] = []
+        bad: list[str] = []
+        empty = 0
+        eos = [] if self.no_eod else [self.eod]
+        for where, doc in docs:
+            if isinstance(doc, BadRecord):
+                bad.append(str(doc))
+                continue
+            ids = next(encoded) if type(doc) is str else doc
+            problem = self._check(where, doc, ids)
+            if problem:
+                bad.append(problem)
+                continue
+            if not ids and not eos:
+                empty += 1
+                continue
+            flat += ids
+            flat += eos
+            lengths.append(len(ids) + len(eos))
+        return Encoded(batch.file_index, np.array(flat, dtype=self.dtype), np.array(lengths, dtype=np.int64), bad,
+                       empty, batch.input_bytes, os.getpid(), time.perf_counter() - start)
+
+    def _check(self, where: str, doc: str | list, ids: list) -> str | None:
+        if type(doc) is str:
+            if not ids and doc.strip():
+                return (f"{where}: the text tokenizes to no token at all; is the tokenizer complete? (a checkpoint "
+                        "directory without tokenizer files yields an empty tokenizer)")
+        elif not all(type(t) is int for t in ids):
+            return f"{where}: 'tokens' must be a list of integer token ids"
+        if ids:
+            low, high = min(ids), max(ids)
+            if low < 0:
+                return f"{where}: negative token id {low}"
+            if high >= self.vocab:
+                return f"{where}: token id {high} is outside the model's vocabulary of {self.vocab}"
+        return None
+
+
+_WORKER: Encoder | None = None
+
+
+def _start_worker(encoder: Encoder) -> None:
+    global _WORKER
+    encoder.build()
+    _WORKER = encoder
+
+
+def _encode_in_worker(batch: Batch) -> Encoded:
+    assert _WORKER is not None
+    return _WORKER.encode(batch)
+
+
+def _encoded(batches: Iterator[Batch], encoder: Encoder, workers: int) -> Iterator[Encoded]:
+    """Encoded batches in input order; with several workers at most 4 per worker in flight (bounded memory).
+    Workers are spawned, not forked: the main process may hold threads (torch's, the tokenizer's)."""
+    if workers == 1:
+        for batch in batches:
+            yield encoder.encode(batch)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------
+class _Progress:
+    """Documents/s, tokens/s, input MB/s and the ETA (from input bytes), in total and per worker."""
+
+    def __init__(self, total_bytes: int, desc: str, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not enabled,
+                        mininterval=1.0, smoothing=0.1)
+        self.start = time.perf_counter()
+        self.documents = self.tokens = 0
+        self.per_worker: dict[int, list[float]] = {}  # pid -> [documents, tokens, busy seconds]
+        self.last = 0.0
+
+    def update(self, enc: Encoded) -> None:
+        self.documents += len(enc.lengths)
+        self.tokens += int(enc.lengths.sum())
+        w = self.per_worker.setdefault(enc.worker, [0, 0, 0.0])
+        w[0] += len(enc.lengths)
+        w[1] += int(enc.lengths.sum())
+        w[2] += enc.seconds
+        self.bar.update(enc.input_bytes)
+        now = time.perf_counter()
+        if now - self.last >= 1.0:
+            self.last = now
+            self.bar.set_postfix_str(self.rates(now), refresh=False)
+
+    def workers(self) -> str:
+        """Each worker's documents/s and tokens/s over the time it spent encoding."""
+        return " ".join(f"w{i}: {w[0] / max(w[2], 1e-9):.0f} docs/s {w[1] / max(w[2], 1e-9) / 1e3:.0f}K tok/s;"
+                        for i, w in enumerate(self.per_worker.values())).rstrip(";")
+
+    def rates(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        return (f"{self.documents / elapsed:.0f} docs/s, {self.tokens / elapsed / 1e3:.0f}K tok/s "
+                f"[{self.workers()}]")
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.start
+
+
+# ---- the job ----------------------------------------------------------------------------------------------------
+def _job_record(job: PreprocessJob, files: list[InputFile], encoder: Encoder,
+                shard: tuple[int, int] | None) -> dict[str, Any]:
+    """What the dataset depends on: a rerun with an equal record finds the dataset already done."""
+    return {"inputs": [{**file_fingerprint(f.path, parts(f)),
+                        "format": f.format, "compression": f.compression} for f in files],
+            "json_key": job.json_key, "column": encoder.column, "vocab_size": encoder.vocab, "eod": encoder.eod,
+            "no_eod": job.no_eod, "shard": list(shard) if shard else None,
+            "tokenizer": {"path": job.tokenizer if job.tokenizer == "none" else str(Path(job.tokenizer).resolve()),
+                          "fingerprint": tokenizer_fingerprint(job.tokenizer)}}
+
+
+def _done(prefix: str, record: dict[str, Any]) -> bool:
+    """The dataset at `prefix` is complete and was made by a job with this record."""
+    if not manifest_path(prefix).is_file():
+        return False
+    try:
+        data = read_manifest(prefix).data
+    except UserError:
+        return False
+    sizes = data.get("files", {})
+    return data.get("job") == record and all(Path(prefix + ext).is_file()
+                                             and Path(prefix + ext).stat().st_size == sizes.get(ext)
+                                             for ext in (".bin", ".idx"))
+
+
+def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
+    """Write the dataset (or find it done); returns its manifest."""
+    shard = parse_shard(job.shard)
+    if job.workers < 1:
+        raise UserError(f"--workers {job.workers}: need at least 1")
+    if job.batch_size < 1:
+        raise UserError(f"--batch-size {job.batch_size}: need at least 1")
+    if job.skip_bad < 0:
+        raise UserError(f"--skip-bad {job.skip_bad}: must be 0 or more")
+    paths = expand_inputs(list(job.inputs))
+    prefix = shard_prefix(job.output_prefix, *shard) if shard else job.output_prefix
+    inputs = [str(p) for p in paths] + [s for s in job.inputs if Path(s).exists()]
+    for ext in OUTPUTS:  # before reading anything: an output may not be an input
+        check_not_overlapping(Path(prefix + ext), inputs)
+    all_files = [detect(p, job.format) for p in paths]
+    files = select_shard(all_files, *shard) if shard else all_files
+    encoder = Encoder(job.tokenizer, job.json_key, job.column or job.json_key, job.vocab_size, job.eod_id,
+                      job.no_eod)
+    encoder.setup()
+    record = _job_record(job, files, encoder, shard)
+    if not job.overwrite and _done(prefix, record):
+        print(f"{prefix}: already done (its manifest records this job); skipped")
+        return read_manifest(prefix).data
+    # a shard without a manifest is an unfinished shard of this array (a killed task): rewritten
+    overwrite = job.overwrite or (shard is not None and not manifest_path(prefix).exists())
+    total_bytes = sum(f.size for f in files)
+    per_file = [{"documents": 0, "tokens": 0, "skipped": 0, "empty": 0} for _ in files]
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    with ExitStack() as stack:
+        man_tmp, idx_tmp, bin_tmp = (stack.enter_context(claim_output_file(prefix + ext, inputs=inputs,
+                                                                           overwrite=overwrite))
+                                     for ext in OUTPUTS)
+        builder = IndexedDatasetBuilder(str(bin_tmp), dtype=encoder.dtype)
+        progress = _Progress(total_bytes, Path(prefix).name, job.progress)
+        skipped = 0
+        batches = (b for i, f in enumerate(files) for b in read_batches(
+            i, f, encoder.column if f.format in ("parquet", "hf") else job.json_key, job.batch_size))
+        for enc in _encoded(batches, encoder, job.workers):
+            counts = per_file[enc.file_index]
+            for message in enc.bad:
+                skipped += 1
+                if skipped > job.skip_bad:
+                    more = f" (more than --skip-bad {job.skip_bad} bad records)" if job.skip_bad else ""
+                    raise UserError(message + more)
+                if skipped <= MAX_REPORTED_BAD:
+                    print(f"skipped: {message}", file=sys.stderr)
+            counts["skipped"] += len(enc.bad)
+            counts["empty"] += enc.empty
+            counts["documents"] += len(enc.lengths)
+            counts["tokens"] += int(enc.lengths.sum())
+            ends = np.cumsum(enc.lengths)
+            for end, length in zip(ends.tolist(), enc.lengths.tolist()):
+                builder.add_document(enc.ids[end - length:end], [length])
+            progress.update(enc)
+        builder.finalize(str(idx_tmp))
+        seconds = max(progress.close(), 1e-9)
+        documents = sum(c["documents"] for c in per_file)
+        tokens = sum(c["tokens"] for c in per_file)
+        manifest = {
+            "format": FORMAT, "version": VERSION, "prefix": Path(prefix).name, "job": record,
+            "tokenizer": record["tokenizer"], "documents": documents, "tokens": tokens, "skipped": skipped,
+            "empty": sum(c["empty"] for c in per_file),
+            "inputs": [{**r, **c} for r, c in zip(record["inputs"], per_file)],
+            "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+            "shards": [],
+            "files": {".bin": bin_tmp.stat().st_size, ".idx": idx_tmp.stat().st_size},
+            "dtype": np.dtype(encoder.dtype).name,
+        }
+        man_tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    mb = total_bytes / 1e6
+    print(f"wrote {prefix}.bin/.idx/.manifest.json: {documents} documents, {tokens} tokens, {skipped} skipped "
+          f"records, in {seconds:.1f}s ({documents / seconds:.0f} docs/s, {tokens / seconds / 1e3:.0f}K tok/s, "
+          f"{mb / seconds:.1f} MB/s input); per worker while encoding: {progress.workers()}"
+          + (f"; {manifest['empty']} empty documents (--no-eod) left out" if manifest["empty"] else ""))
+    return manifest
+
+
+# ---- merging ----------------------------------------------------------------------------------------------------
+def merge_datasets(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> dict[str, Any]:
+    """Concatenate indexed datasets in the given order (megatron-core's IndexedDatasetBuilder.add_index) and write
+    the merged manifest: the counts of the datasets themselves, one shard entry per input."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    if not prefixes:
+        raise UserError("merge-datasets: give at least one --inputs prefix")
+    entries, dtypes = [], set()
+    for p in prefixes:
+        for ext in (".bin", ".idx"):
+            if not Path(p + ext).is_file():
+                raise FileNotFoundError(f"{p + ext} does not exist (an unfinished shard? rerun its preprocess)")
+        ds = IndexedDataset(p, mmap=True)
+        documents, tokens = len(ds.document_indices) - 1, int(np.asarray(ds.sequence_lengths, dtype=np.int64).sum())
+        dtypes.add(np.dtype(ds.index.dtype).name)
+        del ds
+        entry: dict[str, Any] = {"prefix": str(Path(p).resolve()), "documents": documents, "tokens": tokens}
+        if manifest_path(p).is_file():
+            m = read_manifest(p)
+            if (m.documents, m.tokens) != (documents, tokens):
+                raise UserError(f"{m.path} records {m.documents} documents and {m.tokens} tokens, but {p}.bin/.idx "
+                                f"hold {documents} and {tokens}: the dataset was changed after it was written")
+            entry.update(skipped=m.skipped, tokenizer=m.data["tokenizer"], inputs=m.data.get("inputs", []),
+                         shard=m.data.get("shard"))
+        entries.append(entry)
+    if len(dtypes) > 1:
+        raise UserError(f"merge-datasets: the inputs hold different token dtypes {sorted(dtypes)} (different "
+                        "vocabulary sizes): they cannot be one dataset")
+    fingerprints = {e["tokenizer"]["fingerprint"] for e in entries if "tokenizer" in e}
+    if len(fingerprints) > 1:
+        raise UserError("merge-datasets: the inputs were tokenized with different tokenizers (their manifests' "
+                        "fingerprints differ)")
+    inputs = [p + ext for p in prefixes for ext in (".bin", ".idx")]
+    with ExitStack() as stack:
+        man_tmp, idx_tmp, bin_tmp = (stack.enter_context(claim_output_file(output_prefix + ext, inputs=inputs,
+                                                                           overwrite=overwrite))
+                                     for ext in OUTPUTS)
+        builder = IndexedDatasetBuilder(str(bin_tmp), dtype=np.dtype(dtypes.pop()).type)
+        for p in prefixes:
+            builder.add_index(p)
+        builder.finalize(str(idx_tmp))
+        tokenizer = next((e["tokenizer"] for e in entries if "tokenizer" in e), {"fingerprint": "unknown"})
+        manifest = {
+            "format": FORMAT, "version": VERSION, "prefix": Path(output_prefix).name,
+            "job": {"merge": [e["prefix"] for e in entries]}, "tokenizer": tokenizer,
+            "documents": sum(e["documents"] for e in entries), "tokens": sum(e["tokens"] for e in entries),
+            "skipped": sum(e.get("skipped", 0) for e in entries),
+            "inputs": [i for e in entries for i in e.get("inputs", [])], "shard": None,
+            "shards": [{k: v for k, v in e.items() if k not in ("inputs", "tokenizer")} for e in entries],
+            "files": {".bin": bin_tmp.stat().st_size, ".idx": idx_tmp.stat().st_size},
+        }
+        man_tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"merged {len(prefixes)} datasets into {output_prefix}.bin/.idx/.manifest.json: {manifest['documents']} "
+          f"documents, {manifest['tokens']} tokens")
+    return manifest

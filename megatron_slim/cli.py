@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from megatron_slim.errors import UserError
     from megatron_slim.runtime.outputs import postflight, preflight
+    from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, ignore_stop_signals
 
     try:
         preflight(args._outputs, args)
@@ -125,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e:
         _json_failure(args, f"{type(e).__name__}: {e}", 1)
         raise
+    if status == REQUEUE_EXIT_CODE:  # leaving to be requeued: no signal may turn that status into a kill now
+        ignore_stop_signals()
     if status:
         _json_failure(args, f"exited with status {status} (see stderr)", status)
     return status

@@ -430,7 +430,9 @@ class Trainer:
     def _close(self) -> None:
         if self.async_queue is not None:  # every way out: background saves complete (they are good checkpoints)
             self.async_queue.close()
-        self.stop.restore()
         self.router_load.remove()
         if self.logger is not None:
             self.logger.close()
+        # last: a SIGTERM while the logger closes (srun ending this rank because a peer already exited 75) is a
+        # stop request, not a kill; the CLI then ignores such signals until the process has exited
+        self.stop.restore()

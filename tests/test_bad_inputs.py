@@ -529,7 +529,7 @@ def test_yaml_syntax_errors_name_file_and_line(tmp_path):
     """Run configs, recipes and targets with a YAML syntax error used to raise PyYAML's multi-line error (a
     traceback for run configs) instead of one line naming the file and line."""
     from megatron_slim.compress.target import TargetSpec
-    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.recipe_check import load_recipe
     from megatron_slim.train.config import load_run_config
 
     broken = tmp_path / "broken.yaml"
@@ -804,7 +804,8 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
 
 def test_nonfinite_recipe_and_config_values_are_named(tmp_path):
     """YAML's .nan/.inf were taken as a learning rate or a token budget."""
-    from megatron_slim.run.recipe import RecipeError, parse_study
+    from megatron_slim.run.recipe_parse import parse_study
+    from megatron_slim.run.recipe_schema import RecipeError
     from megatron_slim.runtime.config_loader import load_yaml
     from megatron_slim.train.config import load_run_config
 
@@ -942,7 +943,8 @@ def test_upcycle_refuses_a_model_that_needs_remote_code(tmp_path):
 
 
 def test_heldout_data_that_is_training_data_warns(tmp_path):
-    from megatron_slim.run.recipe import heldout_overlap_warning, parse_study
+    from megatron_slim.run.recipe_check import heldout_overlap_warning
+    from megatron_slim.run.recipe_parse import parse_study
     from megatron_slim.runtime.config_loader import load_yaml
 
     raw = load_yaml(Path(__file__).resolve().parents[1] / "megatron_slim" / "demo" / "recipe.yaml")

@@ -14,12 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from support import tiny_models
-from support.hf_checkpoints import build_tiny_hf
-from megatron_slim.engines.bench_inference_job import (BenchInferenceJob, bench_models, format_table, greedy_reference,
-                                                  markdown_table, measure_vllm)
+from megatron_slim.engines.bench_inference_job import (
+    BenchInferenceJob,
+    bench_models,
+    format_table,
+    greedy_reference,
+    markdown_table,
+    measure_vllm,
+)
 from megatron_slim.engines.vllm_engine import VllmWorkerError, default_python, refusal
 from megatron_slim.errors import UserError
+from support import tiny_models
+from support.hf_checkpoints import build_tiny_hf
 
 FAKE = Path(__file__).parent / "support" / "fake_vllm_worker.py"
 

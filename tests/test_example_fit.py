@@ -14,8 +14,8 @@ import yaml
 
 from megatron_slim.cli import main as cli_main
 from support import tiny_models
-from support.hf_checkpoints import save_tiny_hf_with_mtp, saved_shapes
 from support.header_only import qwen3_next_hf_shapes, write_header_only
+from support.hf_checkpoints import save_tiny_hf_with_mtp, saved_shapes
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "slimqwen"
 

@@ -13,9 +13,18 @@ import torch
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.train.config import run_config_from_dict
-from megatron_slim.train.memory_plan import (Batch, Knobs, Param, activation_bytes, buffer_layout,
-                                             layer_bytes_per_token, max_owned, parse_memory, stage_parameters,
-                                             training_state)
+from megatron_slim.train.memory_plan import (
+    Batch,
+    Knobs,
+    Param,
+    activation_bytes,
+    buffer_layout,
+    layer_bytes_per_token,
+    max_owned,
+    parse_memory,
+    stage_parameters,
+    training_state,
+)
 from support.dist import run_distributed
 from support.workers import tiny_config
 
@@ -30,7 +39,6 @@ def _allocated(rank: int, world: int, layouts: dict[str, dict], bf16: bool) -> d
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_slim.models.builder import BuildOptions, build_model
-    from megatron_slim.models.forward import position_ids_for
     from megatron_slim.runtime.distributed import init_model_parallel
 
     dtype = torch.bfloat16 if bf16 else torch.float32

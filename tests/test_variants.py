@@ -18,7 +18,8 @@ import yaml
 from safetensors.torch import load_file
 
 from megatron_slim.eval.stats import paired_difference
-from megatron_slim.run.recipe import RecipeError, load_study
+from megatron_slim.run.recipe_check import load_study
+from megatron_slim.run.recipe_schema import RecipeError
 from megatron_slim.run.state import RunState
 from support.run_assets import build, recipe as chain_recipe, write_recipe
 from support.train_assets import cli
@@ -113,9 +114,9 @@ def test_unknown_reference_and_variant_are_named(assets: Path) -> None:
 def test_variants_deep_merge_over_the_recipe(assets: Path) -> None:
     study = load_study(write_recipe(assets, "merge", _study(assets)))
     assert study.variants == ["kd_only", "pruned", "random_init"] and study.reference == "pruned"  # file order
-    kd = study.recipe("kd_only").stages[0].training
+    kd = study.recipe("kd_only").stages[0].training.sections
     assert kd["loss"]["kd_weight"] == 1.0 and kd["optimizer"]["lr"] == 3e-3  # merged, the rest kept
-    assert study.recipe("pruned").stages[0].training["loss"]["kd_weight"] == 0.5
+    assert study.recipe("pruned").stages[0].training.sections["loss"]["kd_weight"] == 0.5
     assert study.recipe("random_init").init == "random" and study.recipe("pruned").init == "pruned"
 
 

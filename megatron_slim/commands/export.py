@@ -32,10 +32,10 @@ def _run_student(workdir: Path) -> tuple[str, str | None]:
     import yaml
 
     from megatron_slim.errors import UserError
-    from megatron_slim.run.recipe import parse_recipe
     from megatron_slim.run.recipe_job import RECIPE_COPY
+    from megatron_slim.run.recipe_parse import parse_recipe
     from megatron_slim.run.state import RunState, RunView
-    from megatron_slim.run.step_groups import TEACHER
+    from megatron_slim.run.step_groups import TEACHER, Out, stage_steps
 
     state = RunView(RunState.read(workdir))
     copy = workdir / RECIPE_COPY
@@ -43,9 +43,9 @@ def _run_student(workdir: Path) -> tuple[str, str | None]:
         copy = workdir / "recipe.yaml"
     recipe = parse_recipe(yaml.safe_load(copy.read_text()), workdir)  # for the stage order
     last = recipe.stages[-1].name
-    if not state.done(f"{last}/distill"):
+    if not state.done(stage_steps(last).distill):
         raise UserError(f"the run in {workdir} has not finished distilling its last stage ({last!r})")
-    return state.outputs(f"{last}/distill")["checkpoint"], state.outputs(TEACHER).get("tokenizer")
+    return state.outputs(stage_steps(last).distill)[Out.CHECKPOINT], state.outputs(TEACHER).get(Out.TOKENIZER)
 
 
 def run(args: argparse.Namespace) -> int:

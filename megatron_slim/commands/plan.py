@@ -108,8 +108,8 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
 def _memory_plans(args: argparse.Namespace, teacher, student) -> list:
     """The memory plan of distilling `student` from `teacher` at the flags' layout: one stage, 'distill'."""
     from megatron_slim.errors import UserError
-    from megatron_slim.train.memory_plan import Batch, Knobs, StageSetup, parse_memory, plan_stage
     from megatron_slim.runtime.layout import ParallelLayout
+    from megatron_slim.train.memory_plan import Batch, Knobs, StageSetup, parse_memory, plan_stage
 
     layout = ParallelLayout.parse(args.layout)
     try:

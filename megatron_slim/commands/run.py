@@ -1,5 +1,5 @@
 """Run a compression recipe end to end: per stage importance -> plan -> prune/merge -> distill -> evaluate, then
-export the final student to HF and write the report (see megatron_slim/run/recipe.py for the recipe format).
+export the final student to HF and write the report (see megatron_slim/run/recipe_schema.py for the recipe format).
 
 Every step's status and outputs are recorded in <workdir>/state.json: rerunning the same command skips finished
 steps and resumes a half-trained stage from its newest checkpoint, so it is safe to rerun after a crash, a kill or
@@ -32,7 +32,8 @@ HELP = "run a recipe (stages of importance/plan/prune/distill/evaluate, export, 
 OUTPUTS = (Output("workdir", "workdir", inputs=("recipe",), overwrite=None),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (see examples/slimqwen/recipe.yaml and megatron_slim/run/recipe.py)")
+    p.add_argument("recipe", help="recipe YAML (see examples/slimqwen/recipe.yaml and "
+                                   "megatron_slim/run/recipe_schema.py)")
     p.add_argument("--workdir", required=True, help="directory for every output and the run's state")
     p.add_argument("--stage", help="run only this stage (earlier stages must be done); with variants VARIANT/STAGE, "
                    "or `shared` for only the steps variants share (what --list-stages prints)")

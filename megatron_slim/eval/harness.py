@@ -62,17 +62,18 @@ class TaskSpec:
     limit: float | None = None  # documents per task (a fraction when < 1); None: all
     include_path: tuple[Path, ...] = field(default_factory=tuple)  # extra YAML task directories
 
-    def validate(self) -> None:
-        """Refuse what lm-eval would fail on later; messages name the command's flags."""
+    def validate(self, name: Callable[[str], str] = lambda f: "--" + f.replace("_", "-")) -> None:
+        """Refuse what lm-eval would fail on later; `name` names a field in the message (the command's flag by
+        default; a recipe names its key)."""
         if not self.tasks or any(not t.strip() for t in self.tasks):
-            raise UserError("--tasks needs at least one task name (comma-separated, no empty names)")
+            raise UserError(f"{name('tasks')} needs at least one task name (comma-separated, no empty names)")
         if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise UserError("--num-fewshot must be >= 0")
+            raise UserError(f"{name('num_fewshot')} must be >= 0")
         if self.limit is not None and self.limit <= 0:
-            raise UserError("--limit must be > 0")
+            raise UserError(f"{name('limit')} must be > 0")
         for path in self.include_path:
             if not Path(path).is_dir():
-                raise UserError(f"--include-path {path} is not a directory")
+                raise UserError(f"{name('include_path')} {path} is not a directory")
 
 
 def text_tokenizer(tokenizer_dir: Path | None) -> Any:

@@ -4,7 +4,8 @@ with its largest component and the cheapest changes that would make it fit."""
 from __future__ import annotations
 
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.run.recipe import Recipe, RecipeError, stage_run_config
+from megatron_slim.run.recipe_check import stage_run_config
+from megatron_slim.run.recipe_schema import Recipe, RecipeError
 from megatron_slim.train.config import run_config_from_dict
 from megatron_slim.train.memory_plan import StagePlan, StageSetup, parse_memory, plan_stage, refusal, setup_of
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_slim.errors import UserError
-from megatron_slim.run.recipe import Study
+from megatron_slim.run.recipe_schema import Study
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import SHARED
 
@@ -91,7 +91,7 @@ def _memory_check(study: Study, variant: str | None, gpu_memory: str | None, sho
     """Every stage of every variant (or `variant`'s): its per-GPU memory plan, printed when `show`; a stage that
     does not fit refuses the whole run before any compute."""
     from megatron_slim.run.memory import check_fit, plans, stage_setups
-    from megatron_slim.run.recipe import stage_configs, teacher_config
+    from megatron_slim.run.recipe_check import stage_configs, teacher_config
     from megatron_slim.train.memory_plan import format_plans
 
     for name, recipe in study.recipes.items():
@@ -110,7 +110,7 @@ def _memory_check(study: Study, variant: str | None, gpu_memory: str | None, sho
 
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
-    from megatron_slim.run.recipe import validate
+    from megatron_slim.run.recipe_check import validate
     from megatron_slim.run.report import data_stream_lines
     from megatron_slim.run.state import STATE, RunState
     from megatron_slim.run.step_groups import shared_dir
@@ -159,7 +159,7 @@ def _worker(job: RunJob, guard_here: bool) -> int:
     spawns its ranks has done it already)."""
     import torch.distributed as dist
 
-    from megatron_slim.run.recipe import load_study
+    from megatron_slim.run.recipe_check import load_study
     from megatron_slim.run.runner import run_steps
 
     variant, stage = job.target()
@@ -182,7 +182,8 @@ def _worker(job: RunJob, guard_here: bool) -> int:
 
 def run_recipe(job: RunJob) -> int:
     """Do what the job asks; the exit status (75 when a stop signal interrupted the run: requeue it)."""
-    from megatron_slim.run.recipe import load_study, read_study
+    from megatron_slim.run.recipe_check import load_study
+    from megatron_slim.run.recipe_parse import read_study
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
     recipe_path, workdir = job.recipe, job.workdir

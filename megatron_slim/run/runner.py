@@ -7,7 +7,7 @@ in a multi-rank job rank 0 runs them in a child process outside the job's proces
 build a one-process model-parallel layout of their own). Only rank 0 writes the state; every rank rereads it
 after each step, so the work dir must be on a file system all ranks share.
 
-With variants (run/recipe.py), each variant's steps run in its own work dir `<workdir>/variants/<name>/`, and the
+With variants (run/recipe_schema.py), each variant's steps run in its own work dir `<workdir>/variants/<name>/`, and the
 steps several variants share (run/steps.py: same key) run once, the first variant to reach one computing it under a
 lock; after the variants, `<workdir>/report/compare.md` compares them (run/compare.py).
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_slim.errors import UserError
 from megatron_slim.run.chain import chain_jobs, job_of_step
-from megatron_slim.run.recipe import Study
+from megatron_slim.run.recipe_schema import Study
 from megatron_slim.run.state import RunState, RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE, SHARED, shared_dir
 from megatron_slim.run.steps import CPU, Context, Step, StepInterrupted

@@ -62,6 +62,13 @@ def _safe_load_bounded(text: str, where: str) -> Any:
         loader.dispose()
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, **flag: Any) -> Any:
+    """A job field that is also a command-line flag, declared once: its default here, its help and argparse
+    options (`choices`; `many="comma"` or `many="append"` for a tuple) in the field's metadata, which
+    commands/options.py `add_job_arguments` turns into the command's flag `--field-name`."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
 def load_yaml(path: str | Path) -> Any:
     """A YAML file's content; a syntax error is one UserError naming the file, line and column (PyYAML's own
     message spans several lines and names an anonymous stream); aliases may expand to MAX_EXPANDED_NODES."""

@@ -12,6 +12,7 @@ from megatron_slim.distill.objective import Objective
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import load_dataclass, load_yaml
 from megatron_slim.runtime.layout import ParallelLayout
+from megatron_slim.runtime.seed import DEFAULT_SEED
 
 
 @dataclass
@@ -45,7 +46,7 @@ class BatchSection:
 class TrainSection:
     train_tokens: float = 0.0  # e.g. 400e9; wins over train_iters when set
     train_iters: int = 0
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
     exit_interval: int = 0  # checkpoint and exit (status 0) every N steps: bounded sessions on shared clusters
 
 

@@ -23,10 +23,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from megatron_slim.errors import UserError
 from megatron_slim.runtime import json_out
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("transformers", "vllm")

@@ -610,20 +610,20 @@ def gib(n: int) -> str:
 def format_plans(plans: list[StagePlan]) -> str:
     """One column per stage plan, one row per component, GiB per GPU; the total against the GPU's memory."""
     names = list(dict.fromkeys(k for p in plans for k in p.per_gpu_bytes))
-    width = max(len(p.name) for p in plans) + 2
-    head = f"{'per GPU (GiB)':<30}" + "".join(f"{p.name:>{max(width, 12)}}" for p in plans)
+    width = max(max(len(p.name) for p in plans) + 2, 12)
+    head = f"{'per GPU (GiB)':<30}" + "".join(f"{p.name:>{width}}" for p in plans)
     lines = [head, "-" * len(head)]
     for n in names:
-        lines.append(f"{n:<30}" + "".join(f"{(gib(p.per_gpu_bytes[n]) if n in p.per_gpu_bytes else '-'):>{max(width, 12)}}"
+        lines.append(f"{n:<30}" + "".join(f"{(gib(p.per_gpu_bytes[n]) if n in p.per_gpu_bytes else '-'):>{width}}"
                                           for p in plans))
     lines.append("-" * len(head))
-    lines.append(f"{'total':<30}" + "".join(f"{gib(p.total_bytes):>{max(width, 12)}}" for p in plans))
-    lines.append(f"{'pipeline stage':<30}" + "".join(f"{p.pipeline_stage:>{max(width, 12)}}" for p in plans))
+    lines.append(f"{'total':<30}" + "".join(f"{gib(p.total_bytes):>{width}}" for p in plans))
+    lines.append(f"{'pipeline stage':<30}" + "".join(f"{p.pipeline_stage:>{width}}" for p in plans))
     if any(p.gpu_bytes for p in plans):
         lines.append(f"{'usable (90% of the GPU)':<30}" + "".join(
-            f"{(gib(p.usable_bytes) if p.gpu_bytes else '-'):>{max(width, 12)}}" for p in plans))
+            f"{(gib(p.usable_bytes) if p.gpu_bytes else '-'):>{width}}" for p in plans))
         lines.append(f"{'fits':<30}" + "".join(
-            f"{('yes' if p.fits else 'NO') if p.gpu_bytes else '-':>{max(width, 12)}}" for p in plans))
+            f"{('yes' if p.fits else 'NO') if p.gpu_bytes else '-':>{width}}" for p in plans))
     return "\n".join(lines)
 
 

@@ -35,7 +35,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# commands that read checkpoint directories: they refuse files linking outside their input unless told otherwise
+# (`convert` declares the flag on each direction's parser)
+READS_CHECKPOINTS = frozenset({"verify", "train", "upcycle", "prune", "importance", "evaluate", "run",
+                               "export", "bench-inference", "ablate", "demo"})
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_slim.commands.options import add_follow_symlinks_argument
+
     parser = argparse.ArgumentParser(
         prog="megatron-slim",
         description="Compress large MoE language models: importance, pruning, expert merging, distillation.",
@@ -46,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
+        if name in READS_CHECKPOINTS:
+            add_follow_symlinks_argument(p)
         p.set_defaults(_run=module.run, _outputs=command_outputs(name))
     return parser
 
@@ -62,22 +72,65 @@ def command_outputs(name: str) -> tuple:
     return outputs
 
 
+def _json_failure(args: argparse.Namespace, message: str, status: int) -> None:
+    """In a `--json` mode, a command that failed before printing its document prints {"error": ...} instead, so
+    stdout holds exactly one JSON document whatever happened (`runtime.json_out`)."""
+    from megatron_slim.runtime import json_out
+
+    if getattr(args, "json", False) and not json_out.emitted():
+        json_out.emit({"error": message, "command": args.command, "exit_status": status})
+
+
 def main(argv: list[str] | None = None) -> int:
-    from megatron_slim.errors import UserError
-    from megatron_slim.runtime.outputs import postflight, preflight
+    from megatron_slim.runtime import lifetime
     from megatron_slim.runtime.quiet import silence_upstream_noise
 
     args = build_parser().parse_args(argv)
     silence_upstream_noise()
+    lifetime.adopt_parent()  # a child command dies with the command that started it
+    lifetime.install()  # and every process this one forks dies with it (checkpoint writers)
+    if getattr(args, "follow_symlinks", False):  # in the environment, so spawned ranks and children follow too
+        from megatron_slim.checkpoint.links import FOLLOW_ENV
+
+        os.environ[FOLLOW_ENV] = "1"
+    if getattr(args, "json", False):
+        from megatron_slim.runtime import json_out
+
+        with json_out.watching():
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megatron_slim.errors import UserError
+    from megatron_slim.runtime.outputs import postflight, preflight
+    from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, ignore_stop_signals
+
     try:
         preflight(args._outputs, args)
-        code = int(args._run(args) or 0)
-        if code == 0 and os.environ.get("RANK", "0") == "0":
+        status = int(args._run(args) or 0)
+        if status == 0 and os.environ.get("RANK", "0") == "0":
             postflight(args._outputs, args)
-        return code
-    except (UserError, FileExistsError, FileNotFoundError) as e:
-        print(f"megatron-slim {args.command}: error: {e}", file=sys.stderr)
+    except (UserError, FileExistsError, FileNotFoundError, PermissionError) as e:
+        message = str(e)
+        if isinstance(e, PermissionError) and e.filename:  # an output directory this user cannot write
+            message = f"{e.filename}: {e.strerror} (a directory this user cannot write to, or a file it cannot read)"
+        print(f"megatron-slim {args.command}: error: {message}", file=sys.stderr)
+        _json_failure(args, message, 2)
         return 2
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if code:
+            _json_failure(args, f"exited with status {code} (see stderr)", code)
+        raise
+    except Exception as e:
+        _json_failure(args, f"{type(e).__name__}: {e}", 1)
+        raise
+    if status == REQUEUE_EXIT_CODE:  # leaving to be requeued: no signal may turn that status into a kill now
+        ignore_stop_signals()
+    if status:
+        _json_failure(args, f"exited with status {status} (see stderr)", status)
+    return status
 
 
 if __name__ == "__main__":

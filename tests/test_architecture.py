@@ -121,7 +121,7 @@ def test_no_private_imports() -> None:
 @pytest.mark.parametrize("module, target, expected", [
     ("megatron_slim.models.config", "megatron_slim.errors", True),
     ("megatron_slim.models.config", "megatron_slim.checkpoint.mcore", False),
-    ("megatron_slim.commands.run", "megatron_slim.run.recipe", True),
+    ("megatron_slim.commands.run", "megatron_slim.run.recipe_check", True),
 ])
 def test_floor_rule_itself(module: str, target: str, expected: bool) -> None:
     """The checker would see a violation (a guard against a FLOORS table that admits everything)."""

@@ -20,8 +20,9 @@ from megatron_slim.errors import UserError
 EOS = 0
 
 
-def _jsonl(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines))
+def _jsonl(path: Path, lines: list[str | bytes]) -> Path:
+    """Lines given as bytes are written as they are (e.g. not UTF-8), the others UTF-8 encoded."""
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines))
     return path
 
 
@@ -34,6 +35,10 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
     ('{"tokens": [1, 2', r"d\.jsonl:2: not valid JSON"),
     ('[1, 2, 3]', r"d\.jsonl:2: expected a JSON object"),
     ('{"text": 5}', r"d\.jsonl:2: 'text' must be a string"),
+    # issue #28: ids beyond int64 (JSON integers are unbounded), bytes that are not UTF-8
+    ('{"tokens": [1, 18446744073709551616]}', r"d\.jsonl:2: token id 18446744073709551616 is outside the model's "
+                                              r"vocabulary \(not even a 64-bit integer\)"),
+    (b'{"text": "caf\xe9"}', r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"),
 ])
 def test_calibration_token_ids_are_checked_with_file_and_line(tmp_path, line, message):
     path = _jsonl(tmp_path / "d.jsonl", ['{"tokens": [4, 5, 6, 7]}', line])
@@ -191,6 +196,9 @@ def test_a_valid_plan_prunes(planned, tmp_path):
      r"experts\['layers\.0'\]\[0\]: needs positive weights summing to 1, got \[nan, 1\.0\]"),
     (lambda p: p["experts"].update({"layers.0": [["a"]] + p["experts"]["layers.0"][1:]}),
      r"experts must map a layer to slots of \[expert, weight\] pairs"),
+    # the target is checked by the validator `plan` uses (issue #28: top-k 0 pruned into a non-functional MoE)
+    (lambda p: p["target"].update(topk=0), r"target: topk=0 must be >= 1"),
+    (lambda p: p["target"].update(mtp_num_layers=-1), r"target: mtp_layers=-1 must be >= 0"),
 ])
 def test_bad_plans_are_refused_before_writing(planned, tmp_path, edit, message):
     hf, plan = planned
@@ -450,7 +458,7 @@ def test_prune_refuses_a_plan_computed_on_another_model(tiny_hf, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _cli("plan", "--importance", str(imp), "--out", str(plan), "--num-experts", "4").returncode == 0
     fingerprint = json.loads(plan.read_text())["source_fingerprint"]
-    assert fingerprint.startswith("v1:")
+    assert fingerprint.startswith("v2:")
 
     refused = _cli("prune", "--plan", str(plan), "--in", str(other), "--out", str(tmp_path / "s1"), "--no-progress")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
@@ -521,7 +529,7 @@ def test_yaml_syntax_errors_name_file_and_line(tmp_path):
     """Run configs, recipes and targets with a YAML syntax error used to raise PyYAML's multi-line error (a
     traceback for run configs) instead of one line naming the file and line."""
     from megatron_slim.compress.target import TargetSpec
-    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.recipe_check import load_recipe
     from megatron_slim.train.config import load_run_config
 
     broken = tmp_path / "broken.yaml"
@@ -603,3 +611,368 @@ def test_checkpoint_output_that_is_a_file_is_refused_with_overwrite(tiny_hf, tmp
     assert proc.stderr.strip().splitlines()[-1] == f"megatron-slim convert: error: output {out} exists and is not " \
                                                    "a directory"
     assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ---- reads stay inside the input (issue #28) -----------------------------------------------------------------------
+def test_dcp_storage_entries_outside_the_checkpoint_are_refused(tiny_hf, tmp_path):
+    """A `.metadata` built from the admitted record classes only, whose storage entry for the embedding names
+    `../other/__0_0.distcp`, used to make `mcore-to-hf` and `prune` copy another checkpoint's tensor (and the
+    fingerprint, which skipped embeddings, matched)."""
+    import dataclasses
+    import pickle
+
+    from megatron_slim.checkpoint.convert import hf_to_mcore
+    from megatron_slim.checkpoint.fingerprint import model_fingerprint
+    from megatron_slim.checkpoint.safe_metadata import load_metadata
+    from support import tiny_models
+    from support.hf_checkpoints import build_tiny_hf
+
+    mc, other = tmp_path / "mc", tmp_path / "other"
+    hf_to_mcore(tiny_hf, mc, progress=False)
+    build_tiny_hf(tiny_models.qwen3_moe(), 1).save_pretrained(tmp_path / "hf1")
+    hf_to_mcore(tmp_path / "hf1", other, progress=False)
+    before = model_fingerprint(mc)
+    md, theirs = load_metadata(mc / ".metadata"), load_metadata(other / ".metadata")
+    key = "embedding.word_embeddings.weight"
+    index = next(i for i in md.storage_data if i.fqn == key)
+    md.storage_data[index] = dataclasses.replace(theirs.storage_data[index], relative_path="../other/__0_0.distcp")
+    (mc / ".metadata").write_bytes(pickle.dumps(md))
+    message = (f"the storage entry of {key} names the file '../other/__0_0.distcp', which lies outside the checkpoint "
+               f"directory {mc}; refusing to read it")
+    proc = _cli("convert", "mcore-to-hf", "--mcore", str(mc), "--out", str(tmp_path / "hf"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert not (tmp_path / "hf").exists()
+    from megatron_slim.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        model_fingerprint(mc)
+
+    # the same swap through a file inside the directory: the fingerprint sees the embedding now
+    (mc / "__1_0.distcp").write_bytes((other / "__0_0.distcp").read_bytes())
+    md.storage_data[index] = dataclasses.replace(theirs.storage_data[index], relative_path="__1_0.distcp")
+    (mc / ".metadata").write_bytes(pickle.dumps(md))
+    assert model_fingerprint(mc) != before
+
+
+# ---- no broken model behind success (issue #28) --------------------------------------------------------------------
+def _one_json(stdout: str) -> dict:
+    """stdout holds exactly one JSON document, strictly parsed (no NaN/Infinity)."""
+    def strict(token: str) -> None:
+        raise AssertionError(f"not JSON: {token}")
+
+    return json.loads(stdout, parse_constant=strict)
+
+
+def test_nonfinite_weights_are_not_evaluated_and_json_stays_json(tiny_hf, tmp_path):
+    """`evaluate --json` on NaN weights printed `"loss": NaN` (not JSON) with status 0."""
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    _poison(hf, "model.layers.2.input_layernorm.weight", {(1,): float("nan")})
+    mc = tmp_path / "mc"
+    assert _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(mc), "--no-progress",
+                "--allow-nonfinite").returncode == 0
+    _with_eos(mc)
+    data = _jsonl(tmp_path / "d.jsonl", ['{"tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9]}'])
+    args = ["evaluate", "--model", str(mc), "--data", str(data), "--tokens", "8", "--seq-len", "4", "--mtp-k", "0",
+            "--json"]
+    proc = _cli(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    doc = _one_json(proc.stdout)
+    assert re.search(r"decoder\.layers\.4\.\S*norm\S* holds 1 NaN and 0 infinite values.*--allow-nonfinite",
+                     doc["error"]) and doc["exit_status"] == 2, doc
+    proc = _cli(*args, "--allow-nonfinite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = _one_json(proc.stdout)
+    assert doc["loss"] is None and "/loss" in doc["nonfinite"], doc
+
+
+def test_json_modes_print_one_document_on_failure(tmp_path):
+    """A failing `--json` command printed nothing on stdout (or a traceback): now one {"error": ...} document."""
+    proc = _cli("plan", "--config", str(tmp_path / "missing"), "--num-experts", "2", "--json")
+    assert proc.returncode == 2
+    doc = _one_json(proc.stdout)
+    assert doc["command"] == "plan" and "missing" in doc["error"], doc
+
+
+def test_json_out_writes_nonfinite_numbers_as_null_with_their_paths():
+    from megatron_slim.runtime.json_out import dumps
+
+    text = dumps({"loss": float("nan"), "tasks": {"a": {"acc": 0.5, "ppl": float("inf")}}, "xs": [1.0, -float("inf")]})
+    assert _one_json(text) == {"loss": None, "tasks": {"a": {"acc": 0.5, "ppl": None}}, "xs": [1.0, None],
+                               "nonfinite": ["/loss", "/tasks/a/ppl", "/xs/1"]}
+
+
+def _hub_snapshot(hf: Path, repo: Path) -> Path:
+    """`hf` laid out as a Hugging Face hub cache stores it: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    import hashlib
+    import os
+
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for f in sorted(hf.iterdir()):
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / blob).write_bytes(f.read_bytes())
+        os.symlink(f"../../blobs/{blob}", snap / f.name)
+    return snap
+
+
+def test_a_hub_cache_snapshot_reads_as_a_normal_checkpoint(tiny_hf, tmp_path):
+    """A sharded snapshot (every file a link into ../../blobs/) was refused as "shards must be files of the
+    checkpoint directory itself"."""
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    (hf / "chat_template.jinja").write_text("{{ messages }}")
+    snap = _hub_snapshot(hf, tmp_path / "hub" / "models--org--tiny")
+    assert len(list(snap.glob("model-*.safetensors"))) > 1
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(snap), "--out", str(tmp_path / "mc"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    copied = tmp_path / "mc" / "tokenizer" / "chat_template.jinja"
+    assert not copied.is_symlink() and copied.read_text() == "{{ messages }}"
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "model-00002-of-00004.safetensors"])
+def test_a_link_leaving_the_input_is_refused_unless_followed(tiny_hf, tmp_path, name):
+    """A tokenizer/chat-template file linking to a file elsewhere was copied into the conversion as a regular
+    file without a word (and a shard linking elsewhere was read)."""
+    import os
+
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    target = tmp_path / "elsewhere" / name
+    target.parent.mkdir()
+    if name.endswith(".safetensors"):
+        name = sorted(p.name for p in hf.glob("model-*.safetensors"))[1]
+        os.replace(hf / name, target)
+    else:
+        target.write_text("secret")
+    os.symlink(target, hf / name)
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"megatron-slim convert: error: {hf / name} links to {target}, outside the input {hf}; refusing to read it "
+        "(--follow-symlinks follows links that leave the input)")
+    assert not (tmp_path / "mc").exists()
+    proc = _cli("convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mc"), "--no-progress",
+                "--follow-symlinks")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---- weak cases of issue #28: one line naming the file, key or value -----------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    ('{"recipe": "d", "steps": {"a": {"status": "do', r"state\.json: not valid JSON"),
+    ('[1, 2]', r"state\.json: not a run state \(expected an object with a 'steps' object"),
+    ('{"recipe": "d", "steps": {"a": 3}}', r"state\.json: not a run state"),
+])
+def test_a_damaged_run_state_is_named(tmp_path, content, message):
+    from megatron_slim.run.state import STATE, RunState
+
+    (tmp_path / STATE).write_text(content)
+    for open_state in (lambda: RunState(tmp_path, "d"), lambda: RunState.read(tmp_path)):
+        with pytest.raises(UserError, match=message + r".*remove .*state\.json"):
+            open_state()
+
+
+@pytest.mark.parametrize("content", ["garbage\n", "", "12abc", "\xff\xfe"])
+def test_a_garbage_latest_file_is_named(tmp_path, content):
+    from megatron_slim.train.checkpointing import latest_step
+
+    (tmp_path / "latest").write_bytes(content.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / 'latest'))}: expected the number of the latest "
+                                        "saved step"):
+        latest_step(tmp_path)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """1.1 KB of nested aliases took 2.6 GB in the dry run."""
+    import resource
+
+    from megatron_slim.runtime.config_loader import load_yaml
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}]" for i in range(1, 10)]
+    bomb = tmp_path / "recipe.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 1200
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match=r"recipe\.yaml: YAML aliases expand to more than 100000 values"):
+        load_yaml(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("base: &b {lr: 1.0e-4, wd: 0.1}\nstage1: *b\nstage2: *b\n")
+    assert load_yaml(fine)["stage2"] == {"lr": 1.0e-4, "wd": 0.1}
+
+
+def test_nonfinite_recipe_and_config_values_are_named(tmp_path):
+    """YAML's .nan/.inf were taken as a learning rate or a token budget."""
+    from megatron_slim.run.recipe_parse import parse_study
+    from megatron_slim.run.recipe_schema import RecipeError
+    from megatron_slim.runtime.config_loader import load_yaml
+    from megatron_slim.train.config import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("optimizer: {lr: .nan, min_lr: .inf}\n")
+    with pytest.raises(UserError, match=r"run\.yaml\.optimizer\.lr: must be a finite number, got nan; .*"
+                                        r"run\.yaml\.optimizer\.min_lr: must be a finite number, got inf"):
+        load_run_config(config)
+    raw = load_yaml(Path(__file__).resolve().parents[1] / "megatron_slim" / "demo" / "recipe.yaml")
+    raw["train_tokens"] = float("inf")
+    with pytest.raises(RecipeError, match=r"needs train_tokens \(total distillation tokens\), got inf"):
+        parse_study(raw, tmp_path)
+
+
+# ---- no orphans (issue #28) ----------------------------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _none_alive(pids: list[int], seconds: float = 20) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+def _spawned_world(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    tests = Path(__file__).resolve().parent
+    code = ("import sys; from megatron_slim.runtime.spawn import run_local_world; "
+            "from support.lifetime_workers import preemptible; "
+            f"sys.exit(run_local_world(preemptible, 2, {str(tmp_path)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ | {"PYTHONPATH": os.pathsep.join(
+        [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # spawned ranks import torch: seconds, more on a loaded machine
+    while len(list(tmp_path.glob("rank*.pids"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    time.sleep(0.2)  # the pid files are written before the ranks' loops start
+    return proc, [int(p) for f in tmp_path.glob("rank*.pids") for p in f.read_text().split()]
+
+
+def test_sigterm_reaches_spawned_ranks_which_checkpoint_and_requeue(tmp_path):
+    """`run` with `nproc: 2` exited at once on SIGTERM while its orphaned ranks finished the run."""
+    import signal
+
+    proc, pids = _spawned_world(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 75, proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.glob("*.checkpoint")) == ["rank0.checkpoint", "rank1.checkpoint"]
+    assert _none_alive(pids) == []
+
+
+def test_a_killed_launcher_leaves_no_rank_or_forked_helper(tmp_path):
+    """kill -9 of the process that spawned the ranks: ranks and the processes they forked die with it."""
+    import signal
+
+    proc, pids = _spawned_world(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert _none_alive(pids) == [], "survivors after the launcher was killed"
+    assert not list(tmp_path.glob("*.checkpoint"))
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_importance_leaves_no_rank_computing(tiny_mcore, tmp_path, sig):
+    """`importance --ep 2` ranks re-parented to PID 1 and kept computing into a hidden `.partial` after their
+    parent was killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _jsonl(tmp_path / "d.jsonl", ['{"tokens": [1, 2, 3, 4, 5, 6, 7, 8, 9]}'] * 64)
+    out = tmp_path / "imp.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_slim.cli", "importance", "--model", str(tiny_mcore),
+                             "--data", str(data), "--tokens", "256", "--seq-len", "4", "--ep", "2", "--out", str(out),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, ranks = time.monotonic() + 120, []
+    while len(ranks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        ranks = [c for c in _descendants(proc.pid) if b"multiprocessing" in Path(f"/proc/{c}/cmdline").read_bytes()
+                 and b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        time.sleep(0.05)
+    assert len(ranks) == 2, "the two ranks were not seen"
+    time.sleep(1.0)  # the ranks are importing / loading
+    everyone = _descendants(proc.pid)
+    os.kill(proc.pid, getattr(signal, sig))
+    proc.wait(timeout=120)
+    assert _none_alive(everyone, 60) == [], f"survivors after {sig}"
+    assert not out.exists()
+
+
+def test_a_missing_tokenizer_directory_is_named_as_such(tmp_path):
+    """transformers took the path for a hub repo id: "Repo id must be in the form 'repo_name'..."."""
+    from megatron_slim.data.calibration import load_tokenizer
+
+    with pytest.raises(UserError, match=rf"^tokenizer directory {re.escape(str(tmp_path / 'nope'))} does not exist$"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_verify_refuses_a_layout_that_does_not_fit_before_starting_ranks(tiny_mcore, tiny_hf, tmp_path):
+    """`verify --tp 3` died in three tracebacks from inside megatron-core."""
+    proc = _cli("verify", "--hf", str(tiny_hf), "--mcore", str(tiny_mcore), "--tp", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.fullmatch(r"megatron-slim verify: error: --tp 3 --ep 1 --pp 1: parallel layout does not fit the model: "
+                        r"num_attention_heads=\d+ is not divisible by tp=3.*", proc.stderr.strip()), proc.stderr
+
+
+def test_upcycle_refuses_a_model_that_needs_remote_code(tmp_path):
+    """An unknown model_type with auto_map showed transformers' interactive trust-remote-code prompt."""
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({"model_type": "evil_arch", "architectures": ["EvilForCausalLM"],
+                                                   "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    (dense / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
+    proc = _cli("upcycle", "--dense", str(dense), "--out", str(tmp_path / "moe"), "--experts", "2", "--topk", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"megatron-slim upcycle: error: {dense / 'config.json'}: model_type 'evil_arch' is not a model transformers "
+        "knows (its auto_map names code stored in the checkpoint, which megatron-slim never runs); upcycle needs a "
+        "dense decoder transformers implements (e.g. llama)")
+
+
+def test_heldout_data_that_is_training_data_warns(tmp_path):
+    from megatron_slim.run.recipe_check import heldout_overlap_warning
+    from megatron_slim.run.recipe_parse import parse_study
+    from megatron_slim.runtime.config_loader import load_yaml
+
+    raw = load_yaml(Path(__file__).resolve().parents[1] / "megatron_slim" / "demo" / "recipe.yaml")
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "train.jsonl")
+    raw["data"]["heldout"] = "link.jsonl"  # the same file under another name
+    recipe = next(iter(parse_study(raw, tmp_path).recipes.values()))
+    assert heldout_overlap_warning(recipe) == (
+        f"warning: data.heldout {recipe.data.heldout} is also training data (data.train {recipe.data.train}): "
+        "held-out loss will measure memorisation, not generalisation")
+    raw["data"]["heldout"] = "heldout.jsonl"
+    assert heldout_overlap_warning(next(iter(parse_study(raw, tmp_path).recipes.values()))) is None
+
+
+def test_permission_errors_are_one_line_naming_the_path(tiny_hf, tmp_path):
+    """A path this user cannot read or write ended in a PermissionError traceback."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(tiny_hf / "config.json", hf / "config.json")
+    (hf / "config.json").chmod(0o000)
+    try:
+        proc = _without_root_override("plan", "--config", str(hf), "--num-experts", "4", "--json")
+    finally:
+        (hf / "config.json").chmod(0o644)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"megatron-slim plan: error: {hf / 'config.json'}: Permission denied (a directory "
+                                   "this user cannot write to, or a file it cannot read)")
+    assert json.loads(proc.stdout)["error"].endswith("Permission denied (a directory this user cannot write to, or a "
+                                                     "file it cannot read)")

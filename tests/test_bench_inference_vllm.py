@@ -14,12 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from support import tiny_models
-from support.hf_checkpoints import build_tiny_hf
-from megatron_slim.engines.bench_inference_job import (BenchInferenceJob, bench_models, format_table, greedy_reference,
-                                                  markdown_table, measure_vllm)
+from megatron_slim.engines.bench_inference_job import (
+    BenchInferenceJob,
+    bench_models,
+    format_table,
+    greedy_reference,
+    markdown_table,
+    measure_vllm,
+)
 from megatron_slim.engines.vllm_engine import VllmWorkerError, default_python, refusal
 from megatron_slim.errors import UserError
+from support import tiny_models
+from support.hf_checkpoints import build_tiny_hf
 
 FAKE = Path(__file__).parent / "support" / "fake_vllm_worker.py"
 
@@ -82,7 +88,8 @@ def test_worker_protocol_figures_and_agreement(model, fake_python, tmp_path, mon
         "model": str(model), "dtype": "float32", "gen_len": 5, "warmup": 1, "repeats": 3}
     assert len(request["prompts"]) == 2 and all(len(r) == 12 for r in request["prompts"])
     assert request["prompts"] == prompts.tolist()  # the transformers side's prompts (seeded by vocabulary size)
-    params = sum(p.numel() for p in build_tiny_hf(tiny_models.mixtral(hidden_size=128, head_dim=32), seed=0).parameters())
+    model = build_tiny_hf(tiny_models.mixtral(hidden_size=128, head_dim=32), seed=0)
+    params = sum(p.numel() for p in model.parameters())
     assert (got.engine, got.params, got.peak_memory_bytes) == ("vllm", params, 12345)
     assert got.prefill_s == pytest.approx(0.3)  # median of 0.5, 0.1, 0.3
     assert got.decode_tokens_per_s == pytest.approx(2 * 5 / 0.3)  # batch * gen_len / median(generate - prefill)

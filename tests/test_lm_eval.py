@@ -104,8 +104,9 @@ def layout_sweep(rank: int, world: int, mcore: str, args: dict[str, list[tuple]]
             out[name] = run_requests(lm, args)
         out[name]["stderr"] = said.getvalue()
         if world > 1 and name == "tp2":
-            out["tasks"] = score_tasks(model, cfg, Path(mcore) / TOKENIZER_DIR, TaskSpec(tasks=TASKS, limit=LIMIT),
-                                       batch_size=4, micro_batch=2)
+            out["tasks"], out["task_errors"] = score_tasks(model, cfg, Path(mcore) / TOKENIZER_DIR,
+                                                           TaskSpec(tasks=TASKS, limit=LIMIT), batch_size=4,
+                                                           micro_batch=2)
     return out
 
 
@@ -264,3 +265,24 @@ def test_a_training_checkpoint_is_scored_like_its_source(tiny, hf_reference):
     assert (root / "save" / "iter_0000001" / "tokenizer" / "tokenizer.json").is_file()
     scores = json.loads(proc.stdout.strip().splitlines()[-1])["tasks"]["wiki_cloze"]
     assert scores == pytest.approx(hf_reference["tasks"]["wiki_cloze"], rel=1e-4)
+
+
+def test_a_failing_task_keeps_the_other_tasks_scores(tiny, hf_reference, tmp_path):
+    """One task failing while it is scored used to lose every task's scores (issue #28)."""
+    import shutil
+
+    from megatron_slim.eval.harness import SHIPPED_TASKS
+
+    shutil.copy(SHIPPED_TASKS / "wiki_docs.py", tmp_path / "wiki_docs.py")
+    (tmp_path / "broken.py").write_text("def results(doc, outputs):\n    raise RuntimeError('metric broke')\n")
+    text = (SHIPPED_TASKS / "wiki_cloze.yaml").read_text().replace("task: wiki_cloze", "task: wiki_broken")
+    (tmp_path / "wiki_broken.yaml").write_text(text + "process_results: !function broken.results\n")
+    proc = subprocess.run([sys.executable, "-m", "megatron_slim.cli", "evaluate", "--model", str(tiny["hf"]),
+                           "--tasks", "wiki_broken,wiki_cloze", "--include-path", str(tmp_path), "--limit",
+                           str(LIMIT), "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)
+    assert printed["tasks"]["wiki_cloze"] == pytest.approx(hf_reference["tasks"]["wiki_cloze"], rel=1e-4)
+    assert "wiki_broken" not in printed["tasks"]
+    assert printed["task_errors"]["wiki_broken"].endswith("RuntimeError: metric broke"), printed
+    assert "warning: task wiki_broken failed, the other tasks' scores are kept" in proc.stderr

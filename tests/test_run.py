@@ -2,6 +2,7 @@
 idempotent reruns, and a run killed mid-distillation that resumes to the same final checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from megatron_slim.run.recipe import RecipeError, load_recipe, parse_recipe
+from megatron_slim.run.recipe_check import load_recipe
+from megatron_slim.run.recipe_parse import parse_recipe
+from megatron_slim.run.recipe_schema import RecipeError
 from megatron_slim.run.state import RunState
 from support.run_assets import build, recipe as chain_recipe, write_recipe as _write
 from support.train_assets import cli
@@ -69,11 +72,28 @@ def test_presets_derive_stages(assets: Path) -> None:
     depth, width = recipe.stages
     assert depth.target.num_layers == 4 and depth.target.num_experts is None and depth.target.hidden_size is None
     assert (width.target.num_experts, width.target.hidden_size, width.target.moe_ffn_hidden_size) == (4, 48, 16)
-    assert depth.training["train"]["train_tokens"] == width.training["train"]["train_tokens"] == 6 * 8 * 32
-    assert depth.training["optimizer"]["lr"] == 3e-3  # shared training sections reach every stage
+    assert depth.training.train_tokens == width.training.train_tokens == 6 * 8 * 32
+    assert depth.training.sections["optimizer"]["lr"] == 3e-3  # shared training sections reach every stage
     one = parse_recipe(_recipe(assets, preset="one_shot"), assets)
     assert [s.name for s in one.stages] == ["one_shot"] and one.stages[0].target.hidden_size == 48
-    assert one.stages[0].training["train"]["train_tokens"] == 6 * 8 * 32 * 2
+    assert one.stages[0].training.train_tokens == 6 * 8 * 32 * 2
+
+
+def test_stage_seed_and_final_target_are_fields(assets: Path) -> None:
+    """Each stage trains (and a random student initialises) from its explicit seed: the recipe's `train.seed`, a
+    stage's own, else the one default; the recipe's `target` is a typed field, part of the work dir's digest."""
+    from megatron_slim.runtime.seed import DEFAULT_SEED
+
+    recipe = parse_recipe(_recipe(assets), assets)
+    assert [s.training.seed for s in recipe.stages] == [recipe.source["training"]["train"]["seed"]] * 2
+    assert recipe.final_target is not None and recipe.final_target.num_experts == 4
+    assert "_final_target" not in recipe.source  # the parsed YAML stays as written
+    raw = _recipe(assets)
+    del raw["training"]["train"]["seed"]
+    unseeded = parse_recipe(raw, assets)
+    assert [s.training.seed for s in unseeded.stages] == [DEFAULT_SEED] * 2 and unseeded.digest != recipe.digest
+    smaller = parse_recipe(_recipe(assets) | {"target": dict(_recipe(assets)["target"], num_experts=2)}, assets)
+    assert smaller.final_target.num_experts == 2 and smaller.digest != recipe.digest
 
 
 @pytest.mark.parametrize("change, message", [
@@ -113,6 +133,55 @@ def test_recipe_errors_before_compute(assets: Path, change: dict, message: str) 
     with pytest.raises(RecipeError) as err:
         load_recipe(_write(assets, "bad", recipe))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("section, change, message", [
+    ("importance", {"micro_batch": 0}, "importance.micro_batch must be >= 1"),
+    ("importance", {"tokens": 0}, "importance.tokens must be >= 1"),
+    ("evaluation", {"tokens": -1}, "evaluation.tokens must be >= 1"),
+    ("evaluation", {"micro_batch": 0}, "evaluation.micro_batch must be >= 1"),
+    ("evaluation", {"mtp_prompts": 0}, "evaluation.mtp_prompts must be >= 1"),
+    ("evaluation", {"mtp_k": -1}, "evaluation.mtp_k must be >= 0"),
+    ("evaluation", {"mtp_k": 6}, "evaluation.gen_tokens (6) must exceed evaluation.mtp_k (6)"),
+    ("evaluation", {"tasks": ["wiki_cloze"], "num_fewshot": -1}, "evaluation.num_fewshot must be >= 0"),
+    ("evaluation", {"tasks": ["wiki_cloze"], "limit": 0}, "evaluation.limit must be > 0"),
+    ("data", {"seq_length": 1}, "data.seq_length must be >= 2"),
+    ("parallel", {"ep": 0}, "parallel.ep must be >= 1"),
+])
+def test_recipe_refuses_what_the_workers_refuse(assets: Path, section: str, change: dict, message: str) -> None:
+    """The importance and evaluation sections build the jobs the steps run, and each job's own validation runs at
+    parse time, naming the recipe key: nothing a worker would refuse reaches the teacher conversion."""
+    recipe = _recipe(assets)
+    recipe[section] = dict(recipe.get(section) or {}) | change
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(recipe, assets)
+    assert message in str(err.value)
+
+
+def test_recipe_sections_take_the_jobs_defaults() -> None:
+    """A recipe section's setting defaults to the command's, except those the recipe derives on purpose."""
+    from megatron_slim.engines.bench_inference_job import BenchInferenceJob
+    from megatron_slim.engines.evaluate_job import EvaluateJob
+    from megatron_slim.engines.importance_job import ImportanceJob
+    from megatron_slim.run.recipe_schema import EvaluationSection, ImportanceSection, InferenceSection
+
+    own = {"tokens", "prompt_len", "tasks"}  # recipe budgets; evaluation.prompt_len 0: half data.seq_length
+    for section, job in ((ImportanceSection, ImportanceJob), (EvaluationSection, EvaluateJob)):
+        jobs = {f.name: f.default for f in dataclasses.fields(job)}
+        shared = [f for f in dataclasses.fields(section) if f.name in jobs and f.name not in own]
+        assert shared and all(f.default == jobs[f.name] for f in shared), section
+    jobs = {f.name: f.default for f in dataclasses.fields(BenchInferenceJob)}
+    assert all(f.default == jobs[f.name] for f in dataclasses.fields(InferenceSection)
+               if f.default is not dataclasses.MISSING)
+
+
+def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:
+    recipe = _recipe(assets, importance={"micro_batch": 0}, evaluation={"tokens": -1})
+    work = assets / "never_dry"
+    proc = cli("run", str(_write(assets, "bad_job", recipe)), "--workdir", str(work), "--dry-run", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "importance.micro_batch must be >= 1" in proc.stderr and "evaluation.tokens must be >= 1" in proc.stderr
+    assert not work.exists()
 
 
 def test_cli_reports_every_problem_before_compute(assets: Path) -> None:
@@ -206,6 +275,42 @@ def test_run_end_to_end(finished: Path) -> None:
     assert "## Deployment efficiency" in report and "| student |" in report and "vs teacher" in report
 
 
+def test_stages_read_one_data_stream(finished: Path, tmp_path: Path) -> None:
+    """Stage `width` starts where `depth` stopped in one shuffle of the corpus: contiguous sample ranges in the
+    state, run configs that build the same stream, and no window of the corpus read by both stages."""
+    from megatron_slim.train.config import run_config_from_dict
+    from megatron_slim.train.data import TokenizerInfo, build_datasets
+
+    state = RunState.read(finished)
+    assert [state.outputs(f"{s}/distill")["data_samples"] for s in ("depth", "width")] == [[0, 48], [48, 96]]
+    data = [run_config_from_dict(yaml.safe_load((finished / s / "train.yaml").read_text())).data
+            for s in ("depth", "width")]
+    assert [d.sample_offset for d in data] == [0, 48]
+    assert dataclasses.replace(data[0], sample_offset=48) == data[1] and data[0].stream_samples == 96
+    d = data[0]
+    train = build_datasets(d.blend, d.split, d.seq_length, (d.stream_samples, 8, 0), d.seed,
+                           TokenizerInfo(vocab_size=128, eod=127), str(tmp_path), False)[0]
+
+    def windows(start: int, end: int) -> set[tuple[int, int]]:  # (document position, offset) each sample starts at
+        return {tuple(int(x) for x in train.sample_index[train.shuffle_index[i]]) for i in range(start, end)}
+
+    depth, width = windows(0, 48), windows(48, 96)
+    assert len(depth) == len(width) == 48 and not depth & width
+
+
+def test_dry_run_refuses_a_too_small_corpus(assets: Path) -> None:
+    """The toy corpus (~8K tokens) cannot feed 10^5 tokens at data.max_epochs 1: the dry run names the dataset;
+    a recipe it can feed prints each dataset's tokens available / requested / epochs."""
+    big = _write(assets, "recipe_big", _recipe(assets, train_tokens=100_000))
+    proc = cli("run", str(big), "--workdir", str(assets / "w_big"), "--dry-run", check=False)
+    assert proc.returncode == 2 and f"of {assets / 'train'}" in proc.stderr, proc.stderr[-2000:]
+    assert "data.max_epochs 1" in proc.stderr
+    ok = cli("run", str(_write(assets, "recipe_dry", _recipe(assets))), "--workdir", str(assets / "w_dry"),
+             "--dry-run")
+    assert "data stream: 96 samples of 32 tokens; depth [0, 48), width [48, 96)" in ok.stdout
+    assert f"{assets / 'train'}: weight 1, " in ok.stdout and "3,072 requested" in ok.stdout, ok.stdout
+
+
 def test_export_matches_megatron_student(finished: Path) -> None:
     """The exported HF student computes what the final Megatron checkpoint computes (transformers vs megatron)."""
     state = RunState.read(finished)
@@ -275,6 +380,7 @@ def test_killed_run_resumes_to_same_result(assets: Path, finished: Path) -> None
     out = cli("run", str(assets / "recipe.yaml"), "--workdir", os.path.relpath(work, assets / "elsewhere"),
               "--no-progress", timeout=1200, cwd=assets / "elsewhere")
     assert "skip  depth/distill" in out.stdout and "resumed from" in out.stdout
+    assert RunState.read(work).outputs("width/distill")["data_samples"] == [48, 96]  # the same stream range
     resumed, full = _final_weights(work), _final_weights(finished)
     assert resumed.keys() == full.keys()
     for key in full:
@@ -446,7 +552,7 @@ def test_finished_step_whose_outputs_vanished_is_redone(assets: Path, finished: 
 def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:
     """examples/slimqwen/recipe.yaml parses and its stages chain from the real teacher config to SlimQwen-23A2B."""
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.run.recipe import check_final, stage_configs
+    from megatron_slim.run.recipe_check import check_final, stage_configs
 
     root = Path(__file__).parents[1] / "examples" / "slimqwen"
     recipe = parse_recipe(yaml.safe_load((root / "recipe.yaml").read_text()), root)
@@ -456,5 +562,5 @@ def test_slimqwen_example_recipe_reaches_the_paper_student() -> None:
     assert (width.num_layers, width.hidden_size, width.num_experts, width.topk) == (36, 1536, 256, 8)
     assert width.hybrid_pattern.count("*") == 9 + 1  # 9 full-attention decoder layers + the MTP layer
     check_final(recipe, width, teacher)
-    assert recipe.stages[0].training["train"]["train_tokens"] + recipe.stages[1].training["train"]["train_tokens"] \
+    assert recipe.stages[0].training.train_tokens + recipe.stages[1].training.train_tokens \
         == 400e9

@@ -322,6 +322,37 @@ def test_array_runs_one_task_per_part_on_cpu_nodes(slurm_env: dict[str, str], tm
         assert tokens.tolist() == [t for doc in docs for t in doc], (i, tokens)
 
 
+def test_array_preprocess_shards_merge_into_the_unsharded_dataset(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """The corpus path end to end: `launch.sh --submit --array 3 --cpu-partition debug -- preprocess --input DIR
+    --shard auto` tokenizes a third of the files per array task; `merge-datasets` of the three shards in order is
+    byte for byte the dataset one unsharded `preprocess` writes."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        docs = [[i * 100 + d * 10 + t for t in range(2 + (i + d) % 4)] for d in range(1 + i % 3)]
+        (corpus / f"part-{i}.jsonl").write_text("".join(json.dumps({"ids": doc}) + "\n" for doc in docs))
+    common = ["--tokenizer", "none", "--json-key", "ids", "--vocab-size", "1000", "--eod-id", "999"]
+    logs = tmp_path / "logs"
+    out = subprocess.run(
+        ["bash", str(LAUNCH), "--submit", "--array", "3", "--cpu-partition", "debug", "--job-name", "tok",
+         "--log-dir", str(logs), "--wait", "--", "preprocess", "--input", str(corpus), "--output-prefix",
+         str(tmp_path / "sharded"), *common, "--shard", "auto"],
+        capture_output=True, text=True, env=slurm_env, cwd=REPO, timeout=600)
+    logs_text = {p.name: p.read_text()[-3000:] for p in sorted(logs.glob("*"))} if logs.is_dir() else {}
+    assert out.returncode == 0, (out.stdout, out.stderr, logs_text)
+    shards = [str(tmp_path / f"sharded-{i:05d}-of-00003") for i in range(3)]
+    for shard in shards:
+        assert Path(shard + ".idx").is_file() and Path(shard + ".manifest.json").is_file(), (shard, logs_text)
+    env = _clean_env()
+    for args in (["merge-datasets", "--inputs", *shards, "--output-prefix", str(tmp_path / "merged")],
+                 ["preprocess", "--input", str(corpus), "--output-prefix", str(tmp_path / "whole"), *common]):
+        done = subprocess.run([sys.executable, "-m", "megatron_slim.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"whole{ext}").read_bytes(), ext
+
+
 def test_dry_run_array_submits_cpu_tasks() -> None:
     out = subprocess.run(
         ["bash", str(LAUNCH), "--submit", "--dry-run", "--array", "64%8", "--cpu-partition", "cpu", "--cpu-time",

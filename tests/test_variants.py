@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from megatron_slim.eval.stats import paired_difference
-from megatron_slim.run.recipe import RecipeError, load_study
+from megatron_slim.run.recipe_check import load_study
+from megatron_slim.run.recipe_schema import RecipeError
+from megatron_slim.run.state import RunState
 from support.run_assets import build, recipe as chain_recipe, write_recipe
 from support.train_assets import cli
 
@@ -111,9 +114,9 @@ def test_unknown_reference_and_variant_are_named(assets: Path) -> None:
 def test_variants_deep_merge_over_the_recipe(assets: Path) -> None:
     study = load_study(write_recipe(assets, "merge", _study(assets)))
     assert study.variants == ["kd_only", "pruned", "random_init"] and study.reference == "pruned"  # file order
-    kd = study.recipe("kd_only").stages[0].training
+    kd = study.recipe("kd_only").stages[0].training.sections
     assert kd["loss"]["kd_weight"] == 1.0 and kd["optimizer"]["lr"] == 3e-3  # merged, the rest kept
-    assert study.recipe("pruned").stages[0].training["loss"]["kd_weight"] == 0.5
+    assert study.recipe("pruned").stages[0].training.sections["loss"]["kd_weight"] == 0.5
     assert study.recipe("random_init").init == "random" and study.recipe("pruned").init == "pruned"
 
 
@@ -199,6 +202,18 @@ def test_comparison_report(study: Path) -> None:
     assert compare["variants"]["pruned"]["diff_vs_reference"] is None
     for name in ("kd_only", "pruned", "random_init"):  # every variant trained the same tokens
         assert compare["variants"][name]["tokens_trained"] == STEPS * 8 * 32
+
+
+def test_variants_read_the_same_samples(study: Path) -> None:
+    """Every variant (random init included) distils on the same range of the same data stream: equal data
+    sections in their run configs (blend, split, seed, stream length, offset) and equal recorded sample ranges."""
+    data, ranges = [], []
+    for name in ("pruned", "kd_only", "random_init"):
+        stage = study / "variants" / name / "one_shot"
+        data.append(yaml.safe_load((stage / "train.yaml").read_text())["data"])
+        ranges.append(RunState.read(study / "variants" / name).outputs("one_shot/distill")["data_samples"])
+    assert data[0] == data[1] == data[2] and data[0]["stream_samples"] == STEPS * 8
+    assert ranges == [[0, STEPS * 8]] * 3
 
 
 def test_killed_variant_resumes_to_the_same_weights(assets: Path, study: Path) -> None:

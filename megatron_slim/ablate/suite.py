@@ -21,8 +21,10 @@ from typing import Any
 import yaml
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
 from megatron_slim.runtime.config_loader import load_yaml
 from megatron_slim.runtime.outputs import atomic_write, prepare_workdir
+from megatron_slim.runtime.seed import DEFAULT_SEED
 
 SUITE_EXPERTS = 8
 SUITE_TOPK = 6
@@ -168,7 +170,7 @@ def prepare_suite(chosen: list[Finding], workdir: Path, base: Path | None = None
         if not isinstance(recipe, dict) or "variants" in recipe:
             raise UserError(f"--base {base}: give a recipe without variants (the suite adds its own)")
     recipe = _absolute(recipe, base_dir)
-    first_seed = int(((recipe.get("training") or {}).get("train") or {}).get("seed", 1234))
+    first_seed = int(((recipe.get("training") or {}).get("train") or {}).get("seed", DEFAULT_SEED))
     recipe["variants"] = {replicate(name, k): VARIANTS[name] if k == 0 else _with_seed(VARIANTS[name], first_seed + k)
                           for f in chosen for name in f.variants for k in range(seeds)}
     recipe["reference"] = chosen[0].variants[0]
@@ -237,7 +239,7 @@ def _row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def verdicts(recipe_path: Path, workdir: Path, chosen: list[Finding], seeds: int = 1) -> list[Verdict]:
     from megatron_slim.run.compare import variant_results
-    from megatron_slim.run.recipe import read_study
+    from megatron_slim.run.recipe_parse import read_study
 
     _, results = variant_results(read_study(recipe_path), workdir)
     finished = {name: r.eval for name, r in results.items() if r.finished}
@@ -272,7 +274,7 @@ def as_json(found: list[Verdict]) -> dict[str, Any]:
 
 
 def _study_view(recipe_path: Path, workdir: Path, variant: str):
-    from megatron_slim.run.recipe import read_study
+    from megatron_slim.run.recipe_parse import read_study
     from megatron_slim.run.variants import variant_views
 
     run, view = next((r, v) for r, v in variant_views(read_study(recipe_path), workdir) if r.name == variant)
@@ -285,16 +287,16 @@ def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path 
     the expert criteria rank its experts (compress/criteria.py) in the importance pass the variants share."""
     from megatron_slim.compress.criteria import criteria_agreement
     from megatron_slim.compress.importance_file import Importance
-    from megatron_slim.run.step_groups import DATA, EVAL_TEACHER
+    from megatron_slim.run.step_groups import DATA, EVAL_TEACHER, Out, stage_steps
 
     recipe, view = _study_view(recipe_path, workdir, reference)
     def quality(path: str | Path) -> dict[str, Any]:
         return {k: v for k, v in json.loads(Path(path).read_text()).items() if k != "window_losses"}
 
-    out: dict[str, Any] = {"teacher": quality(view.outputs(EVAL_TEACHER)["eval"])}
+    out: dict[str, Any] = {"teacher": quality(view.outputs(EVAL_TEACHER)[Out.EVAL])}
     first = recipe.stages[0]
-    if view.done(f"{first.name}/importance"):
-        imp = Importance.load(view.outputs(f"{first.name}/importance")["importance"])
+    if view.done(stage_steps(first).importance):
+        imp = Importance.load(view.outputs(stage_steps(first).importance)[Out.IMPORTANCE])
         keep = first.target.num_experts or imp.model.num_experts
         out["criteria"] = [vars(a) for a in criteria_agreement(imp, keep)]
         out["criteria_keep"] = keep
@@ -304,7 +306,7 @@ def teacher_check(recipe_path: Path, workdir: Path, reference: str, dense: Path 
         e, path = recipe.evaluation, workdir / "report" / "dense_eval.json"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            run_evaluate(EvaluateJob(model=str(dense), data=view.outputs(DATA)["heldout"],
+            run_evaluate(EvaluateJob(model=str(dense), data=view.outputs(DATA)[Out.HELDOUT],
                                      tokens=int(e.tokens), seq_len=recipe.data.seq_length, micro_batch=e.micro_batch,
                                      mtp_k=0, out=path))
         out["dense"] = quality(path)
@@ -335,6 +337,9 @@ def run_ablation(job: AblateJob) -> int:
     recipe_path = prepare_suite(chosen, job.workdir, job.base, job.seeds)
     code = run_recipe(RunJob(recipe=recipe_path, workdir=job.workdir, progress=job.progress))
     if code:
+        if job.json:  # one JSON document whatever happened: the failure, with where to look
+            json_out.emit({"error": f"the suite's run failed (exit status {code}); its log and state are in "
+                                    f"{job.workdir}", "exit_status": code, "workdir": str(job.workdir)})
         return code
     found = verdicts(recipe_path, job.workdir, chosen, job.seeds)
     dense = None
@@ -346,8 +351,11 @@ def run_ablation(job: AblateJob) -> int:
         upcycled_teacher(dense, DEMO_EXPERTS, DEMO_EXPERTS)
     check = teacher_check(recipe_path, job.workdir, chosen[0].variants[0], dense)
     result = as_json(found) | {"teacher_check": check}
-    atomic_write(job.workdir / "report" / "findings.json", json.dumps(result, indent=1))
+    atomic_write(job.workdir / "report" / "findings.json", json_out.dumps(result, indent=1))
     text = format_teacher_check(check) + "\n\n" + format_table(found, job.seeds)
     atomic_write(job.workdir / "report" / "findings.md", text + "\n")
-    print(json.dumps(result) if job.json else "\n" + text, flush=True)
+    if job.json:
+        json_out.emit(result)
+    else:
+        print("\n" + text, flush=True)
     return 0

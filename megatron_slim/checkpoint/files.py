@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
+from megatron_slim.checkpoint.links import check_inside
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.errors import CheckpointError, UserError
 from megatron_slim.runtime.outputs import claim_output
@@ -78,8 +79,11 @@ def check_keys(kind: str, required: list[str], present: set[str], where: str) ->
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer and generation files travel with the weights."""
-    for name in _HF_SIDE_FILES:
-        if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
+    """Tokenizer and generation files travel with the weights, as regular files; each must resolve inside `src`
+    (or its hub-cache blobs: `checkpoint.links`), so a link elsewhere is refused before anything is copied."""
+    present = [name for name in _HF_SIDE_FILES if (src / name).is_file()]
+    for name in present:
+        check_inside(src / name, src)
+    for name in present:
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / name, dst / name)

@@ -4,6 +4,9 @@ and statistics ("LM loss nan") far from the cause, so conversion names the first
 Checked tensor by tensor as they are read, never as a second pass over the model: tensors a converter reads into
 memory are checked there; tensors whose bytes it copies file to file (`checkpoint.splice`) are read once in chunks
 through one reused buffer, from the page cache the read-ahead filled. `convert --allow-nonfinite` skips it all.
+Every command that loads a Megatron checkpoint into a model (evaluate, importance, verify, add-mtp, training's
+teacher, student and resume) checks the loaded parameters the same way (`refuse_nonfinite_model`), with the same
+`--allow-nonfinite` escape: a training run whose loss went NaN saves such weights.
 """
 from __future__ import annotations
 
@@ -46,8 +49,7 @@ def _counts(t: torch.Tensor) -> tuple[int, int] | None:
 def _refuse(where: str, name: str, numel: int, counts: tuple[int, int]) -> CheckpointError:
     nan, inf = counts
     return CheckpointError(f"{where}: {name} holds {nan} NaN and {inf} infinite values (of {numel}); refusing a "
-                           "model with non-finite weights (`megatron-slim convert --allow-nonfinite` converts it "
-                           "anyway)")
+                           "model with non-finite weights (--allow-nonfinite uses it anyway)")
 
 
 def nonfinite_error(where: str, name: str, t: torch.Tensor) -> CheckpointError | None:
@@ -95,3 +97,20 @@ class FileRangeCheck:
                     raise _refuse(where, name, nbytes // size, _counts(whole.view(dtype)))
         finally:
             os.close(fd)
+
+
+def refuse_nonfinite_model(model: torch.nn.Module, where: str) -> None:
+    """Collective when a process group is up: NaN/Inf weights make every loss and statistic NaN, so a loaded model
+    holding any is refused, naming the first such parameter, on every rank alike (a rank holding none must not wait
+    for one that raised)."""
+    import torch.distributed as dist
+
+    local = next((str(e) for name, p in model.named_parameters()
+                  if (e := nonfinite_error(where, name, p.detach())) is not None), None)
+    found: list[str | None] = [local]
+    if dist.is_available() and dist.is_initialized():
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, local)
+    error = next((e for e in found if e is not None), None)
+    if error is not None:
+        raise CheckpointError(error)

@@ -14,7 +14,6 @@ have died before that request), and on SIGTERM removes the temporary directory i
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.runtime.launch_env import without_launcher_env
+from megatron_slim.runtime.lifetime import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -185,9 +185,6 @@ class LayoutCheck:
             self._job.close()
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def _die_with_parent(parent: int, workdir: Path) -> None:
     """SIGTERM (from the kernel when `parent` dies, or from anyone) removes `workdir` and ends this process."""
     def terminate(signum: int, frame: object) -> None:
@@ -195,12 +192,7 @@ def _die_with_parent(parent: int, workdir: Path) -> None:
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # the parent died before the request above: no signal will come
-        terminate(signal.SIGTERM, None)
+    die_with_parent(parent, signal.SIGTERM)
 
 
 def _main(source_path: str, out_path: str, parent: str) -> None:

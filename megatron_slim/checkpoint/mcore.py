@@ -32,11 +32,13 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, cfg: ModelConfig) -
     dist.barrier()
 
 
-def load_model(model: torch.nn.Module, ckpt_dir: str | Path, keep: Callable[[str], bool] | None = None) -> None:
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path, keep: Callable[[str], bool] | None = None,
+               allow_nonfinite: bool = False) -> None:
     """Collective: load this rank's shards of every parameter, under `checkpoint/load_rules.py`'s rules (a missing
     tensor is an error; extra state may come from either kernel backend or be absent; entries the model does not
     ask for, e.g. optimizer state or a teacher's MTP head when it is built without one, are left unread).
-    `keep(key)` true: the model's own value of that sharded key stays, unread (e.g. fresh MTP depths)."""
+    `keep(key)` true: the model's own value of that sharded key stays, unread (e.g. fresh MTP depths).
+    Weights holding NaN/Inf are refused (`checkpoint.finite`) unless `allow_nonfinite`."""
     from megatron_slim.checkpoint.load_rules import load_sharded, module_state
 
     inner = unwrap_model(model)
@@ -45,6 +47,10 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path, keep: Callable[[str
         sharded = {k: v for k, v in sharded.items() if not keep(k)}
     keys = set(sharded)
     inner.load_state_dict(module_state(inner, load_sharded(sharded, ckpt_dir), keys), strict=keep is None)
+    if not allow_nonfinite:
+        from megatron_slim.checkpoint.finite import refuse_nonfinite_model
+
+        refuse_nonfinite_model(inner, str(ckpt_dir))
 
 
 def load_model_config(ckpt_dir: str | Path) -> ModelConfig:

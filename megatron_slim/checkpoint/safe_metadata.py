@@ -85,6 +85,20 @@ def load_metadata(path: str | os.PathLike, stream: Any | None = None) -> dcp_met
     return metadata
 
 
+def check_storage_paths(metadata: dcp_metadata.Metadata, ckpt_dir: Path, where: str | os.PathLike) -> None:
+    """Every storage entry names a file of the checkpoint directory itself: DCP joins `relative_path` to the
+    directory as it is, so `../../other/__0_0.distcp` (records of admitted classes only) would read another
+    checkpoint's tensors into this one."""
+    root = os.path.realpath(ckpt_dir)
+    for index, info in (metadata.storage_data or {}).items():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or \
+                not os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep):
+            raise CheckpointError(f"{where}: the storage entry of {getattr(index, 'fqn', index)} names the file "
+                                  f"{rel!r}, which lies outside the checkpoint directory {ckpt_dir}; refusing to read "
+                                  "it")
+
+
 def _refusal(e: pickle.UnpicklingError) -> str:
     """The line of torch's weights_only refusal that names the global (its message is several paragraphs)."""
     parts = [p.strip() for p in str(e).split("\n\n") if p.strip()]
@@ -140,6 +154,7 @@ class SafeFileSystemReader(FileSystemReader):
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.recording(), self.fs.create_stream(path, "rb") as stream:
             metadata = load_metadata(path, stream)
+            check_storage_paths(metadata, Path(self.path), path)
         # as FileSystemReader.read_metadata does
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()

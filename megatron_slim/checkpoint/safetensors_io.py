@@ -6,12 +6,14 @@ count towards RSS. Every tensor read is checked against its file's size, so a tr
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megatron_slim.checkpoint.links import check_inside
 from megatron_slim.checkpoint.readahead import advise_willneed
 from megatron_slim.checkpoint.splice import Range, Splices
 from megatron_slim.errors import CheckpointError
@@ -63,8 +65,8 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: no 'weight_map' object") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
-    root = index.parent.resolve()
-    outside = sorted({f for f in weight_map.values() if (root / f).resolve().parent != root})
+    # lexically: each shard a plain file name (whether the file it names resolves inside is `check_inside`'s)
+    outside = sorted({f for f in weight_map.values() if os.path.basename(f) != f or f in ("", ".", "..")})
     if outside:
         raise CheckpointError(f"{index}: shards must be files of the checkpoint directory itself, not {outside[:5]}")
     return weight_map
@@ -89,6 +91,7 @@ class HFReader:
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:
             path = self.dir / name
+            check_inside(path, self.dir)  # a hub-cache snapshot's links into its blobs/ are fine
             header, data_start = _read_header(path)
             size = path.stat().st_size
             for key, meta in header.items():

@@ -1,4 +1,5 @@
-"""Deployment efficiency of HF checkpoints with transformers and/or vLLM: peak memory, prefill latency and decode tokens/s.
+"""Deployment efficiency of HF checkpoints with transformers and/or vLLM: peak memory, prefill latency and decode
+tokens/s.
 
 Give the teacher first and its students after it (`--model` repeated): the table shows each model's figures and
 its ratios to the first (parameters, peak memory, prefill and decode speed-ups), the paper's efficiency table.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_slim.commands.options import add_follow_symlinks_argument
 from megatron_slim.runtime.outputs import Output
 
 HELP = "convert checkpoints: hf-to-mcore | mcore-to-hf (streamed, any layout at load time)"
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--allow-nonfinite", action="store_true",
                        help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_follow_symlinks_argument(q)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,9 +25,8 @@ before the model is loaded. The tokenizer is the checkpoint's.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from megatron_slim.commands.options import add_layout_arguments, add_model_data_arguments
+from megatron_slim.commands.options import add_job_arguments, job_from_args
 from megatron_slim.engines.evaluate_job import EvaluateJob, run_evaluate
 from megatron_slim.runtime.outputs import Output
 
@@ -37,38 +36,12 @@ HELP = "evaluate LM loss, perplexity, accuracy and MTP acceptance on held-out da
 OUTPUTS = (Output("out", "file", inputs=("model", "data", "include_path")),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_data_arguments(p, "evaluation", "evaluation tokens (rounded up to whole windows of --seq-len)",
-                             required=False)
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per evaluation window")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward micro-batch")
-    add_layout_arguments(p)
-    p.add_argument("--mtp-k", type=int, default=4, help="MTP drafts per speculative step (0: no MTP acceptance)")
-    p.add_argument("--mtp-prompts", type=int, default=8, help="prompts for MTP acceptance")
-    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (at most --seq-len)")
-    p.add_argument("--gen-tokens", type=int, default=32,
-                   help="greedy tokens generated per prompt; must exceed --mtp-k")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model parameter dtype")
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval task or group names")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
-    p.add_argument("--include-path", action="append", default=[],
-                   help="directory of extra lm-eval YAML tasks (repeatable)")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval requests per forward")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--out", default=None, help="also write the JSON result to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_job_arguments(p, EvaluateJob)  # each flag's name, default and help: EvaluateJob's fields
 
 
 def job(args: argparse.Namespace) -> EvaluateJob:
     """The parsed flags as the library's job."""
-    return EvaluateJob(model=args.model, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
-                       micro_batch=args.micro_batch, tp=args.tp, ep=args.ep, pp=args.pp, mtp_k=args.mtp_k,
-                       mtp_prompts=args.mtp_prompts, prompt_len=args.prompt_len, gen_tokens=args.gen_tokens,
-                       dtype=args.dtype, json=args.json, out=Path(args.out) if args.out else None,
-                       tasks=tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else (),
-                       num_fewshot=args.num_fewshot, limit=args.limit,
-                       include_path=tuple(Path(p) for p in args.include_path), batch_size=args.batch_size,
-                       overwrite=args.overwrite)
+    return job_from_args(EvaluateJob, args)
 
 
 def run(args: argparse.Namespace) -> int:

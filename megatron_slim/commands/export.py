@@ -24,16 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-template", help="copy tokenizer/generation files from this HF directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export weights holding NaN or Inf (refused by default, naming the tensor)")
 
 
 def _run_student(workdir: Path) -> tuple[str, str | None]:
     import yaml
 
     from megatron_slim.errors import UserError
-    from megatron_slim.run.recipe import parse_recipe
     from megatron_slim.run.recipe_job import RECIPE_COPY
+    from megatron_slim.run.recipe_parse import parse_recipe
     from megatron_slim.run.state import RunState, RunView
-    from megatron_slim.run.step_groups import TEACHER
+    from megatron_slim.run.step_groups import TEACHER, Out, stage_steps
 
     state = RunView(RunState.read(workdir))
     copy = workdir / RECIPE_COPY
@@ -41,9 +43,9 @@ def _run_student(workdir: Path) -> tuple[str, str | None]:
         copy = workdir / "recipe.yaml"
     recipe = parse_recipe(yaml.safe_load(copy.read_text()), workdir)  # for the stage order
     last = recipe.stages[-1].name
-    if not state.done(f"{last}/distill"):
+    if not state.done(stage_steps(last).distill):
         raise UserError(f"the run in {workdir} has not finished distilling its last stage ({last!r})")
-    return state.outputs(f"{last}/distill")["checkpoint"], state.outputs(TEACHER).get("tokenizer")
+    return state.outputs(stage_steps(last).distill)[Out.CHECKPOINT], state.outputs(TEACHER).get(Out.TOKENIZER)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     ckpt, template = (_run_student(Path(args.run)) if args.run else (args.mcore, None))
     template = args.hf_template or template
     summary = mcore_to_hf(ckpt, args.out, hf_template=template, overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {args.out} from {ckpt}: {summary.describe()}")
     return 0

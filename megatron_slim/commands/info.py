@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import platform
 
+from megatron_slim.runtime import json_out
 from megatron_slim.runtime.outputs import Output
 
 HELP = "versions, devices, TE/apex availability; --distributed checks the launcher's process group"
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                                "expected_rank_sum": denv.world_size * (denv.world_size - 1) // 2}
         dist.destroy_process_group()
     if args.json:
-        print(json.dumps(info))
+        json_out.emit(info)
         return 0
     for key, value in info.items():
         if isinstance(value, dict):

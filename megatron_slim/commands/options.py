@@ -1,7 +1,16 @@
-"""Flags several commands share, declared once so they read alike in every command's --help."""
+"""Flags several commands share, declared once so they read alike in every command's --help, and the flags of a
+job dataclass: each field declared with `runtime.config_loader.setting` is a flag of the same name, default and
+help (`add_job_arguments`), read back into the job by `job_from_args`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+from megatron_slim.runtime.layout import ParallelLayout
+
+J = TypeVar("J")
 
 
 def add_layout_arguments(p: argparse.ArgumentParser, tp_help: str = "tensor-parallel size") -> None:
@@ -11,12 +20,72 @@ def add_layout_arguments(p: argparse.ArgumentParser, tp_help: str = "tensor-para
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
 
 
-def add_model_data_arguments(p: argparse.ArgumentParser, use: str, tokens_help: str, required: bool = True) -> None:
-    """--model, --data, --tokens of a command that runs a model over token windows of data (`use`: what for);
-    `required=False` when the command has other work to do without data."""
-    p.add_argument("--model", required=True,
-                   help="Megatron checkpoint directory (model_config.json) or HF checkpoint directory")
-    p.add_argument("--data", required=required,
-                   help=f"{use} data: .jsonl with {{'text': ...}} or {{'tokens': [ids]}} per line, or a Megatron "
-                        "indexed dataset prefix (.bin/.idx)")
-    p.add_argument("--tokens", type=int, required=required, default=None if required else 0, help=tokens_help)
+def add_follow_symlinks_argument(p: argparse.ArgumentParser) -> None:
+    """--follow-symlinks: read input files that link outside the input (`checkpoint/links.py`)."""
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="read files of an input that link outside it (a Hugging Face hub-cache snapshot's links into "
+                        "its blobs/ are always read); refused by default, naming the link")
+
+
+def add_nonfinite_argument(p: argparse.ArgumentParser) -> None:
+    """--allow-nonfinite: use a model whose weights hold NaN/Inf (refused by default, naming the tensor)."""
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a model whose weights hold NaN or Inf (refused by default, naming the tensor)")
+
+
+def _flag_fields(job: type) -> list[tuple[dataclasses.Field, Any]]:
+    """The job's fields declared as flags (`setting`), with their resolved annotations."""
+    hints = typing.get_type_hints(job)
+    return [(f, hints[f.name]) for f in dataclasses.fields(job) if "help" in f.metadata]
+
+
+def _scalar(hint: Any) -> tuple[Any, bool]:
+    """(the value type of a flag's annotation, whether the field is a tuple of them); `X | None` reads as X."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return args[0], True
+    return (args[0] if args and typing.get_origin(hint) is not None else hint), False
+
+
+def add_job_arguments(p: argparse.ArgumentParser, job: type) -> None:
+    """One flag per field of `job` declared with `setting`, in field order: `--field-name` with the field's default
+    (a field without one is a required flag) and help; a bool is a switch (`--no-NAME` when it defaults to true), a
+    ParallelLayout the --tp/--ep/--pp flags."""
+    for f, hint in _flag_fields(job):
+        meta = dict(f.metadata)
+        text, many = meta.pop("help"), meta.pop("many", None)
+        required = f.default is dataclasses.MISSING
+        default = None if required else f.default
+        name = "--" + f.name.replace("_", "-")
+        if hint is ParallelLayout:
+            add_layout_arguments(p)
+        elif hint is bool:  # a switch that turns the default around
+            p.add_argument(("--no-" + f.name.replace("_", "-")) if default else name, action="store_true", help=text)
+        elif many == "append":
+            p.add_argument(name, action="append", default=[], help=text, **meta)
+        elif many == "comma":
+            p.add_argument(name, default="", help=text, **meta)
+        else:
+            kind, _ = _scalar(hint)
+            p.add_argument(name, type=kind, required=required, default=default, help=text, **meta)
+
+
+def job_from_args(job: type[J], args: argparse.Namespace, **given: Any) -> J:
+    """The job from the flags `add_job_arguments` declared (`given`: the fields the command sets itself)."""
+    values: dict[str, Any] = {}
+    for f, hint in _flag_fields(job):
+        if f.name in given:
+            continue
+        if hint is ParallelLayout:
+            values[f.name] = ParallelLayout(tp=args.tp, ep=args.ep, pp=args.pp)
+            continue
+        if hint is bool and f.default is True:
+            values[f.name] = not getattr(args, "no_" + f.name)
+            continue
+        value, (kind, many) = getattr(args, f.name), _scalar(hint)
+        if f.metadata.get("many") == "comma":
+            value = tuple(v.strip() for v in value.split(",")) if value else ()
+        elif many:
+            value = tuple(kind(v) for v in value)
+        values[f.name] = value
+    return job(**values, **given)

@@ -3,6 +3,8 @@ hidden channels, experts and how the others merge into them, neurons, query grou
 parameter accounting of source and student.
 
 With --config instead of --importance only the accounting is computed: size a student before calibration.
+With --layout (and --nodes/--gpus-per-node, --micro-batch, --seq-len) it also prints the per-GPU memory plan of
+distilling the student from the source at that layout (train/memory_plan.py), against --gpu-memory.
 Target fields come from --target YAML (see examples/slimqwen/target.yaml) and/or the flags below (flags win);
 sizes left out keep the source's value. The target is validated against the source before anything is loaded.
 """
@@ -52,6 +54,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots", metavar="DIR", help="write experts.png, layers.png and hidden.png here (needs "
                                                   "--importance)")
     p.add_argument("--json", action="store_true", help="print one JSON object (accounting, plan path) instead of text")
+    m = p.add_argument_group("memory plan (with --layout): per-GPU bytes of distilling the student from the source")
+    m.add_argument("--layout", help="parallel layout, e.g. tp=1,pp=4,ep=8 (etp= and cp= too)")
+    m.add_argument("--nodes", type=int, default=1)
+    m.add_argument("--gpus-per-node", type=int, default=8)
+    m.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB; the plan then says whether it fits")
+    m.add_argument("--micro-batch", type=int, default=1)
+    m.add_argument("--seq-len", type=int, default=4096)
+    m.add_argument("--global-batch", type=int, help="sequences per step (bounds the micro-batches a pipeline "
+                                                    "stage keeps; default: as many as the pipeline needs)")
+    m.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                   help="selective: core_attn and moe; full: uniform, one layer per chunk")
+    m.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32")
+    m.add_argument("--teacher-precision", choices=("bf16", "fp8"), default="bf16")
+    m.add_argument("--fp32", action="store_true", help="fp32 weights (default: bf16 training)")
     t = p.add_argument_group("target (flags override the YAML; sizes unset in both keep the source's)")
     for dest, kind, text in _TARGET_FLAGS:
         t.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
@@ -89,12 +105,37 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n, None) for n in names}
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
+def _memory_plans(args: argparse.Namespace, teacher, student) -> list:
+    """The memory plan of distilling `student` from `teacher` at the flags' layout: one stage, 'distill'."""
+    from megatron_slim.errors import UserError
+    from megatron_slim.runtime.layout import ParallelLayout
+    from megatron_slim.train.memory_plan import Batch, Knobs, StageSetup, parse_memory, plan_stage
 
+    layout = ParallelLayout.parse(args.layout)
+    try:
+        world = args.nodes * args.gpus_per_node
+        layout.validate_world(world)
+        gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as e:
+        raise UserError(f"--layout {args.layout}: {e}") from None
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective",
+                                           "recompute_modules": ("core_attn", "moe")},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                          "recompute_num_layers": 1}}[args.recompute]
+    knobs = Knobs(bf16=not args.fp32, grad_reduce_dtype=args.grad_reduce_dtype,
+                  teacher_precision=args.teacher_precision, **recompute)
+    dp = layout.dp(world)
+    micro = (args.global_batch // (args.micro_batch * dp)) if args.global_batch else 1 << 30
+    setup = StageSetup("distill", student, teacher, layout, world, Batch(args.micro_batch, args.seq_len, micro),
+                       knobs, gpu)
+    return [plan_stage(setup)]
+
+
+def run(args: argparse.Namespace) -> int:
     from megatron_slim.compress.accounting import account, format_table
     from megatron_slim.compress.target import TargetSpec
     from megatron_slim.errors import UserError
+    from megatron_slim.runtime import json_out
 
     overrides = _flag_overrides(args)
     spec = (TargetSpec.from_yaml(args.target) if args.target else TargetSpec()).with_overrides(**overrides)
@@ -130,12 +171,20 @@ def run(args: argparse.Namespace) -> int:
         has_target = args.target or any(v is not None for v in overrides.values())
         target = spec.target_config(source, spec.placeholder_layers(source)) if has_target else None
     before, after = account(source), account(target) if target else None
+    memory = _memory_plans(args, source, target or source) if args.layout else None
     if args.json:
-        print(json.dumps({"source": before.to_json(), "target": after.to_json() if after else None,
-                          "target_pattern": target.hybrid_pattern if target else None,
-                          "plan": plan_path, "plots": plots}))
+        out = {"source": before.to_json(), "target": after.to_json() if after else None,
+               "target_pattern": target.hybrid_pattern if target else None, "plan": plan_path, "plots": plots}
+        if memory is not None:
+            out["stages"] = [p.to_json() for p in memory]
+        json_out.emit(out)
         return 0
     print(format_table(before, after))
+    if memory is not None:
+        from megatron_slim.train.memory_plan import format_plans
+
+        print()
+        print(format_plans(memory))
     if target:
         print(f"student layer pattern: {target.hybrid_pattern}")
     if plan:

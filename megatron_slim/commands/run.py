@@ -1,5 +1,5 @@
 """Run a compression recipe end to end: per stage importance -> plan -> prune/merge -> distill -> evaluate, then
-export the final student to HF and write the report (see megatron_slim/run/recipe.py for the recipe format).
+export the final student to HF and write the report (see megatron_slim/run/recipe_schema.py for the recipe format).
 
 Every step's status and outputs are recorded in <workdir>/state.json: rerunning the same command skips finished
 steps and resumes a half-trained stage from its newest checkpoint, so it is safe to rerun after a crash, a kill or
@@ -32,7 +32,8 @@ HELP = "run a recipe (stages of importance/plan/prune/distill/evaluate, export, 
 OUTPUTS = (Output("workdir", "workdir", inputs=("recipe",), overwrite=None),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (see examples/slimqwen/recipe.yaml and megatron_slim/run/recipe.py)")
+    p.add_argument("recipe", help="recipe YAML (see examples/slimqwen/recipe.yaml and "
+                                   "megatron_slim/run/recipe_schema.py)")
     p.add_argument("--workdir", required=True, help="directory for every output and the run's state")
     p.add_argument("--stage", help="run only this stage (earlier stages must be done); with variants VARIANT/STAGE, "
                    "or `shared` for only the steps variants share (what --list-stages prints)")
@@ -42,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the stage names, one per line, and exit (with variants: `shared`, then VARIANT/STAGE)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the steps with their status and each stage's student")
+    p.add_argument("--gpu-memory", help="memory of one GPU (e.g. 80GiB; default: the recipe's cluster.gpu_memory): "
+                   "a stage whose memory plan does not fit is refused before anything runs")
     p.add_argument("--fresh", action="store_true", help="remove the work dir's contents first and run every step "
                    "again (only a work dir `run` created, holding none of the run's inputs)")
     p.add_argument("--list-jobs", action="store_true",
@@ -62,4 +65,5 @@ def run(args: argparse.Namespace) -> int:
                              variant=args.variant,
                              list_stages=args.list_stages, dry_run=args.dry_run, step=args.step,
                              progress=not args.no_progress, list_jobs=args.list_jobs, job=args.job,
-                             allow_single_process_steps=args.allow_single_process_steps, fresh=args.fresh))
+                             allow_single_process_steps=args.allow_single_process_steps, fresh=args.fresh,
+                             gpu_memory=args.gpu_memory))

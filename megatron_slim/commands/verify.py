@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_slim.commands.options import add_layout_arguments
+from megatron_slim.commands.options import add_layout_arguments, add_nonfinite_argument
+from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.runtime.outputs import Output
 from megatron_slim.verify.parity import Thresholds
 from megatron_slim.verify.verify_job import VerifyJob, run_verify
@@ -31,12 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-abs-diff", type=float, default=None,
                    help="exit with status 1 when the main head's max |diff| exceeds this")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_nonfinite_argument(p)
 
 
 def job(args: argparse.Namespace) -> VerifyJob:
     """The parsed flags as the library's job."""
-    return VerifyJob(hf=args.hf, mcore=args.mcore, tp=args.tp, ep=args.ep, pp=args.pp, batch=args.batch,
-                     seq_len=args.seq_len, seed=args.seed, json=args.json,
+    return VerifyJob(hf=args.hf, mcore=args.mcore, parallel=ParallelLayout(tp=args.tp, ep=args.ep, pp=args.pp),
+                     batch=args.batch, seq_len=args.seq_len, seed=args.seed, json=args.json,
+                     allow_nonfinite=args.allow_nonfinite,
                      limits=Thresholds(min_top1_agreement=args.min_top1, max_abs_diff=args.max_abs_diff))
 
 

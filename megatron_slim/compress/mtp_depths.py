@@ -14,6 +14,7 @@ from megatron_slim.errors import UserError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.runtime.outputs import PARTIAL, claim_output, sibling
+from megatron_slim.runtime.seed import DEFAULT_SEED
 
 
 def save_initialised(cfg: ModelConfig, parallel: ParallelLayout, seed: int, out: Path, tokenizer: Path | None = None,
@@ -47,7 +48,7 @@ def save_initialised(cfg: ModelConfig, parallel: ParallelLayout, seed: int, out:
     dist.barrier()
 
 
-def add_mtp_depths(src: str | Path, out: str | Path, depths: int, seed: int = 1234) -> None:
+def add_mtp_depths(src: str | Path, out: str | Path, depths: int, seed: int = DEFAULT_SEED) -> None:
     """Write `out`: the checkpoint `src` with `depths` more MTP depths (a one-process job)."""
     from megatron_slim.checkpoint.files import Checkpoint
     from megatron_slim.checkpoint.mcore import load_model, load_model_config

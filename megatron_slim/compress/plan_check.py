@@ -2,7 +2,9 @@
 
 Megatron-Core and HF configs describe uniform layers, so every kept layer must end up with the same number of
 experts, neurons, query groups and GDN heads, and `plan.target` must state exactly those sizes: it becomes the
-output checkpoint's config. Problems are collected and reported together.
+output checkpoint's config, and obey the rules `plan` checks a requested target against (`TargetSpec.validate`,
+the one validator for both: an edited plan with top-k 0 used to prune into a non-functional MoE). Problems are
+collected and reported together.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 from megatron_slim.compress.plan import CompressionPlan, PlanError
+from megatron_slim.compress.target import TargetError, TargetSpec
 from megatron_slim.models.config import ATTENTION, DENSE_MLP, GDN, MOE, ModelConfig
 
 # Target fields a plan may choose freely: they change no tensor shape.
@@ -118,6 +121,10 @@ def check_plan(plan: CompressionPlan, checkpoint: ModelConfig) -> None:
     if plan.target.mtp_num_layers > checkpoint.mtp_num_layers:
         problems.append(f"target keeps {plan.target.mtp_num_layers} MTP layers, the checkpoint has "
                         f"{checkpoint.mtp_num_layers}")
+    try:  # the target's sizes obey the rules `plan` applies to a request (top-k, counts, MTP depths, ratios)
+        TargetSpec.of_config(plan.source, plan.target).validate(plan.source)
+    except TargetError as e:
+        problems.append(f"target: {str(e).removeprefix('invalid target: ')}")
     want = implied_target(plan, problems)
     if not problems:
         wrong = {f: (getattr(plan.target, f), getattr(want, f)) for f in fields if getattr(plan.target, f) !=

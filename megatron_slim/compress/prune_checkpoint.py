@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_slim.checkpoint.fingerprint import model_fingerprint
+from megatron_slim.checkpoint.fingerprint import VERSION, VERSIONS, model_fingerprint
 from megatron_slim.checkpoint.source import Source, rule_groups
 from megatron_slim.checkpoint.writers import GroupStream, Summary, write_hf, write_mcore
 from megatron_slim.compress import surgery
@@ -185,7 +185,14 @@ def check_source_model(plan: CompressionPlan, in_dir: Path, allow_other_model: b
         return
     if allow_other_model:
         return
-    found = model_fingerprint(in_dir)
+    version = plan.source_fingerprint.split(":", 1)[0]
+    if version not in VERSIONS:
+        raise PlanError(f"the plan's source_fingerprint {plan.source_fingerprint!r} is of an unknown version (this "
+                        f"version knows {', '.join(VERSIONS)}); pass --allow-other-model to apply it unchecked")
+    if version != VERSION:
+        print(f"warning: the plan carries a {version} fingerprint, which does not cover the embeddings and output "
+              f"layer of {in_dir}; recompute importance and plan to check them too", file=sys.stderr)
+    found = model_fingerprint(in_dir, version)
     if found != plan.source_fingerprint:
         raise PlanError(f"the plan was computed on another model than {in_dir}: same config, other weights "
                         f"(fingerprint {plan.source_fingerprint}, {in_dir} has {found}); run importance and plan on "

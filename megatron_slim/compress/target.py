@@ -83,6 +83,20 @@ class TargetSpec:
             raise TargetError(f"{path}: expected a mapping of target fields")
         return cls.from_dict(data, where=str(path))
 
+    @classmethod
+    def of_config(cls, source: ModelConfig, target: ModelConfig) -> "TargetSpec":
+        """The sizes a student config `target` states, as a spec against `source` (a plan's target, checked by
+        `prune` with the same `validate` as `plan` applies to the request); sizes of blocks the source lacks are
+        left out, as a request would."""
+        return cls(num_layers=target.num_layers, hidden_size=target.hidden_size, num_experts=target.num_experts,
+                   topk=target.topk, moe_ffn_hidden_size=target.moe_ffn_hidden_size,
+                   shared_expert_ffn_hidden_size=(target.shared_expert_ffn_hidden_size
+                                                  if source.shared_expert_ffn_hidden_size else None),
+                   dense_ffn_hidden_size=(target.dense_ffn_hidden_size if DENSE_MLP in source.mlp_types else None),
+                   query_groups=target.num_query_groups,
+                   gdn_key_heads=target.linear_num_key_heads if source.has_gdn else None,
+                   mtp_layers=target.mtp_num_layers)
+
     def with_overrides(self, **overrides: Any) -> "TargetSpec":
         """Command-line flags over the YAML: None means 'not given'."""
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -56,6 +56,8 @@ def eos_token_id(hf_config: dict[str, Any], tokenizer_dir: str | Path | None) ->
 def load_tokenizer(tokenizer_dir: str | Path):
     from transformers import AutoTokenizer
 
+    if not Path(tokenizer_dir).is_dir():  # transformers would take the path for a hub repo id and say that is bad
+        raise UserError(f"tokenizer directory {tokenizer_dir} does not exist")
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -66,7 +68,12 @@ def token_ids(value: Any, where: str, vocab_size: int | None) -> np.ndarray:
     """A pre-tokenized document's ids: integers in [0, vocab_size), else an error naming where they came from."""
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise UserError(f"{where}: 'tokens' must be a list of integer token ids")
-    return check_range(np.asarray(value, dtype=np.int64), where, vocab_size)
+    try:
+        ids = np.asarray(value, dtype=np.int64)
+    except OverflowError:  # JSON integers are unbounded
+        raise UserError(f"{where}: token id {max(value, key=abs)} is outside the model's vocabulary (not even a "
+                        "64-bit integer)") from None
+    return check_range(ids, where, vocab_size)
 
 
 def encoded_text(ids: list[int], text: str, where: str) -> list[int]:
@@ -90,11 +97,16 @@ def check_range(ids: np.ndarray, where: str, vocab_size: int | None) -> np.ndarr
 
 def _jsonl_documents(path: Path, tokenizer_dir: str | Path | None, vocab_size: int | None) -> Iterator[np.ndarray]:
     tokenizer = None
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "JSON lines must be UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

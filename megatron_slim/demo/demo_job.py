@@ -59,10 +59,11 @@ def prepare_data(root: Path) -> None:
 
 def run_demo(job: DemoJob) -> int:
     """Build the assets, run the demo recipe in `job.workdir` and print the retention table; the exit status."""
-    from megatron_slim.run.recipe import load_recipe
+    from megatron_slim.run.recipe_check import load_recipe
     from megatron_slim.run.recipe_job import RunJob, run_recipe
     from megatron_slim.run.report import retention_table
     from megatron_slim.run.state import RunState, RunView
+    from megatron_slim.run.step_groups import EXPORT, Out
     from megatron_slim.runtime.outputs import clear_workdir, prepare_workdir
 
     workdir = job.workdir
@@ -80,5 +81,5 @@ def run_demo(job: DemoJob) -> int:
     print(f"\nassets {t1 - t0:.0f} s, run {time.time() - t1:.0f} s\n")
     print(retention_table(recipe, state))
     print(f"\nreport: {workdir / 'report' / 'report.md'}")
-    print(f"student (HF): {state.outputs('final/export')['hf']}")
+    print(f"student (HF): {state.outputs(EXPORT)[Out.HF]}")
     return 0

@@ -17,16 +17,19 @@ every row, transformers run in its own fresh process) and carries the agreement 
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("transformers", "vllm")
@@ -347,7 +350,7 @@ def run_bench_inference(job: BenchInferenceJob) -> int:
     """Measure every model and print the table, or with `job.json` one JSON object; the exit status."""
     results = bench_models(job)
     if job.json:
-        print(json.dumps({"models": [asdict(r) for r in results],
+        json_out.emit(({"models": [asdict(r) for r in results],
                           "settings": {"batch": job.batch, "prompt_len": job.prompt_len, "gen_len": job.gen_len,
                                        "dtype": job.dtype, "device": job.resolved_device(), "repeats": job.repeats,
                                        "engines": list(job.engines)}}))

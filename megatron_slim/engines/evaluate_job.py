@@ -3,9 +3,9 @@
 table a person reads. See megatron_slim/eval/metrics.py for the held-out metrics, eval/harness.py for the tasks."""
 from __future__ import annotations
 
-import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,12 +13,16 @@ from typing import TYPE_CHECKING
 from megatron_slim.engines.source import (
     ModelJob,
     claimed_file,
+    data_help,
+    flag,
     open_checkpoint,
     release_checkpoint,
     run_on_ranks,
     temp_checkpoint,
 )
 from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
+from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.outputs import atomic_write
 
 if TYPE_CHECKING:
@@ -30,45 +34,46 @@ class EvaluateJob(ModelJob):
     """The `evaluate` command's flags, by the same names; `model` is echoed in the result. Held-out metrics need
     `data` and `tokens`; lm-eval scores need `tasks`; either or both."""
 
-    data: str | None = None
-    tokens: int = 0
-    tasks: tuple[str, ...] = ()  # lm-eval task or group names
-    num_fewshot: int | None = None
-    limit: float | None = None  # documents per task (a fraction when < 1)
-    include_path: tuple[Path, ...] = ()  # extra lm-eval YAML task directories
-    batch_size: int = 8  # lm-eval requests per forward
-    mtp_k: int = 4
-    mtp_prompts: int = 8
-    prompt_len: int = 256
-    gen_tokens: int = 32
-    json: bool = False  # print one JSON object instead of the table
-    out: Path | None = None  # also write the JSON result here
-    overwrite: bool = False  # replace an existing `out` (`run_evaluate` refuses one otherwise)
+    data: str | None = setting(None, help=data_help("evaluation"))
+    tokens: int = setting(0, help="evaluation tokens (rounded up to whole windows of --seq-len)")
+    seq_len: int = setting(4096, help="tokens per evaluation window")
+    tasks: tuple[str, ...] = setting((), help="comma-separated lm-eval task or group names", many="comma")
+    num_fewshot: int | None = setting(None, help="few-shot examples per task (default: the task's)")
+    limit: float | None = setting(None, help="documents per task (a fraction when < 1)")
+    include_path: tuple[Path, ...] = setting((), help="directory of extra lm-eval YAML tasks (repeatable)",
+                                             many="append")
+    batch_size: int = setting(8, help="lm-eval requests per forward")
+    mtp_k: int = setting(4, help="MTP drafts per speculative step (0: no MTP acceptance)")
+    mtp_prompts: int = setting(8, help="prompts for MTP acceptance")
+    prompt_len: int = setting(256, help="prompt tokens (at most --seq-len)")
+    gen_tokens: int = setting(32, help="greedy tokens generated per prompt; must exceed --mtp-k")
+    json: bool = setting(False, help="print the result as one JSON object")
+    out: Path | None = setting(None, help="also write the JSON result to this file")
+    overwrite: bool = setting(False, help="replace --out if it exists")
     write_to: Path | None = None  # where rank 0 writes `out` (its staging path, see `run_evaluate`)
 
-    def validate(self) -> None:
-        """Refuse what no layout or data can run; messages name the command's flags."""
+    def validate(self, name: Callable[[str], str] = flag) -> None:
+        """Refuse what no layout or data can run; `name` names a field in the message (the command's flag by
+        default; a recipe names its key)."""
         if self.data is None and not self.tasks:
             raise UserError("nothing to evaluate: give --data and --tokens (held-out metrics), --tasks, or both")
         if self.data is None:
-            self.check_sizes(("batch_size",) if self.tasks else ())
+            self.check_sizes(("batch_size",) if self.tasks else (), name)
         else:
-            self.check_sizes(("mtp_prompts", "prompt_len", "batch_size"))
+            self.check_sizes(("mtp_prompts", "prompt_len", "batch_size"), name)
         if self.tasks:
-            self.task_spec().validate()
+            self.task_spec().validate(name)
         if self.mtp_k < 0:
-            raise UserError("--mtp-k must be >= 0")
+            raise UserError(f"{name('mtp_k')} must be >= 0")
         if self.mtp_k and self.gen_tokens <= self.mtp_k:
-            raise UserError(f"--gen-tokens ({self.gen_tokens}) must exceed --mtp-k ({self.mtp_k})")
+            raise UserError(f"{name('gen_tokens')} ({self.gen_tokens}) must exceed {name('mtp_k')} ({self.mtp_k})")
 
-    def check_sizes(self, more: tuple[str, ...] = ()) -> None:
+    def check_sizes(self, more: tuple[str, ...] = (), name: Callable[[str], str] | None = None) -> None:
         """As ModelJob's, except that --tokens only counts with --data."""
         if self.data is not None:
-            super().check_sizes(more)
+            super().check_sizes(more, name)
             return
-        for name in ("tp", "ep", "pp", "micro_batch", *more):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        self.check_positive(("tp", "ep", "pp", "micro_batch", *more), name or flag)
 
     def task_spec(self) -> TaskSpec:
         from megatron_slim.eval.harness import TaskSpec
@@ -112,9 +117,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
     from megatron_slim.eval.heldout import evaluate
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.runtime.distributed import init_model_parallel
-    from megatron_slim.runtime.layout import ParallelLayout
-
-    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = job.parallel
     init_model_parallel(parallel)
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, job.temp_checkpoint(), progress=False)
@@ -136,7 +139,7 @@ def evaluate_worker(job: EvaluateJob) -> None:
 
     opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
     model = build_model(cfg, parallel, opts)
-    load_model(model, ckpt)
+    load_model(model, ckpt, allow_nonfinite=job.allow_nonfinite)
     release_checkpoint(job, ckpt)
     result: dict = {}
     if windows is not None:
@@ -145,20 +148,29 @@ def evaluate_worker(job: EvaluateJob) -> None:
     if job.tasks:
         from megatron_slim.eval.harness import score_tasks  # lm-eval (and datasets) load only when asked for
 
-        result["tasks"] = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
-                                      micro_batch=job.micro_batch)
+        result["tasks"], errors = score_tasks(model, cfg, tokenizer_dir, job.task_spec(), batch_size=job.batch_size,
+                                              micro_batch=job.micro_batch)
+        if errors:
+            result["task_errors"] = errors
+            if rank == 0:
+                for task, error in errors.items():
+                    print(f"warning: task {task} failed, the other tasks' scores are kept: {error}", file=sys.stderr)
     if rank != 0:
         return
     report = result | {"model": str(job.model),
-                       "layout": {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}}
+                       "layout": {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp,
+                                  "world": dist.get_world_size()}}
     if job.data is not None:
         report |= {"data": str(job.data), "seq_len": job.seq_len}
-    text = json.dumps(report)
+    text = json_out.dumps(report)  # NaN/Inf (a diverged model) as null, listed under "nonfinite"
     if job.write_to:
         job.write_to.write_text(text + "\n")
     elif job.out:
         atomic_write(job.out, text + "\n")
-    print(text if job.json else format_table(result), flush=True)
+    if job.json:
+        json_out.emit(report)
+    else:
+        print(format_table(result), flush=True)
 
 
 def run_evaluate(job: EvaluateJob) -> int:

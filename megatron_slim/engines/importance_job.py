@@ -4,38 +4,47 @@ See megatron_slim/compress/importance_file.py for what is collected."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from megatron_slim.engines.source import (
+    DTYPES,
     ModelJob,
     claimed_file,
+    data_help,
+    flag,
     open_checkpoint,
     release_checkpoint,
     run_on_ranks,
     temp_checkpoint,
 )
 from megatron_slim.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
+from megatron_slim.runtime.config_loader import setting
 
 
 @dataclass(frozen=True, kw_only=True)
 class ImportanceJob(ModelJob):
     """The `importance` command's flags, by the same names (progress: not --no-progress)."""
 
-    out: Path
-    layer_loss: bool = False
-    max_tokens: int | None = None
-    overwrite: bool = False
-    progress: bool = True
+    data: str = setting(help=data_help("calibration"))
+    tokens: int = setting(help="calibration tokens (rounded up to whole steps of DP ranks x micro-batch x seq-len)")
+    seq_len: int = setting(4096, help="tokens per calibration window")
+    dtype: str = setting("float32", help="model parameter dtype (statistics are accumulated in float64 either way)",
+                         choices=DTYPES)
+    out: Path = setting(help="output importance file (.safetensors)")
+    layer_loss: bool = setting(False, help="also measure each decoder layer's LM-loss increase when skipped (one "
+                                           "extra forward per layer and batch)")
+    max_tokens: int | None = setting(None, help="hard budget: never run more calibration tokens than this (rounds "
+                                                "--tokens down instead of up)")
+    overwrite: bool = setting(False, help="replace --out if it exists")
+    progress: bool = setting(True, help="no progress bar")
     write_to: Path | None = None  # where rank 0 writes the file (`out`'s staging path, see `run_importance`)
 
-    def validate(self) -> None:
-        """Refuse what no layout or data can run; messages name the command's flags."""
-        self.check_sizes()
+    def validate(self, name: Callable[[str], str] = flag) -> None:
+        """Refuse what no layout or data can run; `name` names a field in the message (the command's flag by
+        default; a recipe names its key)."""
+        self.check_sizes(name=name)
 
 
 def importance_worker(job: ImportanceJob) -> None:
@@ -49,9 +58,7 @@ def importance_worker(job: ImportanceJob) -> None:
     from megatron_slim.data.calibration import calibration_windows, eos_token_id
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.runtime.distributed import init_model_parallel
-    from megatron_slim.runtime.layout import ParallelLayout
-
-    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = job.parallel
     init_model_parallel(parallel)
     rank = dist.get_rank()
     ckpt, tokenizer_dir = open_checkpoint(job, temp_checkpoint(job.out), progress=job.progress)
@@ -71,34 +78,17 @@ def importance_worker(job: ImportanceJob) -> None:
 
     opts = BuildOptions(params_dtype=getattr(torch, job.dtype), perform_initialization=False)  # loaded next
     model = build_model(cfg, parallel, opts)
-    load_model(model, ckpt)
+    load_model(model, ckpt, allow_nonfinite=job.allow_nonfinite)  # NaN/Inf would make every statistic NaN
     release_checkpoint(job, ckpt)
-    refuse_nonfinite(model, job.model)
     result = collect(model, cfg, windows[:usable],
                      CollectOptions(micro_batch=job.micro_batch, layer_loss=job.layer_loss, progress=job.progress))
     if result is not None:
         result.data, result.fingerprint = str(job.data), fingerprint
-        result.options |= {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size(),
+        result.options |= {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp, "world": dist.get_world_size(),
                            "dtype": job.dtype}
         result.save(job.write_to or job.out)
         print(f"wrote {job.out}: {result.tokens} tokens ({usable} x {job.seq_len}), LM loss "
               f"{result.options['lm_loss']:.4f}, {len(result.tensors)} tensors", flush=True)
-
-
-def refuse_nonfinite(model: torch.nn.Module, where: str) -> None:
-    """Collective: NaN/Inf weights make every statistic NaN ("LM loss nan"), so they are refused, naming the first
-    such parameter, on every rank alike (a rank holding none must not wait for one that raised)."""
-    import torch.distributed as dist
-
-    from megatron_slim.checkpoint.finite import nonfinite_error
-
-    local = next((str(e) for name, p in model.named_parameters()
-                  if (e := nonfinite_error(where, name, p.detach())) is not None), None)
-    found: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(found, local)
-    error = next((e for e in found if e is not None), None)
-    if error is not None:
-        raise UserError(error)
 
 
 def run_importance(job: ImportanceJob) -> int:

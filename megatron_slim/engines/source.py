@@ -19,8 +19,19 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.launch_env import without_launcher_env
+from megatron_slim.runtime.layout import ParallelLayout
+from megatron_slim.runtime.lifetime import child_env
 from megatron_slim.runtime.outputs import claim_output_file
+
+DTYPES = ("float32", "bfloat16")
+
+
+def data_help(use: str) -> str:
+    """The --data help of a job that reads token windows of data for `use`."""
+    return (f"{use} data: .jsonl with {{'text': ...}} or {{'tokens': [ids]}} per line, or a Megatron indexed dataset "
+            "prefix (.bin/.idx)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,24 +39,36 @@ class ModelJob:
     """What the jobs that run a model on every rank over token windows of data share (fields named as the
     commands' flags): the model, the data, the window shape and the layout."""
 
-    model: str  # Megatron checkpoint (model_config.json) or HF checkpoint directory, as given
-    data: str  # .jsonl or Megatron indexed dataset prefix
+    model: str = setting(help="Megatron checkpoint directory (model_config.json) or HF checkpoint directory")
+    data: str  # .jsonl or Megatron indexed dataset prefix (each job declares what for: `data_help`)
     tokens: int
     seq_len: int = 4096
-    micro_batch: int = 1
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
-    dtype: str = "float32"  # model parameter dtype
+    micro_batch: int = setting(1, help="sequences per forward micro-batch")
+    parallel: ParallelLayout = setting(ParallelLayout(), help="model-parallel layout (--tp, --ep, --pp)")
+    dtype: str = setting("float32", help="model parameter dtype", choices=DTYPES)
+    allow_nonfinite: bool = setting(False, help="load a model whose weights hold NaN or Inf (refused by default, "
+                                                "naming the tensor)")
     converted: Path | None = None  # set by `run_on_ranks` when it converted an HF model before spawning ranks
 
-    def check_sizes(self, more: tuple[str, ...] = ()) -> None:
-        """The counts and sizes (these and the fields in `more`) must be >= 1, --seq-len >= 2."""
-        for field in ("tokens", "tp", "ep", "pp", "micro_batch", *more):
-            if getattr(self, field) < 1:
-                raise UserError(f"--{field.replace('_', '-')} must be >= 1")
+    def check_sizes(self, more: tuple[str, ...] = (), name: Callable[[str], str] | None = None) -> None:
+        """The counts and sizes (these and the fields in `more`) must be >= 1, --seq-len >= 2; `name` names a field
+        in the message (the command's flag by default; a recipe names its key)."""
+        name = name or flag
+        self.check_positive(("tokens", "tp", "ep", "pp", "micro_batch", *more), name)
         if self.seq_len < 2:
-            raise UserError("--seq-len must be >= 2")
+            raise UserError(f"{name('seq_len')} must be >= 2")
+
+    def check_positive(self, fields: Iterable[str], name: Callable[[str], str]) -> None:
+        """Each field (tp/ep/pp: the layout's sizes) must be >= 1."""
+        for field in fields:
+            value = getattr(self.parallel, field) if field in ("tp", "ep", "pp") else getattr(self, field)
+            if value < 1:
+                raise UserError(f"{name(field)} must be >= 1")
+
+
+def flag(field: str) -> str:
+    """A job field's command-line flag (jobs name their fields as the commands' flags)."""
+    return "--" + field.replace("_", "-")
 
 
 J = TypeVar("J", bound=ModelJob)
@@ -71,12 +94,13 @@ def temp_checkpoint(base: Path) -> Path:
     return base.with_name(base.name + ".mcore-tmp")
 
 
-def convert_in_child(hf_dir: Path, out_dir: Path, progress: bool) -> None:
+def convert_in_child(hf_dir: Path, out_dir: Path, progress: bool, allow_nonfinite: bool = False) -> None:
     """hf_to_mcore builds a meta model under its own one-process group, which cannot happen inside a running
     multi-rank job: under torchrun/srun rank 0 converts in a child process that does not see the job's ranks."""
     cmd = [sys.executable, "-m", "megatron_slim.cli", "convert", "hf-to-mcore", "--hf", str(hf_dir), "--out",
-           str(out_dir), "--overwrite", *([] if progress else ["--no-progress"])]
-    subprocess.run(cmd, env=without_launcher_env(), check=True)
+           str(out_dir), "--overwrite", *([] if progress else ["--no-progress"]),
+           *(["--allow-nonfinite"] if allow_nonfinite else [])]
+    subprocess.run(cmd, env=child_env(without_launcher_env()), check=True)
 
 
 def open_checkpoint(job: ModelJob, temp: Path, progress: bool) -> tuple[Path, Path | None]:
@@ -92,7 +116,7 @@ def open_checkpoint(job: ModelJob, temp: Path, progress: bool) -> tuple[Path, Pa
     elif model.kind == "hf":
         ckpt = temp
         if dist.get_rank() == 0:
-            convert_in_child(model.path, ckpt, progress=progress)
+            convert_in_child(model.path, ckpt, progress=progress, allow_nonfinite=job.allow_nonfinite)
         dist.barrier()
     else:
         ckpt = model.path
@@ -126,21 +150,21 @@ def run_on_ranks(command: str, worker: Callable[[J], None], job: J, temp: Path, 
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.checkpoint.files import Checkpoint
     from megatron_slim.models.builder import validate_layout
-    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
     checkpoint = Checkpoint.open(job.model)
     model, is_mcore = checkpoint.path, checkpoint.kind == "mcore"
     try:
-        validate_layout(checkpoint.config(), ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp))
+        validate_layout(checkpoint.config(), job.parallel)
     except ValueError as e:
         raise UserError(str(e)) from e
 
     launched = launched_world_size() is not None
     if not launched and not is_mcore:  # convert before any process group exists (cf. `convert_in_child`)
-        hf_to_mcore(model, temp, overwrite=True, progress=progress)
+        hf_to_mcore(model, temp, overwrite=True, progress=progress, allow_nonfinite=job.allow_nonfinite)
         job = replace(job, converted=temp)
-    world = job.tp * job.ep * job.pp  # smallest world with room for tp*pp and ep*expert_tp*pp (expert_tp = tp)
+    # smallest world with room for tp*pp and ep*expert_tp*pp (expert_tp = tp)
+    world = job.parallel.tp * job.parallel.ep * job.parallel.pp
     try:
         if not launched and world > 1:
             return run_local_world(spawned_rank, world, command, worker, job)

@@ -40,6 +40,7 @@ def run_upcycle(job: UpcycleJob) -> None:
     dense_dir = smollm2_hf_dir() if job.dense == EMBEDDED_DENSE else Path(job.dense)
     if not (dense_dir / "config.json").is_file():
         raise FileNotFoundError(f"{dense_dir} is not an HF checkpoint dir (no config.json)")
+    check_no_remote_code(dense_dir)  # before claiming anything
     with claim_output(job.out, inputs=[dense_dir], overwrite=job.overwrite, kind="hf") as staging:
         _upcycle_into(job, dense_dir, staging)
 
@@ -54,8 +55,9 @@ def _upcycle_into(job: UpcycleJob, dense_dir: Path, staging: Path) -> None:
     from megatron_slim.data.wiki import wiki_splits
 
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype="auto").eval()
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir, local_files_only=True, trust_remote_code=False)
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype="auto", local_files_only=True,
+                                                 trust_remote_code=False).eval()
     stored_dtype = dense.dtype
     sequences = calibration_sequences(tokenizer, wiki_splits().calibration, job.calib_tokens)
     print(f"capturing FFN inputs on {job.calib_tokens} calibration tokens")
@@ -65,6 +67,23 @@ def _upcycle_into(job: UpcycleJob, dense_dir: Path, staging: Path) -> None:
     moe.to(stored_dtype).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     print(f"wrote {job.out} ({job.experts} experts, top-{job.topk}) in {time.perf_counter() - start:.0f}s")
+
+
+def check_no_remote_code(dense_dir: Path) -> None:
+    """A dense model transformers does not know (its config's `auto_map` points at code in the checkpoint) is
+    refused: transformers would otherwise ask interactively whether to run that code, and we never do."""
+    from transformers import CONFIG_MAPPING
+
+    from megatron_slim.models.config import read_json_object
+
+    path = dense_dir / "config.json"
+    config = read_json_object(path)
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        code = " (its auto_map names code stored in the checkpoint, which megatron-slim never runs)" \
+            if config.get("auto_map") else ""
+        raise UserError(f"{path}: model_type {model_type!r} is not a model transformers knows{code}; upcycle needs "
+                        "a dense decoder transformers implements (e.g. llama)")
 
 
 def calibration_sequences(tokenizer: PreTrainedTokenizerBase, texts: list[str],

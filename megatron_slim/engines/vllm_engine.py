@@ -36,9 +36,9 @@ def refusal(model_dir: str | Path, dtype: str, device: str) -> str | None:
     """Why vLLM cannot measure this model with these settings (None: it can), for the combinations known to fail.
 
     On the CPU, attention head dims outside vLLM's CPU backend's list stop on `Unsupported CPU attention
-    configuration`. Qwen3-Next on the CPU: fp32/fp16 stop on `CPU GDN attention requires BF16`, linear-attention head dims other
-    than 128 on `Unexpected head dim size`; tied word embeddings raise nothing but every logit comes out equal
-    (greedy emits token 0), so they are refused on every device."""
+    configuration`. Qwen3-Next on the CPU: fp32/fp16 stop on `CPU GDN attention requires BF16`, linear-attention
+    head dims other than 128 on `Unexpected head dim size`; tied word embeddings raise nothing but every logit
+    comes out equal (greedy emits token 0), so they are refused on every device."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if device == "cpu":
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]

@@ -62,17 +62,18 @@ class TaskSpec:
     limit: float | None = None  # documents per task (a fraction when < 1); None: all
     include_path: tuple[Path, ...] = field(default_factory=tuple)  # extra YAML task directories
 
-    def validate(self) -> None:
-        """Refuse what lm-eval would fail on later; messages name the command's flags."""
+    def validate(self, name: Callable[[str], str] = lambda f: "--" + f.replace("_", "-")) -> None:
+        """Refuse what lm-eval would fail on later; `name` names a field in the message (the command's flag by
+        default; a recipe names its key)."""
         if not self.tasks or any(not t.strip() for t in self.tasks):
-            raise UserError("--tasks needs at least one task name (comma-separated, no empty names)")
+            raise UserError(f"{name('tasks')} needs at least one task name (comma-separated, no empty names)")
         if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise UserError("--num-fewshot must be >= 0")
+            raise UserError(f"{name('num_fewshot')} must be >= 0")
         if self.limit is not None and self.limit <= 0:
-            raise UserError("--limit must be > 0")
+            raise UserError(f"{name('limit')} must be > 0")
         for path in self.include_path:
             if not Path(path).is_dir():
-                raise UserError(f"--include-path {path} is not a directory")
+                raise UserError(f"{name('include_path')} {path} is not a directory")
 
 
 def text_tokenizer(tokenizer_dir: Path | None) -> Any:
@@ -333,10 +334,12 @@ def _metric_values(task_results: dict[str, Any]) -> dict[str, float]:
 
 
 def score_tasks(model: torch.nn.Module, cfg: ModelConfig, tokenizer_dir: Path | None, spec: TaskSpec, *,
-                batch_size: int = 8, micro_batch: int = 1) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} of lm-eval's tasks scored by `model` (built and loaded on every rank of the job at
-    its layout); collective over every rank, the same dict returned on each. `tokenizer_dir`: the checkpoint's
-    HF tokenizer files (None refuses: text tasks cannot run on ids alone)."""
+                batch_size: int = 8, micro_batch: int = 1) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """({task: {metric: value}}, {task: error}) of lm-eval's tasks scored by `model` (built and loaded on every
+    rank of the job at its layout); collective over every rank, the same on each. Each requested task (or group)
+    is scored on its own, so one that fails (its data, its metric) costs only its own scores: the others' are
+    kept and the failure is named. `tokenizer_dir`: the checkpoint's HF tokenizer files (None refuses: text tasks
+    cannot run on ids alone)."""
     from lm_eval import simple_evaluate
 
     spec.validate()
@@ -344,11 +347,18 @@ def score_tasks(model: torch.nn.Module, cfg: ModelConfig, tokenizer_dir: Path | 
     lm = MegatronLM(model, tokenizer, context_length(cfg.hf_config, tokenizer), batch_size=batch_size,
                     micro_batch=micro_batch)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    results = simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
-                              task_manager=_task_manager(tuple(spec.include_path)), log_samples=False,
-                              bootstrap_iters=0, verbosity="ERROR")  # no bootstrap: values, not stderrs
-    scores = [None]
-    if dist.get_rank() == 0:
-        scores[0] = {task: _metric_values(values) for task, values in results["results"].items()}
-    dist.broadcast_object_list(scores, src=0)
-    return scores[0]
+    scores: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
+    for task in spec.tasks:
+        try:
+            results = simple_evaluate(model=lm, tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
+                                      task_manager=_task_manager(tuple(spec.include_path)), log_samples=False,
+                                      bootstrap_iters=0, verbosity="ERROR")  # no bootstrap: values, not stderrs
+        except Exception as e:  # noqa: BLE001 - any task failure is reported with the others' scores kept
+            errors[task] = f"{type(e).__name__}: {e}"
+            continue
+        if dist.get_rank() == 0 and results is not None:  # rank 0 holds the results
+            scores |= {name: _metric_values(values) for name, values in results["results"].items()}
+    out = [(scores, errors)]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]

@@ -28,9 +28,15 @@ class BuildOptions:
     moe_z_loss_coeff: float | None = None
     mtp_loss_scaling_factor: float = 0.1
     perform_initialization: bool = True
-    recompute: bool = False
+    # activation recomputation, as TransformerConfig's recompute_* fields (train/config.py MemorySection)
+    recompute_granularity: str | None = None  # selective | full
+    recompute_method: str | None = None  # full: uniform | block
+    recompute_num_layers: int | None = None
+    recompute_modules: tuple[str, ...] | None = None  # selective
+    moe_token_dispatcher: str = "auto"  # alltoall | allgather | flex; auto: alltoall on GPU, allgather on CPU
     fp8: str | None = None  # "e4m3" | "hybrid" (Transformer Engine only)
     fp8_recipe: str = "delayed"
+    fp8_param: bool = False  # keep linear weights in FP8 (a frozen teacher's memory knob; TE only)
     use_cpu_initialization: bool | None = None  # None: on CPU-only machines (True also builds on the meta device)
 
 
@@ -72,9 +78,18 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelLayout, opts: BuildOp
     validate_layout(cfg, parallel)
     impl, _ = select_backend(opts.transformer_impl)
     on_gpu = torch.cuda.is_available()
-    if opts.fp8 and impl != "transformer_engine":
+    if (opts.fp8 or opts.fp8_param) and impl != "transformer_engine":
         raise RuntimeError("FP8 needs Transformer Engine on a GPU (pip install -e .[te]); "
                            f"this run uses the {impl!r} backend")
+    if opts.fp8_param and not opts.fp8:
+        raise ValueError("fp8_param (FP8 weights) needs an fp8 format (e4m3 or hybrid)")
+    dispatcher = opts.moe_token_dispatcher
+    if dispatcher == "auto":
+        dispatcher = "alltoall" if on_gpu else "allgather"
+    if dispatcher not in ("alltoall", "allgather", "flex"):
+        raise ValueError(f"moe_token_dispatcher must be alltoall, allgather or flex, not {dispatcher!r}")
+    if dispatcher == "flex" and not on_gpu:
+        raise RuntimeError("moe_token_dispatcher flex (DeepEP) needs GPUs; use alltoall or allgather")
     aux = cfg.router_aux_loss_coef if opts.moe_aux_loss_coeff is None else opts.moe_aux_loss_coeff
     kw = {}
     if cfg.has_gdn:
@@ -85,9 +100,16 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelLayout, opts: BuildOp
         kw.update(moe_shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_size,
                   moe_shared_expert_gate=cfg.shared_expert_gate)
     if opts.fp8:
-        kw.update(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe)
-    if opts.recompute:
-        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        kw.update(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe, fp8_param=opts.fp8_param)
+    if opts.recompute_granularity == "full":
+        kw.update(recompute_granularity="full", recompute_method=opts.recompute_method or "uniform",
+                  recompute_num_layers=opts.recompute_num_layers or 1)
+    elif opts.recompute_granularity == "selective":
+        kw.update(recompute_granularity="selective",
+                  recompute_modules=list(opts.recompute_modules) if opts.recompute_modules is not None
+                  else ["core_attn"])
+    elif opts.recompute_granularity is not None:
+        raise ValueError(f"recompute_granularity must be selective or full, not {opts.recompute_granularity!r}")
     return TransformerConfig(
         num_layers=len(cfg.hybrid_pattern.split("/")[0]),
         hidden_size=cfg.hidden_size,
@@ -116,7 +138,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelLayout, opts: BuildOp
         moe_router_load_balancing_type="aux_loss" if aux else "none",
         moe_aux_loss_coeff=aux,
         moe_z_loss_coeff=opts.moe_z_loss_coeff,
-        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_token_dispatcher_type=dispatcher,
         moe_grouped_gemm=impl == "transformer_engine",
         mtp_num_layers=cfg.mtp_num_layers or None,
         mtp_loss_scaling_factor=opts.mtp_loss_scaling_factor,

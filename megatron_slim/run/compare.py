@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from megatron_slim.eval.stats import PairedDiff, paired_difference
-from megatron_slim.run.recipe import Recipe, Study
+from megatron_slim.run.recipe_schema import Recipe, Study
 from megatron_slim.run.report import benchmark_table
 from megatron_slim.run.state import RunView
-from megatron_slim.run.step_groups import EVAL_TEACHER
+from megatron_slim.run.step_groups import EVAL_TEACHER, Out, stage_steps
 from megatron_slim.run.variants import variant_views
 from megatron_slim.runtime.jsonl import read_jsonl
 from megatron_slim.runtime.outputs import atomic_write
@@ -57,13 +57,13 @@ def _read_json(path: str | Path) -> dict[str, Any] | None:
 
 
 def _variant(recipe: Recipe, view: RunView, name: str) -> VariantResult:
-    last = recipe.stages[-1].name
-    final = _read_json(view.outputs(f"{last}/eval")["eval"]) if view.done(f"{last}/eval") else None
+    last = stage_steps(recipe.stages[-1]).eval
+    final = _read_json(view.outputs(last)[Out.EVAL]) if view.done(last) else None
     curve, offset = Curve(), 0.0
     for stage in recipe.stages:
-        if not view.done(f"{stage.name}/distill"):
+        if not view.done(stage_steps(stage).distill):
             break
-        metrics = Path(view.outputs(f"{stage.name}/distill")["metrics"])
+        metrics = Path(view.outputs(stage_steps(stage).distill)[Out.METRICS])
         for rec in read_jsonl(metrics.with_name("eval.jsonl")):
             curve.tokens.append(offset + rec["consumed_tokens"])
             curve.loss.append(rec["loss"])
@@ -80,7 +80,7 @@ def variant_results(study: Study, workdir: Path) -> tuple[dict[str, Any] | None,
     for run, view in variant_views(study, workdir):
         results[run.name] = _variant(run.recipe, view, run.name)
         if teacher is None and view.done(EVAL_TEACHER):
-            teacher = _read_json(view.outputs(EVAL_TEACHER)["eval"])
+            teacher = _read_json(view.outputs(EVAL_TEACHER)[Out.EVAL])
     ref = results.get(study.reference)
     for res in results.values():
         if ref is not None and ref.finished and res.finished and res is not ref:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_slim.errors import UserError
-from megatron_slim.run.recipe import Study
+from megatron_slim.run.recipe_schema import Study
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import SHARED
 
@@ -32,6 +32,7 @@ class RunJob:
     job: str | None = None  # run only this job of the chain (the jobs before it must be done)
     allow_single_process_steps: bool = False  # run heavy single-process steps even in a multi-node job
     fresh: bool = False  # remove the work dir's contents first (only a work dir `run` made) and start over
+    gpu_memory: str | None = None  # one GPU's memory (e.g. 80GiB) the stages' memory plans must fit
 
     def target(self) -> tuple[str | None, str | None]:
         """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""
@@ -86,9 +87,31 @@ def list_stages(study: Study) -> list[str]:
     return [SHARED] + [f"{name}/{s.name}" for name in study.variants for s in study.recipe(name).stages]
 
 
+def _memory_check(study: Study, variant: str | None, gpu_memory: str | None, show: bool) -> None:
+    """Every stage of every variant (or `variant`'s): its per-GPU memory plan, printed when `show`; a stage that
+    does not fit refuses the whole run before any compute."""
+    from megatron_slim.run.memory import check_fit, plans, stage_setups
+    from megatron_slim.run.recipe_check import stage_configs, teacher_config
+    from megatron_slim.train.memory_plan import format_plans
+
+    for name, recipe in study.recipes.items():
+        if variant is not None and name != variant:
+            continue
+        teacher = teacher_config(recipe)
+        setups = stage_setups(recipe, teacher, stage_configs(recipe, teacher), gpu_memory)
+        stage_plans = plans(setups)
+        if show:
+            print(f"memory per GPU{f' (variant {name})' if name else ''}, {setups[0].world} GPUs, layout "
+                  f"tp={setups[0].layout.tp} pp={setups[0].layout.pp} ep={setups[0].layout.ep} "
+                  f"etp={setups[0].layout.expert_tp}:")
+            print(format_plans(stage_plans))
+        check_fit(setups, stage_plans, f"variant {name!r} " if name else "the recipe ")
+
+
 def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
     from megatron_slim.compress.accounting import account, human
-    from megatron_slim.run.recipe import validate
+    from megatron_slim.run.recipe_check import validate
+    from megatron_slim.run.report import data_stream_lines
     from megatron_slim.run.state import STATE, RunState
     from megatron_slim.run.step_groups import shared_dir
     from megatron_slim.run.variants import plan_runs, shared_state
@@ -105,6 +128,7 @@ def _dry_run(study: Study, workdir: Path, variant: str | None) -> None:
                   f"{cfg.num_experts} experts top-{cfg.topk}; {human(acc.total)} params, {human(acc.active)} active")
         own = RunState(run.workdir, run.recipe.digest) if (run.workdir / STATE).is_file() else None
         view = RunView(own, shared, run.shared) if own is not None else None
+        print("\n".join(data_stream_lines(run.recipe, view)))  # refuses a blend too small for the stream
         for step in run.steps:
             where = f"  shared {run.shared[step.id]}" if step.id in run.shared else ""
             if view is not None:
@@ -135,7 +159,7 @@ def _worker(job: RunJob, guard_here: bool) -> int:
     spawns its ranks has done it already)."""
     import torch.distributed as dist
 
-    from megatron_slim.run.recipe import load_study
+    from megatron_slim.run.recipe_check import load_study
     from megatron_slim.run.runner import run_steps
 
     variant, stage = job.target()
@@ -158,7 +182,8 @@ def _worker(job: RunJob, guard_here: bool) -> int:
 
 def run_recipe(job: RunJob) -> int:
     """Do what the job asks; the exit status (75 when a stop signal interrupted the run: requeue it)."""
-    from megatron_slim.run.recipe import load_study, read_study
+    from megatron_slim.run.recipe_check import load_study
+    from megatron_slim.run.recipe_parse import read_study
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
     recipe_path, workdir = job.recipe, job.workdir
@@ -185,7 +210,10 @@ def run_recipe(job: RunJob) -> int:
         return run_one_step(study, workdir, variant, job.step, progress=job.progress)
     if job.dry_run:
         _dry_run(study, workdir, variant)
+        _memory_check(study, variant, job.gpu_memory, show=True)
         return 0
+    if job.gpu_memory or any(r.cluster.gpu_memory for r in study.recipes.values()):
+        _memory_check(study, variant, job.gpu_memory, show=False)
     nprocs = {r.nproc for r in study.recipes.values()}
     if len(nprocs) > 1:
         raise UserError(f"variants disagree on nproc {sorted(nprocs)}: one job runs them all")

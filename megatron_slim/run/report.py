@@ -12,9 +12,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megatron_slim.run.recipe import Recipe
+from megatron_slim.run.recipe_schema import Recipe
 from megatron_slim.run.state import RunView
-from megatron_slim.run.step_groups import BENCH_INFERENCE, EVAL_TEACHER, REPORT, TEACHER, student_step
+from megatron_slim.run.step_groups import (
+    BENCH_INFERENCE,
+    DATA,
+    EVAL_TEACHER,
+    REPORT,
+    TEACHER,
+    Out,
+    random_student,
+    stage_steps,
+    student_step,
+)
 from megatron_slim.runtime.jsonl import read_jsonl
 from megatron_slim.runtime.outputs import atomic_write
 
@@ -31,15 +41,15 @@ def _evals(recipe: Recipe, state: RunView) -> list[tuple[str, dict[str, Any]]]:
 
     def add(label: str, step: str) -> None:
         if state.done(step):
-            ev = _read_json(state.outputs(step).get("eval"))
+            ev = _read_json(state.outputs(step).get(Out.EVAL))
             if ev is not None:
                 rows.append((label, ev))
 
     add("teacher", EVAL_TEACHER)
     for s in recipe.stages:
-        made = "initialised at random" if student_step(recipe, s).endswith("/init") else "pruned"
-        add(f"{s.name}: {made}, before training", f"{s.name}/eval_pruned")
-        add(f"{s.name}: distilled", f"{s.name}/eval")
+        made = "initialised at random" if random_student(recipe, s) else "pruned"
+        add(f"{s.name}: {made}, before training", stage_steps(s).eval_pruned)
+        add(f"{s.name}: distilled", stage_steps(s).eval)
     return rows
 
 
@@ -107,7 +117,8 @@ def plot_losses(recipe: Recipe, state: RunView, path: Path) -> bool:
     ax = fig.add_subplot()
     offset, drawn_keys = 0, set()
     for s in recipe.stages:
-        metrics = state.outputs(f"{s.name}/distill").get("metrics") if state.done(f"{s.name}/distill") else None
+        distill = stage_steps(s).distill
+        metrics = state.outputs(distill).get(Out.METRICS) if state.done(distill) else None
         if not metrics or not Path(metrics).is_file():
             continue
         records = read_jsonl(Path(metrics))
@@ -160,8 +171,8 @@ def _accounting(recipe: Recipe, state: RunView) -> str:
 
     models = []
     if state.done(TEACHER):
-        models.append(("teacher", state.outputs(TEACHER)["mcore"]))
-    models += [(f"{s.name} student", state.outputs(student_step(recipe, s))["checkpoint"])
+        models.append(("teacher", state.outputs(TEACHER)[Out.MCORE]))
+    models += [(f"{s.name} student", state.outputs(student_step(recipe, s))[Out.CHECKPOINT])
                for s in recipe.stages if state.done(student_step(recipe, s))]
     lines = ["| model | layers | hidden | experts (top-k) | total params | active params | bf16 weights |",
              "|---|---|---|---|---|---|---|"]
@@ -176,9 +187,43 @@ def _accounting(recipe: Recipe, state: RunView) -> str:
 def _efficiency(state: RunView) -> str:
     from megatron_slim.engines.bench_inference_job import Measurement, markdown_table
 
-    bench = json.loads(Path(state.outputs(BENCH_INFERENCE)["bench"]).read_text())
+    bench = json.loads(Path(state.outputs(BENCH_INFERENCE)[Out.BENCH]).read_text())
     rows = [(m.pop("label"), Measurement(**m)) for m in bench["models"]]
     return bench["settings"] + "\n\n" + markdown_table(rows)
+
+
+def data_stream_lines(recipe: Recipe, view: RunView | None) -> list[str]:
+    """The run's data stream: each stage's planned range of samples, and per dataset of the blend the tokens
+    available, requested and epochs (checked against data.max_epochs: UserError naming the dataset)."""
+    from megatron_slim.run.recipe_check import stage_samples, stream_usage
+    from megatron_slim.train.data import usage_lines
+
+    ranges, start = [], 0
+    for stage, n in zip(recipe.stages, stage_samples(recipe), strict=True):
+        ranges.append(f"{stage.name} [{start}, {start + n})")
+        start += n
+    lines = [f"data stream: {start} samples of {recipe.data.seq_length} tokens; " + ", ".join(ranges)]
+    blend = recipe.data.train
+    if not isinstance(blend, list) and view is not None and view.done(DATA):
+        blend = view.outputs(DATA)["train"]
+    if isinstance(blend, list):
+        lines += [f"  {line}" for line in usage_lines(stream_usage(recipe, blend))]
+    else:
+        lines.append(f"  {blend}: tokens available once prepare/data has tokenized it (checked then)")
+    return lines
+
+
+def _data(recipe: Recipe, state: RunView) -> str:
+    """The data stream's use of each dataset, and the sample range each stage trained on (from the run's state)."""
+    lines = data_stream_lines(recipe, state)
+    trained = []
+    for s in recipe.stages:
+        if state.done(f"{s.name}/distill") and "data_samples" in state.outputs(f"{s.name}/distill"):
+            start, end = state.outputs(f"{s.name}/distill")["data_samples"]
+            trained.append(f"{s.name} [{start}, {end})")
+    if trained:
+        lines.append("trained on samples (half-open ranges): " + ", ".join(trained))
+    return "\n".join(f"    {line}" for line in lines)
 
 
 def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
@@ -195,15 +240,16 @@ def write_report(recipe: Recipe, workdir: Path, state: RunView) -> Path:
         parts += ["![retention](retention.png)", ""]
     parts += ["## Distillation loss", ""]
     parts += ["![losses](losses.png)", ""] if plot_losses(recipe, state, out / "losses.png") else ["(no metrics)", ""]
+    parts += ["## Training data", "", _data(recipe, state), ""]
     parts += ["## Parameters and memory", "", _accounting(recipe, state), ""]
     if state.done(BENCH_INFERENCE):
         parts += ["## Deployment efficiency (HF checkpoints; transformers, and vLLM where the recipe asks)", "",
                   _efficiency(state), ""]
     parts += ["## Importance and plans", ""]
     for s in recipe.stages:
-        if not state.done(f"{s.name}/plan"):
+        if not state.done(stage_steps(s).plan):
             continue
-        for plot in state.outputs(f"{s.name}/plan")["plots"]:
+        for plot in state.outputs(stage_steps(s).plan)[Out.PLOTS]:
             name = f"{s.name}-{Path(plot).name}"
             shutil.copyfile(plot, out / name)
             parts += [f"**{s.name}**: {Path(plot).stem}", "", f"![{name}]({name})", ""]

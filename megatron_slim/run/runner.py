@@ -7,7 +7,7 @@ in a multi-rank job rank 0 runs them in a child process outside the job's proces
 build a one-process model-parallel layout of their own). Only rank 0 writes the state; every rank rereads it
 after each step, so the work dir must be on a file system all ranks share.
 
-With variants (run/recipe.py), each variant's steps run in its own work dir `<workdir>/variants/<name>/`, and the
+With variants (run/recipe_schema.py), each variant's steps run in its own work dir `<workdir>/variants/<name>/`, and the
 steps several variants share (run/steps.py: same key) run once, the first variant to reach one computing it under a
 lock; after the variants, `<workdir>/report/compare.md` compares them (run/compare.py).
 
@@ -31,17 +31,22 @@ import torch.distributed as dist
 
 from megatron_slim.errors import UserError
 from megatron_slim.run.chain import chain_jobs, job_of_step
-from megatron_slim.run.recipe import Study
+from megatron_slim.run.recipe_schema import Study
 from megatron_slim.run.state import RunState, RunView
 from megatron_slim.run.step_groups import FINAL, PREPARE, SHARED, shared_dir
 from megatron_slim.run.steps import CPU, Context, Step, StepInterrupted
 from megatron_slim.run.variants import VariantRun, plan_runs, shared_state
 from megatron_slim.runtime.launch_env import without_launcher_env
+from megatron_slim.runtime.lifetime import child_env
 from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 from megatron_slim.runtime.spawn import launched_nodes
 
-# How long ranks wait for rank 0's single-process steps (pruning an 80B checkpoint takes a while).
-BARRIER_TIMEOUT_MINUTES = 24 * 60
+
+def timeout_minutes(study: Study) -> float:
+    """The recipe's process-group timeout: how long a collective (and the other ranks, at a barrier, for rank 0's
+    single-process steps) may wait before the job fails instead of holding its nodes; the longest of the
+    variants' (one job runs them all)."""
+    return max(recipe.timeout_minutes for recipe in study.recipes.values())
 
 
 def select_steps(run: VariantRun, view: RunView, stage: str | None) -> list[Step]:
@@ -71,7 +76,7 @@ def _log(msg: str) -> None:
 def _single_in_child(recipe_path: Path, workdir: Path, run: VariantRun, step: Step, progress: bool) -> None:
     cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(recipe_path), "--workdir", str(workdir),
            "--step", step.id, *(["--variant", run.name] if run.name else []), *([] if progress else ["--no-progress"])]
-    code = subprocess.run(cmd, env=without_launcher_env()).returncode
+    code = subprocess.run(cmd, env=child_env(without_launcher_env())).returncode
     if code:
         raise RuntimeError(f"step {step.id} failed in its child process (exit status {code}); see the output above")
 
@@ -94,9 +99,9 @@ def _execute(run: VariantRun, root: Path, step: Step, progress: bool) -> None:
     t0 = time.time()
     try:
         outputs = step.fn(ctx)
-    except StepInterrupted:
+    except StepInterrupted as e:
         if rank0:
-            record.fail(record_id, "interrupted (checkpointed; rerun to resume)", status="interrupted")
+            record.fail(record_id, e.reason, status=e.status)
         raise
     except BaseException as e:
         if rank0:
@@ -184,7 +189,8 @@ def _run_variant(runs: list[VariantRun], run: VariantRun, recipe_path: Path, roo
             else:
                 _run_step(run, recipe_path, root, step, progress)
         except StepInterrupted as e:
-            _log(f"stop  {label}{step.id}: checkpointed; rerun the same command to resume")
+            _log(f"stop  {label}{step.id}: " + ("checkpointed; rerun the same command to resume"
+                                                if e.status == "interrupted" else e.reason))
             return e.code
         dist.barrier()
     return 0
@@ -199,7 +205,7 @@ def run_steps(study: Study, recipe_path: Path, workdir: Path, variant: str | Non
     preempted."""
     from megatron_slim.runtime.distributed import init_distributed
 
-    init_distributed(timeout_minutes=BARRIER_TIMEOUT_MINUTES)
+    init_distributed(timeout_minutes=timeout_minutes(study))
     with ExitStack() as held:
         if guard is not None:
             refused = [None]
@@ -255,7 +261,7 @@ def run_job(study: Study, recipe_path: Path, workdir: Path, name: str, progress:
                 raise UserError(f"job {name!r} needs the jobs before it finished: step {step.id} reads {missing}, "
                                 "not done")
             ours.add(record(run, step.id))
-    init_distributed(timeout_minutes=BARRIER_TIMEOUT_MINUTES)
+    init_distributed(timeout_minutes=timeout_minutes(study))
     stop = StopFlag()
     for run, steps in groups:
         code = _run_variant(runs, run, recipe_path, workdir, steps, stop, progress, allow_single)

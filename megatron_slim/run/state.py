@@ -23,12 +23,26 @@ from megatron_slim.runtime.outputs import atomic_write
 STATE = "state.json"
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    """A state file's record, checked: a JSON object with a `steps` object of step records (a truncated or
+    hand-edited file is one error naming it and what to do, not a traceback)."""
+    fix = f"remove {path} (or the work dir) to start the run over"
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), dict) or \
+            not all(isinstance(v, dict) for v in data["steps"].values()):
+        raise UserError(f"{path}: not a run state (expected an object with a 'steps' object of step records); {fix}")
+    return data
+
+
 class RunState:
     def __init__(self, workdir: Path, recipe_digest: str) -> None:
         self.path = workdir / STATE
         self.data: dict[str, Any] = {"recipe": recipe_digest, "steps": {}}
         if self.path.is_file():
-            self.data = json.loads(self.path.read_text())
+            self.data = _read_state(self.path)
             if self.data.get("recipe") != recipe_digest:
                 raise UserError(f"{workdir} holds a run of a different recipe (digest {self.data.get('recipe')} vs "
                                 f"{recipe_digest}); use another --workdir, or remove {self.path} to start over")
@@ -40,7 +54,7 @@ class RunState:
         if not path.is_file():
             raise UserError(f"{workdir} is not a megatron-slim run work dir (no {STATE})")
         state = cls.__new__(cls)
-        state.path, state.data = path, json.loads(path.read_text())
+        state.path, state.data = path, _read_state(path)
         return state
 
     def status(self, step: str) -> str:

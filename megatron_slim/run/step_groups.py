@@ -10,9 +10,11 @@ work-dir layout:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-from megatron_slim.run.recipe import Recipe, Stage
+from megatron_slim.run.recipe_schema import Recipe, Stage
 
 PREPARE = "prepare"
 FINAL = "final"
@@ -24,7 +26,68 @@ DATA = f"{PREPARE}/data"  # outputs: train, calibration, heldout
 EVAL_TEACHER = f"{PREPARE}/eval_teacher"  # outputs: eval
 EXPORT = f"{FINAL}/export"  # outputs: hf
 BENCH_INFERENCE = f"{FINAL}/bench_inference"
-REPORT = f"{FINAL}/report"
+REPORT = f"{FINAL}/report"  # outputs: report
+
+
+@dataclass(frozen=True)
+class StageSteps:
+    """The ids of one stage's steps, in run order (the student comes from `prune`, or from `init` for the first
+    stage of an `init: random` recipe)."""
+
+    stage: str
+
+    @property
+    def importance(self) -> str:  # outputs: importance
+        return f"{self.stage}/importance"
+
+    @property
+    def plan(self) -> str:  # outputs: plan, plots
+        return f"{self.stage}/plan"
+
+    @property
+    def prune(self) -> str:  # outputs: checkpoint
+        return f"{self.stage}/prune"
+
+    @property
+    def init(self) -> str:  # outputs: checkpoint
+        return f"{self.stage}/init"
+
+    @property
+    def eval_pruned(self) -> str:  # outputs: eval
+        return f"{self.stage}/eval_pruned"
+
+    @property
+    def distill(self) -> str:  # outputs: checkpoint, steps, metrics
+        return f"{self.stage}/distill"
+
+    @property
+    def eval(self) -> str:  # outputs: eval
+        return f"{self.stage}/eval"
+
+
+def stage_steps(stage: Stage | str) -> StageSteps:
+    return StageSteps(stage if isinstance(stage, str) else stage.name)
+
+
+class Out:
+    """The output keys of the steps: what `RunView.outputs(step)[key]` holds (paths unless said otherwise)."""
+
+    MCORE: Final = "mcore"  # prepare/teacher: the teacher as a Megatron checkpoint
+    TOKENIZER: Final = "tokenizer"  # prepare/teacher: the teacher's tokenizer directory
+    TRAIN: Final = "train"  # prepare/data: the training blend [[weight, indexed prefix], ...]
+    CALIBRATION: Final = "calibration"  # prepare/data: indexed prefix
+    HELDOUT: Final = "heldout"  # prepare/data: indexed prefix
+    EVAL: Final = "eval"  # evaluations: the JSON result
+    IMPORTANCE: Final = "importance"  # <stage>/importance: the importance file
+    PLAN: Final = "plan"  # <stage>/plan: the compression plan
+    PLOTS: Final = "plots"  # <stage>/plan: list of plot paths
+    CHECKPOINT: Final = "checkpoint"  # <stage>/prune, init, distill: the stage's student
+    STEPS: Final = "steps"  # <stage>/distill: training steps done (an int)
+    METRICS: Final = "metrics"  # <stage>/distill: metrics.jsonl
+    DATA_SAMPLES: Final = "data_samples"  # <stage>/distill: [first, end) of the run's data stream it trained on
+    HF: Final = "hf"  # final/export: the HF checkpoint
+    BENCH: Final = "bench"  # final/bench_inference: the efficiency figures
+    REPORT: Final = "report"  # final/report: report.md
 
 
 def variant_dir(workdir: Path, name: str | None) -> Path:
@@ -40,11 +103,15 @@ def shared_dir(workdir: Path) -> Path:
 def input_step(recipe: Recipe, stage: Stage) -> str:
     """The step whose checkpoint a stage compresses: the teacher's, or the previous stage's distillation."""
     i = recipe.stages.index(stage)
-    return TEACHER if i == 0 else f"{recipe.stages[i - 1].name}/distill"
+    return TEACHER if i == 0 else stage_steps(recipe.stages[i - 1]).distill
 
 
 def student_step(recipe: Recipe, stage: Stage) -> str:
     """The step that makes a stage's student before training: pruning, or for the first stage of an
     `init: random` recipe, a random initialisation of the same shape."""
-    random = recipe.init == "random" and stage is recipe.stages[0]
-    return f"{stage.name}/{'init' if random else 'prune'}"
+    return stage_steps(stage).init if random_student(recipe, stage) else stage_steps(stage).prune
+
+
+def random_student(recipe: Recipe, stage: Stage) -> bool:
+    """Whether the stage's student is initialised at random (the first stage of an `init: random` recipe)."""
+    return recipe.init == "random" and stage is recipe.stages[0]

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_slim.run.recipe import RECIPE_SIZES, Recipe, Stage, stage_run_config
+from megatron_slim.run.recipe_check import stage_run_config, stream_settings
+from megatron_slim.run.recipe_schema import RECIPE_SIZES, Recipe, Stage
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import (
     BENCH_INFERENCE,
@@ -40,7 +41,10 @@ from megatron_slim.run.step_groups import (
     EXPORT,
     REPORT,
     TEACHER,
+    Out,
     input_step,
+    random_student,
+    stage_steps,
     student_step,
 )
 from megatron_slim.runtime.outputs import atomic_path, atomic_write
@@ -60,16 +64,21 @@ class Context:
         return self.view.outputs(step)
 
     def teacher_ckpt(self) -> str:
-        return self.out(TEACHER)["mcore"]
+        return self.out(TEACHER)[Out.MCORE]
 
     def stage_input(self, stage: Stage) -> str:
         """The checkpoint a stage compresses: the teacher, or the previous stage's distilled student."""
         source = input_step(self.recipe, stage)
-        return self.teacher_ckpt() if source == TEACHER else self.out(source)["checkpoint"]
+        return self.teacher_ckpt() if source == TEACHER else self.out(source)[Out.CHECKPOINT]
+
+    def data_start(self, stage: Stage) -> int:
+        """Where the stage starts in the run's data stream: where the previous stage's distillation stopped."""
+        i = self.recipe.stages.index(stage)
+        return self.out(f"{self.recipe.stages[i - 1].name}/distill")["data_samples"][1] if i else 0
 
     def student(self, stage: Stage) -> str:
         """The stage's student before training: pruned, or randomly initialised (init: random)."""
-        return self.out(student_step(self.recipe, stage))["checkpoint"]
+        return self.out(student_step(self.recipe, stage))[Out.CHECKPOINT]
 
 
 CPU, GPU, ANY = "cpu", "gpu", "any"  # Step.where
@@ -111,10 +120,10 @@ def convert_teacher(ctx: Context) -> dict[str, Any]:
 
     teacher = Checkpoint.open(ctx.recipe.teacher)
     if teacher.kind == "mcore":
-        return {"mcore": str(teacher.path), "tokenizer": str(teacher.tokenizer_files)}
+        return {Out.MCORE: str(teacher.path), Out.TOKENIZER: str(teacher.tokenizer_files)}
     out = ctx.workdir / "teacher" / "mcore"
     hf_to_mcore(teacher.path, out, overwrite=True, progress=ctx.progress)
-    return {"mcore": str(out), "tokenizer": str(teacher.tokenizer_files)}
+    return {Out.MCORE: str(out), Out.TOKENIZER: str(teacher.tokenizer_files)}
 
 
 def tokenize_data(ctx: Context) -> dict[str, Any]:
@@ -123,7 +132,7 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
     from megatron_slim.data.calibration import eos_token_id, indexed_prefix
     from megatron_slim.engines.preprocess_job import PreprocessJob, run_preprocess
 
-    tokenizer = ctx.out(TEACHER)["tokenizer"]
+    tokenizer = ctx.out(TEACHER)[Out.TOKENIZER]
     teacher = load_model_config(ctx.teacher_ckpt())
     # the document separator every other step assumes (the config's EOS first, as calibration windows read it)
     eod = eos_token_id(teacher.hf_config, tokenizer)
@@ -143,18 +152,12 @@ def tokenize_data(ctx: Context) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, model: str, out: Path) -> dict[str, Any]:
-    from megatron_slim.engines.evaluate_job import EvaluateJob, evaluate_worker
+    from megatron_slim.engines.evaluate_job import evaluate_worker
 
-    e = ctx.recipe.evaluation
+    r = ctx.recipe
     out.parent.mkdir(parents=True, exist_ok=True)  # a shared step writes into its own, new directory
-    evaluate_worker(EvaluateJob(model=model, data=ctx.out(DATA)["heldout"], tokens=int(e.tokens),
-                                seq_len=ctx.recipe.data.seq_length, micro_batch=e.micro_batch,
-                                tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
-                                mtp_k=e.mtp_k, mtp_prompts=e.mtp_prompts,
-                                prompt_len=e.prompt_len or ctx.recipe.data.seq_length // 2, gen_tokens=e.gen_tokens,
-                                tasks=tuple(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit,
-                                dtype="float32", json=False, out=out))
-    return {"eval": str(out)}
+    evaluate_worker(r.evaluation.job(model, ctx.out(DATA)[Out.HELDOUT], out, r.data.seq_length, r.parallel))
+    return {Out.EVAL: str(out)}
 
 
 def evaluate_teacher(ctx: Context) -> dict[str, Any]:
@@ -164,17 +167,14 @@ def evaluate_teacher(ctx: Context) -> dict[str, Any]:
 # ---- per stage ----------------------------------------------------------------------------------------------------
 def importance(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        from megatron_slim.engines.importance_job import ImportanceJob, importance_worker
+        from megatron_slim.engines.importance_job import importance_worker
 
-        imp = ctx.recipe.importance
+        r = ctx.recipe
         out = ctx.workdir / stage.name / "importance.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        importance_worker(ImportanceJob(
-            model=ctx.stage_input(stage), data=ctx.out(DATA)["calibration"], tokens=int(imp.tokens),
-            out=out, tp=ctx.recipe.parallel.tp, ep=ctx.recipe.parallel.ep, pp=ctx.recipe.parallel.pp,
-            seq_len=ctx.recipe.data.seq_length, micro_batch=imp.micro_batch, layer_loss=imp.layer_loss,
-            max_tokens=None, dtype=imp.dtype, overwrite=True, progress=ctx.progress))
-        return {"importance": str(out)}
+        importance_worker(r.importance.job(ctx.stage_input(stage), ctx.out(DATA)[Out.CALIBRATION], out,
+                                           r.data.seq_length, r.parallel, progress=ctx.progress))
+        return {Out.IMPORTANCE: str(out)}
     return fn
 
 
@@ -188,7 +188,7 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
 
         p = ctx.recipe.parallel
         spec = dataclasses.replace(stage.target, tp=p.tp, ep=p.ep, pp=p.pp)
-        imp = Importance.load(ctx.out(f"{stage.name}/importance")["importance"])
+        imp = Importance.load(ctx.out(stage_steps(stage).importance)[Out.IMPORTANCE])
         spec.validate(imp.model)
         result = make_plan(imp, spec)
         out = ctx.workdir / stage.name / "plan.json"
@@ -196,7 +196,7 @@ def plan(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         with atomic_path(out) as staging:
             result.save(staging)
         plots = write_plots(imp, spec, result, ctx.workdir / stage.name / "plots")
-        return {"plan": str(out), "plots": [str(x) for x in plots]}
+        return {Out.PLAN: str(out), Out.PLOTS: [str(x) for x in plots]}
     return fn
 
 
@@ -208,7 +208,7 @@ def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         out = ctx.workdir / stage.name / "pruned"
         grow = added_mtp_depths(ctx.recipe, stage)
         cut = out.with_name("pruned.without-new-mtp") if grow else out
-        summary = prune_checkpoint(CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]),
+        summary = prune_checkpoint(CompressionPlan.load(ctx.out(stage_steps(stage).plan)[Out.PLAN]),
                                    ctx.stage_input(stage), cut, "mcore",
                                    opts=Options(align_neurons=stage.align_neurons, rescale_norms=stage.rescale_norms),
                                    overwrite=True, progress=ctx.progress)
@@ -218,10 +218,10 @@ def prune(stage: Stage) -> Callable[[Context], dict[str, Any]]:
 
             from megatron_slim.compress.mtp_depths import add_mtp_depths
 
-            add_mtp_depths(cut, out, grow, seed=init_seed(stage))
+            add_mtp_depths(cut, out, grow, seed=stage.training.seed)
             shutil.rmtree(cut)
             print(f"added {grow} fresh MTP depth(s) to the {stage.name} student", flush=True)
-        return {"checkpoint": str(out)}
+        return {Out.CHECKPOINT: str(out)}
     return fn
 
 
@@ -233,12 +233,12 @@ def random_init(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         from megatron_slim.compress.mtp_depths import save_initialised
         from megatron_slim.compress.plan import CompressionPlan
 
-        cfg = CompressionPlan.load(ctx.out(f"{stage.name}/plan")["plan"]).target
+        cfg = CompressionPlan.load(ctx.out(stage_steps(stage).plan)[Out.PLAN]).target
         cfg = cfg.replace(mtp_num_layers=cfg.mtp_num_layers + added_mtp_depths(ctx.recipe, stage))
         out = ctx.workdir / stage.name / "init"
-        save_initialised(cfg, ctx.recipe.parallel, init_seed(stage), out,
-                         Path(ctx.out(TEACHER)["tokenizer"]))
-        return {"checkpoint": str(out)}
+        save_initialised(cfg, ctx.recipe.parallel, stage.training.seed, out,
+                         Path(ctx.out(TEACHER)[Out.TOKENIZER]))
+        return {Out.CHECKPOINT: str(out)}
     return fn
 
 
@@ -250,11 +250,6 @@ def recipe_layout(recipe: Recipe) -> dict[str, int]:
 def added_mtp_depths(recipe: Recipe, stage: Stage) -> int:
     """Fresh MTP depths this stage's student gains (the recipe's add_mtp_layers, on the first stage)."""
     return recipe.add_mtp_layers if stage is recipe.stages[0] else 0
-
-
-def init_seed(stage: Stage) -> int:
-    """The random student's seed: the stage's training seed, so `init: random` follows `train.seed`."""
-    return int((stage.training.get("train") or {}).get("seed", 1234))
 
 
 def evaluate_pruned(stage: Stage) -> Callable[[Context], dict[str, Any]]:
@@ -269,31 +264,40 @@ def distill(stage: Stage) -> Callable[[Context], dict[str, Any]]:
         import torch.distributed as dist
         import yaml
 
+        from megatron_slim.checkpoint.finite import refuse_nonfinite_model
         from megatron_slim.train import checkpointing
         from megatron_slim.train.config import run_config_from_dict
+        from megatron_slim.train.guard import DIVERGED_EXIT_CODE
         from megatron_slim.train.trainer import Trainer
 
         save_dir = ctx.workdir / stage.name / "train"
         data = ctx.out(DATA)
-        cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data["train"],
-                               str(save_dir), heldout=data["heldout"])
+        start = ctx.data_start(stage)
+        cfg = stage_run_config(ctx.recipe, stage, ctx.student(stage), ctx.teacher_ckpt(), data[Out.TRAIN],
+                               str(save_dir), heldout=data[Out.HELDOUT], sample_offset=start)
         if dist.get_rank() == 0:  # for people who want to rerun or inspect the stage's training on its own
             save_dir.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(ctx.workdir / stage.name / "train.yaml", yaml.safe_dump(cfg, sort_keys=False))
         trainer = Trainer(run_config_from_dict(cfg))
         trainer.setup()
         code = trainer.train()
+        if code == DIVERGED_EXIT_CODE:
+            raise StepInterrupted(code, trainer.diverged_message(), status="diverged")
         if code:
             raise StepInterrupted(code)
         step = checkpointing.latest_step(save_dir)
-        return {"checkpoint": str(checkpointing.iter_dir(save_dir, step)), "steps": step,
-                "metrics": str(save_dir / "metrics.jsonl")}
+        # a diverged run's weights are not a distilled student: the step stays undone (and eval never scores them)
+        refuse_nonfinite_model(trainer.student, str(checkpointing.iter_dir(save_dir, step)))
+        end = start + step * trainer.cfg.batch.global_batch_size
+        return {Out.CHECKPOINT: str(checkpointing.iter_dir(save_dir, step)), Out.STEPS: step,
+                Out.METRICS: str(save_dir / "metrics.jsonl"), Out.DATA_SAMPLES: [start, end]}
     return fn
 
 
 def evaluate_student(stage: Stage) -> Callable[[Context], dict[str, Any]]:
     def fn(ctx: Context) -> dict[str, Any]:
-        return _evaluate(ctx, ctx.out(f"{stage.name}/distill")["checkpoint"], ctx.workdir / stage.name / "eval.json")
+        student = ctx.out(stage_steps(stage).distill)[Out.CHECKPOINT]
+        return _evaluate(ctx, student, ctx.workdir / stage.name / "eval.json")
     return fn
 
 
@@ -303,46 +307,47 @@ def export(ctx: Context) -> dict[str, Any]:
 
     last = ctx.recipe.stages[-1].name
     out = ctx.workdir / "export" / "hf"
-    summary = mcore_to_hf(ctx.out(f"{last}/distill")["checkpoint"], out,
-                          hf_template=ctx.out(TEACHER)["tokenizer"], overwrite=True,
+    summary = mcore_to_hf(ctx.out(stage_steps(last).distill)[Out.CHECKPOINT], out,
+                          hf_template=ctx.out(TEACHER)[Out.TOKENIZER], overwrite=True,
                           progress=ctx.progress)
     print(f"exported {out}: {summary.describe()}", flush=True)
-    return {"hf": str(out)}
+    return {Out.HF: str(out)}
 
 
 def bench_inference(ctx: Context) -> dict[str, Any]:
     """The deployment-efficiency table: the HF teacher (when the recipe names one) and the exported student, each
     measured in a fresh process (engines/bench_inference_job.py); figures in export/bench_inference.json."""
     from megatron_slim.checkpoint.files import Checkpoint
-    from megatron_slim.engines.bench_inference_job import BenchInferenceJob, bench_models, settings_line
+    from megatron_slim.engines.bench_inference_job import bench_models, settings_line
 
     models = {}
     if Checkpoint.open(ctx.recipe.teacher).kind == "hf":
         models["teacher"] = str(ctx.recipe.teacher)
-    models["student"] = ctx.out(EXPORT)["hf"]
-    settings = dataclasses.asdict(ctx.recipe.inference)
-    job = BenchInferenceJob(models=tuple(models.values()), **settings | {"engines": tuple(settings["engines"])})
+    models["student"] = ctx.out(EXPORT)[Out.HF]
+    job = ctx.recipe.inference.job(tuple(models.values()))
     results = bench_models(job)
     labels = [label for _ in job.engines for label in models]  # bench_models measures engine by engine
     out = ctx.workdir / "export" / "bench_inference.json"
     atomic_write(out, json.dumps({"settings": settings_line(job), "models": [
         {"label": label} | dataclasses.asdict(r) for label, r in zip(labels, results, strict=True)]}, indent=1))
-    return {"bench": str(out)}
+    return {Out.BENCH: str(out)}
 
 
 def report(ctx: Context) -> dict[str, Any]:
     from megatron_slim.run.report import write_report
 
     path = write_report(ctx.recipe, ctx.workdir, ctx.view)
-    return {"report": str(path)}
+    return {Out.REPORT: str(path)}
 
 
 class StepInterrupted(Exception):
-    """A step stopped early on purpose (preemption: checkpointed, exit status `code` asks for a requeue)."""
+    """A step stopped early on purpose with exit status `code`: preemption (checkpointed, the status asks for a
+    requeue), or a diverged distillation (status `diverged`, the reason names the last good checkpoint)."""
 
-    def __init__(self, code: int) -> None:
-        super().__init__(f"interrupted with exit status {code}")
-        self.code = code
+    def __init__(self, code: int, reason: str = "interrupted (checkpointed; rerun to resume)",
+                 status: str = "interrupted") -> None:
+        super().__init__(f"{reason} (exit status {code})")
+        self.code, self.reason, self.status = code, reason, status
 
 
 def all_steps(recipe: Recipe) -> list[Step]:
@@ -353,28 +358,30 @@ def all_steps(recipe: Recipe) -> list[Step]:
     steps = [Step(teacher, True, convert_teacher, params={"teacher": str(r.teacher)}, where=CPU),
              Step(data, True, tokenize_data, (teacher,), {"data": dataclasses.asdict(r.data)}, where=CPU),
              Step(EVAL_TEACHER, False, evaluate_teacher, (teacher, data), evaluation)]
-    for s in r.stages:
+    for i, s in enumerate(r.stages):
         source, layout = input_step(r, s), {"parallel": recipe_layout(r), "nproc": r.nproc}
         target = {"target": dataclasses.asdict(s.target)} | layout
-        student = student_step(r, s)
-        grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": init_seed(s)} if added_mtp_depths(r, s) else {}
-        steps += [Step(f"{s.name}/importance", False, importance(s), (source, data),
+        student, ids = student_step(r, s), stage_steps(s)
+        grow = {"add_mtp_layers": added_mtp_depths(r, s), "seed": s.training.seed} if added_mtp_depths(r, s) else {}
+        steps += [Step(ids.importance, False, importance(s), (source, data),
                        {"importance": dataclasses.asdict(r.importance), "seq_length": r.data.seq_length} | layout),
-                  Step(f"{s.name}/plan", True, plan(s), (f"{s.name}/importance",), target, where=ANY)]
-        if student.endswith("/init"):  # the planned architecture, random weights
-            steps.append(Step(student, False, random_init(s), (f"{s.name}/plan",),
-                              layout | grow | {"seed": init_seed(s)}))
+                  Step(ids.plan, True, plan(s), (ids.importance,), target, where=ANY)]
+        if random_student(r, s):  # the planned architecture, random weights
+            steps.append(Step(student, False, random_init(s), (ids.plan,),
+                              layout | grow | {"seed": s.training.seed}))
         else:
-            steps.append(Step(student, True, prune(s), (f"{s.name}/plan", source),
+            steps.append(Step(student, True, prune(s), (ids.plan, source),
                               {"align_neurons": s.align_neurons, "rescale_norms": s.rescale_norms} | grow,
                               where=CPU))
-        distill_params = {"training": s.training, "seq_length": r.data.seq_length, "every_tokens":
-                          r.evaluation.every_tokens} | evaluation
-        steps += [Step(f"{s.name}/eval_pruned", False, evaluate_pruned(s), (student, data), evaluation),
-                  Step(f"{s.name}/distill", False, distill(s), (student, teacher, data), distill_params),
-                  Step(f"{s.name}/eval", False, evaluate_student(s), (f"{s.name}/distill", data), evaluation)]
+        distill_params = {"training": s.training.sections, "seq_length": r.data.seq_length, "every_tokens":
+                          r.evaluation.every_tokens, "data_stream": stream_settings(r)} | evaluation
+        # it starts in the data stream where the previous stage's distillation stopped (Context.data_start)
+        previous = (stage_steps(r.stages[i - 1]).distill,) if i else ()
+        steps += [Step(ids.eval_pruned, False, evaluate_pruned(s), (student, data), evaluation),
+                  Step(ids.distill, False, distill(s), (student, teacher, data) + previous, distill_params),
+                  Step(ids.eval, False, evaluate_student(s), (ids.distill, data), evaluation)]
     if r.export:
-        steps.append(Step(EXPORT, True, export, (f"{r.stages[-1].name}/distill", teacher), where=CPU))
+        steps.append(Step(EXPORT, True, export, (stage_steps(r.stages[-1]).distill, teacher), where=CPU))
         if r.inference is not None:
             steps.append(Step(BENCH_INFERENCE, True, bench_inference, (EXPORT,),
                               {"inference": dataclasses.asdict(r.inference), "teacher": str(r.teacher)}))

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_slim.run.recipe import Recipe, Study
+from megatron_slim.run.recipe_schema import Recipe, Study
 from megatron_slim.run.state import RunState, RunView
 from megatron_slim.run.step_groups import SHARED, shared_dir, variant_dir
 from megatron_slim.run.steps import Step, all_steps, step_keys

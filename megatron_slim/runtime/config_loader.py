@@ -9,6 +9,7 @@ every one of them at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,12 +21,59 @@ from megatron_slim.errors import UserError
 
 T = TypeVar("T")
 
+# Nodes a document may expand to once its aliases are followed: configs have hundreds; a 1 KB "billion laughs"
+# (anchors of lists of aliases of anchors ...) expands to billions, which any later walk over the data (the dry
+# run's dump, a deep copy) materialises: gigabytes from a file that loads in a millisecond as shared objects.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, where: str) -> int:
+    """The node count of `node` with every alias expanded, computed once per distinct node (aliases are shared
+    node objects), refused past MAX_EXPANDED_NODES."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        n, ready = stack.pop()
+        if id(n) in sizes:
+            continue
+        children = ([c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode)
+                    else n.value if isinstance(n, yaml.SequenceNode) else [])
+        if not ready:
+            stack.append((n, True))
+            stack += [(c, False) for c in children if id(c) not in sizes]
+            continue
+        sizes[id(n)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+        if sizes[id(n)] > MAX_EXPANDED_NODES:
+            raise UserError(f"{where}: YAML aliases expand to more than {MAX_EXPANDED_NODES} values (an alias "
+                            "bomb?); write the values out instead of nesting aliases")
+    return sizes[id(node)]
+
+
+def _safe_load_bounded(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_EXPANDED_NODES before constructing them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, **flag: Any) -> Any:
+    """A job field that is also a command-line flag, declared once: its default here, its help and argparse
+    options (`choices`; `many="comma"` or `many="append"` for a tuple) in the field's metadata, which
+    commands/options.py `add_job_arguments` turns into the command's flag `--field-name`."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
 
 def load_yaml(path: str | Path) -> Any:
     """A YAML file's content; a syntax error is one UserError naming the file, line and column (PyYAML's own
-    message spans several lines and names an anonymous stream)."""
+    message spans several lines and names an anonymous stream); aliases may expand to MAX_EXPANDED_NODES."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return _safe_load_bounded(Path(path).read_text(), str(path))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -76,6 +124,9 @@ def _field_value(hint: Any, value: Any, where: str, problems: list[str]) -> tupl
             value, ok = float(value), True
         except (TypeError, ValueError):
             ok = False
+        if ok and not math.isfinite(value):  # YAML's .nan/.inf: a NaN learning rate trains nothing, silently
+            problems.append(f"{where}: must be a finite number, got {value!r}")
+            return False, value
     else:
         ok = True
     if not ok:

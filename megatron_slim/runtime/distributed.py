@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_slim.runtime.layout import ParallelLayout
+from megatron_slim.runtime.seed import DEFAULT_SEED
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return denv
 
 
-def init_model_parallel(parallel: ParallelLayout, seed: int = 1234) -> None:
+def init_model_parallel(parallel: ParallelLayout, seed: int = DEFAULT_SEED) -> None:
     """Create Megatron-Core's process groups for `parallel` and seed its RNG tracker."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -1,5 +1,6 @@
 """The preemption contract with launch.sh: SIGTERM/SIGUSR1 ask the job to checkpoint at its next safe point and
 exit with REQUEUE_EXIT_CODE, on which launch.sh requeues it (SLURM sends USR1 before a time limit or preemption).
+torch is imported where it is used, so that the CLI reads this module without it.
 """
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import signal
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from megatron_slim.runtime.distributed import local_device
-
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals() -> None:
+    """Called once the process has agreed to exit with REQUEUE_EXIT_CODE: from here on SIGTERM/SIGUSR1 are ignored.
+    srun --kill-on-bad-exit=1 (launch.sh) sends SIGTERM to the other ranks as soon as the first rank exits 75; a
+    rank still tearing down must exit 75 too, not die of the signal (143), or launch.sh would not requeue the job."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StopFlag:
@@ -33,6 +37,11 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank was signalled."""
+        import torch
+        import torch.distributed as dist
+
+        from megatron_slim.runtime.distributed import local_device
+
         device = local_device()
         flag = torch.tensor([int(self.raised)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

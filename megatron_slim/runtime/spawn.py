@@ -6,11 +6,15 @@ then uses the ranks it was given) or, when launched as a plain process, spawns t
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from megatron_slim.runtime.lifetime import die_with_parent, install
 from megatron_slim.runtime.quiet import silence_upstream_noise
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # the preemption signals (`runtime.preemption`)
 
 
 def launched_world_size() -> int | None:
@@ -36,7 +40,9 @@ def launched_nodes() -> int:
     return 1
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _entry(rank: int, world: int, port: int, parent: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    die_with_parent(parent)  # a rank never computes on after the command that spawned it was killed
+    install()  # nor do the processes it forks (checkpoint writers)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     silence_upstream_noise()
@@ -50,13 +56,31 @@ def run_local_world(fn: Callable[..., Any], world: int, *args: Any) -> int:
 
     Returns the command's exit status: 0, or that of a rank which ended with a non-zero status (a non-zero int
     returned by fn, or SystemExit). An exception in a rank propagates with its traceback.
+
+    SIGTERM/SIGUSR1 sent to this process (a scheduler's preemption, `kill`) are passed on to every rank, which
+    checkpoint and end with their status (75 to requeue, `runtime.preemption`), and this process waits for them
+    and returns it: it does not exit at once leaving its ranks orphaned. If it is killed outright the ranks die
+    with it (`runtime.lifetime`).
     """
     from megatron_slim.runtime.distributed import free_port
 
+    context = mp.start_processes(_entry, args=(world, free_port(), os.getpid(), fn, args), nprocs=world, join=False,
+                                 start_method="spawn")
+
+    def forward(signum: int, frame: object) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+        while not context.join(grace_period=60):  # the other ranks may still be finishing a checkpoint
+            pass
     except mp.ProcessExitedException as e:
         return e.exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -5,6 +5,10 @@ tool can read it as a model checkpoint) and <save_dir>/latest (the step of the n
 A save writes into iter_XXXXXXX.tmp and is renamed only after every rank finished; `latest` is replaced with
 runtime.outputs.atomic_write afterwards. A crash (even kill -9) mid-save leaves `latest` pointing at the previous
 complete checkpoint; stale .tmp directories are removed by the next save.
+
+Each checkpoint also carries train_state.json (its step, data position, and whether the loss of the step it was
+taken after was finite). Retention keeps the newest `keep_last`, every `keep_every` milestone, and always the newest
+checkpoint whose loss was finite, so rotation never deletes the last good state of a diverging run.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from megatron_slim.models.config import ModelConfig
 from megatron_slim.runtime.outputs import atomic_write
 
 LATEST = "latest"
+TRAIN_STATE = "train_state.json"  # in each iter dir: {"step", "finite", ...the trainer's extra}
 
 
 def iter_dir(save_dir: Path, step: int) -> Path:
@@ -34,7 +39,11 @@ def latest_step(save_dir: str | Path) -> int | None:
     p = Path(save_dir) / LATEST
     if not p.is_file():
         return None
-    step = int(p.read_text().strip())
+    text = p.read_bytes()[:4096].decode("ascii", "replace").strip()
+    if not text.isdigit():
+        raise UserError(f"{p}: expected the number of the latest saved step, got {text[:32]!r}; write the step of "
+                        f"an existing {save_dir}/iter_XXXXXXX into it, or remove it to start from step 0")
+    step = int(text)
     if not iter_dir(Path(save_dir), step).is_dir():
         raise FileNotFoundError(f"{p} names step {step} but {iter_dir(Path(save_dir), step)} is missing")
     return step
@@ -85,12 +94,55 @@ def _restore_adam_steps(optimizer, steps: list[float | None]) -> None:
                 s["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def train_state(save_dir: str | Path, step: int) -> dict:
+    """A checkpoint's train_state.json ({} for checkpoints written before it existed)."""
+    path = iter_dir(Path(save_dir), step) / TRAIN_STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def saved_steps(save_dir: str | Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in Path(save_dir).glob("iter_???????") if p.is_dir())
+
+
+def last_finite_step(save_dir: str | Path) -> int | None:
+    """The newest checkpoint taken after a finite loss (checkpoints without the record count as finite)."""
+    good = [s for s in saved_steps(save_dir) if train_state(save_dir, s).get("finite", True)]
+    return good[-1] if good else None
+
+
+def retained(steps: list[int], keep_last: int, keep_every: int, last_finite: int | None) -> set[int]:
+    """The checkpoints rotation keeps: the newest keep_last (all when <= 0), the keep_every milestones and the
+    newest finite one."""
+    keep = set(steps[-keep_last:] if keep_last > 0 else steps)
+    keep |= {s for s in steps if keep_every > 0 and s % keep_every == 0}
+    if last_finite is not None:
+        keep.add(last_finite)
+    return keep
+
+
+def rotate(save_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete the checkpoints `retained` does not keep (rank 0)."""
+    steps = saved_steps(save_dir)
+    keep = retained(steps, keep_last, keep_every, last_finite_step(save_dir))
+    for step in steps:
+        if step not in keep:
+            shutil.rmtree(iter_dir(Path(save_dir), step), ignore_errors=True)
+
+
 def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: ModelConfig, extra: dict,
-         keep_last: int, tokenizer: Path | None = None) -> Path:
+         keep_last: int, tokenizer: Path | None = None, keep_every: int = 0, finite: bool = True,
+         async_queue=None) -> Path:
     """Collective. `model` is the unwrapped (non-DDP) module. `tokenizer`: the student checkpoint's tokenizer
-    directory, copied in so that every saved step is a complete checkpoint (evaluate's text tasks, export)."""
+    directory, copied in so that every saved step is a complete checkpoint (evaluate's text tasks, export).
+    `finite`: whether the loss of the step just taken was finite (retention keeps the newest such checkpoint).
+    `async_queue` (megatron-core's AsyncCallsQueue): the tensors are written by a forked process (a copy-on-write
+    snapshot of this moment) while training goes on; the rename to iter_XXXXXXX, `latest` and the rotation happen
+    when the queue finalizes the save (`maybe_finalize_async_calls`, collective). An earlier save still in flight
+    is finalized first, so checkpoints complete in order."""
     from megatron.core import dist_checkpointing
 
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=True)
     save_dir = Path(save_dir)
     final = iter_dir(save_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -103,25 +155,36 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
     dist.barrier()
     state = _sharded_state(model, optimizer, loading=False)
     state.update(step=step, scheduler=scheduler.state_dict(), extra=extra, adam_steps=_adam_steps(optimizer))
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if rank0:
-        (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
-        if tokenizer is not None:
-            copy_side_files(tokenizer, tmp / TOKENIZER_DIR)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        atomic_write(save_dir / LATEST, f"{step}\n", fsync=True)
-        kept = sorted(save_dir.glob("iter_???????"), key=lambda p: int(p.name[5:]))
-        for old in kept[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    def complete() -> None:
+        dist.barrier()
+        if rank0:
+            (tmp / MODEL_CONFIG).write_text(json.dumps(cfg.to_json(), indent=1))
+            (tmp / TRAIN_STATE).write_text(json.dumps({"step": step, "finite": finite} | extra, indent=1))
+            if tokenizer is not None:
+                copy_side_files(tokenizer, tmp / TOKENIZER_DIR)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            atomic_write(save_dir / LATEST, f"{step}\n", fsync=True)
+            rotate(save_dir, keep_last, keep_every)
+        dist.barrier()
+
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        complete()
+        return final
+    # megatron-core 0.19's own writer ("mcore"); its default, NVRx, is a separate package
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+    request.add_finalize_fn(complete)
+    async_queue.schedule_async_request(request)
     return final
 
 
-def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
-    """Collective: restore model, optimizer, scheduler and RNG; returns {"step", "extra"}."""
+def load(save_dir: str | Path, step: int, model, optimizer, scheduler, allow_nonfinite: bool = False) -> dict:
+    """Collective: restore model, optimizer, scheduler and RNG; returns {"step", "extra"}. A step whose weights
+    hold NaN/Inf (saved after the loss diverged) is refused unless `allow_nonfinite`: resuming would only
+    train on NaN."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     path = iter_dir(Path(save_dir), step)
@@ -134,6 +197,10 @@ def load(save_dir: str | Path, step: int, model, optimizer, scheduler) -> dict:
     model_keys = set(sharded["model"])
     state = load_sharded(sharded, path)
     model.load_state_dict(module_state(model, state["model"], model_keys), strict=True)
+    if not allow_nonfinite:
+        from megatron_slim.checkpoint.finite import refuse_nonfinite_model
+
+        refuse_nonfinite_model(model, f"{path} (resuming; checkpoint.allow_nonfinite: true resumes anyway)")
     with torch.no_grad():  # fp32 models: the optimizer's main params are views of the (grad-requiring) weights
         try:
             optimizer.load_state_dict(state["optimizer"])

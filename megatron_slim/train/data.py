@@ -1,11 +1,14 @@
 """Training data: Megatron indexed datasets (.bin/.idx), blended with megatron-core's dataset builders.
 
-Batches are addressed by (step, micro-batch, data-parallel rank) -> sample indices, so the data position is a pure
-function of the step: resuming at step k continues exactly where an uninterrupted run would be.
+Batches are addressed by (offset, step, micro-batch, data-parallel rank) -> sample indices, so the data position is a
+pure function of the step: resuming at step k continues exactly where an uninterrupted run would be. `offset` is
+where the run starts in its data stream: a recipe's stages build the same stream (data.stream_samples, data.seed)
+and each starts where the previous one stopped, so no sample repeats until the corpus is exhausted.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,49 +46,108 @@ def tokenizer_info(ckpt_dir: str | Path, vocab_size: int) -> TokenizerInfo:
     return TokenizerInfo(vocab_size=vocab_size, eod=int(eos) if eos is not None else vocab_size - 1)
 
 
+@dataclass(frozen=True)
+class DatasetUsage:
+    """How much of one dataset of the blend a run reads: tokens of its train split, tokens the run draws from it."""
+
+    prefix: str
+    weight: float  # normalised blend weight
+    available: int  # tokens in the dataset's train split
+    requested: int  # tokens the whole data stream draws from it
+
+    @property
+    def epochs(self) -> float:
+        return self.requested / self.available if self.available else math.inf
+
+
+def _split_bounds(split: str) -> list:
+    """megatron-core's split matrix for a split string (its builder's own parsing)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+
+
+def _document_tokens(prefix: str) -> np.ndarray:
+    """Tokens per document, read from the .idx alone (no token data is touched)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
+        raise UserError(f"data prefix {prefix}: {prefix}.bin/.idx not found (run `megatron-slim preprocess`)")
+    dataset = IndexedDataset(prefix, mmap=True)
+    lengths = np.array(dataset.sequence_lengths, dtype=np.int64)  # a copy: the view dies with the mmap
+    del dataset
+    return lengths
+
+
+def corpus_usage(blend: list[list], split: str, seq_length: int, num_samples: tuple[int, int, int]
+                 ) -> list[DatasetUsage]:
+    """Per dataset of the blend, its train-split tokens and the tokens `num_samples[0]` training samples draw
+    from it (each sample advances the stream by seq_length tokens; weights as megatron-core normalises them).
+    Refuses a split that must yield samples but holds no tokens of some prefix (megatron-core would loop forever
+    counting epochs of an empty split). Document bounds are computed as megatron-core's builder computes them."""
+    matrix = _split_bounds(split)
+    total_weight = sum(float(w) for w, _ in blend)
+    usages = []
+    for weight, prefix in blend:
+        prefix = str(prefix)
+        lengths = _document_tokens(prefix)
+        tokens = []
+        for name, wanted, bounds in zip(("train", "validation", "test"), num_samples, matrix, strict=True):
+            beg, end = (int(round(b * float(len(lengths)))) for b in bounds) if bounds is not None else (0, 0)
+            tokens.append(int(lengths[beg:end].sum()))
+            if wanted and tokens[-1] == 0:
+                raise UserError(f"data.split {split!r} gives the {name} split {end - beg} of the {len(lengths)} "
+                                f"documents of {prefix} and no tokens, but the run needs {wanted} {name} samples: "
+                                "add documents or give that split a larger share")
+        share = float(weight) / total_weight
+        usages.append(DatasetUsage(prefix, share, tokens[0], math.ceil(share * num_samples[0] * seq_length)))
+    return usages
+
+
+def check_corpus(usages: list[DatasetUsage], max_epochs: float) -> None:
+    """Refuse a stream that reads some dataset more than `max_epochs` times (data.max_epochs)."""
+    over = [u for u in usages if u.epochs > max_epochs]
+    if over:
+        u = over[0]
+        raise UserError(f"data: the run requests {u.requested:,} tokens of {u.prefix} (blend weight {u.weight:.3g}) "
+                        f"but its train split holds {u.available:,}: {u.epochs:.2f} epochs > data.max_epochs "
+                        f"{max_epochs:g}; add data, train fewer tokens, or raise data.max_epochs to repeat it "
+                        "knowingly")
+
+
+def usage_lines(usages: list[DatasetUsage]) -> list[str]:
+    """One line per dataset: tokens available / requested / epochs (dry runs and the run report)."""
+    return [f"{u.prefix}: weight {u.weight:.3g}, {u.available:,} tokens available, {u.requested:,} requested, "
+            f"{u.epochs:.3f} epochs" for u in usages]
+
+
 def build_datasets(blend: list[list], split: str, seq_length: int, num_samples: tuple[int, int, int], seed: int,
                    tok: TokenizerInfo, cache_dir: str, eod_mask_loss: bool):
-    """(train, valid, test) GPTDatasets over the weighted blend of indexed-dataset prefixes."""
+    """(train, valid, test) GPTDatasets over the weighted blend of indexed-dataset prefixes. The train dataset is
+    one shuffle of the blend, `num_samples[0]` long, fixed by (blend, split, seq_length, seed, num_samples): runs
+    that build it alike read the same sample at the same index (a recipe's stages each read their own range)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    corpus_usage(blend, split, seq_length, num_samples)  # missing files and empty splits, named
     prefixes = [str(p) for _, p in blend]
-    for p in prefixes:
-        if not (Path(p + ".bin").is_file() and Path(p + ".idx").is_file()):
-            raise UserError(f"data prefix {p}: {p}.bin/.idx not found (run `megatron-slim preprocess`)")
     weights = [float(w) for w, _ in blend]
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights if len(prefixes) > 1 else None),
         split=split, tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss, create_attention_mask=False, path_to_cache=cache_dir, mmap_bin_files=True,
     )
-    _check_splits(prefixes, config.split_matrix, num_samples, split)
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
 
 
-def _check_splits(prefixes: list[str], split_matrix: list, num_samples: tuple[int, int, int], split: str) -> None:
-    """Refuse a split that must yield samples but holds no tokens of some prefix: megatron-core would loop forever
-    counting epochs of an empty split. Document bounds are computed as megatron-core's builder computes them."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    for prefix in prefixes:
-        dataset = IndexedDataset(prefix, mmap=True)
-        lengths = np.array(dataset.sequence_lengths, dtype=np.int64)  # a copy: the view dies with the mmap
-        del dataset
-        for name, wanted, bounds in zip(("train", "validation", "test"), num_samples, split_matrix, strict=True):
-            if not wanted or bounds is None:
-                continue
-            beg, end = (int(round(b * float(len(lengths)))) for b in bounds)
-            if int(lengths[beg:end].sum()) == 0:
-                raise UserError(f"data.split {split!r} gives the {name} split {end - beg} of the {len(lengths)} "
-                                f"documents of {prefix} and no tokens, but the run needs {wanted} {name} samples: "
-                                "add documents or give that split a larger share")
-
-
-def microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
-                 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of global step `step`: samples [step*G, (step+1)*G) split across DP ranks."""
-    base = step * global_batch
+def microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 offset: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of global step `step`: stream samples offset + [step*G, (step+1)*G) split across
+    DP ranks."""
+    base = offset + step * global_batch
     for m in range(global_batch // (micro_batch * dp_size)):
         start = base + (m * dp_size + dp_rank) * micro_batch
         samples = [dataset[i] for i in range(start, start + micro_batch)]

@@ -9,7 +9,10 @@ with loss.mtp_kd_source: mtp the teacher is built with the student's number of M
 loaded before the optimizer is built: megatron-core's optimizer keeps fp32 master copies of the bf16 weights, taken
 when it is built.
 SIGTERM/SIGUSR1 (SLURM preemption, time limit) -> checkpoint at the next step boundary and exit 75, launch.sh's
-"requeue me" status.
+"requeue me" status. A step whose loss or gradients are not finite is skipped on every rank (train/guard.py); too
+many in a row end the run without saving, with DIVERGED_EXIT_CODE (86).
+The run trains on data-stream samples [data.sample_offset, + steps x global batch) (train/data.py); the offset is
+kept in every checkpoint, and a resume with another offset is refused.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from megatron_slim.runtime.preemption import REQUEUE_EXIT_CODE, StopFlag
 from megatron_slim.train import checkpointing
 from megatron_slim.train.config import RunConfig, run_config_to_dict
 from megatron_slim.train.evaluation import HeldOutEvaluation, evaluation_due, keep_records_up_to
+from megatron_slim.train.guard import DIVERGED_EXIT_CODE, StepGuard, injected_nan_steps, poisoned
 
 
 class _RouterLoad:
@@ -67,6 +71,45 @@ def _active_params(cfg) -> float:
     return acc.active - acc.components["embeddings"].active
 
 
+def student_build_options(c: RunConfig):
+    """How the trainer builds the student: precision, FP8, MoE loss coefficients and the memory knobs."""
+    from megatron_slim.models.builder import BuildOptions
+
+    r = c.memory.recompute
+    rk = c.memory.recompute_kwargs()
+    return BuildOptions(params_dtype=torch.bfloat16 if c.precision.bf16 else torch.float32,
+                        moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff, moe_z_loss_coeff=c.loss.moe_z_loss_coeff,
+                        mtp_loss_scaling_factor=0.0, fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe,
+                        perform_initialization=False,  # both models are loaded from checkpoints (strictly)
+                        recompute_granularity=r.granularity, recompute_method=rk.get("recompute_method"),
+                        recompute_num_layers=rk.get("recompute_num_layers"),
+                        recompute_modules=tuple(rk["recompute_modules"]) if "recompute_modules" in rk else None,
+                        moe_token_dispatcher=c.memory.moe_token_dispatcher)
+
+
+def teacher_build_options(c: RunConfig):
+    """The frozen teacher: the student's kernels without recomputation (it runs no backward), and FP8 weights
+    when memory.teacher_precision is fp8 (the run's fp8 format, e4m3 by default)."""
+    import dataclasses
+
+    opts = dataclasses.replace(student_build_options(c), recompute_granularity=None, recompute_method=None,
+                               recompute_num_layers=None, recompute_modules=None)
+    if c.memory.teacher_precision == "fp8":
+        opts = dataclasses.replace(opts, fp8=c.precision.fp8 or "e4m3", fp8_param=True)
+    return opts
+
+
+def ddp_config(c: RunConfig):
+    """megatron-core DDP settings: the distributed optimizer, gradient dtype and communication overlap."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    m = c.memory
+    return DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                         grad_reduce_in_fp32=m.grad_reduce_dtype == "fp32",
+                                         overlap_grad_reduce=m.overlap_grad_reduce,
+                                         overlap_param_gather=m.overlap_param_gather)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -76,14 +119,13 @@ class Trainer:
         from megatron.core import parallel_state
         from megatron.core.distributed import (
             DistributedDataParallel,
-            DistributedDataParallelConfig,
             finalize_model_grads,
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_slim.checkpoint.mcore import load_model, load_model_config
-        from megatron_slim.models.builder import BuildOptions, build_model
+        from megatron_slim.models.builder import build_model
         from megatron_slim.runtime.distributed import init_distributed, init_model_parallel
 
         c = self.cfg
@@ -96,6 +138,7 @@ class Trainer:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         dtype = torch.bfloat16 if c.precision.bf16 else torch.float32
 
+        self._check_corpus()  # before any model is built: a too small corpus costs nothing
         self.model_cfg = load_model_config(c.model.checkpoint)
         self.evaluation = None
         if c.evaluation.enabled:  # the held-out windows are read before any model is built: data errors come first
@@ -114,15 +157,12 @@ class Trainer:
                 self._log_rank0(f"the teacher {c.teacher.checkpoint} is not loaded: no loss term uses it "
                                 f"(loss.kd_weight 0{why})")
                 tcfg = None
-        opts = BuildOptions(params_dtype=dtype, moe_aux_loss_coeff=c.loss.moe_aux_loss_coeff,
-                            moe_z_loss_coeff=c.loss.moe_z_loss_coeff, mtp_loss_scaling_factor=0.0,
-                            fp8=c.precision.fp8, fp8_recipe=c.precision.fp8_recipe,
-                            perform_initialization=False)  # both models are loaded from checkpoints (strictly)
+        opts = student_build_options(c)
         student = build_model(self.model_cfg, self.parallel, opts)
         self.teacher = None
         if tcfg is not None:
-            self.teacher = build_model(tcfg, self.parallel, opts)
-            load_model(self.teacher, c.teacher.checkpoint)
+            self.teacher = build_model(tcfg, self.parallel, teacher_build_options(c))
+            load_model(self.teacher, c.teacher.checkpoint, allow_nonfinite=c.checkpoint.allow_nonfinite)
             self.teacher.eval()
             for prm in self.teacher.parameters():
                 prm.requires_grad_(False)
@@ -132,22 +172,23 @@ class Trainer:
         if resume is None:
             # Before the optimizer exists: with bf16 it copies the weights into fp32 master weights when built and
             # every step writes those back, so weights loaded later would be reverted to the random init at step 1.
-            load_model(student, c.model.checkpoint)
+            load_model(student, c.model.checkpoint, allow_nonfinite=c.checkpoint.allow_nonfinite)
 
         from megatron_slim.train.pair import DistillPair
 
         self.student = student
         trained = student if self.teacher is None else DistillPair(student, self.teacher)
-        self.model = DistributedDataParallel(
-            student.config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True),
-            trained)
+        self.model = DistributedDataParallel(student.config, ddp_config(c), trained)
         student.config.finalize_model_grads_func = finalize_model_grads
         o = c.optimizer
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                             clip_grad=o.clip_grad, bf16=c.precision.bf16, params_dtype=dtype,
-                            use_distributed_optimizer=True),
+                            use_distributed_optimizer=True,
+                            # a constant scale of 1 changes no number, and makes megatron-core's optimizer check
+                            # the gradients for NaN/Inf on every rank and skip the update when one is found
+                            loss_scale=1.0),
             [self.model])
         total, warmup = c.total_iters, c.warmup_iters
         style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}[c.schedule.style]
@@ -161,8 +202,15 @@ class Trainer:
         self.step = 0
         self.resumed_step = resume
         if resume is not None:
-            state = checkpointing.load(c.checkpoint.save_dir, resume, student, self.optimizer, self.scheduler)
+            state = checkpointing.load(c.checkpoint.save_dir, resume, student, self.optimizer, self.scheduler,
+                                       allow_nonfinite=c.checkpoint.allow_nonfinite)
             self.step = state["step"]
+            saved_offset = state["extra"].get("sample_offset", 0)
+            if saved_offset != c.data.sample_offset:
+                raise UserError(f"cannot resume from {checkpointing.iter_dir(Path(c.checkpoint.save_dir), resume)}: "
+                                f"it trained from data-stream sample {saved_offset}, this config says "
+                                f"data.sample_offset {c.data.sample_offset}")
+            self.skipped_in_a_row = int(state["extra"].get("skipped_in_a_row", 0))
             self._log_rank0(f"resumed from {c.checkpoint.save_dir} at step {self.step}")
         else:
             self._log_rank0(f"initialised student from {c.model.checkpoint}")
@@ -170,6 +218,15 @@ class Trainer:
         self.router_load = _RouterLoad(student)
         self.stop = StopFlag()
         self.forward_step = forward_step(c.loss, student, self.tp_group, distilled=self.teacher is not None)
+        self.guard = StepGuard(c.guard)
+        self.guard.consecutive = getattr(self, "skipped_in_a_row", 0)
+        self.inject_nan = injected_nan_steps()
+        self.last_finite = True  # whether the newest step's loss was finite (recorded with each checkpoint)
+        self.async_queue = None
+        if c.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
         self.reporter = (parallel_state.is_pipeline_last_stage()
                          and parallel_state.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0)
         self.logger = None
@@ -180,6 +237,7 @@ class Trainer:
                                         run_config_to_dict(c), c.logging.wandb_project, c.logging.wandb_mode)
             if self.evaluation is not None:  # the steps after the checkpoint run again, and so do their records
                 keep_records_up_to(self.evaluation.path, resume)
+            keep_records_up_to(self.logger.path, resume)  # metrics.jsonl: each step once
 
     def _teacher_used(self) -> bool:
         """Whether a loss term reads the teacher's outputs: the KD term, or MTP KD on a student with MTP heads."""
@@ -205,16 +263,30 @@ class Trainer:
         if ta.is_file() and tb.is_file() and ta.read_bytes() != tb.read_bytes():
             raise UserError(f"teacher and student tokenizers differ ({ta} vs {tb})")
 
+    def _num_samples(self) -> tuple[int, int, int]:
+        c = self.cfg
+        return c.stream_samples, c.batch.global_batch_size, 0
+
+    def _check_corpus(self) -> None:
+        """Refuse a stream that reads a dataset more than data.max_epochs times, or an empty split; print the
+        blend's usage."""
+        from megatron_slim.train.data import check_corpus, corpus_usage, usage_lines
+
+        c = self.cfg
+        usages = corpus_usage(c.data.blend, c.data.split, c.data.seq_length, self._num_samples())
+        check_corpus(usages, c.data.max_epochs)
+        self._log_rank0(f"data stream: {c.stream_samples} samples, this run {c.data.sample_offset}.."
+                        f"{c.data.sample_offset + c.run_samples}; " + "; ".join(usage_lines(usages)))
+
     def _build_data(self) -> None:
         from megatron_slim.train.data import build_datasets, tokenizer_info
 
         c = self.cfg
-        samples = c.total_iters * c.batch.global_batch_size
         cache = c.data.cache_dir or str(Path(c.checkpoint.save_dir) / "data_cache")
         tok = tokenizer_info(c.model.checkpoint, self.model_cfg.vocab_size)
         self.train_ds, self.valid_ds, _ = build_datasets(
-            c.data.blend, c.data.split, c.data.seq_length, (samples, c.batch.global_batch_size, 0), c.train.seed, tok,
-            cache, c.data.eod_mask_loss)
+            c.data.blend, c.data.split, c.data.seq_length, self._num_samples(), c.data_seed, tok, cache,
+            c.data.eod_mask_loss)
 
     def _log_rank0(self, msg: str) -> None:
         if dist.get_rank() == 0:
@@ -232,35 +304,65 @@ class Trainer:
         self.router_load.counts = {}
         nmb = c.batch.global_batch_size // (c.batch.micro_batch_size * self.dp_size)
         it = microbatches(self.train_ds, self.step, c.batch.global_batch_size, c.batch.micro_batch_size,
-                          self.dp_rank, self.dp_size)
+                          self.dp_rank, self.dp_size, offset=c.data.sample_offset)
         widen = unwrap_model(self.model).pipeline_shapes if self.teacher is not None and self.parallel.pp > 1 else None
+        step_fn = poisoned(self.forward_step) if self.step + 1 in self.inject_nan else self.forward_step
         results = get_forward_backward_func()(
-            forward_step_func=self.forward_step, data_iterator=it, model=[self.model], num_microbatches=nmb,
+            forward_step_func=step_fn, data_iterator=it, model=[self.model], num_microbatches=nmb,
             seq_length=c.data.seq_length, micro_batch_size=c.batch.micro_batch_size, forward_only=False,
             adjust_tensor_shapes_fn=widen)
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        self.step += 1
-        record: dict = {"step": self.step, "consumed_tokens": self.step * c.tokens_per_step,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None, "update_ok": bool(ok),
-                        "moe_load_imbalance": self.router_load.imbalance()}
+        terms: dict = {}
         if results:
             from megatron.core import parallel_state
 
             keys = sorted(results[0])
             means = torch.stack([torch.stack([r[k] for r in results]).mean() for k in keys])
             dist.all_reduce(means, group=parallel_state.get_data_parallel_group())
-            record.update({k: (v / self.dp_size).item() for k, v in zip(keys, means)})
+            terms = {k: (v / self.dp_size).item() for k, v in zip(keys, means)}
+        loss = terms.get("loss")
+        verdict = self.guard.verdict(loss)  # collective: the same on every rank
+        ok, grad_norm = False, None
+        if not verdict.skip:
+            # skips by itself (on every rank alike) when a gradient is not finite
+            ok, grad_norm, _ = self.optimizer.step()
+        skipped = not ok
+        if ok:  # as Megatron-LM: the schedule advances with the updates
+            self.scheduler.step(increment=1)
+        self.step += 1
+        self.last_finite = not (verdict.non_finite or (skipped and not verdict.spike))
+        median = self.guard.median()
+        self.guard.record(loss, skipped)
+        record: dict = {"step": self.step, "consumed_tokens": self.step * c.tokens_per_step,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None, "update_ok": bool(ok),
+                        "skipped": skipped, "moe_load_imbalance": self.router_load.imbalance()}
+        if c.guard.spike_factor:
+            record.update(spike=verdict.spike, loss_median=median)
+        if skipped or verdict.spike:
+            why = ("non-finite loss" if verdict.non_finite else "loss spike" if verdict.spike and skipped
+                   else "non-finite gradients" if skipped else "loss spike (update kept)")
+            self._log_rank0(f"step {self.step}: {why}; {'update skipped, ' if skipped else ''}"
+                            f"{self.guard.consecutive} skipped in a row (guard.max_skipped_steps "
+                            f"{c.guard.max_skipped_steps}), {self.guard.total} in total")
+        record.update(terms)
         return record
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, background: bool = False) -> None:
+        """Collective: checkpoint this step; `background` (a periodic save with checkpoint.async_save) returns
+        while a forked process writes it (completed by the queue: at the next step, save or exit)."""
         c = self.cfg
+        if self.async_queue is not None:  # the previous save completes first (in order; its .tmp is in use)
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
         tokenizer = Checkpoint(Path(c.model.checkpoint), "mcore").tokenizer_files
+        start = c.data.sample_offset
+        extra = {"consumed_tokens": self.step * c.tokens_per_step, "sample_offset": start,
+                 "data_samples": [start, start + self.step * c.batch.global_batch_size],
+                 "skipped_in_a_row": self.guard.consecutive}
         checkpointing.save(c.checkpoint.save_dir, self.step, self.student, self.optimizer, self.scheduler,
-                           self.model_cfg, {"consumed_tokens": self.step * c.tokens_per_step},
-                           c.checkpoint.keep_last, tokenizer if tokenizer.is_dir() else None)
+                           self.model_cfg, extra, c.checkpoint.keep_last, tokenizer if tokenizer.is_dir() else None,
+                           keep_every=c.checkpoint.keep_every, finite=self.last_finite,
+                           async_queue=self.async_queue if background else None)
 
     def evaluate(self) -> float:
         """Collective: the held-out evaluation of the student as it is now (train/evaluation.py); seconds taken."""
@@ -270,7 +372,8 @@ class Trainer:
 
     def train(self) -> int:
         """Steps to the end, to an exit_interval boundary (0) or to an agreed stop signal (REQUEUE_EXIT_CODE); each
-        way out saves a checkpoint first, after the step's held-out evaluation when one is due."""
+        way out saves a checkpoint first, after the step's held-out evaluation when one is due. After
+        guard.max_skipped_steps consecutive skipped steps: no save, DIVERGED_EXIT_CODE."""
         c = self.cfg
         total = c.total_iters
         active = 0.0
@@ -281,6 +384,8 @@ class Trainer:
         t_last, steps_since, status = time.time(), 0, 0
         while self.step < total:
             record = self.train_step()
+            if self.async_queue is not None:  # collective: completes background saves that have been written
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
             steps_since += 1
             if self.reporter and (self.step % c.logging.log_interval == 0 or self.step == total):
                 dt = time.time() - t_last
@@ -293,11 +398,15 @@ class Trainer:
                                        else psutil.Process().memory_info().rss / 2**30)
                 self.logger.log(record)
                 t_last, steps_since = time.time(), 0
+            if self.guard.exhausted:  # every rank agreed on each skip: all stop here
+                self._close()  # background saves in flight complete first: they hold good states
+                self._log_rank0(self.diverged_message())
+                return DIVERGED_EXIT_CODE
             if self.evaluation is not None and evaluation_due(self.step, total, c.tokens_per_step,
                                                               c.evaluation.every_tokens):
                 t_last += self.evaluate()  # not part of the next logged step's time
             if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0 and self.step < total:
-                self.save()
+                self.save(background=self.async_queue is not None)
             if c.train.exit_interval and self.step % c.train.exit_interval == 0 and self.step < total:
                 self._log_rank0(f"exit_interval: checkpointing at step {self.step} and exiting")
                 break
@@ -309,8 +418,21 @@ class Trainer:
         self._close()
         return status
 
+    def diverged_message(self) -> str:
+        last = checkpointing.last_finite_step(self.cfg.checkpoint.save_dir)
+        where = (f"the last checkpoint with a finite loss is "
+                 f"{checkpointing.iter_dir(Path(self.cfg.checkpoint.save_dir), last)}" if last is not None
+                 else f"no checkpoint was saved; the run started from {self.cfg.model.checkpoint}")
+        return (f"stopping at step {self.step}: {self.guard.consecutive} consecutive steps skipped for non-finite "
+                f"loss or gradients (guard.max_skipped_steps {self.cfg.guard.max_skipped_steps}); nothing saved; "
+                f"{where}")
+
     def _close(self) -> None:
-        self.stop.restore()
+        if self.async_queue is not None:  # every way out: background saves complete (they are good checkpoints)
+            self.async_queue.close()
         self.router_load.remove()
         if self.logger is not None:
             self.logger.close()
+        # last: a SIGTERM while the logger closes (srun ending this rank because a peer already exited 75) is a
+        # stop request, not a kill; the CLI then ignores such signals until the process has exited
+        self.stop.restore()

@@ -46,7 +46,8 @@ def sample_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch
     return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def megatron_logits(mcore_dir: str | Path, tokens: torch.Tensor, parallel, micro_batch_size: int = 1):
+def megatron_logits(mcore_dir: str | Path, tokens: torch.Tensor, parallel, micro_batch_size: int = 1,
+                    allow_nonfinite: bool = False):
     """(cfg, main logits, per-depth MTP logits) on the reporting rank; (cfg, None, []) elsewhere."""
     from megatron.core import parallel_state
 
@@ -58,7 +59,7 @@ def megatron_logits(mcore_dir: str | Path, tokens: torch.Tensor, parallel, micro
     init_model_parallel(parallel)
     cfg = load_model_config(mcore_dir)
     model = build_model(cfg, parallel)
-    load_model(model, mcore_dir)
+    load_model(model, mcore_dir, allow_nonfinite=allow_nonfinite)
     model.eval()
     logits, mtp = full_logits_with_mtp(model, tokens, micro_batch_size)
     reporter = (logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0

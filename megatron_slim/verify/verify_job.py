@@ -5,11 +5,13 @@ model) is a failure (exit status 1), not a report to be read: `Thresholds` says 
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 
+from megatron_slim.errors import UserError
+from megatron_slim.runtime import json_out
+from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.verify.parity import Thresholds
 
 
@@ -17,14 +19,13 @@ from megatron_slim.verify.parity import Thresholds
 class VerifyJob:
     hf: str  # HF checkpoint directory
     mcore: str  # Megatron-Core checkpoint directory
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
+    parallel: ParallelLayout = ParallelLayout()  # tp, ep, pp (the command's --tp/--ep/--pp)
     batch: int = 2
     seq_len: int = 32
     seed: int = 0
     limits: Thresholds = field(default_factory=Thresholds)
     json: bool = False
+    allow_nonfinite: bool = False  # load Megatron weights holding NaN/Inf (refused by default)
 
 
 def verify_worker(job: VerifyJob) -> int:
@@ -34,18 +35,17 @@ def verify_worker(job: VerifyJob) -> int:
     import torch.distributed as dist
 
     from megatron_slim.checkpoint.mcore import load_model_config
-    from megatron_slim.runtime.layout import ParallelLayout
     from megatron_slim.verify.parity import failures, hf_parity, megatron_logits, sample_tokens
 
-    parallel = ParallelLayout(tp=job.tp, ep=job.ep, pp=job.pp)
+    parallel = job.parallel
     tokens = sample_tokens(load_model_config(job.mcore).vocab_size, job.batch, job.seq_len, job.seed)
-    _, logits, mtp = megatron_logits(job.mcore, tokens, parallel)
+    _, logits, mtp = megatron_logits(job.mcore, tokens, parallel, allow_nonfinite=job.allow_nonfinite)
     failed = 0
     if logits is not None:
         report = hf_parity(job.hf, tokens, logits, mtp)
-        report["layout"] = {"tp": job.tp, "ep": job.ep, "pp": job.pp, "world": dist.get_world_size()}
+        report["layout"] = {"tp": parallel.tp, "ep": parallel.ep, "pp": parallel.pp, "world": dist.get_world_size()}
         if job.json:
-            print(json.dumps(report), flush=True)
+            json_out.emit(report)
         else:
             for head, m in report.items():
                 if head != "layout":
@@ -62,6 +62,14 @@ def verify_worker(job: VerifyJob) -> int:
 
 def run_verify(job: VerifyJob) -> int:
     """0 when the heads agree within `job.limits`, 1 when not (on the launched ranks or tp*pp*EP local ones)."""
+    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.models.builder import validate_layout
     from megatron_slim.runtime.spawn import run_on_world
 
-    return run_on_world(verify_worker, math.lcm(job.tp, job.ep) * job.pp, job)
+    cfg = load_model_config(job.mcore)
+    p = job.parallel
+    try:  # before any rank starts: megatron-core would assert deep inside every rank (a traceback each)
+        validate_layout(cfg, p)
+    except ValueError as e:
+        raise UserError(f"--tp {p.tp} --ep {p.ep} --pp {p.pp}: {e}") from None
+    return run_on_world(verify_worker, math.lcm(p.tp, p.ep) * p.pp, job)

@@ -1,6 +1,6 @@
 """What only a GPU can show: fla's Triton GDN kernels against the CPU recurrence and under the generation cache,
-the KD loss at full vocabulary on CUDA against float64 and within its memory budget, and bf16 online-teacher
-distillation with its cost.
+the KD loss at full vocabulary on CUDA against float64 and within its memory budget, bf16 online-teacher
+distillation with its cost, and the memory plan of that distillation against torch.cuda.max_memory_allocated.
 
 Tolerances. The CUDA and CPU models run in fp32 with the same weights (the CPU run's checkpoint); torch's own
 matmuls and convolutions have TF32 turned off here, but fla's chunked kernels use TF32 tensor-core dots (10
@@ -170,6 +170,26 @@ def _pair(root: Path) -> None:
     write_toy_data(root)
 
 
+def _plan_against_cuda(config: Path, measured: float, figures: dict) -> None:
+    """The memory plan (train/memory_plan.py) of that distillation next to torch.cuda.max_memory_allocated (which
+    leaves out the CUDA context): the first lent GPU calibrates the plan's GPU formulas. Only a gross error fails."""
+    from megatron_slim.checkpoint.mcore import load_model_config
+    from megatron_slim.models.specs import have_transformer_engine
+    from megatron_slim.train.config import load_run_config
+    from megatron_slim.train.memory_plan import plan_stage, setup_of
+
+    run = load_run_config(config)
+    setup = setup_of("distill", run, load_model_config(run.model.checkpoint), load_model_config(run.teacher.checkpoint),
+                     1, None, backend="transformer_engine" if have_transformer_engine() else "local")
+    plan = plan_stage(setup)
+    planned = plan.total_bytes - plan.per_gpu_bytes["cuda_context_comm"]
+    figures["memory_plan_vs_cuda"] = {"planned_bytes": planned, "max_memory_allocated_bytes": measured,
+                                      "planned_over_measured": planned / measured,
+                                      "components": plan.per_gpu_bytes}
+    print(f"\nmemory plan vs CUDA: {figures['memory_plan_vs_cuda']}")
+    assert 0.25 < planned / measured < 4, figures["memory_plan_vs_cuda"]
+
+
 def test_bf16_distillation_step_with_online_teacher(tmp_path, figures):
     """Real `megatron-slim train` runs on the GPU in bf16 (a child process each, as users run it): distillation
     with the teacher online, and the student alone with the same data, for the teacher's overhead."""
@@ -193,5 +213,6 @@ def test_bf16_distillation_step_with_online_teacher(tmp_path, figures):
         "mfu_with_teacher": statistics.median(r["mfu"] for r in distill[steady]),
         "memory_gb": max(r["memory_gb"] for r in distill)}
     print(f"\nbf16 distillation: {figures['bf16_distillation']}")
+    _plan_against_cuda(tmp_path / "distill.yaml", max(r["memory_gb"] for r in distill) * 2**30, figures)
     # random models: the LM term dominates (~8 vs ~0.1 for KD between two near-uniform models), so the total falls
     assert distill[-1]["loss"] < distill[0]["loss"], figures["bf16_distillation"]

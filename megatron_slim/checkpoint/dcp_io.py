@@ -197,7 +197,8 @@ class McoreReader:
                                 weights_only=True)
         shape, dtype = self.tensors[key]
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype != dtype \
-                or not tensor.is_contiguous() or (tensor.storage_offset() + tensor.numel()) * tensor.element_size() > stored:
+                or not tensor.is_contiguous() \
+                or (tensor.storage_offset() + tensor.numel()) * tensor.element_size() > stored:
             return None
         return path, at + tensor.storage_offset() * tensor.element_size(), tensor.nbytes
 

@@ -41,6 +41,26 @@ def hf_config(a: argparse.Namespace) -> dict:
                 **cfg)
 
 
+def small_hf_config(a: argparse.Namespace, max_positions: int) -> dict:
+    """A small config.json for the in-memory benches (generation, importance): --family, --layers, --hidden,
+    --experts, --topk and --vocab; 8 heads, dims from the hidden size."""
+    cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=a.hidden // 8, hidden_act="silu",
+               max_position_embeddings=max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
+               attention_bias=False, decoder_sparse_step=1, moe_intermediate_size=a.hidden // 2,
+               num_experts_per_tok=a.topk, num_experts=a.experts, norm_topk_prob=True, router_aux_loss_coef=0.0,
+               mlp_only_layers=[], initializer_range=0.02)
+    if a.family == "qwen3_moe":
+        return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", use_sliding_window=False,
+                    rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, **cfg)
+    return dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
+                rope_parameters={"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"},
+                linear_conv_kernel_dim=4, linear_key_head_dim=a.hidden // 8, linear_value_head_dim=a.hidden // 8,
+                linear_num_key_heads=4, linear_num_value_heads=8, shared_expert_intermediate_size=a.hidden // 2,
+                layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(a.layers)],
+                **cfg)
+
+
 def hf_shapes(cfg: dict, mtp: bool) -> dict[str, tuple[int, ...]]:
     """On-disk tensor names and shapes, in the order save_pretrained writes them (layer by layer)."""
     h, e, f, d = cfg["hidden_size"], cfg["num_experts"], cfg["moe_intermediate_size"], cfg["head_dim"]

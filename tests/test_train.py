@@ -150,7 +150,8 @@ def test_bf16_distillation_tracks_fp32(assets, straight):
 def test_sigusr1_checkpoints_exits_75_and_resumes(assets):
     """SLURM preemption: SIGUSR1 -> checkpoint at the next step boundary, exit 75 (launch.sh requeues), resume.
     Also logs to wandb in offline mode (no network)."""
-    cfg = write_config(assets, "preempted", train={"train_iters": 400},
+    # 400 steps (long enough to be interrupted) read the toy corpus many times over: allowed knowingly
+    cfg = write_config(assets, "preempted", train={"train_iters": 400}, data={"max_epochs": 1000},
                        logging={"log_interval": 1, "wandb_project": "megatron-slim-test", "wandb_mode": "offline"})
     save_dir = assets / "preempted"
     proc = subprocess.Popen([sys.executable, "-m", "megatron_slim.cli", "train", "--config", str(cfg)],

@@ -123,10 +123,10 @@ def test_cli_writes_a_mixtral_checkpoint(dense_dir: Path, tmp_path: Path) -> Non
     from megatron_slim.cli import main
 
     argv = ["upcycle", "--dense", str(dense_dir), "--experts", str(EXPERTS), "--topk", str(EXPERTS),
-            "--out", str(tmp_path), "--calib-tokens", "512", "--router-scale", "0"]
+            "--out", str(tmp_path / "moe"), "--calib-tokens", "512", "--router-scale", "0"]
     assert main(argv) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
-    moe = MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "moe").iterdir()}
+    moe = MixtralForCausalLM.from_pretrained(tmp_path / "moe").eval()
     text = random_sequences(2, 32, vocab_size=258, seed=5)
     torch.testing.assert_close(logits(moe, text), logits(tiny_llama(vocab_size=258), text), rtol=1e-5, atol=1e-5)
 

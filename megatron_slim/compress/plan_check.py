@@ -121,8 +121,9 @@ def check_plan(plan: CompressionPlan, checkpoint: ModelConfig) -> None:
     if plan.target.mtp_num_layers > checkpoint.mtp_num_layers:
         problems.append(f"target keeps {plan.target.mtp_num_layers} MTP layers, the checkpoint has "
                         f"{checkpoint.mtp_num_layers}")
-    try:  # the target's sizes obey the rules `plan` applies to a request (top-k, counts, MTP depths, ratios)
-        TargetSpec.of_config(plan.source, plan.target).validate(plan.source)
+    try:  # the target's sizes obey the rules `plan` applies to a request (top-k, counts, MTP depths), but its
+        # layers are the plan's own choice, so the request's layer-type ratio does not bind
+        TargetSpec.of_config(plan.source, plan.target).validate(plan.source, layer_ratio=False)
     except TargetError as e:
         problems.append(f"target: {str(e).removeprefix('invalid target: ')}")
     want = implied_target(plan, problems)

@@ -122,8 +122,11 @@ class TargetSpec:
             return {ATTENTION: n}
         return {ATTENTION: n * n_full // source.num_layers, GDN: n - n * n_full // source.num_layers}
 
-    def validate(self, source: ModelConfig) -> None:
-        """Raise one TargetError naming every problem; cheap, needs only the source config."""
+    def validate(self, source: ModelConfig, layer_ratio: bool = True) -> None:
+        """Raise one TargetError naming every problem; cheap, needs only the source config.
+
+        `layer_ratio=False` drops the attention:linear-attention ratio rule, which binds a request (the planner
+        keeps the ratio when it chooses layers) but not a plan whose layers were chosen by hand."""
         problems: list[str] = []
         sizes = {
             "num_layers": source.num_layers, "hidden_size": source.hidden_size, "num_experts": source.num_experts,
@@ -161,7 +164,7 @@ class TargetSpec:
             problems.append(f"topk={topk} exceeds num_experts={experts}")
         n = self.size("num_layers", source.num_layers)
         n_full = source.mixer_types.count(ATTENTION)
-        if source.has_gdn and (n * n_full) % source.num_layers:
+        if layer_ratio and source.has_gdn and (n * n_full) % source.num_layers:
             step = source.num_layers // math.gcd(source.num_layers, n_full)
             problems.append(f"num_layers={n} breaks the source's {n_full}:{source.num_layers - n_full} "
                             f"full-attention:linear-attention ratio; use a multiple of {step}")

@@ -29,6 +29,9 @@ _LOG_MESSAGES = (
     # megatron-core's dist_checkpointing.save into a non-empty directory: ours are fresh runtime.outputs staging
     # directories holding only their marker (a stale one is removed before it is reused)
     "Overwriting old incomplete / corrupted checkpoint",
+    # torch.utils.cpp_extension on a CPU machine that has a CUDA toolkit (nvcc) but no GPU, imported by
+    # megatron-core's tensor_parallel.random; nothing here compiles extensions
+    "No CUDA runtime is found",
 )
 
 
@@ -45,7 +48,7 @@ def silence_upstream_noise() -> None:
         warnings.filterwarnings("ignore", message=".*" + re.escape(message))
     drop = _DropMessages()
     for name in ("megatron.core.dist_checkpointing.strategies.common",
-                 "megatron.core.distributed.distributed_data_parallel"):
+                 "megatron.core.distributed.distributed_data_parallel", "torch.utils.cpp_extension"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(drop)

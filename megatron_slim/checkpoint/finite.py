@@ -17,28 +17,36 @@ import torch
 
 from megatron_slim.errors import CheckpointError
 
-_CHUNK_BYTES = 64 << 20  # bounds the read buffer and the boolean masks of one check
+_CHUNK_BYTES = 1 << 20  # the read buffer of stored tensors (small enough to stay in the CPU's cache between the
+# read and the check) and the chunk of the exact check's masks
 
 
 # 16-bit floats are NaN or Inf exactly when all their exponent bits are set: a test on the bits, several times
 # faster on CPU than `isfinite`, which converts every element to float32 first.
 _EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+# dtypes whose `sum` is a vectorised pass with no temporary (about 0.1 s per GB on one core, a tenth of the bit test)
+_SUMMABLE = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
 
 
 def _all_finite(chunk: torch.Tensor) -> bool:
+    """Exact. A sum is NaN or Inf if any term is: a finite sum settles it in one cheap pass; a non-finite one (a
+    NaN or Inf, or only an overflowing sum) is settled by the per-element test."""
+    if chunk.numel() == 0 or (chunk.dtype in _SUMMABLE and bool(torch.isfinite(chunk.sum()))):
+        return True
     mask = _EXPONENT_BITS.get(chunk.dtype)
     if mask is not None:
-        return chunk.numel() == 0 or int((chunk.view(torch.int16) & mask).amax()) != mask
-    if chunk.dtype in (torch.float32, torch.float64):  # a sum is NaN/Inf if any term is (or if it overflows)
-        return bool(torch.isfinite(chunk.sum())) or bool(torch.isfinite(chunk).all())
+        return int((chunk.view(torch.int16) & mask).amax()) != mask
     return bool(torch.isfinite(chunk).all())
 
 
 def _counts(t: torch.Tensor) -> tuple[int, int] | None:
-    """(NaN count, Inf count) of a floating-point tensor that holds any, else None; checked in bounded chunks."""
+    """(NaN count, Inf count) of a floating-point tensor that holds any, else None; the per-element test runs on
+    bounded chunks, and only where the whole tensor's sum is not finite."""
     if not t.is_floating_point() or t.is_meta:
         return None
     flat = t.reshape(-1)
+    if flat.numel() == 0 or (flat.dtype in _SUMMABLE and bool(torch.isfinite(flat.sum()))):
+        return None
     step = max(1, _CHUNK_BYTES // max(1, t.element_size()))
     for start in range(0, flat.numel(), step):
         if not _all_finite(flat[start:start + step]):

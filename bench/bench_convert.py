@@ -17,7 +17,9 @@ hf-to-mcore's real run overlaps the layout with streaming, so its "ratio w/o sta
 `--repeat N` runs the whole sequence N times and keeps each step's best time (the machine is shared) and highest
 peak RSS.
 
-Targets: conversion/copy <= 2.0 in both directions; peak RSS a small multiple of the largest group of tensors that
+Targets (#26): mcore-to-hf/copy <= 1.25 (its tensors mostly only move bytes, spliced file to file), hf-to-mcore/copy
+<= 2.0; the ratio of CPU seconds is printed beside the wall-time one (on a shared machine it is the steadier
+figure); peak RSS a small multiple of the largest group of tensors that
 must be held together (one layer's experts, E*3*F*H*2 bytes, or the largest single tensor such as the embedding if
 that is bigger), independent of model size.
 
@@ -111,8 +113,8 @@ def main() -> None:
             seconds, cpu, rss = run_step(cmd, out)
             old_s, old_cpu, old_rss = best.get(name, (float("inf"), 0.0, 0))
             best[name] = (*min((seconds, cpu), (old_s, old_cpu)), max(rss, old_rss))
-            print(f"  {name}: {seconds:.1f} s (CPU {cpu:.1f} s)" + (f", peak RSS {rss / GB:.2f} GB" if rss else ""),
-                  flush=True)
+            print(f"  {name}: {seconds:.1f} s (CPU {cpu:.1f} s)" + (f", peak RSS {rss / GB:.2f} GB" if rss else "")
+                  + f"  [load average {os.getloadavg()[0]:.1f}]", flush=True)
 
         layout_dir = root / "layout-child"  # what hf-to-mcore gives its layout child (removed if it is killed)
         layout_dir.mkdir()
@@ -136,21 +138,24 @@ def main() -> None:
         sizes = {"HF": dir_bytes(hf), "mcore": dir_bytes(mc)}
         print(f"\nbest of {a.repeat}; every step reads its input cold and ends with its output synced to disk")
         print(f"{'direction':<12} {'GB':>5} {'copy s':>6} {'MB/s':>5} {'convert s':>9} {'MB/s':>5} {'ratio':>6} "
+              f"{'copy CPU s':>10} {'convert CPU s':>13} {'CPU ratio':>9} "
               f"{'start-up s':>10} {'ratio w/o start-up':>18} {'peak RSS GB':>11} {'RSS/group':>9} "
               f"{'(RSS-start-up)/group':>20} {'RSS/model':>9}")
-        ratios = []
+        ratios = {}
         for name, src in (("hf-to-mcore", "HF"), ("mcore-to-hf", "mcore")):
-            (copy_s, _, _), (conv_s, _, rss), (dry_s, _, dry_rss) = (best[f"copy {src}"], best[name],
-                                                                     best[f"dry {name}"])
+            (copy_s, copy_cpu, _), (conv_s, conv_cpu, rss), (dry_s, _, dry_rss) = (best[f"copy {src}"], best[name],
+                                                                                   best[f"dry {name}"])
             if name == "hf-to-mcore":  # its layout child runs alongside: count both peaks (an upper bound)
                 rss, dry_rss = rss + best["layout child"][2], dry_rss + best["layout child"][2]
-            ratios.append(conv_s / copy_s)
+            ratios[name] = conv_s / copy_s
             print(f"{name:<12} {sizes[src] / GB:>5.2f} {copy_s:>6.1f} {sizes[src] / copy_s / 1e6:>5.0f} {conv_s:>9.1f} "
-                  f"{sizes[src] / conv_s / 1e6:>5.0f} {conv_s / copy_s:>5.2f}x {dry_s:>10.1f} "
+                  f"{sizes[src] / conv_s / 1e6:>5.0f} {conv_s / copy_s:>5.2f}x {copy_cpu:>10.1f} {conv_cpu:>13.1f} "
+                  f"{conv_cpu / max(copy_cpu, 1e-9):>8.2f}x {dry_s:>10.1f} "
                   f"{(conv_s - dry_s) / copy_s:>17.2f}x {rss / GB:>11.2f} {rss / group:>8.2f}x "
                   f"{(rss - dry_rss) / group:>19.2f}x {rss / model_bytes:>8.3f}x")
-        print("target conversion/copy <= 2.00x: " + ("met" if max(ratios) <= 2.0 else "MISSED")
-              + f"; start-up = a --dry-run of that direction (imports, layout, headers; peak RSS "
+        print("targets (wall): mcore-to-hf/copy <= 1.25x "
+              + ("met" if ratios["mcore-to-hf"] <= 1.25 else "MISSED") + ", hf-to-mcore/copy <= 2.00x "
+              + ("met" if ratios["hf-to-mcore"] <= 2.0 else "MISSED") + f"; start-up = a --dry-run of that direction (imports, layout, headers; peak RSS "
               f"{best['dry hf-to-mcore'][2] / GB:.2f} / {best['dry mcore-to-hf'][2] / GB:.2f} GB)")
         print("CPU seconds of those runs (the rest of a wall time is waiting for the disk or for a core): "
               + ", ".join(f"{k} {v[1]:.1f}" for k, v in best.items()))

@@ -56,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
             summary = hf_to_mcore(args.hf, args.out, layout_job=job, **common)
     else:
-        from megatron_slim.checkpoint.convert import mcore_to_hf
+        from megatron_slim.checkpoint.readahead import ReadAhead
+
+        # the data files are read into the page cache, in file order (the order they are consumed in), while torch
+        # imports (seconds in which the disk would otherwise idle); the converter's own read-ahead then takes over
+        files = [] if args.dry_run else sorted(Path(args.mcore).glob("*.distcp"))
+        with ReadAhead([(f, 0, f.stat().st_size) for f in files]):
+            from megatron_slim.checkpoint.convert import mcore_to_hf
 
         summary = mcore_to_hf(args.mcore, args.out, hf_template=args.hf_template, **common)
     print(("would write " if args.dry_run else f"wrote {args.out}: ") + summary.describe())

@@ -155,7 +155,8 @@ def main() -> None:
                   f"{(rss - dry_rss) / group:>19.2f}x {rss / model_bytes:>8.3f}x")
         print("targets (wall): mcore-to-hf/copy <= 1.25x "
               + ("met" if ratios["mcore-to-hf"] <= 1.25 else "MISSED") + ", hf-to-mcore/copy <= 2.00x "
-              + ("met" if ratios["hf-to-mcore"] <= 2.0 else "MISSED") + f"; start-up = a --dry-run of that direction (imports, layout, headers; peak RSS "
+              + ("met" if ratios["hf-to-mcore"] <= 2.0 else "MISSED")
+              + "; start-up = a --dry-run of that direction (imports, layout, headers; peak RSS "
               f"{best['dry hf-to-mcore'][2] / GB:.2f} / {best['dry mcore-to-hf'][2] / GB:.2f} GB)")
         print("CPU seconds of those runs (the rest of a wall time is waiting for the disk or for a core): "
               + ", ".join(f"{k} {v[1]:.1f}" for k, v in best.items()))

@@ -8,12 +8,25 @@ Peak extra memory = peak during forward+backward minus the memory held just befo
 from torch.cuda.max_memory_allocated; on CPU from the process RSS sampled every millisecond in a thread (torch's
 CPU allocations are invisible to tracemalloc; large buffers are mmap-backed, so freeing them lowers RSS).
 
+At tensor parallelism (`--tp N`, CPU/gloo or one GPU per rank) each measurement runs in fresh processes, one per
+rank (`--fresh R` launches R such groups one after the other): a fresh process's allocator holds nothing yet, so
+the chunks it requests and keeps (freed buffers it does not hand back to the system) count in the peak, as they
+would in the first training step. Each rank holds its vocabulary shard (`--vocab` columns) of both logits; the
+loss is reduced over the TP group as in training; every rank's reading is printed, and the largest is held
+against the target.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_kd_loss.py --device cpu --tokens 2048
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_kd_loss.py --device cpu --tp 2 --fresh 3 --tokens 1024 --vocab 75968
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +110,69 @@ def measure(step: Callable[[], torch.Tensor], student: torch.Tensor, device: tor
     return float(peak), best, loss.detach()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_tp(args: argparse.Namespace) -> None:
+    """--fresh groups of --tp fresh worker processes; each rank prints one JSON line, gathered here."""
+    readings = []
+    for run in range(args.fresh):
+        port = _free_port()
+        argv = list(sys.argv[1:])
+        procs = []
+        for rank in range(args.tp):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                       WORLD_SIZE=str(args.tp))
+            procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker"], env=env,
+                                          stdout=subprocess.PIPE, text=True))
+        for rank, proc in enumerate(procs):
+            out, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"rank {rank} of run {run + 1} failed ({proc.returncode})")
+            reading = json.loads(out.strip().splitlines()[-1])
+            readings.append(reading)
+            print(f"run {run + 1} rank {rank}: peak extra {reading['peak'] / GIB:.3f} GiB = "
+                  f"{reading['peak'] / reading['logits_bytes']:.2f}x its two logits shards "
+                  f"({reading['logits_bytes'] / GIB:.3f} GiB), fwd+bwd {reading['seconds']:.3f} s, "
+                  f"loss {reading['loss']:.6f}", flush=True)
+    ratios = [r["peak"] / r["logits_bytes"] for r in readings]
+    losses = {r["loss"] for r in readings}
+    print(f"TP{args.tp}, fresh processes, {len(readings)} rank readings: peak extra / two logits shards "
+          f"{min(ratios):.2f}-{max(ratios):.2f}x (target <= 1.30x: {'met' if max(ratios) <= 1.3 else 'MISSED'}); "
+          f"loss {'equal on every rank and run' if len(losses) == 1 else f'DIFFERS: {sorted(losses)}'}")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of a --tp measurement, in a process of its own: its shards of both logits, one forward+backward."""
+    import torch.distributed as dist
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["RANK"]) % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    gen = torch.Generator(device).manual_seed(1000 + rank)  # a different vocabulary shard on every rank
+    student = torch.randn(args.tokens, args.vocab, generator=gen, device=device).mul_(3).to(dtype)
+    teacher = torch.randn(args.tokens, args.vocab, generator=gen, device=device).mul_(3).to(dtype)
+    student.requires_grad_()
+    mask = torch.ones(args.tokens, device=device)
+    dist.barrier()
+
+    def ours() -> torch.Tensor:
+        return kd_loss(student, teacher, kind=args.kind, temperature=args.temperature, loss_mask=mask,
+                       tp_group=dist.group.WORLD, chunk_tokens=args.chunk_tokens)
+
+    peak, seconds, loss = measure(ours, student, device, 1)
+    dist.destroy_process_group()
+    print(json.dumps({"peak": peak, "seconds": seconds, "loss": loss.item(),
+                      "logits_bytes": student.nbytes + teacher.nbytes}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +184,14 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=None, help="default: the library's automatic choice")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--skip-naive", action="store_true", help="only ours (the naive needs ~8x the logits)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, each in a fresh process (ours only)")
+    parser.add_argument("--fresh", type=int, default=1, help="with --tp: groups of fresh processes to run")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.tp > 1:
+        return launch_tp(args)
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -33,6 +33,7 @@ MTP head's).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,14 +106,14 @@ def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def _rms_norm64_abs_sum(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
-    """sum over tokens of |RMSNorm(x)| per channel, in float64: |x_t * r_t * w| = |w| * |x_t| * r_t with
-    r_t = rsqrt(mean(x_t^2) + eps) > 0, so the sum is |w| * (r @ |x|), one matrix-vector product instead of three
-    full-size temporaries (the hook runs on every residual-reading norm); the norms upcast inside the reduction."""
-    x = x.reshape(-1, x.shape[-1])
-    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square() / x.shape[-1] + eps)
+def _rms_norm64_abs_sum(x64: torch.Tensor, norms: torch.Tensor, weight: torch.Tensor, eps: float,
+                        zero_centered: bool) -> torch.Tensor:
+    """sum over tokens of |RMSNorm(x)| per channel, in float64, from x [T, H] in float64 and its per-token norms:
+    |x_t * r_t * w| = |w| * |x_t| * r_t with r_t = rsqrt(mean(x_t^2) + eps) > 0, so the sum is |w| * (r @ |x|), one
+    matrix-vector product instead of three full-size temporaries (the hook runs on every residual-reading norm)."""
+    r = torch.rsqrt(norms.square() / x64.shape[-1] + eps)
     w = weight.double()
-    return (1.0 + w if zero_centered else w).abs() * (r @ x.to(torch.float64, copy=True).abs_())
+    return (1.0 + w if zero_centered else w).abs() * (r @ x64.abs())
 
 
 # Where the norm that reads the residual stream keeps its weight: a separate norm module (torch backend, MoE
@@ -154,6 +155,8 @@ class _Collector:
         self.replica_leader = self.tp_rank == 0 and ps.get_data_parallel_rank() == 0
         self._handles: list = []
         self._block_inputs: dict[str, torch.Tensor] = {}
+        # (tensor, its version, float64 copy [T, H], per-token norms) of the last residual-stream tensors read
+        self._residuals: deque[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = deque(maxlen=2)
         inner = unwrap_model(model)
         for layer in inner.decoder.layers:
             index = layer.layer_number - 1  # global hybrid layer index (1-based layer_number)
@@ -169,6 +172,20 @@ class _Collector:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._residuals.clear()
+
+    def _residual64(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x as [T, H] float64, its per-token float64 norms). Each residual-stream tensor is read by two hooks (the
+        norm of the layer it enters, and the block influence of the layer pair it enters or leaves), so both are
+        made once: the last two are kept with the tensor itself (whose memory no other tensor can take while it is
+        kept) and its version (an in-place change since makes them stale)."""
+        for t, version, x64, norms in self._residuals:
+            if t is x and version == x._version:
+                return x64, norms
+        flat = x.reshape(-1, x.shape[-1])
+        x64, norms = flat.double(), torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float64)
+        self._residuals.append((x, x._version, x64, norms))
+        return x64, norms
 
     def add(self, name: str, value: torch.Tensor | float, index: slice | int | tuple = slice(None)) -> None:
         self.sums[name][index] += value
@@ -303,16 +320,13 @@ class _Collector:
 
     def _hidden_channels_hook(self, weight: torch.Tensor) -> Callable:
         cfg = self.cfg
-        return lambda x: self.add("hidden.channels", _rms_norm64_abs_sum(x, weight, cfg.norm_eps,
+        return lambda x: self.add("hidden.channels", _rms_norm64_abs_sum(*self._residual64(x), weight, cfg.norm_eps,
                                                                          cfg.zero_centered_norm))
 
     def _block_influence(self, prefix: str, out: torch.Tensor) -> None:
-        h = self.cfg.hidden_size
-        x, y = self._block_inputs.pop(prefix).reshape(-1, h), out.reshape(-1, h)
+        (x, x_norms), (y, y_norms) = self._residual64(self._block_inputs.pop(prefix)), self._residual64(out)
         # cosine similarity in float64 as F.cosine_similarity defines it, without its normalised temporaries
-        norms = (torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
-                 * torch.linalg.vector_norm(y, dim=-1, dtype=torch.float64))
-        cos = torch.linalg.vecdot(x.double(), y.double()) / norms.clamp_min(1e-8)
+        cos = torch.linalg.vecdot(x, y) / (x_norms * y_norms).clamp_min(1e-8)
         self.add(f"{prefix}block_influence", cos.sum())
 
 

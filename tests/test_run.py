@@ -449,29 +449,81 @@ def test_multi_node_job_refuses_single_process_steps(assets: Path, tmp_path: Pat
     assert (work / "teacher" / "mcore").is_dir()
 
 
-def test_sigterm_between_distillations_stops_at_the_next_step(assets: Path) -> None:
-    """SIGTERM outside distillation (here: while the teacher is evaluated) lets the step finish, records it, and
-    stops the run before the next step with the requeue status 75."""
-    work = assets / "work_term"
-    cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(_write(assets, "recipe_term", _recipe(assets))),
-           "--workdir", str(work), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-
-    def status(step: str) -> str | None:
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
         try:
-            return json.loads((work / "state.json").read_text())["steps"].get(step, {}).get("status")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except FileNotFoundError:
+            children = []
+        out |= {int(c) for c in children}
+        todo += [int(c) for c in children]
+    return out
 
-    while status("prepare/eval_teacher") != "running":
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _step_status(work: Path, step: str) -> str | None:
+    try:
+        return json.loads((work / "state.json").read_text())["steps"].get(step, {}).get("status")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def signal_run_in(cmd: list[str], work: Path, step: str, log: Path) -> tuple[int, str, set[int]]:
+    """Start `cmd` (a `run` into `work`), SIGTERM it as soon as `step` is running; (its exit status, its output,
+    every process seen under it meanwhile: ranks, step children, checkpoint writers)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+    try:
+        deadline = time.time() + 600
+        while _step_status(work, step) != "running":
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            seen |= _descendants(proc.pid)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None:
+            assert time.time() < deadline, log.read_text()[-3000:]
+            seen |= _descendants(proc.pid)
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.time() + 20
+    while any(_alive(p) for p in seen) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 75, out[-3000:]
-    assert status("prepare/eval_teacher") == "done" and status("depth/importance") is None, out[-3000:]
-    assert "stop  before depth/importance" in out
+    return proc.returncode, log.read_text(), {p for p in seen if _alive(p)}
+
+
+def test_sigterm_stops_the_run_at_the_next_safe_point(assets: Path, tmp_path: Path) -> None:
+    """SIGTERM outside distillation (here: while the teacher is evaluated) lets the step finish, records it, and
+    stops the run before the next step with the requeue status 75. The requeued run resumes; a SIGTERM while
+    distillation sets up (it used to be lost: the trainer's own stop flag started unraised, so the stage trained to
+    its end) checkpoints at the first step and exits 75, leaving no process behind."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "megatron_slim.cli", "run",
+           str(_write(tmp_path, "recipe", chain_recipe(assets, steps_per_stage=6))), "--workdir", str(work),
+           "--no-progress"]
+    code, out, survivors = signal_run_in(cmd, work, "prepare/eval_teacher", tmp_path / "first.log")
+    assert code == 75, out[-3000:]
+    assert _step_status(work, "prepare/eval_teacher") == "done" and _step_status(work, "depth/importance") is None
+    assert "stop  before depth/importance" in out and not survivors
+
+    code, out, survivors = signal_run_in(cmd, work, "depth/distill", tmp_path / "second.log")
+    assert code == 75, out[-3000:]
+    assert "skip  prepare/eval_teacher" in out and "stop  depth/distill: checkpointed" in out, out[-3000:]
+    assert _step_status(work, "depth/distill") == "interrupted"
+    steps = sorted(int(p.name.split("_")[1]) for p in (work / "depth" / "train").glob("iter_*"))
+    assert steps and steps[-1] < 6, (steps, out[-3000:])  # stopped early, with a checkpoint
+    assert not survivors, survivors
 
 
 # ---- the work dir: one writer, never the user's files, outputs that vanished are redone -------------------------

@@ -510,20 +510,74 @@ def test_sigterm_stops_the_run_at_the_next_safe_point(assets: Path, tmp_path: Pa
     its end) checkpoints at the first step and exits 75, leaving no process behind."""
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "megatron_slim.cli", "run",
-           str(_write(tmp_path, "recipe", chain_recipe(assets, steps_per_stage=6))), "--workdir", str(work),
-           "--no-progress"]
+           str(_write(tmp_path, "recipe", chain_recipe(assets, steps_per_stage=6, preset="one_shot",
+                                                       importance={"tokens": 64},
+                                                       evaluation={"tokens": 64, "mtp_k": 0}))),
+           "--workdir", str(work), "--no-progress"]
     code, out, survivors = signal_run_in(cmd, work, "prepare/eval_teacher", tmp_path / "first.log")
     assert code == 75, out[-3000:]
-    assert _step_status(work, "prepare/eval_teacher") == "done" and _step_status(work, "depth/importance") is None
-    assert "stop  before depth/importance" in out and not survivors
+    assert _step_status(work, "prepare/eval_teacher") == "done"
+    assert _step_status(work, "one_shot/importance") is None
+    assert "stop  before one_shot/importance" in out and not survivors
 
-    code, out, survivors = signal_run_in(cmd, work, "depth/distill", tmp_path / "second.log")
+    code, out, survivors = signal_run_in(cmd, work, "one_shot/distill", tmp_path / "second.log")
     assert code == 75, out[-3000:]
-    assert "skip  prepare/eval_teacher" in out and "stop  depth/distill: checkpointed" in out, out[-3000:]
-    assert _step_status(work, "depth/distill") == "interrupted"
-    steps = sorted(int(p.name.split("_")[1]) for p in (work / "depth" / "train").glob("iter_*"))
-    assert steps and steps[-1] < 6, (steps, out[-3000:])  # stopped early, with a checkpoint
+    assert "skip  prepare/eval_teacher" in out and "stop  one_shot/distill: checkpointed" in out, out[-3000:]
+    assert _step_status(work, "one_shot/distill") == "interrupted"
+    steps = sorted(int(p.name.split("_")[1]) for p in (work / "one_shot" / "train").glob("iter_*"))
+    assert steps and steps[-1] < 12, (steps, out[-3000:])  # stopped early, with a checkpoint
     assert not survivors, survivors
+
+
+@pytest.mark.slow  # a two-rank run to its distillation: about two minutes on two cores
+def test_sigterm_reaches_the_ranks_of_a_two_rank_run(assets: Path, tmp_path: Path) -> None:
+    """`run` with `nproc: 2` used to exit at once on SIGTERM while its orphaned ranks finished the run: now both
+    ranks checkpoint the distillation (each its shard), the run exits 75, and no rank, step child or checkpoint
+    writer survives."""
+    work = tmp_path / "work"
+    recipe = chain_recipe(assets, steps_per_stage=6, nproc=2, preset="one_shot", importance={"tokens": 64},
+                          evaluation={"tokens": 64, "mtp_k": 0})
+    cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(_write(tmp_path, "recipe", recipe)), "--workdir",
+           str(work), "--no-progress"]
+    code, out, survivors = signal_run_in(cmd, work, "one_shot/distill", tmp_path / "run.log")
+    assert code == 75, out[-3000:]
+    assert _step_status(work, "one_shot/distill") == "interrupted", out[-3000:]
+    latest = work / "one_shot" / "train" / (work / "one_shot" / "train" / "latest").read_text().strip()
+    assert {p.name for p in latest.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}, out[-3000:]
+    assert int(latest.name.split("_")[1]) < 12 and not survivors, survivors
+
+
+def test_torchrun_ranks_share_the_work_dir_lock_and_a_second_run_is_refused(assets: Path, tmp_path: Path) -> None:
+    """Under torchrun (the launch.sh path) rank 0 holds the work dir's lock for its ranks (they do not lock each
+    other out); a second torchrun `run` into the same work dir is refused on every rank, naming the holder, and
+    leaves the first running with its lock."""
+    work, recipe = tmp_path / "work", str(_write(tmp_path, "recipe", chain_recipe(assets)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+    def torchrun(log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node", "2", "-m", "megatron_slim.cli", "run", recipe, "--workdir",
+                                     str(work), "--no-progress"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+
+    first = torchrun(tmp_path / "first.log")
+    try:
+        deadline = time.time() + 300
+        while _step_status(work, "prepare/teacher") != "running":  # both ranks are past the guard
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        holder = int((work / ".megatron-slim.lock").read_text().split()[0])
+        assert holder in _descendants(first.pid)  # a rank of the first job, not its agent
+        second = torchrun(tmp_path / "second.log")
+        assert second.wait(timeout=300) != 0
+        out = (tmp_path / "second.log").read_text()
+        refusal = f"megatron-slim run: error: {work} is being written by another run (pid {holder} on host"
+        assert out.count(refusal) == 2 and "Traceback" not in out, out[-3000:]  # both ranks, one line each
+        assert first.poll() is None and (work / ".megatron-slim.lock").read_text().split()[0] == str(holder)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
 
 
 # ---- the work dir: one writer, never the user's files, outputs that vanished are redone -------------------------

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from megatron_slim.data.corpus import (
+    FORMATS,
     BadRecord,
     Batch,
     InputFile,
@@ -46,31 +47,41 @@ from megatron_slim.data.manifest import (
     tokenizer_fingerprint,
 )
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.outputs import check_not_overlapping, claim_output_file
 
 OUTPUTS = (".manifest.json", ".idx", ".bin")  # claimed in this order, so put in place in reverse: manifest last
 MAX_REPORTED_BAD = 10  # skipped records printed one by one; the rest are counted
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreprocessJob:
-    """The `preprocess` command's flags, by the same names."""
+    """The `preprocess` command's flags, by the same names (progress: not --no-progress)."""
 
-    inputs: tuple[str, ...]  # files, globs, directories (see megatron_slim.data.corpus)
-    output_prefix: str  # writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json (a shard: PREFIX-0000I-of-0000N.*)
-    tokenizer: str  # HF tokenizer directory, sentencepiece .model file, or "none" for pre-tokenized ids
-    json_key: str = "text"
-    column: str | None = None  # parquet / HF dataset column (default: json_key)
-    format: str = "auto"
-    vocab_size: int | None = None  # the model's: ids must lie below it (needed with tokenizer "none")
-    eod_id: int | None = None  # overrides the tokenizer's EOS
-    no_eod: bool = False
-    workers: int = 1
-    shard: str | None = None  # "I/N", or "auto" under a SLURM array
-    skip_bad: int = 0  # bad records skipped (counted) before the job fails
-    batch_size: int = 512  # documents per tokenizer call (and per unit of work sent to a worker)
-    overwrite: bool = False
-    progress: bool = True
+    inputs: tuple[str, ...] = setting(help="file, glob or directory; repeat for more (read in the order given)",
+                                      flag="input", many="append", metavar="PATH")
+    output_prefix: str = setting(help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json (a shard: "
+                                      "PREFIX-0000I-of-0000N.*)")
+    tokenizer: str = setting(help="HF tokenizer directory, a sentencepiece .model file, or 'none' for pre-tokenized "
+                                  "ids")
+    format: str = setting("auto", help="input format; auto reads it from the content (text must be asked for, or "
+                                       "named .txt)", choices=FORMATS)
+    json_key: str = setting("text", help="JSON field holding the text (or the ids, with --tokenizer none)")
+    column: str | None = setting(None, help="parquet / HF dataset column holding the text (None: the --json-key "
+                                            "value)")
+    vocab_size: int | None = setting(None, help="the model's vocabulary size (ids must lie below it); required with "
+                                                "--tokenizer none")
+    eod_id: int | None = setting(None, help="end-of-document id (None: the tokenizer's EOS)")
+    no_eod: bool = setting(False, help="do not append the end-of-document token")
+    workers: int = setting(1, help="tokenizer processes (one core each)")
+    batch_size: int = setting(512, help="documents per tokenizer call / per unit of work")
+    shard: str | None = setting(None, help="write only shard I of N of the input files (auto: from the SLURM array "
+                                           "task)", metavar="I/N|auto")
+    skip_bad: int = setting(0, help="skip (and count) up to N bad records instead of failing on the first",
+                            metavar="N")
+    overwrite: bool = setting(False, help="replace an existing dataset at the prefix (one recording the same job is "
+                                          "skipped otherwise)")
+    progress: bool = setting(True, help="no progress bar")
 
 
 # ---- sharding ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from megatron_slim.runtime.lifetime import child_env
 from megatron_slim.runtime.outputs import claim_output_file
 
 DTYPES = ("float32", "bfloat16")
+NONFINITE_HELP = "load a model whose weights hold NaN or Inf (refused by default, naming the tensor)"
 
 
 def data_help(use: str) -> str:
@@ -46,8 +47,7 @@ class ModelJob:
     micro_batch: int = setting(1, help="sequences per forward micro-batch")
     parallel: ParallelLayout = setting(ParallelLayout(), help="model-parallel layout (--tp, --ep, --pp)")
     dtype: str = setting("float32", help="model parameter dtype", choices=DTYPES)
-    allow_nonfinite: bool = setting(False, help="load a model whose weights hold NaN or Inf (refused by default, "
-                                                "naming the tensor)")
+    allow_nonfinite: bool = setting(False, help=NONFINITE_HELP)
     converted: Path | None = None  # set by `run_on_ranks` when it converted an HF model before spawning ranks
 
     def check_sizes(self, more: tuple[str, ...] = (), name: Callable[[str], str] | None = None) -> None:

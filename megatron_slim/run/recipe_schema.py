@@ -171,8 +171,8 @@ class InferenceSection:
     device: str = BenchInferenceJob.device
     warmup: int = BenchInferenceJob.warmup
     repeats: int = BenchInferenceJob.repeats
-    engines: list[str] = field(default_factory=lambda: ["transformers"])  # transformers and/or vllm
-    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of the checkout)
+    engines: list[str] = field(default_factory=lambda: list(BenchInferenceJob.engines))  # transformers and/or vllm
+    vllm_python: str | None = BenchInferenceJob.vllm_python  # the vLLM environment's interpreter (None: .vllm-venv/)
 
     def job(self, models: tuple[str, ...]) -> BenchInferenceJob:
         settings = dataclasses.asdict(self)

@@ -184,6 +184,22 @@ def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:
     assert not work.exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"add_mtp_layers": 1}, "stage 'depth': loss.mtp_kd_source: mtp needs a teacher with at least the student's 2 "
+                            "MTP depths; the teacher "),
+    ({"target": dict(chain_recipe(Path("."))["target"], mtp_layers=0)},
+     "stage 'width': loss.mtp_kd_source: mtp, but the student of this stage has no MTP heads"),
+])
+def test_recipe_refuses_what_the_trainer_refuses_of_the_pair(assets: Path, change: dict, message: str) -> None:
+    """MTP distillation from the teacher's own MTP depths needs them in the teacher and MTP heads in the stage's
+    student: the trainer's check, made on the chained stage configs before the teacher is converted."""
+    recipe = _recipe(assets, **change)
+    recipe["training"]["loss"] = dict(recipe["training"]["loss"], mtp_kd_source="mtp")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(assets, "bad_pair", recipe))
+    assert message in str(err.value)
+
+
 def test_cli_reports_every_problem_before_compute(assets: Path) -> None:
     recipe = _recipe(assets, colour="red", preset="two_shot")
     del recipe["data"]["calibration"]

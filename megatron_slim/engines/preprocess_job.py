@@ -83,6 +83,17 @@ class PreprocessJob:
                                           "skipped otherwise)")
     progress: bool = setting(True, help="no progress bar")
 
+    def validate(self) -> None:
+        """Refuse what no input can run, before any file is read (messages name the command's flags)."""
+        if self.workers < 1:
+            raise UserError(f"--workers {self.workers}: need at least 1")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: need at least 1")
+        if self.skip_bad < 0:
+            raise UserError(f"--skip-bad {self.skip_bad}: must be 0 or more")
+        if self.tokenizer == "none" and self.vocab_size is None:
+            raise UserError("--tokenizer none needs --vocab-size")
+
 
 # ---- sharding ---------------------------------------------------------------------------------------------------
 def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int] | None:
@@ -163,9 +174,7 @@ class Encoder:
 
     def setup(self) -> None:
         """Load the tokenizer, settle vocabulary and end-of-document id (in the main process)."""
-        if self.tokenizer == "none":
-            if self.vocab_size is None:
-                raise UserError("--tokenizer none needs --vocab-size")
+        if self.tokenizer == "none":  # with a vocab_size (PreprocessJob.validate)
             vocab, eod = self.vocab_size, None
         elif self.tokenizer.endswith(".model"):
             import sentencepiece as spm
@@ -366,13 +375,8 @@ def _done(prefix: str, record: dict[str, Any]) -> bool:
 
 def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
     """Write the dataset (or find it done); returns its manifest."""
+    job.validate()
     shard = parse_shard(job.shard)
-    if job.workers < 1:
-        raise UserError(f"--workers {job.workers}: need at least 1")
-    if job.batch_size < 1:
-        raise UserError(f"--batch-size {job.batch_size}: need at least 1")
-    if job.skip_bad < 0:
-        raise UserError(f"--skip-bad {job.skip_bad}: must be 0 or more")
     paths = expand_inputs(list(job.inputs))
     prefix = shard_prefix(job.output_prefix, *shard) if shard else job.output_prefix
     inputs = [str(p) for p in paths] + [s for s in job.inputs if Path(s).exists()]

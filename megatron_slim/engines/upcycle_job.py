@@ -34,6 +34,16 @@ class UpcycleJob:
     overwrite: bool = setting(False, help="replace --out if it is an earlier output of megatron-slim (never another "
                                           "directory)")
 
+    def validate(self) -> None:
+        """Refuse expert counts no model can take, before any model is read (messages name the command's flags;
+        whether --experts divides the FFN is the dense model's to say)."""
+        if self.experts < 1:
+            raise UserError(f"--experts must be >= 1, got {self.experts}")
+        if not 1 <= self.topk <= self.experts:
+            raise UserError(f"--topk must be between 1 and --experts ({self.experts}), got {self.topk}")
+        if self.calib_tokens < 1:
+            raise UserError(f"--calib-tokens must be >= 1, got {self.calib_tokens}")
+
 
 def run_upcycle(job: UpcycleJob) -> None:
     """Calibrate on the Wikipedia calibration paragraphs, upcycle and write `job.out` (HF checkpoint + tokenizer),
@@ -42,6 +52,7 @@ def run_upcycle(job: UpcycleJob) -> None:
     from megatron_slim.data.assets import smollm2_hf_dir
     from megatron_slim.runtime.outputs import claim_output
 
+    job.validate()
     dense_dir = smollm2_hf_dir() if job.dense == EMBEDDED_DENSE else Path(job.dense)
     if not (dense_dir / "config.json").is_file():
         raise FileNotFoundError(f"{dense_dir} is not an HF checkpoint dir (no config.json)")

@@ -169,10 +169,14 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
             raise RecipeError(f"invalid recipe: evaluation.tasks: {err}") from err
     configs = stage_configs(recipe, teacher)
     check_final(recipe, configs[-1], teacher)
-    for stage in recipe.stages:
+    for stage, student in zip(recipe.stages, configs):
         try:
-            run_config_from_dict(stage_run_config(recipe, stage, "<student>", "<teacher>", [[1.0, "<data>"]],
-                                                  "<save>")).validate(recipe.nproc)
+            run = run_config_from_dict(stage_run_config(recipe, stage, "<student>", "<teacher>", [[1.0, "<data>"]],
+                                                        "<save>"))
+            run.validate(recipe.nproc)
+            # the trainer's check on the pair, before any model exists: the stage's student against the teacher
+            run.loss.teacher_mtp_depths(student.mtp_num_layers, teacher.mtp_num_layers, "of this stage",
+                                        f"the teacher {recipe.teacher}")
         except UserError as e:
             raise RecipeError(f"stage {stage.name!r}: {e}") from e
     if isinstance(recipe.data.train, list):  # an indexed blend: its size is known now (a .jsonl once tokenized)

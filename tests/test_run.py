@@ -108,6 +108,9 @@ def test_stage_seed_and_final_target_are_fields(assets: Path) -> None:
     ({"preset": "two_shot"}, "preset must be one of"),
     ({"parallel": {"cp": 2}}, "parallel.cp: a recipe's steps run tp/pp/ep layouts only"),
     ({"parallel": {"dp": 2}}, "parallel: unknown keys ['dp']"),
+    # the teacher runs importance and evaluation at the recipe's layout, which only the stage targets were held to
+    ({"parallel": {"ep": 3}, "nproc": 3},
+     "parallel layout does not fit the model: num_experts=8 is not divisible by ep=3"),
     ({"inference": {"batch": 0, "beam": 2}}, "inference: unknown keys ['beam']"),
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
@@ -173,6 +176,7 @@ def test_recipe_sections_take_the_jobs_defaults() -> None:
     jobs = {f.name: f.default for f in dataclasses.fields(BenchInferenceJob)}
     assert all(f.default == jobs[f.name] for f in dataclasses.fields(InferenceSection)
                if f.default is not dataclasses.MISSING)
+    assert InferenceSection().job(models=()) == BenchInferenceJob(models=())  # the factory defaults too (engines)
 
 
 def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:

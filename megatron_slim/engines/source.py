@@ -149,7 +149,7 @@ def run_on_ranks(command: str, worker: Callable[[J], None], job: J, temp: Path, 
     Returns the exit status; `command` names the command in a spawned rank's error line."""
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.checkpoint.files import Checkpoint
-    from megatron_slim.models.builder import validate_layout
+    from megatron_slim.models.config import validate_layout
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
     checkpoint = Checkpoint.open(job.model)

@@ -153,7 +153,7 @@ class EvaluationSection:
                            micro_batch=self.micro_batch, parallel=parallel, mtp_k=self.mtp_k,
                            mtp_prompts=self.mtp_prompts, prompt_len=self.prompt_len or seq_len // 2,
                            gen_tokens=self.gen_tokens, tasks=tuple(self.tasks), num_fewshot=self.num_fewshot,
-                           limit=self.limit, dtype="float32", json=False, out=out)
+                           limit=self.limit, out=out)
 
     @staticmethod
     def key(field: str) -> str:

@@ -76,7 +76,7 @@ def verify_worker(job: VerifyJob) -> int:
 def run_verify(job: VerifyJob) -> int:
     """0 when the heads agree within `job.limits`, 1 when not (on the launched ranks or tp*pp*EP local ones)."""
     from megatron_slim.checkpoint.mcore import load_model_config
-    from megatron_slim.models.builder import validate_layout
+    from megatron_slim.models.config import validate_layout
     from megatron_slim.runtime.spawn import run_on_world
 
     cfg = load_model_config(job.mcore)

@@ -453,14 +453,14 @@ def _two_nodes(*args: str, timeout: int = 600) -> list[tuple[int, str]]:
 def test_multi_node_job_refuses_single_process_steps(assets: Path, tmp_path: Path) -> None:
     """In a job that spans two nodes, `run` refuses the teacher conversion (the CPU job `prepare` of launch.sh's
     chain does it) on every rank before anything runs; --allow-single-process-steps runs it there anyway."""
-    work = tmp_path / "work"
-    results = _two_nodes("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--no-progress")
+    work, recipe = tmp_path / "work", _write(tmp_path, "recipe", _recipe(assets))  # not the `finished` run's file
+    results = _two_nodes("run", str(recipe), "--workdir", str(work), "--no-progress")
     for code, out in results:
         assert code != 0, out[-3000:]
         assert ("step prepare/teacher is single-process work that would keep the other GPUs of this 2-node job "
                 "idle") in out and "--job prepare`" in out, out[-3000:]
     assert not (work / "state.json").exists() and not (work / "teacher").exists()
-    results = _two_nodes("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--job", "prepare",
+    results = _two_nodes("run", str(recipe), "--workdir", str(work), "--job", "prepare",
                          "--allow-single-process-steps", "--no-progress")
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     state = json.loads((work / "state.json").read_text())["steps"]

@@ -882,6 +882,28 @@ def test_a_killed_launcher_leaves_no_rank_or_forked_helper(tmp_path):
     assert not list(tmp_path.glob("*.checkpoint"))
 
 
+def test_a_child_command_dies_with_the_process_that_started_it(tiny_hf, tmp_path):
+    """A `megatron-slim` command started as a child (a multi-rank run's single-process step, the conversion before
+    ranks spawn: `lifetime.child_env`) dies with its parent, even one killed before the child asked for it; it used
+    to run on to its end, writing its output for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "mc"
+    code = ("import os, subprocess, sys; from megatron_slim.runtime.lifetime import child_env; "
+            "child = subprocess.Popen([sys.executable, '-m', 'megatron_slim.cli', 'convert', 'hf-to-mcore', '--hf', "
+            f"{str(tiny_hf)!r}, '--out', {str(out)!r}, '--no-progress'], env=child_env(dict(os.environ))); "
+            "print(child.pid, flush=True); child.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)  # at once: the child has not even parsed its arguments yet
+    parent.wait()
+    assert _none_alive([child], 120) == [], "the child command outlived its parent"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_a_killed_importance_leaves_no_rank_computing(tiny_mcore, tmp_path, sig):
     """`importance --ep 2` ranks re-parented to PID 1 and kept computing into a hidden `.partial` after their
@@ -940,6 +962,29 @@ def test_upcycle_refuses_a_model_that_needs_remote_code(tmp_path):
         f"megatron-slim upcycle: error: {dense / 'config.json'}: model_type 'evil_arch' is not a model transformers "
         "knows (its auto_map names code stored in the checkpoint, which megatron-slim never runs); upcycle needs a "
         "dense decoder transformers implements (e.g. llama)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["upcycle", "--dense", "{missing}", "--experts", "4", "--topk", "5", "--out", "{out}"],
+     "--topk must be between 1 and --experts (4), got 5"),
+    (["upcycle", "--dense", "{missing}", "--experts", "0", "--topk", "1", "--out", "{out}"],
+     "--experts must be >= 1, got 0"),
+    (["upcycle", "--dense", "{missing}", "--experts", "2", "--topk", "1", "--out", "{out}", "--calib-tokens", "0"],
+     "--calib-tokens must be >= 1, got 0"),
+    (["preprocess", "--input", "{missing}", "--output-prefix", "{out}", "--tokenizer", "none"],
+     "--tokenizer none needs --vocab-size"),
+    (["importance", "--model", "{missing}", "--data", "{missing}", "--tokens", "64", "--seq-len", "16",
+      "--max-tokens", "8", "--out", "{out}"], "--max-tokens 8 is below one step of 1 sequences of 16 tokens"),
+])
+def test_jobs_refuse_their_settings_before_reading_any_input(tmp_path, capsys, argv, message):
+    """A job's own validate() refuses what its worker would refuse of its settings, before any input is read (the
+    inputs here do not exist: the settings are named first), as a recipe's dry run refuses its sections."""
+    from megatron_slim.cli import main
+
+    argv = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in argv]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"megatron-slim {argv[0]}: error: {message}"
+    assert not (tmp_path / "out").exists()
 
 
 def test_heldout_data_that_is_training_data_warns(tmp_path):

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_slim.runtime.config_loader import setting
+
 DEMO_EXPERTS = 8
 DEMO_TOPK = 8
 
@@ -14,9 +16,9 @@ DEMO_TOPK = 8
 class DemoJob:
     """The `demo` command's flags, by the same names (progress: not --no-progress)."""
 
-    workdir: Path
-    fresh: bool = False  # remove the work dir first and run every step again
-    progress: bool = True
+    workdir: Path = setting(Path("runs/demo"), help="the run's work dir (outputs, state, report)")
+    fresh: bool = setting(False, help="remove the work dir first and run every step again")
+    progress: bool = setting(True, help="no progress bars")
 
 
 def prepare_assets() -> Path:
@@ -41,8 +43,7 @@ def upcycled_teacher(teacher: Path, experts: int, topk: int) -> None:
     if (teacher / "config.json").is_file():
         return
     print(f"building the teacher (once): SmolLM2-135M -> {experts} experts, top-{topk}", flush=True)
-    run_upcycle(UpcycleJob(dense=EMBEDDED_DENSE, experts=experts, topk=topk, out=teacher, calib_tokens=16384,
-                           router_scale=1e-3, seed=0, overwrite=True))
+    run_upcycle(UpcycleJob(dense=EMBEDDED_DENSE, experts=experts, topk=topk, out=teacher, overwrite=True))
 
 
 def prepare_data(root: Path) -> None:

@@ -942,6 +942,29 @@ def test_upcycle_refuses_a_model_that_needs_remote_code(tmp_path):
         "dense decoder transformers implements (e.g. llama)")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["upcycle", "--dense", "{missing}", "--experts", "4", "--topk", "5", "--out", "{out}"],
+     "--topk must be between 1 and --experts (4), got 5"),
+    (["upcycle", "--dense", "{missing}", "--experts", "0", "--topk", "1", "--out", "{out}"],
+     "--experts must be >= 1, got 0"),
+    (["upcycle", "--dense", "{missing}", "--experts", "2", "--topk", "1", "--out", "{out}", "--calib-tokens", "0"],
+     "--calib-tokens must be >= 1, got 0"),
+    (["preprocess", "--input", "{missing}", "--output-prefix", "{out}", "--tokenizer", "none"],
+     "--tokenizer none needs --vocab-size"),
+    (["importance", "--model", "{missing}", "--data", "{missing}", "--tokens", "64", "--seq-len", "16",
+      "--max-tokens", "8", "--out", "{out}"], "--max-tokens 8 is below one step of 1 sequences of 16 tokens"),
+])
+def test_jobs_refuse_their_settings_before_reading_any_input(tmp_path, capsys, argv, message):
+    """A job's own validate() refuses what its worker would refuse of its settings, before any input is read (the
+    inputs here do not exist: the settings are named first), as a recipe's dry run refuses its sections."""
+    from megatron_slim.cli import main
+
+    argv = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in argv]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"megatron-slim {argv[0]}: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_heldout_data_that_is_training_data_warns(tmp_path):
     from megatron_slim.run.recipe_check import heldout_overlap_warning
     from megatron_slim.run.recipe_parse import parse_study

@@ -108,6 +108,9 @@ def test_stage_seed_and_final_target_are_fields(assets: Path) -> None:
     ({"preset": "two_shot"}, "preset must be one of"),
     ({"parallel": {"cp": 2}}, "parallel.cp: a recipe's steps run tp/pp/ep layouts only"),
     ({"parallel": {"dp": 2}}, "parallel: unknown keys ['dp']"),
+    # the teacher runs importance and evaluation at the recipe's layout, which only the stage targets were held to
+    ({"parallel": {"ep": 3}, "nproc": 3},
+     "parallel layout does not fit the model: num_experts=8 is not divisible by ep=3"),
     ({"inference": {"batch": 0, "beam": 2}}, "inference: unknown keys ['beam']"),
     ({"inference": {"batch": 0}}, "inference.batch must be an integer >= 1, got 0"),
     ({"inference": {"dtype": "int4"}}, "inference.dtype must be one of"),
@@ -173,6 +176,7 @@ def test_recipe_sections_take_the_jobs_defaults() -> None:
     jobs = {f.name: f.default for f in dataclasses.fields(BenchInferenceJob)}
     assert all(f.default == jobs[f.name] for f in dataclasses.fields(InferenceSection)
                if f.default is not dataclasses.MISSING)
+    assert InferenceSection().job(models=()) == BenchInferenceJob(models=())  # the factory defaults too (engines)
 
 
 def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:
@@ -182,6 +186,22 @@ def test_dry_run_refuses_a_worker_setting(assets: Path) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "importance.micro_batch must be >= 1" in proc.stderr and "evaluation.tokens must be >= 1" in proc.stderr
     assert not work.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"add_mtp_layers": 1}, "stage 'depth': loss.mtp_kd_source: mtp needs a teacher with at least the student's 2 "
+                            "MTP depths; the teacher "),
+    ({"target": dict(chain_recipe(Path("."))["target"], mtp_layers=0)},
+     "stage 'width': loss.mtp_kd_source: mtp, but the student of this stage has no MTP heads"),
+])
+def test_recipe_refuses_what_the_trainer_refuses_of_the_pair(assets: Path, change: dict, message: str) -> None:
+    """MTP distillation from the teacher's own MTP depths needs them in the teacher and MTP heads in the stage's
+    student: the trainer's check, made on the chained stage configs before the teacher is converted."""
+    recipe = _recipe(assets, **change)
+    recipe["training"]["loss"] = dict(recipe["training"]["loss"], mtp_kd_source="mtp")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(assets, "bad_pair", recipe))
+    assert message in str(err.value)
 
 
 def test_cli_reports_every_problem_before_compute(assets: Path) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_slim.engines.bench_inference_job import DTYPES, ENGINES, BenchInferenceJob, run_bench_inference
+from megatron_slim.commands.options import add_job_arguments, job_from_args
+from megatron_slim.engines.bench_inference_job import BenchInferenceJob, run_bench_inference
 from megatron_slim.runtime.outputs import Output
 
 HELP = "peak memory, prefill latency and decode throughput of HF checkpoints (teacher vs students)"
@@ -26,29 +27,12 @@ HELP = "peak memory, prefill latency and decode throughput of HF checkpoints (te
 OUTPUTS: tuple[Output, ...] = ()  # prints only
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", required=True,
-                   help="HF checkpoint directory (repeat; the first is the baseline of the ratios)")
-    p.add_argument("--batch", type=int, default=1, help="prompts per batch")
-    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
-    p.add_argument("--gen-len", type=int, default=64, help="greedy tokens decoded per prompt")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weights and compute dtype")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (medians reported)")
-    p.add_argument("--engine", action="append", choices=ENGINES, default=None,
-                   help="who runs the models (repeat for both; default transformers): vllm runs a worker under "
-                        "the vLLM environment's interpreter and checks its greedy tokens against transformers")
-    p.add_argument("--vllm-python", default=None,
-                   help="the vLLM environment's interpreter (default: .vllm-venv/bin/python, `make vllm-env`)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_job_arguments(p, BenchInferenceJob)  # each flag's name, default and help: BenchInferenceJob's fields
 
 
 def job(args: argparse.Namespace) -> BenchInferenceJob:
     """The parsed flags as the library's job."""
-    return BenchInferenceJob(models=tuple(args.model), batch=args.batch, prompt_len=args.prompt_len,
-                             gen_len=args.gen_len, dtype=args.dtype, device=args.device, warmup=args.warmup,
-                             repeats=args.repeats, engines=tuple(args.engine or ("transformers",)),
-                             vllm_python=args.vllm_python, json=args.json)
+    return job_from_args(BenchInferenceJob, args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ Rerunning skips what is done (the run is resumable: kill it and run `make demo` 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from megatron_slim.commands.options import add_job_arguments, job_from_args
+from megatron_slim.demo.demo_job import DemoJob
 from megatron_slim.runtime.outputs import Output
 
 HELP = "compress the embedded SmolLM2-MoE teacher end to end on this machine (two stages, online teacher)"
@@ -23,12 +24,10 @@ HELP = "compress the embedded SmolLM2-MoE teacher end to end on this machine (tw
 OUTPUTS = (Output("workdir", "workdir", overwrite=None),)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="runs/demo", help="the run's work dir (outputs, state, report)")
-    p.add_argument("--fresh", action="store_true", help="remove the work dir first and run every step again")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_job_arguments(p, DemoJob)  # each flag's name, default and help: DemoJob's fields
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.demo.demo_job import DemoJob, run_demo
+    from megatron_slim.demo.demo_job import run_demo
 
-    return run_demo(DemoJob(workdir=Path(args.workdir), fresh=args.fresh, progress=not args.no_progress))
+    return run_demo(job_from_args(DemoJob, args))

@@ -27,12 +27,6 @@ def add_follow_symlinks_argument(p: argparse.ArgumentParser) -> None:
                         "its blobs/ are always read); refused by default, naming the link")
 
 
-def add_nonfinite_argument(p: argparse.ArgumentParser) -> None:
-    """--allow-nonfinite: use a model whose weights hold NaN/Inf (refused by default, naming the tensor)."""
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="load a model whose weights hold NaN or Inf (refused by default, naming the tensor)")
-
-
 def _flag_fields(job: type) -> list[tuple[dataclasses.Field, Any]]:
     """The job's fields declared as flags (`setting`), with their resolved annotations."""
     hints = typing.get_type_hints(job)
@@ -47,26 +41,38 @@ def _scalar(hint: Any) -> tuple[Any, bool]:
     return (args[0] if args and typing.get_origin(hint) is not None else hint), False
 
 
+def _label(f: dataclasses.Field) -> str:
+    """The flag's name (`--label`, or the positional argument's), also its argparse dest: the field's unless its
+    `setting` names another."""
+    return f.metadata.get("flag", f.name)
+
+
 def add_job_arguments(p: argparse.ArgumentParser, job: type) -> None:
-    """One flag per field of `job` declared with `setting`, in field order: `--field-name` with the field's default
-    (a field without one is a required flag) and help; a bool is a switch (`--no-NAME` when it defaults to true), a
-    ParallelLayout the --tp/--ep/--pp flags."""
+    """One flag per field of `job` declared with `setting`, in field order: `--field-name` (or the `flag` it names)
+    with the field's default (a field without one is a required flag) and help; a bool is a switch (`--no-NAME`
+    when it defaults to true), a ParallelLayout the --tp/--ep/--pp flags, a `positional` field an argument."""
     for f, hint in _flag_fields(job):
         meta = dict(f.metadata)
-        text, many = meta.pop("help"), meta.pop("many", None)
+        text, many, label = meta.pop("help"), meta.pop("many", None), meta.pop("flag", f.name)
+        positional, tp_help = meta.pop("positional", False), meta.pop("tp_help", "tensor-parallel size")
+        if meta.pop("hidden", False):
+            text = argparse.SUPPRESS
         required = f.default is dataclasses.MISSING
         default = None if required else f.default
-        name = "--" + f.name.replace("_", "-")
+        name = "--" + label.replace("_", "-")
+        kind, _ = _scalar(hint)
         if hint is ParallelLayout:
-            add_layout_arguments(p)
+            add_layout_arguments(p, tp_help=tp_help)
+        elif positional:
+            p.add_argument(label, type=kind, help=text, **meta)
         elif hint is bool:  # a switch that turns the default around
-            p.add_argument(("--no-" + f.name.replace("_", "-")) if default else name, action="store_true", help=text)
-        elif many == "append":
-            p.add_argument(name, action="append", default=[], help=text, **meta)
+            p.add_argument(("--no-" + label.replace("_", "-")) if default else name, action="store_true", help=text)
+        elif many == "append":  # a default of values stays out of argparse, which would append to it
+            p.add_argument(name, action="append", required=required, default=[] if default == () else None,
+                           help=text, **meta)
         elif many == "comma":
             p.add_argument(name, default="", help=text, **meta)
         else:
-            kind, _ = _scalar(hint)
             p.add_argument(name, type=kind, required=required, default=default, help=text, **meta)
 
 
@@ -80,12 +86,12 @@ def job_from_args(job: type[J], args: argparse.Namespace, **given: Any) -> J:
             values[f.name] = ParallelLayout(tp=args.tp, ep=args.ep, pp=args.pp)
             continue
         if hint is bool and f.default is True:
-            values[f.name] = not getattr(args, "no_" + f.name)
+            values[f.name] = not getattr(args, "no_" + _label(f))
             continue
-        value, (kind, many) = getattr(args, f.name), _scalar(hint)
+        value, (kind, many) = getattr(args, _label(f)), _scalar(hint)
         if f.metadata.get("many") == "comma":
             value = tuple(v.strip() for v in value.split(",")) if value else ()
         elif many:
-            value = tuple(kind(v) for v in value)
+            value = f.default if value is None else tuple(kind(v) for v in value)
         values[f.name] = value
     return job(**values, **given)

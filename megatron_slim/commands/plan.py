@@ -56,17 +56,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (accounting, plan path) instead of text")
     m = p.add_argument_group("memory plan (with --layout): per-GPU bytes of distilling the student from the source")
     m.add_argument("--layout", help="parallel layout, e.g. tp=1,pp=4,ep=8 (etp= and cp= too)")
-    m.add_argument("--nodes", type=int, default=1)
-    m.add_argument("--gpus-per-node", type=int, default=8)
+    m.add_argument("--nodes", type=int, default=1, help="nodes of the distillation job")
+    m.add_argument("--gpus-per-node", type=int, default=8, help="GPUs of each node")
     m.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB; the plan then says whether it fits")
-    m.add_argument("--micro-batch", type=int, default=1)
-    m.add_argument("--seq-len", type=int, default=4096)
+    m.add_argument("--micro-batch", type=int, default=1, help="sequences per forward micro-batch")
+    m.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence")
     m.add_argument("--global-batch", type=int, help="sequences per step (bounds the micro-batches a pipeline "
                                                     "stage keeps; default: as many as the pipeline needs)")
     m.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
                    help="selective: core_attn and moe; full: uniform, one layer per chunk")
-    m.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32")
-    m.add_argument("--teacher-precision", choices=("bf16", "fp8"), default="bf16")
+    m.add_argument("--grad-reduce-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the gradient buffers the data-parallel reduction runs in (bf16: half their bytes)")
+    m.add_argument("--teacher-precision", choices=("bf16", "fp8"), default="bf16",
+                   help="precision of the frozen teacher's weights")
     m.add_argument("--fp32", action="store_true", help="fp32 weights (default: bf16 training)")
     t = p.add_argument_group("target (flags override the YAML; sizes unset in both keep the source's)")
     for dest, kind, text in _TARGET_FLAGS:

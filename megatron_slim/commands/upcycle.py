@@ -10,9 +10,9 @@ change top-k later, multiply the experts' w2 by k_new / k_old.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from megatron_slim.engines.upcycle_job import EMBEDDED_DENSE
+from megatron_slim.commands.options import add_job_arguments, job_from_args
+from megatron_slim.engines.upcycle_job import UpcycleJob
 from megatron_slim.runtime.outputs import Output
 
 HELP = "turn a dense HF Llama checkpoint (or the embedded SmolLM2) into a Mixtral MoE checkpoint"
@@ -21,24 +21,11 @@ HELP = "turn a dense HF Llama checkpoint (or the embedded SmolLM2) into a Mixtra
 OUTPUTS = (Output("out", "dir", inputs=("dense",)),)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dense", required=True,
-                        help=f"dense HF checkpoint dir, or '{EMBEDDED_DENSE}' for the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--experts", type=int, required=True, help="experts per layer (must divide the FFN size)")
-    parser.add_argument("--topk", type=int, required=True, help="experts per token")
-    parser.add_argument("--out", type=Path, required=True, help="output HF checkpoint dir")
-    parser.add_argument("--calib-tokens", type=int, default=16384,
-                        help="calibration tokens (Wikipedia calibration paragraphs) for clustering and routers")
-    parser.add_argument("--router-scale", type=float, default=1e-3,
-                        help="router logit scale: smaller is closer to the dense model at top-k = experts")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out if it is an earlier output of megatron-slim (never another directory)")
+    add_job_arguments(parser, UpcycleJob)  # each flag's name, default and help: UpcycleJob's fields
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_slim.engines.upcycle_job import UpcycleJob, run_upcycle
+    from megatron_slim.engines.upcycle_job import run_upcycle
 
-    run_upcycle(UpcycleJob(dense=args.dense, experts=args.experts, topk=args.topk, out=args.out,
-                           calib_tokens=args.calib_tokens, router_scale=args.router_scale, seed=args.seed,
-                           overwrite=args.overwrite))
+    run_upcycle(job_from_args(UpcycleJob, args))
     return 0

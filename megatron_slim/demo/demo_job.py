@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_slim.runtime.config_loader import setting
+
 DEMO_EXPERTS = 8
 DEMO_TOPK = 8
 # Calibration tokens for the teacher's neuron split and routers: 8,192 (twice the 4,096 the split's quality was
@@ -18,9 +20,9 @@ DEMO_CALIB_TOKENS = 8192
 class DemoJob:
     """The `demo` command's flags, by the same names (progress: not --no-progress)."""
 
-    workdir: Path
-    fresh: bool = False  # remove the work dir first and run every step again
-    progress: bool = True
+    workdir: Path = setting(Path("runs/demo"), help="the run's work dir (outputs, state, report)")
+    fresh: bool = setting(False, help="remove the work dir first and run every step again")
+    progress: bool = setting(True, help="no progress bars")
 
 
 def prepare_assets() -> Path:
@@ -46,7 +48,7 @@ def upcycled_teacher(teacher: Path, experts: int, topk: int) -> None:
         return
     print(f"building the teacher (once): SmolLM2-135M -> {experts} experts, top-{topk}", flush=True)
     run_upcycle(UpcycleJob(dense=EMBEDDED_DENSE, experts=experts, topk=topk, out=teacher,
-                           calib_tokens=DEMO_CALIB_TOKENS, router_scale=1e-3, seed=0, overwrite=True))
+                           calib_tokens=DEMO_CALIB_TOKENS, overwrite=True))
 
 
 def prepare_data(root: Path) -> None:

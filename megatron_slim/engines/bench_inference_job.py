@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Callable
 
 from megatron_slim.errors import UserError
 from megatron_slim.runtime import json_out
+from megatron_slim.runtime.config_loader import setting
 
 if TYPE_CHECKING:
     import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("transformers", "vllm")
+DEVICES = ("auto", "cpu", "cuda")
 CHECK_TOKENS = 16  # greedy tokens per row compared between vLLM and transformers (fewer when gen_len + 1 is less)
 
 
@@ -40,17 +42,22 @@ CHECK_TOKENS = 16  # greedy tokens per row compared between vLLM and transformer
 class BenchInferenceJob:
     """The `bench-inference` command's flags, by the same names."""
 
-    models: tuple[str, ...]  # HF checkpoint directories; the first is the baseline of the ratios
-    batch: int = 1
-    prompt_len: int = 512
-    gen_len: int = 64
-    dtype: str = "bfloat16"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    warmup: int = 1
-    repeats: int = 3
-    engines: tuple[str, ...] = ("transformers",)
-    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of this checkout)
-    json: bool = False
+    models: tuple[str, ...] = setting(help="HF checkpoint directory (repeat; the first is the baseline of the ratios)",
+                                      flag="model", many="append")
+    batch: int = setting(1, help="prompts per batch")
+    prompt_len: int = setting(512, help="prompt tokens")
+    gen_len: int = setting(64, help="greedy tokens decoded per prompt")
+    dtype: str = setting("bfloat16", help="weights and compute dtype", choices=DTYPES)
+    device: str = setting("auto", help="auto: cuda when available", choices=DEVICES)
+    warmup: int = setting(1, help="untimed rounds first")
+    repeats: int = setting(3, help="timed rounds (medians reported)")
+    engines: tuple[str, ...] = setting(("transformers",), flag="engine", many="append", choices=ENGINES,
+                                       help="who runs the models (repeat for both; default transformers): vllm runs "
+                                            "a worker under the vLLM environment's interpreter and checks its greedy "
+                                            "tokens against transformers")
+    vllm_python: str | None = setting(None, help="the vLLM environment's interpreter (default: .vllm-venv/bin/python, "
+                                                 "`make vllm-env`)")
+    json: bool = setting(False, help="print one JSON object")
 
     def settings_problems(self, name: Callable[[str], str] = lambda f: "--" + f.replace("_", "-")) -> list[str]:
         """What is wrong with the measurement settings (not the models), each naming its setting through `name`
@@ -64,7 +71,7 @@ class BenchInferenceJob:
             problems.append(f"{name('warmup')} must be an integer >= 0, got {self.warmup!r}")
         if self.dtype not in DTYPES:
             problems.append(f"{name('dtype')} must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             problems.append(f"{name('device')} must be auto, cpu or cuda, got {self.device!r}")
         engines = list(self.engines) if isinstance(self.engines, (list, tuple)) else [self.engines]
         bad = [e for e in engines if e not in ENGINES]

@@ -45,6 +45,10 @@ class ImportanceJob(ModelJob):
         """Refuse what no layout or data can run; `name` names a field in the message (the command's flag by
         default; a recipe names its key)."""
         self.check_sizes(name=name)
+        if self.max_tokens is not None and self.max_tokens < self.seq_len * self.micro_batch:
+            # the collection's step is (data-parallel ranks x) micro_batch windows of seq_len tokens
+            raise UserError(f"{name('max_tokens')} {self.max_tokens} is below one step of {self.micro_batch} "
+                            f"sequences of {self.seq_len} tokens")
 
 
 def importance_worker(job: ImportanceJob) -> None:

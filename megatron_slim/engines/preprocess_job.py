@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from megatron_slim.data.corpus import (
+    FORMATS,
     BadRecord,
     Batch,
     InputFile,
@@ -46,31 +47,52 @@ from megatron_slim.data.manifest import (
     tokenizer_fingerprint,
 )
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.outputs import check_not_overlapping, claim_output_file
 
 OUTPUTS = (".manifest.json", ".idx", ".bin")  # claimed in this order, so put in place in reverse: manifest last
 MAX_REPORTED_BAD = 10  # skipped records printed one by one; the rest are counted
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreprocessJob:
-    """The `preprocess` command's flags, by the same names."""
+    """The `preprocess` command's flags, by the same names (progress: not --no-progress)."""
 
-    inputs: tuple[str, ...]  # files, globs, directories (see megatron_slim.data.corpus)
-    output_prefix: str  # writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json (a shard: PREFIX-0000I-of-0000N.*)
-    tokenizer: str  # HF tokenizer directory, sentencepiece .model file, or "none" for pre-tokenized ids
-    json_key: str = "text"
-    column: str | None = None  # parquet / HF dataset column (default: json_key)
-    format: str = "auto"
-    vocab_size: int | None = None  # the model's: ids must lie below it (needed with tokenizer "none")
-    eod_id: int | None = None  # overrides the tokenizer's EOS
-    no_eod: bool = False
-    workers: int = 1
-    shard: str | None = None  # "I/N", or "auto" under a SLURM array
-    skip_bad: int = 0  # bad records skipped (counted) before the job fails
-    batch_size: int = 512  # documents per tokenizer call (and per unit of work sent to a worker)
-    overwrite: bool = False
-    progress: bool = True
+    inputs: tuple[str, ...] = setting(help="file, glob or directory; repeat for more (read in the order given)",
+                                      flag="input", many="append", metavar="PATH")
+    output_prefix: str = setting(help="writes PREFIX.bin, PREFIX.idx, PREFIX.manifest.json (a shard: "
+                                      "PREFIX-0000I-of-0000N.*)")
+    tokenizer: str = setting(help="HF tokenizer directory, a sentencepiece .model file, or 'none' for pre-tokenized "
+                                  "ids")
+    format: str = setting("auto", help="input format; auto reads it from the content (text must be asked for, or "
+                                       "named .txt)", choices=FORMATS)
+    json_key: str = setting("text", help="JSON field holding the text (or the ids, with --tokenizer none)")
+    column: str | None = setting(None, help="parquet / HF dataset column holding the text (None: the --json-key "
+                                            "value)")
+    vocab_size: int | None = setting(None, help="the model's vocabulary size (ids must lie below it); required with "
+                                                "--tokenizer none")
+    eod_id: int | None = setting(None, help="end-of-document id (None: the tokenizer's EOS)")
+    no_eod: bool = setting(False, help="do not append the end-of-document token")
+    workers: int = setting(1, help="tokenizer processes (one core each)")
+    batch_size: int = setting(512, help="documents per tokenizer call / per unit of work")
+    shard: str | None = setting(None, help="write only shard I of N of the input files (auto: from the SLURM array "
+                                           "task)", metavar="I/N|auto")
+    skip_bad: int = setting(0, help="skip (and count) up to N bad records instead of failing on the first",
+                            metavar="N")
+    overwrite: bool = setting(False, help="replace an existing dataset at the prefix (one recording the same job is "
+                                          "skipped otherwise)")
+    progress: bool = setting(True, help="no progress bar")
+
+    def validate(self) -> None:
+        """Refuse what no input can run, before any file is read (messages name the command's flags)."""
+        if self.workers < 1:
+            raise UserError(f"--workers {self.workers}: need at least 1")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: need at least 1")
+        if self.skip_bad < 0:
+            raise UserError(f"--skip-bad {self.skip_bad}: must be 0 or more")
+        if self.tokenizer == "none" and self.vocab_size is None:
+            raise UserError("--tokenizer none needs --vocab-size")
 
 
 # ---- sharding ---------------------------------------------------------------------------------------------------
@@ -152,9 +174,7 @@ class Encoder:
 
     def setup(self) -> None:
         """Load the tokenizer, settle vocabulary and end-of-document id (in the main process)."""
-        if self.tokenizer == "none":
-            if self.vocab_size is None:
-                raise UserError("--tokenizer none needs --vocab-size")
+        if self.tokenizer == "none":  # with a vocab_size (PreprocessJob.validate)
             vocab, eod = self.vocab_size, None
         elif self.tokenizer.endswith(".model"):
             import sentencepiece as spm
@@ -355,13 +375,8 @@ def _done(prefix: str, record: dict[str, Any]) -> bool:
 
 def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
     """Write the dataset (or find it done); returns its manifest."""
+    job.validate()
     shard = parse_shard(job.shard)
-    if job.workers < 1:
-        raise UserError(f"--workers {job.workers}: need at least 1")
-    if job.batch_size < 1:
-        raise UserError(f"--batch-size {job.batch_size}: need at least 1")
-    if job.skip_bad < 0:
-        raise UserError(f"--skip-bad {job.skip_bad}: must be 0 or more")
     paths = expand_inputs(list(job.inputs))
     prefix = shard_prefix(job.output_prefix, *shard) if shard else job.output_prefix
     inputs = [str(p) for p in paths] + [s for s in job.inputs if Path(s).exists()]

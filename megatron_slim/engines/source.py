@@ -26,6 +26,7 @@ from megatron_slim.runtime.lifetime import child_env
 from megatron_slim.runtime.outputs import claim_output_file
 
 DTYPES = ("float32", "bfloat16")
+NONFINITE_HELP = "load a model whose weights hold NaN or Inf (refused by default, naming the tensor)"
 
 
 def data_help(use: str) -> str:
@@ -46,8 +47,7 @@ class ModelJob:
     micro_batch: int = setting(1, help="sequences per forward micro-batch")
     parallel: ParallelLayout = setting(ParallelLayout(), help="model-parallel layout (--tp, --ep, --pp)")
     dtype: str = setting("float32", help="model parameter dtype", choices=DTYPES)
-    allow_nonfinite: bool = setting(False, help="load a model whose weights hold NaN or Inf (refused by default, "
-                                                "naming the tensor)")
+    allow_nonfinite: bool = setting(False, help=NONFINITE_HELP)
     converted: Path | None = None  # set by `run_on_ranks` when it converted an HF model before spawning ranks
 
     def check_sizes(self, more: tuple[str, ...] = (), name: Callable[[str], str] | None = None) -> None:
@@ -149,7 +149,7 @@ def run_on_ranks(command: str, worker: Callable[[J], None], job: J, temp: Path, 
     Returns the exit status; `command` names the command in a spawned rank's error line."""
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.checkpoint.files import Checkpoint
-    from megatron_slim.models.builder import validate_layout
+    from megatron_slim.models.config import validate_layout
     from megatron_slim.runtime.spawn import launched_world_size, run_local_world
 
     checkpoint = Checkpoint.open(job.model)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_slim.errors import UserError
+from megatron_slim.runtime.config_loader import setting
 
 if TYPE_CHECKING:
     import torch
@@ -16,18 +17,32 @@ if TYPE_CHECKING:
 EMBEDDED_DENSE = "smollm2"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UpcycleJob:
     """The `upcycle` command's flags, by the same names."""
 
-    dense: str  # dense HF checkpoint dir, or EMBEDDED_DENSE for the embedded SmolLM2-135M-Instruct
-    experts: int
-    topk: int
-    out: Path
-    calib_tokens: int = 16384
-    router_scale: float = 1e-3
-    seed: int = 0
-    overwrite: bool = False  # replace `out` if it is an earlier output of ours (runtime.outputs.claim_output)
+    dense: str = setting(help=f"dense HF checkpoint dir, or '{EMBEDDED_DENSE}' for the embedded "
+                              "SmolLM2-135M-Instruct")
+    experts: int = setting(help="experts per layer (must divide the FFN size)")
+    topk: int = setting(help="experts per token")
+    out: Path = setting(help="output HF checkpoint dir")
+    calib_tokens: int = setting(16384, help="calibration tokens (Wikipedia calibration paragraphs) for clustering "
+                                            "and routers")
+    router_scale: float = setting(1e-3, help="router logit scale: smaller is closer to the dense model at top-k = "
+                                             "experts")
+    seed: int = setting(0, help="seed of the neuron clustering into experts (k-means++ start)")
+    overwrite: bool = setting(False, help="replace --out if it is an earlier output of megatron-slim (never another "
+                                          "directory)")
+
+    def validate(self) -> None:
+        """Refuse expert counts no model can take, before any model is read (messages name the command's flags;
+        whether --experts divides the FFN is the dense model's to say)."""
+        if self.experts < 1:
+            raise UserError(f"--experts must be >= 1, got {self.experts}")
+        if not 1 <= self.topk <= self.experts:
+            raise UserError(f"--topk must be between 1 and --experts ({self.experts}), got {self.topk}")
+        if self.calib_tokens < 1:
+            raise UserError(f"--calib-tokens must be >= 1, got {self.calib_tokens}")
 
 
 def run_upcycle(job: UpcycleJob) -> None:
@@ -37,6 +52,7 @@ def run_upcycle(job: UpcycleJob) -> None:
     from megatron_slim.data.assets import smollm2_hf_dir
     from megatron_slim.runtime.outputs import claim_output
 
+    job.validate()
     dense_dir = smollm2_hf_dir() if job.dense == EMBEDDED_DENSE else Path(job.dense)
     if not (dense_dir / "config.json").is_file():
         raise FileNotFoundError(f"{dense_dir} is not an HF checkpoint dir (no config.json)")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.backends import BackendSpecProvider
 
-from megatron_slim.models.config import ModelConfig
+from megatron_slim.models.config import ModelConfig, validate_layout
 from megatron_slim.models.specs import hybrid_stack_spec, select_backend
 from megatron_slim.runtime.layout import ParallelLayout
 
@@ -38,30 +38,6 @@ class BuildOptions:
     fp8_recipe: str = "delayed"
     fp8_param: bool = False  # keep linear weights in FP8 (a frozen teacher's memory knob; TE only)
     use_cpu_initialization: bool | None = None  # None: on CPU-only machines (True also builds on the meta device)
-
-
-def validate_layout(cfg: ModelConfig, parallel: ParallelLayout) -> None:
-    """Clear errors when the parallel sizes do not divide the model (megatron-core would assert deep inside)."""
-    problems = []
-    tp = parallel.tp
-    for name, value in [("num_attention_heads", cfg.num_attention_heads),
-                        ("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size)]:
-        if value % tp:
-            problems.append(f"{name}={value} is not divisible by tp={tp}")
-    if cfg.num_query_groups % tp and tp % cfg.num_query_groups:
-        problems.append(f"num_query_groups={cfg.num_query_groups} must divide or be a multiple of tp={tp}")
-    if cfg.num_experts % parallel.ep:
-        problems.append(f"num_experts={cfg.num_experts} is not divisible by ep={parallel.ep}")
-    if cfg.has_gdn:
-        for name in ("linear_num_key_heads", "linear_num_value_heads"):
-            if getattr(cfg, name) % (tp * parallel.cp):
-                problems.append(f"{name}={getattr(cfg, name)} is not divisible by tp*cp={tp * parallel.cp}")
-    if cfg.shared_expert_ffn_hidden_size % tp:
-        problems.append(f"shared_expert_ffn_hidden_size={cfg.shared_expert_ffn_hidden_size} not divisible by tp={tp}")
-    if cfg.num_layers % parallel.pp:
-        problems.append(f"num_layers={cfg.num_layers} is not divisible by pp={parallel.pp}")
-    if problems:
-        raise ValueError("parallel layout does not fit the model: " + "; ".join(problems))
 
 
 def pipeline_pattern(cfg: ModelConfig, pp: int) -> str:

@@ -9,9 +9,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_slim.errors import CheckpointError, UserError
+
+if TYPE_CHECKING:
+    from megatron_slim.runtime.layout import ParallelLayout
 
 # Hybrid layer symbols (megatron-core's HybridModel pattern language).
 GDN, ATTENTION, MOE, DENSE_MLP = "G", "*", "E", "-"
@@ -126,3 +129,28 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"no config.json at {p}")
     return read_json_object(p)
+
+
+def validate_layout(cfg: ModelConfig, parallel: ParallelLayout) -> None:
+    """Clear errors when the parallel sizes do not divide the model (megatron-core would assert deep inside); here,
+    not in models/builder.py, so that checks before any model is built (a recipe's dry run) need no megatron-core."""
+    problems = []
+    tp = parallel.tp
+    for name, value in [("num_attention_heads", cfg.num_attention_heads),
+                        ("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size)]:
+        if value % tp:
+            problems.append(f"{name}={value} is not divisible by tp={tp}")
+    if cfg.num_query_groups % tp and tp % cfg.num_query_groups:
+        problems.append(f"num_query_groups={cfg.num_query_groups} must divide or be a multiple of tp={tp}")
+    if cfg.num_experts % parallel.ep:
+        problems.append(f"num_experts={cfg.num_experts} is not divisible by ep={parallel.ep}")
+    if cfg.has_gdn:
+        for name in ("linear_num_key_heads", "linear_num_value_heads"):
+            if getattr(cfg, name) % (tp * parallel.cp):
+                problems.append(f"{name}={getattr(cfg, name)} is not divisible by tp*cp={tp * parallel.cp}")
+    if cfg.shared_expert_ffn_hidden_size % tp:
+        problems.append(f"shared_expert_ffn_hidden_size={cfg.shared_expert_ffn_hidden_size} not divisible by tp={tp}")
+    if cfg.num_layers % parallel.pp:
+        problems.append(f"num_layers={cfg.num_layers} is not divisible by pp={parallel.pp}")
+    if problems:
+        raise ValueError("parallel layout does not fit the model: " + "; ".join(problems))

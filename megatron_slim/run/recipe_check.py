@@ -145,6 +145,18 @@ def _check_data_sample(recipe: Recipe, teacher: ModelConfig) -> None:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
 
 
+def _check_teacher_layout(recipe: Recipe, teacher: ModelConfig) -> None:
+    """The teacher's importance and evaluation run at the recipe's layout, which each stage's target is checked
+    against but the teacher is not (a 60-expert teacher pruned to 48 experts at ep 16): the model builder's check,
+    made here before the teacher is converted."""
+    from megatron_slim.models.config import validate_layout
+
+    try:
+        validate_layout(teacher, recipe.parallel)
+    except ValueError as e:
+        raise RecipeError(f"invalid recipe:\n  - parallel: the teacher {recipe.teacher}: {e}") from None
+
+
 def validate(recipe: Recipe) -> list[ModelConfig]:
     """Every check that needs no weights; returns the stage configs."""
     from megatron_slim.train.config import run_config_from_dict
@@ -158,6 +170,7 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
     if problems:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
     teacher = teacher_config(recipe)
+    _check_teacher_layout(recipe, teacher)
     _check_data_sample(recipe, teacher)
     if recipe.evaluation.tasks:  # unknown tasks and task data that is not available offline
         from megatron_slim.eval.harness import TaskSpec, check_tasks
@@ -169,10 +182,14 @@ def validate(recipe: Recipe) -> list[ModelConfig]:
             raise RecipeError(f"invalid recipe: evaluation.tasks: {err}") from err
     configs = stage_configs(recipe, teacher)
     check_final(recipe, configs[-1], teacher)
-    for stage in recipe.stages:
+    for stage, student in zip(recipe.stages, configs):
         try:
-            run_config_from_dict(stage_run_config(recipe, stage, "<student>", "<teacher>", [[1.0, "<data>"]],
-                                                  "<save>")).validate(recipe.nproc)
+            run = run_config_from_dict(stage_run_config(recipe, stage, "<student>", "<teacher>", [[1.0, "<data>"]],
+                                                        "<save>"))
+            run.validate(recipe.nproc)
+            # the trainer's check on the pair, before any model exists: the stage's student against the teacher
+            run.loss.teacher_mtp_depths(student.mtp_num_layers, teacher.mtp_num_layers, "of this stage",
+                                        f"the teacher {recipe.teacher}")
         except UserError as e:
             raise RecipeError(f"stage {stage.name!r}: {e}") from e
     if isinstance(recipe.data.train, list):  # an indexed blend: its size is known now (a .jsonl once tokenized)

@@ -12,27 +12,43 @@ from megatron_slim.errors import UserError
 from megatron_slim.run.recipe_schema import Study
 from megatron_slim.run.state import RunView
 from megatron_slim.run.step_groups import SHARED
+from megatron_slim.runtime.config_loader import setting
 
 RECIPE_COPY = "run.recipe.yaml"  # the run's own copy of its recipe in the work dir (`export --run` reads it)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunJob:
     """The `run` command's flags, by the same names (progress: not --no-progress)."""
 
-    recipe: Path
-    workdir: Path
-    stage: str | None = None  # run only this stage (earlier stages must be done); VARIANT/STAGE or `shared`
-    variant: str | None = None  # run only this variant (default: every variant in turn)
-    list_stages: bool = False  # print the stage names and return
-    dry_run: bool = False  # validate the recipe and print the steps with their status
-    step: str | None = None  # one single-process step (the child of a multi-rank job)
-    progress: bool = True
-    list_jobs: bool = False  # print the chain's jobs (run/chain.py) as NAME:cpu|gpu and return
-    job: str | None = None  # run only this job of the chain (the jobs before it must be done)
-    allow_single_process_steps: bool = False  # run heavy single-process steps even in a multi-node job
-    fresh: bool = False  # remove the work dir's contents first (only a work dir `run` made) and start over
-    gpu_memory: str | None = None  # one GPU's memory (e.g. 80GiB) the stages' memory plans must fit
+    recipe: Path = setting(help="recipe YAML (see examples/slimqwen/recipe.yaml and "
+                                "megatron_slim/run/recipe_schema.py)", positional=True)
+    workdir: Path = setting(help="directory for every output and the run's state")
+    stage: str | None = setting(None, help="run only this stage (earlier stages must be done); with variants "
+                                           "VARIANT/STAGE, or `shared` for only the steps variants share (what "
+                                           "--list-stages prints)")
+    variant: str | None = setting(None, help="run only this variant of a recipe that declares variants (default: "
+                                             "every variant in turn; steps they share run once)")
+    list_stages: bool = setting(False, help="print the stage names, one per line, and exit (with variants: `shared`, "
+                                            "then VARIANT/STAGE)")
+    dry_run: bool = setting(False, help="validate the recipe and print the steps with their status and each stage's "
+                                        "student")
+    gpu_memory: str | None = setting(None, help="memory of one GPU (e.g. 80GiB; default: the recipe's "
+                                                "cluster.gpu_memory): a stage whose memory plan does not fit is "
+                                                "refused before anything runs")
+    fresh: bool = setting(False, help="remove the work dir's contents first and run every step again (only a work "
+                                      "dir `run` created, holding none of the run's inputs)")
+    list_jobs: bool = setting(False, help="print the jobs of a chain that keeps GPUs busy, one NAME:cpu or NAME:gpu "
+                                          "per line, and exit (what `launch.sh --submit --chain --cpu-partition P` "
+                                          "submits)")
+    job: str | None = setting(None, help="run only this job of --list-jobs (the jobs before it must be done)")
+    allow_single_process_steps: bool = setting(False, help="in a job spanning several nodes, run the single-process "
+                                                           "steps (teacher conversion, tokenization, pruning, export) "
+                                                           "here anyway, while the other GPUs wait (refused by "
+                                                           "default)")
+    step: str | None = setting(None, help="one single-process step (internal: the child of a multi-rank job)",
+                               hidden=True)
+    progress: bool = setting(True, help="no progress bars")
 
     def target(self) -> tuple[str | None, str | None]:
         """(variant, stage), reading `--stage VARIANT/STAGE` as `--variant VARIANT --stage STAGE`."""

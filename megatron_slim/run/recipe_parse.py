@@ -47,8 +47,13 @@ def _invalid(problems: list[str]) -> RecipeError:
     return RecipeError("invalid recipe:\n  - " + "\n  - ".join(problems))
 
 
-def _is_word(name: Any) -> bool:
-    return isinstance(name, str) and bool(name) and name.replace("_", "").replace("-", "").isalnum()
+def _name_problem(name: Any) -> str | None:
+    """Why `name` cannot name a stage or a variant (it names work-dir entries and step ids); None when it can."""
+    if not (isinstance(name, str) and name and name.replace("_", "").replace("-", "").isalnum()):
+        return f"the name must be a non-empty word (letters, digits, - and _), got {name!r}"
+    if name in RESERVED:
+        return f"the name is reserved for the run's own steps ({', '.join(RESERVED)}), got {name!r}"
+    return None
 
 
 class _Paths:
@@ -190,11 +195,9 @@ def _stage(s: Any, where: str, training: dict, problems: list[str]) -> Stage | N
     if unknown:
         problems.append(f"{where}: unknown keys {unknown} (known: {sorted(STAGE_KEYS)})")
     name = s.get("name")
-    if not _is_word(name):
-        problems.append(f"{where}: name must be a non-empty word (letters, digits, - and _), got {name!r}")
-        return None
-    if name in RESERVED:
-        problems.append(f"{where}: {name!r} is reserved for the run's own steps")
+    bad_name = _name_problem(name)
+    if bad_name:
+        problems.append(f"{where}: {bad_name}")
         return None
     spec = _target(s.get("target", {}), f"{where}.target", problems)
     over = _training(s.get("training"), f"{where}.training", problems)
@@ -312,11 +315,9 @@ def parse_recipe(raw: Any, base_dir: Path) -> Recipe:
 
 def _variant(name: Any, over: Any, base: dict, base_dir: Path, problems: list[str]) -> Recipe | None:
     """One variant: the recipe deep-merged with its overrides; its problems are named after it."""
-    if not _is_word(name):
-        problems.append(f"variant {name!r}: a name is a word (letters, digits, - and _)")
-        return None
-    if name in RESERVED:
-        problems.append(f"variant {name!r}: the name is reserved for the run's own steps")
+    bad_name = _name_problem(name)
+    if bad_name:
+        problems.append(f"variant {name!r}: {bad_name}")
         return None
     if not isinstance(over, dict):
         problems.append(f"variant {name!r}: overrides must be a mapping of recipe keys, got {over!r}")

@@ -153,7 +153,7 @@ class EvaluationSection:
                            micro_batch=self.micro_batch, parallel=parallel, mtp_k=self.mtp_k,
                            mtp_prompts=self.mtp_prompts, prompt_len=self.prompt_len or seq_len // 2,
                            gen_tokens=self.gen_tokens, tasks=tuple(self.tasks), num_fewshot=self.num_fewshot,
-                           limit=self.limit, dtype="float32", json=False, out=out)
+                           limit=self.limit, out=out)
 
     @staticmethod
     def key(field: str) -> str:
@@ -171,8 +171,8 @@ class InferenceSection:
     device: str = BenchInferenceJob.device
     warmup: int = BenchInferenceJob.warmup
     repeats: int = BenchInferenceJob.repeats
-    engines: list[str] = field(default_factory=lambda: ["transformers"])  # transformers and/or vllm
-    vllm_python: str | None = None  # the vLLM environment's interpreter (None: .vllm-venv/ of the checkout)
+    engines: list[str] = field(default_factory=lambda: list(BenchInferenceJob.engines))  # transformers and/or vllm
+    vllm_python: str | None = BenchInferenceJob.vllm_python  # the vLLM environment's interpreter (None: .vllm-venv/)
 
     def job(self, models: tuple[str, ...]) -> BenchInferenceJob:
         settings = dataclasses.asdict(self)

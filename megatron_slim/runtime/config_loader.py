@@ -63,9 +63,11 @@ def _safe_load_bounded(text: str, where: str) -> Any:
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, **flag: Any) -> Any:
-    """A job field that is also a command-line flag, declared once: its default here, its help and argparse
-    options (`choices`; `many="comma"` or `many="append"` for a tuple) in the field's metadata, which
-    commands/options.py `add_job_arguments` turns into the command's flag `--field-name`."""
+    """A job field that is also a command-line flag, declared once: its default here, its help and flag options in
+    the field's metadata, which commands/options.py `add_job_arguments` turns into the command's flag
+    `--field-name`. Options: `flag="name"` (the flag's name when it is not the field's, e.g. `--model` for a
+    tuple `models`), `positional=True`, `hidden=True` (left out of --help: internal plumbing), `many="comma"` or
+    `many="append"` for a tuple, `tp_help` for a layout's --tp, and argparse's own (`choices`, `metavar`)."""
     return dataclasses.field(default=default, metadata={"help": help, **flag})
 
 

@@ -83,6 +83,20 @@ class LossSection(Objective):
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: float | None = None
 
+    def teacher_mtp_depths(self, student_depths: int, teacher_depths: int, student: str, teacher: str) -> int:
+        """MTP depths to build in the teacher: none unless the student's MTP heads learn from the teacher's own
+        (mtp_kd_source: mtp), then as many as the student has (depth k needs only depths 1..k). Refuses a student
+        without MTP heads, or a teacher with fewer depths; `student`/`teacher` name the models in the message (the
+        trainer's checkpoints, or a recipe stage's models before they exist)."""
+        if self.mtp_kd_source != "mtp" or self.mtp_kd_weight == 0:
+            return 0
+        if student_depths == 0:
+            raise UserError(f"loss.mtp_kd_source: mtp, but the student {student} has no MTP heads")
+        if teacher_depths < student_depths:
+            raise UserError(f"loss.mtp_kd_source: mtp needs a teacher with at least the student's {student_depths} "
+                            f"MTP depths; {teacher} has {teacher_depths}")
+        return student_depths
+
 
 @dataclass
 class CheckpointSection:

@@ -151,7 +151,8 @@ class Trainer:
                 raise UserError(f"teacher vocab {tcfg.vocab_size} != student vocab {self.model_cfg.vocab_size}: "
                                 "teacher and student must share the tokenizer")
             self._check_same_tokenizer(Path(c.teacher.checkpoint), Path(c.model.checkpoint))
-            tcfg = tcfg.replace(mtp_num_layers=self._teacher_mtp_depths(tcfg.mtp_num_layers))
+            tcfg = tcfg.replace(mtp_num_layers=c.loss.teacher_mtp_depths(
+                self.model_cfg.mtp_num_layers, tcfg.mtp_num_layers, c.model.checkpoint, c.teacher.checkpoint))
             if not self._teacher_used():
                 why = " and loss.mtp_kd_weight 0" if self.model_cfg.mtp_num_layers else ", no student MTP heads"
                 self._log_rank0(f"the teacher {c.teacher.checkpoint} is not loaded: no loss term uses it "
@@ -243,19 +244,6 @@ class Trainer:
         """Whether a loss term reads the teacher's outputs: the KD term, or MTP KD on a student with MTP heads."""
         loss = self.cfg.loss
         return loss.kd_weight > 0 or (loss.mtp_kd_weight > 0 and self.model_cfg.mtp_num_layers > 0)
-
-    def _teacher_mtp_depths(self, available: int) -> int:
-        """MTP depths to build in the teacher: none unless the student's MTP heads learn from the teacher's own
-        (loss.mtp_kd_source: mtp), then as many as the student has (depth k needs only depths 1..k)."""
-        loss, needed = self.cfg.loss, self.model_cfg.mtp_num_layers
-        if loss.mtp_kd_source != "mtp" or loss.mtp_kd_weight == 0:
-            return 0
-        if needed == 0:
-            raise UserError(f"loss.mtp_kd_source: mtp, but the student {self.cfg.model.checkpoint} has no MTP heads")
-        if available < needed:
-            raise UserError(f"loss.mtp_kd_source: mtp needs a teacher with at least the student's {needed} MTP "
-                            f"depths; {self.cfg.teacher.checkpoint} has {available}")
-        return needed
 
     @staticmethod
     def _check_same_tokenizer(a: Path, b: Path) -> None:

@@ -7,25 +7,38 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from megatron_slim.engines.source import NONFINITE_HELP
 from megatron_slim.errors import UserError
 from megatron_slim.runtime import json_out
+from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.layout import ParallelLayout
 from megatron_slim.verify.parity import Thresholds
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerifyJob:
-    hf: str  # HF checkpoint directory
-    mcore: str  # Megatron-Core checkpoint directory
-    parallel: ParallelLayout = ParallelLayout()  # tp, ep, pp (the command's --tp/--ep/--pp)
-    batch: int = 2
-    seq_len: int = 32
-    seed: int = 0
-    limits: Thresholds = field(default_factory=Thresholds)
-    json: bool = False
-    allow_nonfinite: bool = False  # load Megatron weights holding NaN/Inf (refused by default)
+    """The `verify` command's flags, by the same names."""
+
+    hf: str = setting(help="HF checkpoint directory (safetensors + config.json)")
+    mcore: str = setting(help="Megatron-Core checkpoint directory (from `convert hf-to-mcore`)")
+    parallel: ParallelLayout = setting(ParallelLayout(), help="the Megatron side's layout (--tp, --ep, --pp)",
+                                       tp_help="tensor-parallel size for the Megatron side")
+    batch: int = setting(2, help="sequences to compare")
+    seq_len: int = setting(32, help="tokens per sequence")
+    seed: int = setting(0, help="seed of the random token ids")
+    min_top1: float = setting(Thresholds.min_top1_agreement, help="exit with status 1 when any head's top-1 "
+                              "agreement is below this fraction (0 disables)")
+    max_abs_diff: float | None = setting(Thresholds.max_abs_diff, help="exit with status 1 when the main head's "
+                                         "max |diff| exceeds this")
+    json: bool = setting(False, help="print the result as one JSON object")
+    allow_nonfinite: bool = setting(False, help=NONFINITE_HELP)  # Megatron weights holding NaN/Inf
+
+    @property
+    def limits(self) -> Thresholds:
+        """What passes (`min_top1`, `max_abs_diff`)."""
+        return Thresholds(min_top1_agreement=self.min_top1, max_abs_diff=self.max_abs_diff)
 
 
 def verify_worker(job: VerifyJob) -> int:
@@ -63,7 +76,7 @@ def verify_worker(job: VerifyJob) -> int:
 def run_verify(job: VerifyJob) -> int:
     """0 when the heads agree within `job.limits`, 1 when not (on the launched ranks or tp*pp*EP local ones)."""
     from megatron_slim.checkpoint.mcore import load_model_config
-    from megatron_slim.models.builder import validate_layout
+    from megatron_slim.models.config import validate_layout
     from megatron_slim.runtime.spawn import run_on_world
 
     cfg = load_model_config(job.mcore)

@@ -882,6 +882,28 @@ def test_a_killed_launcher_leaves_no_rank_or_forked_helper(tmp_path):
     assert not list(tmp_path.glob("*.checkpoint"))
 
 
+def test_a_child_command_dies_with_the_process_that_started_it(tiny_hf, tmp_path):
+    """A `megatron-slim` command started as a child (a multi-rank run's single-process step, the conversion before
+    ranks spawn: `lifetime.child_env`) dies with its parent, even one killed before the child asked for it; it used
+    to run on to its end, writing its output for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "mc"
+    code = ("import os, subprocess, sys; from megatron_slim.runtime.lifetime import child_env; "
+            "child = subprocess.Popen([sys.executable, '-m', 'megatron_slim.cli', 'convert', 'hf-to-mcore', '--hf', "
+            f"{str(tiny_hf)!r}, '--out', {str(out)!r}, '--no-progress'], env=child_env(dict(os.environ))); "
+            "print(child.pid, flush=True); child.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)  # at once: the child has not even parsed its arguments yet
+    parent.wait()
+    assert _none_alive([child], 120) == [], "the child command outlived its parent"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_a_killed_importance_leaves_no_rank_computing(tiny_mcore, tmp_path, sig):
     """`importance --ep 2` ranks re-parented to PID 1 and kept computing into a hidden `.partial` after their

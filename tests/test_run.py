@@ -453,14 +453,14 @@ def _two_nodes(*args: str, timeout: int = 600) -> list[tuple[int, str]]:
 def test_multi_node_job_refuses_single_process_steps(assets: Path, tmp_path: Path) -> None:
     """In a job that spans two nodes, `run` refuses the teacher conversion (the CPU job `prepare` of launch.sh's
     chain does it) on every rank before anything runs; --allow-single-process-steps runs it there anyway."""
-    work = tmp_path / "work"
-    results = _two_nodes("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--no-progress")
+    work, recipe = tmp_path / "work", _write(tmp_path, "recipe", _recipe(assets))  # not the `finished` run's file
+    results = _two_nodes("run", str(recipe), "--workdir", str(work), "--no-progress")
     for code, out in results:
         assert code != 0, out[-3000:]
         assert ("step prepare/teacher is single-process work that would keep the other GPUs of this 2-node job "
                 "idle") in out and "--job prepare`" in out, out[-3000:]
     assert not (work / "state.json").exists() and not (work / "teacher").exists()
-    results = _two_nodes("run", str(assets / "recipe.yaml"), "--workdir", str(work), "--job", "prepare",
+    results = _two_nodes("run", str(recipe), "--workdir", str(work), "--job", "prepare",
                          "--allow-single-process-steps", "--no-progress")
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     state = json.loads((work / "state.json").read_text())["steps"]
@@ -469,29 +469,137 @@ def test_multi_node_job_refuses_single_process_steps(assets: Path, tmp_path: Pat
     assert (work / "teacher" / "mcore").is_dir()
 
 
-def test_sigterm_between_distillations_stops_at_the_next_step(assets: Path) -> None:
-    """SIGTERM outside distillation (here: while the teacher is evaluated) lets the step finish, records it, and
-    stops the run before the next step with the requeue status 75."""
-    work = assets / "work_term"
-    cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(_write(assets, "recipe_term", _recipe(assets))),
-           "--workdir", str(work), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-
-    def status(step: str) -> str | None:
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
         try:
-            return json.loads((work / "state.json").read_text())["steps"].get(step, {}).get("status")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except FileNotFoundError:
+            children = []
+        out |= {int(c) for c in children}
+        todo += [int(c) for c in children]
+    return out
 
-    while status("prepare/eval_teacher") != "running":
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _step_status(work: Path, step: str) -> str | None:
+    try:
+        return json.loads((work / "state.json").read_text())["steps"].get(step, {}).get("status")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def signal_run_in(cmd: list[str], work: Path, step: str, log: Path) -> tuple[int, str, set[int]]:
+    """Start `cmd` (a `run` into `work`), SIGTERM it as soon as `step` is running; (its exit status, its output,
+    every process seen under it meanwhile: ranks, step children, checkpoint writers)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+    try:
+        deadline = time.time() + 600
+        while _step_status(work, step) != "running":
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            seen |= _descendants(proc.pid)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None:
+            assert time.time() < deadline, log.read_text()[-3000:]
+            seen |= _descendants(proc.pid)
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.time() + 20
+    while any(_alive(p) for p in seen) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 75, out[-3000:]
-    assert status("prepare/eval_teacher") == "done" and status("depth/importance") is None, out[-3000:]
-    assert "stop  before depth/importance" in out
+    return proc.returncode, log.read_text(), {p for p in seen if _alive(p)}
+
+
+def test_sigterm_stops_the_run_at_the_next_safe_point(assets: Path, tmp_path: Path) -> None:
+    """SIGTERM outside distillation (here: while the teacher is evaluated) lets the step finish, records it, and
+    stops the run before the next step with the requeue status 75. The requeued run resumes; a SIGTERM while
+    distillation sets up (it used to be lost: the trainer's own stop flag started unraised, so the stage trained to
+    its end) checkpoints at the first step and exits 75, leaving no process behind."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "megatron_slim.cli", "run",
+           str(_write(tmp_path, "recipe", chain_recipe(assets, steps_per_stage=6, preset="one_shot",
+                                                       importance={"tokens": 64},
+                                                       evaluation={"tokens": 64, "mtp_k": 0}))),
+           "--workdir", str(work), "--no-progress"]
+    code, out, survivors = signal_run_in(cmd, work, "prepare/eval_teacher", tmp_path / "first.log")
+    assert code == 75, out[-3000:]
+    assert _step_status(work, "prepare/eval_teacher") == "done"
+    assert _step_status(work, "one_shot/importance") is None
+    assert "stop  before one_shot/importance" in out and not survivors
+
+    code, out, survivors = signal_run_in(cmd, work, "one_shot/distill", tmp_path / "second.log")
+    assert code == 75, out[-3000:]
+    assert "skip  prepare/eval_teacher" in out and "stop  one_shot/distill: checkpointed" in out, out[-3000:]
+    assert _step_status(work, "one_shot/distill") == "interrupted"
+    steps = sorted(int(p.name.split("_")[1]) for p in (work / "one_shot" / "train").glob("iter_*"))
+    assert steps and steps[-1] < 12, (steps, out[-3000:])  # stopped early, with a checkpoint
+    assert not survivors, survivors
+
+
+@pytest.mark.slow  # a two-rank run to its distillation: minutes on two cores
+def test_sigterm_reaches_the_ranks_of_a_two_rank_run(assets: Path, tmp_path: Path) -> None:
+    """`run` with `nproc: 2` used to exit at once on SIGTERM while its orphaned ranks finished the run: now both
+    ranks checkpoint the distillation (each its shard), the run exits 75, and no rank, step child or checkpoint
+    writer survives."""
+    work = tmp_path / "work"
+    recipe = chain_recipe(assets, steps_per_stage=6, nproc=2, preset="one_shot", importance={"tokens": 64},
+                          evaluation={"tokens": 64, "mtp_k": 0})
+    cmd = [sys.executable, "-m", "megatron_slim.cli", "run", str(_write(tmp_path, "recipe", recipe)), "--workdir",
+           str(work), "--no-progress"]
+    code, out, survivors = signal_run_in(cmd, work, "one_shot/distill", tmp_path / "run.log")
+    assert code == 75, out[-3000:]
+    assert _step_status(work, "one_shot/distill") == "interrupted", out[-3000:]
+    step = int((work / "one_shot" / "train" / "latest").read_text())
+    shards = {p.name for p in (work / "one_shot" / "train" / f"iter_{step:07d}").glob("*.distcp")}
+    assert shards == {"__0_0.distcp", "__1_0.distcp"}, out[-3000:]  # each rank saved its shard
+    assert step < 12 and not survivors, survivors
+
+
+def test_torchrun_ranks_share_the_work_dir_lock_and_a_second_run_is_refused(assets: Path, tmp_path: Path) -> None:
+    """Under torchrun (the launch.sh path) rank 0 holds the work dir's lock for its ranks (they do not lock each
+    other out); a second torchrun `run` into the same work dir is refused on every rank, naming the holder, and
+    leaves the first running with its lock."""
+    work, recipe = tmp_path / "work", str(_write(tmp_path, "recipe", chain_recipe(assets)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+    def torchrun(log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node", "2", "-m", "megatron_slim.cli", "run", recipe, "--workdir",
+                                     str(work), "--no-progress"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+
+    first = torchrun(tmp_path / "first.log")
+    try:
+        deadline = time.time() + 300
+        while _step_status(work, "prepare/teacher") != "running":  # both ranks are past the guard
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        holder = int((work / ".megatron-slim.lock").read_text().split()[0])
+        assert holder in _descendants(first.pid)  # a rank of the first job, not its agent
+        second = torchrun(tmp_path / "second.log")
+        assert second.wait(timeout=300) != 0
+        out = (tmp_path / "second.log").read_text()
+        refusal = f"megatron-slim run: error: {work} is being written by another run (pid {holder} on host"
+        assert out.count(refusal) == 2, out[-3000:]  # both ranks, one line each
+        assert not re.search(r'File ".*megatron_slim/', out), out[-3000:]  # (torchrun's own traceback follows)
+        assert first.poll() is None and (work / ".megatron-slim.lock").read_text().split()[0] == str(holder)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
 
 
 # ---- the work dir: one writer, never the user's files, outputs that vanished are redone -------------------------

@@ -22,12 +22,17 @@ def ignore_stop_signals() -> None:
 
 class StopFlag:
     """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at safe points. Flags nest: an inner one (the
-    trainer's, inside a run's step) passes the signal on to the outer one, and `restore()` puts the outer back, so
-    a signal is never lost between two safe points of different owners."""
+    trainer's, inside a run's step) starts raised when the outer one already is (the signal came while the step
+    was setting up: loading a teacher can take minutes), passes later signals on to the outer one, and `restore()`
+    puts the outer back, so a signal is never lost between two safe points of different owners."""
 
     def __init__(self) -> None:
         self.raised = False
-        self._previous: dict[int, Any] = {sig: signal.signal(sig, self._handler) for sig in _SIGNALS}
+        self._previous: dict[int, Any] = {}
+        for sig in _SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        self.raised |= any(isinstance(getattr(h, "__self__", None), StopFlag) and h.__self__.raised
+                           for h in self._previous.values())
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.raised = True

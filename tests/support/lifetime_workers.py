@@ -1,6 +1,6 @@
 """A rank for `runtime.spawn.run_local_world` that stands in for a trainer, light enough to start in a second:
-it forks a helper (as megatron-core's checkpoint writer does), then works until SIGTERM, "checkpoints" and ends
-with the requeue status, as `train` does on preemption."""
+it forks a helper (as megatron-core's checkpoint writer does), then works until SIGTERM (deaf to SIGINT),
+"checkpoints" and ends with the requeue status, as `train` does on preemption."""
 from __future__ import annotations
 
 import multiprocessing
@@ -19,6 +19,9 @@ def _helper() -> None:
 def preemptible(out: str) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    # torch.multiprocessing asks for SIGINT when the launcher dies; a rank blocked in a collective (C++) does not
+    # act on it, so only our own parent-death SIGKILL (`runtime.lifetime`) may end it: be such a rank
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     helper = multiprocessing.get_context("fork").Process(target=_helper, daemon=True)
     helper.start()
     rank = os.environ["RANK"]

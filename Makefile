@@ -4,6 +4,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test processes: most tests wait on subprocess start-up, file I/O or gloo, so two share 2 cores well. A file's
+# tests stay in one process (--dist loadfile), so its module fixtures are built once.
+PYTEST_WORKERS ?= 2
 
 .PHONY: venv vllm-env demo test lint ablate clean
 
@@ -22,7 +25,7 @@ ablate: venv
 
 # Lint first (seconds): a style or pyflakes finding fails before the tests start.
 test: lint
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests $(PYTEST_ARGS)
 
 # ruff's rules: pyproject.toml [tool.ruff] (pyflakes, pycodestyle, import order, 120 columns).
 lint: venv

@@ -41,7 +41,8 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8.0", "ruff>=0.17,<0.18"],  # ruff: `make lint` (rules in pyproject.toml)
+        # ruff: `make lint` (rules in pyproject.toml); pytest-xdist: `make test` runs the tests in PYTEST_WORKERS processes
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.17,<0.18"],
     },
     entry_points={"console_scripts": ["megatron-slim=megatron_slim.cli:main"]},
 )

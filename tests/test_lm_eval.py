@@ -199,6 +199,22 @@ def test_unknown_or_unavailable_task_is_named(tmp_path):
         TaskSpec(tasks=("wiki_cloze",), num_fewshot=-1).validate()
 
 
+def test_shipped_tasks_resolve_without_indexing_lm_evals_registry(tmp_path):
+    """Tasks defined in the shipped or --include-path YAMLs come from an index of those files alone (the registry's
+    ~14,000 YAMLs cost every evaluation ~14 CPU-seconds); a name that index lacks, and a group (its members may be
+    registry tasks), need the whole registry, against which the test above resolves unknown names."""
+    from megatron_slim.eval.harness import _task_index, _task_manager, needs_registry
+
+    (tmp_path / "group.yaml").write_text("group: my_group\ntask: [wiki_cloze, lambada_openai]\n")
+    manager = _task_manager(TaskSpec(tasks=("wiki_cloze", "wiki_continuation"), include_path=(tmp_path,)))
+    assert manager is _task_index((tmp_path,), False) and "lambada_openai" not in manager.all_tasks
+    assert "my_group" in manager.all_tasks
+    assert set(manager.load(["wiki_cloze"])["tasks"]) == {"wiki_cloze"}
+    assert not needs_registry(manager, ["wiki_continuation"])
+    for names in (["wiki_cloze", "my_group"], ["lambada_openai"], ["no_such_task"]):
+        assert needs_registry(manager, names), names
+
+
 def test_table_has_a_row_per_task_metric():
     from megatron_slim.engines.evaluate_job import format_table
 

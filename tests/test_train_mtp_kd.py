@@ -107,7 +107,11 @@ def _run(rank: int, world_size: int, config_path: str) -> dict:
             "teacher_depths": trainer.teacher.config.mtp_num_layers}
 
 
-@pytest.mark.parametrize("layout", [{"tp": 1}, {"tp": 2}, {"pp": 2}], ids=["tp1", "tp2", "pp2"])
+# tp2 (slow) adds little to test_train's tp2 distillation parity; pp2 is a path only MTP KD has (teacher MTP input
+# activations travel to the last stage)
+@pytest.mark.parametrize("layout", [pytest.param({"tp": 1}, id="tp1"),
+                                    pytest.param({"tp": 2}, id="tp2", marks=pytest.mark.slow),
+                                    pytest.param({"pp": 2}, id="pp2")])
 def test_mtp_kd_from_teacher_mtp_heads(mtp_assets, layout):
     """PP=2: the teacher's MTP block runs on the last stage from the teacher activations that travelled there."""
     name = "mtp_source_" + "_".join(f"{k}{v}" for k, v in layout.items())

@@ -180,6 +180,7 @@ def upcycle_model(dense: LlamaForCausalLM, sequences: list[torch.Tensor], num_ex
     import torch
     from tqdm import tqdm
     from transformers import MixtralForCausalLM
+    from transformers.initialization import no_init_weights
 
     from megatron_slim.compress.upcycle_ffn import upcycle_ffn
 
@@ -195,7 +196,8 @@ def upcycle_model(dense: LlamaForCausalLM, sequences: list[torch.Tensor], num_ex
         state[prefix + "gate.weight"] = moe.router
         state[prefix + "experts.gate_up_proj"] = torch.cat([moe.gate, moe.up], dim=1)
         state[prefix + "experts.down_proj"] = moe.down
-    model = MixtralForCausalLM(config).to(dense.dtype)
+    with no_init_weights():  # every weight is loaded next (strictly): random init would be thrown away
+        model = MixtralForCausalLM(config).to(dense.dtype)
     model.load_state_dict(state, strict=True)
     model.generation_config = dense.generation_config
     return model.eval()

@@ -284,19 +284,36 @@ def greedy_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: i
 
 # ---------------------------------------------------------------------- tasks
 
-@functools.lru_cache(maxsize=4)
-def _task_manager(include_path: tuple[Path, ...]) -> Any:
-    """lm-eval's task index over its registry, the shipped tasks and `include_path` (indexing its thousands of
-    YAMLs takes seconds: built once per process for the check and the scoring)."""
+@functools.lru_cache(maxsize=8)
+def _task_index(include_path: tuple[Path, ...], defaults: bool) -> Any:
+    """lm-eval's task index over the shipped tasks and `include_path`, and over its own registry when `defaults`
+    (indexing the registry's ~14,000 YAMLs costs ~14 CPU-seconds: built once per process, and only when asked)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, include_path)])
+    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, include_path)], include_defaults=defaults)
+
+
+def _task_manager(spec: TaskSpec) -> Any:
+    """The index that resolves `spec.tasks`: the shipped tasks and `include_path` alone when they define every
+    requested name as a task, else lm-eval's whole registry as well (`needs_registry`)."""
+    small = _task_index(tuple(spec.include_path), False)
+    return _task_index(tuple(spec.include_path), True) if needs_registry(small, spec.tasks) else small
+
+
+def needs_registry(local: Any, names: Sequence[str]) -> bool:
+    """Whether `names` need lm-eval's registry beyond the `local` index (shipped and include-path YAMLs): yes for a
+    name `local` lacks (a registry task, or an unknown name that check_tasks names among all known ones) and for a
+    group or tag (its members may be registry tasks); a task `local` defines overrides the registry's anyway."""
+    from lm_eval.tasks._index import Kind
+
+    index = local.task_index
+    return not all(name in index and index[name].kind in (Kind.TASK, Kind.PY_TASK) for name in names)
 
 
 def check_tasks(spec: TaskSpec) -> None:
     """Every task name is known and its data loads; otherwise one UserError naming each failing task and how to
     make its data available. Runs before any model is built (the command calls it before spawning ranks)."""
-    manager = _task_manager(tuple(spec.include_path))
+    manager = _task_manager(spec)
     known = set(manager.all_tasks)
     problems = [f"task {name}: unknown (not in lm-eval's registry, the shipped tasks "
                 f"{', '.join(shipped_task_names())} or an --include-path directory)"
@@ -352,7 +369,7 @@ def score_tasks(model: torch.nn.Module, cfg: ModelConfig, tokenizer_dir: Path | 
     for task in spec.tasks:
         try:
             results = simple_evaluate(model=lm, tasks=[task], num_fewshot=spec.num_fewshot, limit=spec.limit,
-                                      task_manager=_task_manager(tuple(spec.include_path)), log_samples=False,
+                                      task_manager=_task_manager(spec), log_samples=False,
                                       bootstrap_iters=0, verbosity="ERROR")  # no bootstrap: values, not stderrs
         except Exception as e:  # noqa: BLE001 - any task failure is reported with the others' scores kept
             errors[task] = f"{type(e).__name__}: {e}"

@@ -41,6 +41,12 @@ READS_CHECKPOINTS = frozenset({"verify", "train", "upcycle", "prune", "importanc
                                "export", "bench-inference", "ablate", "demo"})
 
 
+# Commands that stop at safe points on SIGTERM/SIGUSR1 (exit 75, launch.sh requeues): they catch the signal from
+# the moment their arguments parse, so one that arrives while torch and megatron-core import (seconds) or the model
+# loads (minutes) is kept for their first safe point instead of killing them (143, not requeued).
+PREEMPTIBLE = frozenset({"run", "train"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_slim.commands.options import add_follow_symlinks_argument
 
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_slim.runtime.quiet import silence_upstream_noise
 
     args = build_parser().parse_args(argv)
+    if args.command in PREEMPTIBLE:
+        from megatron_slim.runtime.preemption import StopFlag
+
+        StopFlag()  # the outermost flag: the runner's and the trainer's start raised when it is (see StopFlag)
     silence_upstream_noise()
     lifetime.adopt_parent()  # a child command dies with the command that started it
     lifetime.install()  # and every process this one forks dies with it (checkpoint writers)

@@ -496,15 +496,22 @@ def _step_status(work: Path, step: str) -> str | None:
         return None
 
 
-def signal_run_in(cmd: list[str], work: Path, step: str, log: Path) -> tuple[int, str, set[int]]:
-    """Start `cmd` (a `run` into `work`), SIGTERM it as soon as `step` is running; (its exit status, its output,
-    every process seen under it meanwhile: ranks, step children, checkpoint writers)."""
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a handler installed for SIGTERM (its SigCgt mask in /proc)."""
+    mask = re.search(r"^SigCgt:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return bool(mask and int(mask.group(1), 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def signal_run_in(cmd: list[str], work: Path, step: str | None, log: Path) -> tuple[int, str, set[int]]:
+    """Start `cmd` (a `run` into `work`), SIGTERM it as soon as `step` is running (None: as soon as it catches the
+    signal, while it is still importing); (its exit status, its output, every process seen under it meanwhile:
+    ranks, step children, checkpoint writers)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     seen: set[int] = set()
     try:
         deadline = time.time() + 600
-        while _step_status(work, step) != "running":
+        while not (_catches_sigterm(proc.pid) if step is None else _step_status(work, step) == "running"):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             seen |= _descendants(proc.pid)
             time.sleep(0.05)
@@ -547,6 +554,11 @@ def test_sigterm_stops_the_run_at_the_next_safe_point(assets: Path, tmp_path: Pa
     steps = sorted(int(p.name.split("_")[1]) for p in (work / "one_shot" / "train").glob("iter_*"))
     assert steps and steps[-1] < 12, (steps, out[-3000:])  # stopped early, with a checkpoint
     assert not survivors, survivors
+
+    # a SIGTERM while the requeued run is still importing torch (it used to die of it: 143, not requeued)
+    code, out, survivors = signal_run_in(cmd, work, None, tmp_path / "third.log")
+    assert code == 75 and "stop  before one_shot/distill" in out and not survivors, out[-3000:]
+    assert _step_status(work, "one_shot/distill") == "interrupted"
 
 
 @pytest.mark.slow  # a two-rank run to its distillation: minutes on two cores

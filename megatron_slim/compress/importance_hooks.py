@@ -257,34 +257,32 @@ class _Collector:
             return F.silu(gate) * up
 
         sequential = hasattr(experts, "local_experts")
-        if sequential:  # read each expert's fc2 input (activations x routing probability) instead of recomputing
-            inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # SequentialMLP: each local expert's linear_fc2 input (activations x routing probability), read by a hook that
+        # only keeps it; the layer's experts hook then handles them all at once (one float64 copy, one 1/p vector)
+        fc2_inputs: list[torch.Tensor] = []
+        if sequential:
+            for expert in experts.local_experts:
+                self._handles.append(expert.linear_fc2.register_forward_pre_hook(
+                    lambda mod, args: fc2_inputs.append(args[0]) if self.active else None))
+        apply_probs_on_input = experts.config.moe_apply_probs_on_input  # the experts then get probability 1
 
-            def on_expert_input(i: int, args: tuple, kwargs: dict) -> None:
-                scale = args[1] if len(args) > 1 else kwargs.get("per_token_scale")
-                inputs[i] = (args[0], scale)
-
-            def on_fc2_input(i: int, a: torch.Tensor) -> None:
-                x, scale = inputs.pop(i)
-                if not a.shape[0]:
-                    return
-                a = a.reshape(-1, a.shape[-1]).to(torch.float64, copy=True).abs_()
-                if scale is None:
-                    self.add(name, a.sum(0), (first + i, neurons))
-                    return
-                # sum_t |a_t| / p_t as one matrix-vector product; p_t = 0 erased row t: recomputed from fc1
-                scale = scale.reshape(-1).double()
-                lost = scale == 0
-                self.add(name, torch.where(lost, 0.0, 1.0 / scale) @ a, (first + i, neurons))
-                if lost.any():
-                    self.add(name, activations(i, x.reshape(-1, x.shape[-1])[lost]).double().abs().sum(0),
-                             (first + i, neurons))
-
-            for i, expert in enumerate(experts.local_experts):
-                self._handles.append(expert.register_forward_pre_hook(
-                    lambda mod, args, kwargs, i=i: on_expert_input(i, args, kwargs) if self.active else None,
-                    with_kwargs=True))
-                self._pre(expert.linear_fc2, lambda a, i=i: on_fc2_input(i, a))
+        def sequential_neurons(x: torch.Tensor, probs: torch.Tensor) -> None:
+            """sum_t |a_t| / p_t per local expert (rows in expert order, as SequentialMLP splits them); p_t = 0 erased
+            row t: recomputed from fc1."""
+            inputs = [a.reshape(-1, a.shape[-1]) for a in fc2_inputs]
+            fc2_inputs.clear()
+            counts = [a.shape[0] for a in inputs]  # = tokens_per_expert, read without a device sync
+            a64 = torch.cat(inputs).to(torch.float64).abs_()
+            scale = (torch.ones_like(probs) if apply_probs_on_input else probs).reshape(-1).double()
+            lost = scale == 0
+            inverse = torch.where(lost, 0.0, 1.0 / scale)
+            sums = torch.stack([w @ a for w, a in zip(inverse.split(counts), a64.split(counts))])
+            self.add(name, sums, (slice(first, first + n_local), neurons))
+            if lost.any():
+                x = x.reshape(-1, x.shape[-1])
+                for i, (rows, erased) in enumerate(zip(x.split(counts), lost.split(counts))):
+                    if erased.any():
+                        self.add(name, activations(i, rows[erased]).double().abs().sum(0), (first + i, neurons))
 
         def on_experts(args, out) -> None:
             x = args[0]
@@ -298,7 +296,9 @@ class _Collector:
                 reap = torch.zeros(n_local, dtype=torch.float64, device=y.device).index_add_(
                     0, owner, torch.linalg.vector_norm(y, dim=-1, dtype=torch.float64))
                 self.add(f"{prefix}experts.reap", reap, slice(first, first + n_local))
-            if not sequential:
+            if sequential:
+                sequential_neurons(x, args[2])
+            else:
                 start = 0
                 for i, n in enumerate(args[1].tolist()):
                     if n:

@@ -69,7 +69,9 @@ def _upcycle_into(job: UpcycleJob, dense_dir: Path, staging: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_slim.data.wiki import wiki_splits
+    from megatron_slim.runtime.host_memory import retain_freed_memory
 
+    retain_freed_memory()  # the calibration and the per-layer split allocate the same large tensors layer by layer
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(dense_dir, local_files_only=True, trust_remote_code=False)
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype="auto", local_files_only=True,

@@ -17,6 +17,8 @@ redirects exactly those, in one place, and is never activated when CUDA is avail
    CUDA name of CPU tensors.
 6. `torch.compile` (megatron's `jit_fuser`) is disabled: inductor compilation on CPU is slow and adds nothing
    to correctness checks.
+7. Host memory: freed tensors' pages are kept for reuse (runtime/host_memory.py) instead of being unmapped and
+   page-faulted again by the next step's allocations of the same size.
 
 Production paths (GPU) run megatron-core's real CUDA code: `activate()` refuses to run when CUDA is available.
 """
@@ -97,7 +99,10 @@ def activate() -> None:
 
     from torch import _dynamo
 
+    from megatron_slim.runtime.host_memory import retain_freed_memory
+
     _dynamo.config.disable = True
+    retain_freed_memory()
 
     cuda = torch.cuda
     cuda.current_device = lambda: _CPU

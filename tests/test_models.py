@@ -8,7 +8,7 @@ from megatron_slim.models.registry import model_config_from_hf
 from megatron_slim.runtime.layout import ParallelLayout
 from support import tiny_models
 from support.dist import run_distributed
-from support.workers import train_steps
+from support.workers import batch_major_logits_check, train_steps
 
 
 @pytest.mark.parametrize("family", sorted(tiny_models.FAMILIES))
@@ -19,6 +19,20 @@ def test_forward_backward_and_loss_decreases(family):
     assert res["missing_grads"] == []
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_batch_major_logits_change_no_value():
+    """The output layer writes logits in [b, s, v] order (no copy at the model's final transpose): logits and the
+    labels path's loss are bit-identical to the layer without that layout; gradients equal up to the order in
+    which the weight gradient sums over tokens (batch-major now)."""
+    tokens = torch.randint(0, tiny_models.VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
+    (res,) = run_distributed(batch_major_logits_check, 1, "mixtral", tokens)
+    hooked, plain = res["hooked"], res["plain"]
+    assert hooked["contiguous"] and plain["contiguous"]
+    assert torch.equal(hooked["logits"], plain["logits"]) and torch.equal(hooked["loss"], plain["loss"])
+    assert hooked["grads"].keys() == plain["grads"].keys()
+    for name, grad in plain["grads"].items():
+        torch.testing.assert_close(hooked["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_hybrid_patterns():

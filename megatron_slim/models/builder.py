@@ -185,21 +185,32 @@ def batch_major_logits(model: torch.nn.Module) -> None:
     activation of the step, twice with a teacher and once more in the backward: 0.13 s per 200 MB of logits on
     the demo's CPU, and a second logits-sized buffer at peak on any device. The values are the same products.
 
-    Not with sequence parallelism (the layer gathers its input along the sequence, dim 0), deferred embedding
-    weight-gradients (the layer keeps its input for a later GEMM against [s, b] gradients) or MTP heads
-    (megatron-core's MTP loss takes the layer's [s, b, v] output as a flat [s * b, v] view)."""
-    layer = model.output_layer
+    Only for forwards without `labels` (the model then returns the logits; with labels megatron-core's loss takes
+    the [s, b, v] output as a flat [s * b, v] view), and not with sequence parallelism (the layer gathers its
+    input along the sequence, dim 0), deferred embedding weight-gradients (the layer keeps its input for a later
+    GEMM against [s, b] gradients) or MTP heads (megatron-core's MTP loss runs the layer and flattens its output
+    too)."""
     c = model.config
     if c.sequence_parallel or c.defer_embedding_wgrad_compute or c.mtp_num_layers:
         return
+    layer = model.output_layer
+    returns_logits = [False]  # whether the model's forward in progress returns the logits (no labels)
 
-    def to_batch_major(_module: torch.nn.Module, args: tuple) -> tuple:
+    def note_labels(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        returns_logits[0] = kwargs.get("labels", args[4] if len(args) > 4 else None) is None
+
+    def to_batch_major(_module: torch.nn.Module, args: tuple) -> tuple | None:
         hidden = args[0]
-        return args if hidden.dim() != 3 else (hidden.transpose(0, 1).contiguous(), *args[1:])
+        if not returns_logits[0] or hidden.dim() != 3:
+            return None
+        return (hidden.transpose(0, 1).contiguous(), *args[1:])
 
-    def to_sequence_major_view(_module: torch.nn.Module, args: tuple, output: tuple) -> tuple:
+    def to_sequence_major_view(_module: torch.nn.Module, args: tuple, output: tuple) -> tuple | None:
+        if not returns_logits[0] or args[0].dim() != 3:
+            return None
         logits, bias = output
-        return (logits.transpose(0, 1) if args[0].dim() == 3 else logits), bias
+        return logits.transpose(0, 1), bias
 
+    model.register_forward_pre_hook(note_labels, with_kwargs=True)
     layer.register_forward_pre_hook(to_batch_major)
     layer.register_forward_hook(to_sequence_major_view)

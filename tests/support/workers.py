@@ -76,6 +76,29 @@ def train_steps(rank: int, world: int, family: str, steps: int, tokens: torch.Te
     return {"losses": losses, "missing_grads": sorted(missing)}
 
 
+def batch_major_logits_check(rank: int, world: int, family: str, tokens: torch.Tensor):
+    """Logits, their loss with labels, and gradients of a built model (output layer computing [b, s, v] memory
+    order, builder.batch_major_logits), then the same with that layout's hooks removed: both as tensors."""
+    init_model_parallel(ParallelLayout(), seed=3)
+    model = build_model(tiny_config(family), ParallelLayout())
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+
+    def run() -> dict:
+        model.zero_grad()
+        logits = model(tokens[:, :-1], pos[:, :-1], None)
+        (logits.float().logsumexp(-1).sum() - logits[..., 0].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        loss = model(tokens[:, :-1], pos[:, :-1], None, labels=tokens[:, 1:])  # the labels path is unchanged
+        return {"logits": logits.detach(), "contiguous": logits.is_contiguous(), "loss": loss.detach(),
+                "grads": grads}
+
+    hooked = run()
+    for module in (model, model.output_layer):
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    return {"hooked": hooked, "plain": run()}
+
+
 def verify_sweep(rank: int, world: int, hf_dir: str, mcore_dir: str, layouts: dict[str, dict], tokens: torch.Tensor):
     """`megatron-slim verify` at several layouts in one set of processes: {layout: report} on the reporting rank."""
     from megatron_slim.verify.parity import hf_parity, megatron_logits

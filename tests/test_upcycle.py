@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from megatron_slim.compress.upcycle_ffn import expert_output_norms, neuron_activations, upcycle_ffn
-from megatron_slim.engines.upcycle_job import upcycle_model
+from megatron_slim.engines import upcycle_job
+from megatron_slim.engines.upcycle_job import capture_ffn_inputs, upcycle_model
 from support.hf_checkpoints import byte_tokenizer
 
 EXPERTS = 4
@@ -55,6 +56,21 @@ def random_ffn(hidden: int = 32, neurons: int = 64, tokens: int = 512, seed: int
     gate, up = torch.randn(neurons, hidden, generator=gen), torch.randn(neurons, hidden, generator=gen)
     down = torch.randn(hidden, neurons, generator=gen)
     return gate, up, down, torch.randn(tokens, hidden, generator=gen)
+
+
+def test_batched_capture_keeps_every_token_in_order(dense, monkeypatch) -> None:
+    """Sequences of different lengths, right-padded in batches: each layer's FFN inputs are the real tokens'
+    only, in the sequences' order, and equal to forwarding each sequence alone."""
+    gen = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(128, (n,), generator=gen) for n in (5, 17, 9, 17, 3, 12)]
+    monkeypatch.setattr(upcycle_job, "CAPTURE_BATCH_TOKENS", 40)  # batches of 2, 3 and 1 sequences
+    batched = capture_ffn_inputs(dense, sequences)
+    monkeypatch.setattr(upcycle_job, "CAPTURE_BATCH_TOKENS", 1)  # one sequence per forward
+    alone = capture_ffn_inputs(dense, sequences)
+    assert len(batched) == len(dense.model.layers)
+    for got, want in zip(batched, alone):
+        assert got.shape == (sum(map(len, sequences)), dense.config.hidden_size)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_split_is_balanced_permutation_and_experts_sum_to_dense_ffn() -> None:

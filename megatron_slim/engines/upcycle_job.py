@@ -121,24 +121,43 @@ def calibration_sequences(tokenizer: PreTrainedTokenizerBase, texts: list[str],
     return sequences
 
 
+CAPTURE_BATCH_TOKENS = 2048  # calibration tokens per batched forward (padding included)
+
+
 def capture_ffn_inputs(model: LlamaForCausalLM, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inputs to every layer's FFN (after the post-attention norm), [tokens, hidden] per layer. Runs the decoder
-    without its LM head: a fifth of SmolLM2's forward would go to logits nobody reads."""
+    """Inputs to every layer's FFN (after the post-attention norm), [tokens, hidden] per layer, the sequences'
+    tokens in order. Runs the decoder without its LM head (a fifth of SmolLM2's forward would go to logits nobody
+    reads), on batches of sequences of similar length, right-padded: attention is causal, so padding after a
+    token changes nothing of it, and only real tokens are kept. One sequence per forward made every matmul ~80
+    rows high: the demo's calibration forward (98 paragraphs, 8,192 tokens) took 2.9x as long that way."""
     import torch
 
     layers = model.model.layers
-    captured: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_pre_hook(
-        lambda _module, inputs, i=i: captured[i].append(inputs[0].reshape(-1, inputs[0].shape[-1]).float()))
-        for i, layer in enumerate(layers)]
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first: little padding
+    captured: list[dict[int, torch.Tensor]] = [{} for _ in layers]
+    batch: list[int] = []
+
+    def hook(i: int, inputs: tuple) -> None:
+        for row, seq in enumerate(batch):
+            captured[i][seq] = inputs[0][row, :len(sequences[seq])].float()
+
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _module, inputs, i=i: hook(i, inputs))
+             for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
-            for ids in sequences:
-                model.model(ids.unsqueeze(0))
+            start = 0
+            while start < len(order):
+                width = len(sequences[order[start]])
+                batch[:] = order[start:start + max(1, CAPTURE_BATCH_TOKENS // width)]
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, seq in enumerate(batch):
+                    ids[row, :len(sequences[seq])] = sequences[seq]
+                model.model(ids)
+                start += len(batch)
     finally:
-        for hook in hooks:
-            hook.remove()
-    return [torch.cat(chunks) for chunks in captured]
+        for h in hooks:
+            h.remove()
+    return [torch.cat([per_seq[seq] for seq in range(len(sequences))]) for per_seq in captured]
 
 
 def mixtral_config(dense_config: LlamaConfig, num_experts: int, top_k: int) -> MixtralConfig:

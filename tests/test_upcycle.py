@@ -17,10 +17,10 @@ from support.hf_checkpoints import byte_tokenizer
 EXPERTS = 4
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab_size: int = 128, tied: bool = False) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.1, tie_word_embeddings=False)
+                         initializer_range=0.1, tie_word_embeddings=tied)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).eval()
@@ -71,6 +71,18 @@ def test_batched_capture_keeps_every_token_in_order(dense, monkeypatch) -> None:
     for got, want in zip(batched, alone):
         assert got.shape == (sum(map(len, sequences)), dense.config.hidden_size)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
+    """A dense model with tied embeddings (SmolLM2) upcycles into a tied Mixtral whose checkpoint holds one matrix:
+    a second, untied head is refused by the conversion to Megatron (a tensor the mapping does not consume)."""
+    from safetensors import safe_open
+
+    moe = upcycle_model(tiny_llama(tied=True), random_sequences(4, 16), 2, 2)
+    assert moe.lm_head.weight is moe.model.embed_tokens.weight
+    moe.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
 
 
 def test_split_is_balanced_permutation_and_experts_sum_to_dense_ffn() -> None:

@@ -220,5 +220,6 @@ def upcycle_model(dense: LlamaForCausalLM, sequences: list[torch.Tensor], num_ex
     with no_init_weights():  # every weight is loaded next (strictly): random init would be thrown away
         model = MixtralForCausalLM(config).to(dense.dtype)
     model.load_state_dict(state, strict=True)
+    model.tie_weights()  # no_init_weights skips the tying of post_init: untied, a tied model saves a second head
     model.generation_config = dense.generation_config
     return model.eval()

@@ -38,6 +38,7 @@ from megatron_slim.data.corpus import (
     parts,
     read_batches,
 )
+from megatron_slim.data.indexed import IndexedWriter
 from megatron_slim.data.manifest import (
     FORMAT,
     VERSION,
@@ -395,13 +396,12 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
     overwrite = job.overwrite or (shard is not None and not manifest_path(prefix).exists())
     total_bytes = sum(f.size for f in files)
     per_file = [{"documents": 0, "tokens": 0, "skipped": 0, "empty": 0} for _ in files]
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     with ExitStack() as stack:
         man_tmp, idx_tmp, bin_tmp = (stack.enter_context(claim_output_file(prefix + ext, inputs=inputs,
                                                                            overwrite=overwrite))
                                      for ext in OUTPUTS)
-        builder = IndexedDatasetBuilder(str(bin_tmp), dtype=encoder.dtype)
+        writer = IndexedWriter(bin_tmp, encoder.dtype)
+        stack.callback(writer.file.close)  # on an error (finalize closes it otherwise)
         progress = _Progress(total_bytes, Path(prefix).name, job.progress)
         skipped = 0
         batches = (b for i, f in enumerate(files) for b in read_batches(
@@ -419,11 +419,9 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
             counts["empty"] += enc.empty
             counts["documents"] += len(enc.lengths)
             counts["tokens"] += int(enc.lengths.sum())
-            ends = np.cumsum(enc.lengths)
-            for end, length in zip(ends.tolist(), enc.lengths.tolist()):
-                builder.add_document(enc.ids[end - length:end], [length])
+            writer.add_documents(enc.ids, enc.lengths)
             progress.update(enc)
-        builder.finalize(str(idx_tmp))
+        writer.finalize(idx_tmp)
         seconds = max(progress.close(), 1e-9)
         documents = sum(c["documents"] for c in per_file)
         tokens = sum(c["tokens"] for c in per_file)

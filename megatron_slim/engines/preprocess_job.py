@@ -5,6 +5,9 @@ Work split: the main process reads the inputs (`megatron_slim.data.corpus`) in b
 `workers` processes decode and tokenize batches with the tokenizer's batch API. Results are consumed in submission
 order, so the output is byte-identical for any number of workers. With one worker everything runs in-process.
 One worker is one core: the fast tokenizer's own thread pool is switched off (TOKENIZERS_PARALLELISM=false).
+What the workers cannot share is serial start-up, so it is kept small: workers are spawned before the tokenizer
+loads in the main process (they start while it loads), the dataset is written with numpy (`data.indexed`, no
+megatron-core import), and the main process only splits lines, writes token arrays and counts.
 
 Scale-out: `shard=(I, N)` takes the I-th of N contiguous, size-balanced runs of the input files and writes
 `PREFIX-0000I-of-0000N`; merging shards 0..N-1 in order gives exactly the unsharded dataset. Every output file is
@@ -20,7 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -278,10 +281,11 @@ class Encoder:
 _WORKER: Encoder | None = None
 
 
-def _start_worker(encoder: Encoder) -> None:
+def _start_worker(encoders: Any) -> None:
+    """Wait for the main process's encoder (it loads the tokenizer while this process starts), then build it."""
     global _WORKER
-    encoder.build()
-    _WORKER = encoder
+    _WORKER = encoders.get()
+    _WORKER.build()
 
 
 def _encode_in_worker(batch: Batch) -> Encoded:
@@ -289,18 +293,34 @@ def _encode_in_worker(batch: Batch) -> Encoded:
     return _WORKER.encode(batch)
 
 
-def _encoded(batches: Iterator[Batch], encoder: Encoder, workers: int) -> Iterator[Encoded]:
-    """Encoded batches in input order; with several workers at most 4 per worker in flight (bounded memory).
-    Workers are spawned, not forked: the main process may hold threads (torch's, the tokenizer's)."""
-    if workers == 1:
-        for batch in batches:
-            yield encoder.encode(batch)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
+class _Workers:
+    """`n` encoding processes, spawned (not forked: the main process may hold threads, torch's or the tokenizer's)
+    before the main process loads the tokenizer, so their interpreter start-up and imports overlap that load
+    instead of following it; each takes the loaded encoder from a queue (`start`). Terminated on exit."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        context = multiprocessing.get_context("spawn")
+        self.encoders = context.SimpleQueue()
+        self.pool = context.Pool(n, initializer=_start_worker, initargs=(self.encoders,))
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+    def start(self, encoder: Encoder) -> None:
+        for _ in range(self.n):
+            self.encoders.put(encoder)
+
+    def encoded(self, batches: Iterator[Batch]) -> Iterator[Encoded]:
+        """Encoded batches in input order, at most 4 per worker in flight (bounded memory)."""
         pending: deque = deque()
         for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 4 * workers:
+            pending.append(self.pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 4 * self.n:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
@@ -385,9 +405,18 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
         check_not_overlapping(Path(prefix + ext), inputs)
     all_files = [detect(p, job.format) for p in paths]
     files = select_shard(all_files, *shard) if shard else all_files
+    with _Workers(job.workers) if job.workers > 1 else nullcontext() as workers:
+        return _run(job, shard, prefix, inputs, files, workers)
+
+
+def _run(job: PreprocessJob, shard: tuple[int, int] | None, prefix: str, inputs: list[str], files: list[InputFile],
+         workers: _Workers | None) -> dict[str, Any]:
+    """`run_preprocess` once the inputs are known and the workers (if any) are starting."""
     encoder = Encoder(job.tokenizer, job.json_key, job.column or job.json_key, job.vocab_size, job.eod_id,
                       job.no_eod)
     encoder.setup()
+    if workers:
+        workers.start(encoder)
     record = _job_record(job, files, encoder, shard)
     if not job.overwrite and _done(prefix, record):
         print(f"{prefix}: already done (its manifest records this job); skipped")
@@ -406,7 +435,7 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
         skipped = 0
         batches = (b for i, f in enumerate(files) for b in read_batches(
             i, f, encoder.column if f.format in ("parquet", "hf") else job.json_key, job.batch_size))
-        for enc in _encoded(batches, encoder, job.workers):
+        for enc in workers.encoded(batches) if workers else map(encoder.encode, batches):
             counts = per_file[enc.file_index]
             for message in enc.bad:
                 skipped += 1

@@ -50,6 +50,7 @@ from megatron_slim.data.manifest import (
     read_manifest,
     tokenizer_fingerprint,
 )
+from megatron_slim.data.tokenizer_spec import hf_tokenizer_spec
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.outputs import check_not_overlapping, claim_output_file
@@ -188,11 +189,8 @@ class Encoder:
             eod = eod if eod >= 0 else None
             self.spec = ("sentencepiece", self.tokenizer)
         else:
-            from megatron_slim.data.calibration import load_tokenizer
-
-            tok = load_tokenizer(self.tokenizer)
-            vocab, eod = len(tok), tok.eos_token_id
-            self.spec = ("tokenizers", tok.backend_tokenizer.to_str())
+            backend, vocab, eod = hf_tokenizer_spec(self.tokenizer)  # cached: no transformers import once known
+            self.spec = ("tokenizers", backend)
         self.eod = self.eod_id if self.eod_id is not None else eod
         if self.eod is None and not self.no_eod:
             raise UserError("the tokenizer has no EOS token: pass --eod-id or --no-eod")

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported where tensors are made: the CLI imports this module (Thresholds) to parse its flags, and every
+# command would pay torch's import (seconds of CPU) before it starts
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -43,6 +47,8 @@ def failures(report: dict, limits: Thresholds) -> list[str]:
 
 
 def sample_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    import torch
+
     return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
@@ -69,6 +75,8 @@ def megatron_logits(mcore_dir: str | Path, tokens: torch.Tensor, parallel, micro
 
 def hf_parity(hf_dir: str | Path, tokens: torch.Tensor, logits: torch.Tensor, mtp: list[torch.Tensor]) -> dict:
     """Compare against transformers (fp32) and, for MTP depths, the float64 HF-layout reference."""
+    import torch
+
     from megatron_slim.verify.hf_reference import (
         load_hf_reference,
         mtp_reference_logits,

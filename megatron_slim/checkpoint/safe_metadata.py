@@ -90,10 +90,13 @@ def check_storage_paths(metadata: dcp_metadata.Metadata, ckpt_dir: Path, where: 
     directory as it is, so `../../other/__0_0.distcp` (records of admitted classes only) would read another
     checkpoint's tensors into this one."""
     root = os.path.realpath(ckpt_dir)
+    inside: dict[str, bool] = {}  # per file named (one or a few for thousands of entries: realpath costs stat calls)
     for index, info in (metadata.storage_data or {}).items():
         rel = getattr(info, "relative_path", None)
-        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or \
-                not os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep):
+        if isinstance(rel, str) and rel not in inside:
+            inside[rel] = bool(rel) and not os.path.isabs(rel) and \
+                os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep)
+        if not isinstance(rel, str) or not inside[rel]:
             raise CheckpointError(f"{where}: the storage entry of {getattr(index, 'fqn', index)} names the file "
                                   f"{rel!r}, which lies outside the checkpoint directory {ckpt_dir}; refusing to read "
                                   "it")

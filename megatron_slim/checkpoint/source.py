@@ -102,5 +102,7 @@ class Source:
         """The HF tensors of one rule (on meta tensors: shapes and dtypes only)."""
         if self._mcore is None:
             return {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
-        mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
-        return dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))
+        if meta:
+            specs = rule.transform.hf_specs([self._mcore.tensors[k] for k in rule.mcore], self.cfg)
+            return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in zip(rule.hf, specs)}
+        return dict(zip(rule.hf, rule.transform.to_hf(self._mcore.read(rule.mcore), self.cfg)))

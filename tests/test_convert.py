@@ -88,6 +88,20 @@ def test_round_trip_is_bit_exact(converted):
             assert torch.equal(ref(TOKENS).logits, got(TOKENS).logits)
 
 
+def test_mcore_to_hf_imports_neither_dynamo_nor_dcp(converted, tmp_path):
+    """Start-up is most of a conversion's CPU time: planning from shape functions and reading the metadata as records
+    keeps torch._dynamo (imported by the first meta-tensor cat) and torch.distributed.checkpoint out of it."""
+    family, _, root = converted
+    if family != "qwen3_next":  # the family whose mapping uses every transform
+        pytest.skip("one family suffices")
+    code = ("import sys; from megatron_slim.checkpoint.convert import mcore_to_hf; "
+            f"mcore_to_hf({str(root / 'mcore')!r}, {str(tmp_path / 'hf')!r}, progress=False); "
+            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.checkpoint') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 def test_tied_embeddings_round_trip(tmp_path):
     hf = save_hf("qwen3_moe", tmp_path / "hf", tie_word_embeddings=True)
     assert "lm_head.weight" not in read_tensors(hf)

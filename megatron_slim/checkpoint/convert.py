@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_slim.checkpoint.dcp_io import write_checkpoint
 from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, copy_side_files, staged
 from megatron_slim.checkpoint.finite import FileRangeCheck, check_finite
 from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
@@ -128,6 +127,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
             t = cache.pop(key)
             bar.update(t.numel() * t.element_size())
             return t
+
+        from megatron_slim.checkpoint.dcp_io import write_checkpoint  # DCP: seconds to import, mcore-to-hf skips it
 
         with staged(out_dir, overwrite, [hf_dir]) as tmp, closing(Splices()) as splices:
             write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,

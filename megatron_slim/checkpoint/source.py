@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_slim.checkpoint.dcp_io import McoreReader
+from megatron_slim.checkpoint.mcore_reader import McoreReader
 from megatron_slim.checkpoint.files import Checkpoint, check_keys
 from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mcore_mismatch, describe_mismatch
 from megatron_slim.checkpoint.mcore import load_model_config

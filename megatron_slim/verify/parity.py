@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the CLI imports this module (verify's Thresholds) for every command
+    import torch
 
 
 @dataclass
@@ -43,6 +45,8 @@ def failures(report: dict, limits: Thresholds) -> list[str]:
 
 
 def sample_tokens(vocab_size: int, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    import torch
+
     return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
@@ -75,6 +79,8 @@ def hf_parity(hf_dir: str | Path, tokens: torch.Tensor, logits: torch.Tensor, mt
         reference_hidden,
         reference_logits,
     )
+
+    import torch
 
     ref_model = load_hf_reference(hf_dir, dtype=torch.float32)
     report = {"main": asdict(Parity.of(logits, reference_logits(ref_model, tokens)))}

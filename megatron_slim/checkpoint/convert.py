@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from contextlib import closing, nullcontext
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
@@ -187,11 +188,16 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
         for rule, outs in zip(rules, hf_specs):
             ranges = byte_ranges(rule, outs)
             if ranges is not None:
-                for key in rule.mcore if file_check is not None else ():
-                    path, start, nbytes = reader.tensor_bytes(key)
-                    file_check.check(str(mcore_dir), key, path, start, nbytes, reader.tensors[key][1])
+                # each piece is checked as it is copied through the check's buffer where the kernel would copy it
+                # misaligned (at half speed), else copied by the kernel and checked from the page cache
+                (stored,) = rule.mcore
+                _, whole_start, whole_nbytes = reader.tensor_bytes(stored)
                 for key, (shape, dtype), (path, start, nbytes) in zip(rule.hf, outs, ranges, strict=True):
-                    writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
+                    piece = (str(mcore_dir), stored, path, start, nbytes, dtype)
+                    through = None if file_check is None else partial(file_check.copy, *piece,
+                                                                       whole=(whole_start, whole_nbytes))
+                    if not writer.write_ranges(key, shape, dtype, [(path, start, nbytes)], through) and through:
+                        file_check.check(*piece, whole=(whole_start, whole_nbytes))
                 moved = sum(nbytes for _, _, nbytes in ranges)
             else:
                 tensors = reader.read(rule.mcore)

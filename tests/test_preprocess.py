@@ -15,6 +15,8 @@ count what the datasets hold, and bad inputs fail with the file and the record.
 | truncated gzip, damaged/null parquet, bad JSON, --skip-bad             | test_bad_records_name_file_and_record      |
 | --input a --input b, a directory, a glob                               | test_repeated_inputs_globs_directories     |
 | existing prefix, input == output, --eod-id outside vocab, rerun        | test_outputs_are_claimed_safely            |
+| numpy .bin/.idx writer vs megatron-core's IndexedDatasetBuilder        | test_indexed_writer_writes_megatron_bytes  |
+| tokenizer spec cache: read back, rebuilt when a tokenizer file changes | test_tokenizer_spec_cache                  |
 """
 from __future__ import annotations
 
@@ -295,3 +297,51 @@ def test_sentencepiece_tokenizer_in_workers(tmp_path: Path) -> None:
         _run(tmp_path / "sp.model", [src], tmp_path / f"w{workers}", workers=workers, batch_size=16)
     assert _read(tmp_path / "w1") == [sp.encode(d) + [sp.eos_id()] for d in docs]
     assert _bytes(tmp_path / "w1") == _bytes(tmp_path / "w2")
+
+
+def test_indexed_writer_writes_megatron_bytes(tmp_path: Path) -> None:
+    """The writer `preprocess` uses writes what megatron-core's builder writes (both dtypes, an empty document,
+    documents given in batches, and no document at all)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_slim.data.indexed import IndexedWriter
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint16, np.int32):
+        for sizes in ([5, 0, 17, 1, 300, 2], []):
+            docs = [rng.integers(0, 60000, size=n) for n in sizes]
+            name = f"{np.dtype(dtype).name}_{len(docs)}"
+            ref = IndexedDatasetBuilder(str(tmp_path / f"ref_{name}.bin"), dtype=dtype)
+            for d in docs:
+                ref.add_document(d, [len(d)])
+            ref.finalize(str(tmp_path / f"ref_{name}.idx"))
+            ours = IndexedWriter(tmp_path / f"ours_{name}.bin", dtype)
+            for batch in (docs[:2], docs[2:]):
+                if batch:
+                    ours.add_documents(np.concatenate(batch), np.array([len(d) for d in batch]))
+            ours.finalize(tmp_path / f"ours_{name}.idx")
+            assert _bytes(tmp_path / f"ours_{name}") == _bytes(tmp_path / f"ref_{name}"), name
+
+
+def test_tokenizer_spec_cache(tok: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec equals transformers' tokenizer; once cached it is read back (no transformers load), and a changed
+    tokenizer file gives a new key, so the spec is built again."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from megatron_slim.data.tokenizer_spec import hf_tokenizer_spec, spec_path
+
+    monkeypatch.setenv("MEGATRON_SLIM_CACHE", str(tmp_path / "cache"))
+    hf = AutoTokenizer.from_pretrained(str(tok))
+    assert hf_tokenizer_spec(tok) == (hf.backend_tokenizer.to_str(), len(hf), EOS)
+    cached = spec_path(tok)
+    record = json.loads(cached.read_text())
+    cached.write_text(json.dumps({**record, "eos": 7}))
+    assert hf_tokenizer_spec(tok)[2] == 7  # what the cache holds is what a run uses
+    changed = tmp_path / "changed"
+    shutil.copytree(tok, changed)
+    config = json.loads((changed / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    assert spec_path(changed) != cached
+    assert hf_tokenizer_spec(changed)[2] == EOS

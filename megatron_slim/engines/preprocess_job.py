@@ -5,6 +5,9 @@ Work split: the main process reads the inputs (`megatron_slim.data.corpus`) in b
 `workers` processes decode and tokenize batches with the tokenizer's batch API. Results are consumed in submission
 order, so the output is byte-identical for any number of workers. With one worker everything runs in-process.
 One worker is one core: the fast tokenizer's own thread pool is switched off (TOKENIZERS_PARALLELISM=false).
+What the workers cannot share is serial start-up, so it is kept small: workers are spawned before the tokenizer
+loads in the main process (they start while it loads), the dataset is written with numpy (`data.indexed`, no
+megatron-core import), and the main process only splits lines, writes token arrays and counts.
 
 Scale-out: `shard=(I, N)` takes the I-th of N contiguous, size-balanced runs of the input files and writes
 `PREFIX-0000I-of-0000N`; merging shards 0..N-1 in order gives exactly the unsharded dataset. Every output file is
@@ -20,7 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +41,7 @@ from megatron_slim.data.corpus import (
     parts,
     read_batches,
 )
+from megatron_slim.data.indexed import IndexedWriter
 from megatron_slim.data.manifest import (
     FORMAT,
     VERSION,
@@ -46,6 +50,7 @@ from megatron_slim.data.manifest import (
     read_manifest,
     tokenizer_fingerprint,
 )
+from megatron_slim.data.tokenizer_spec import hf_tokenizer_spec
 from megatron_slim.errors import UserError
 from megatron_slim.runtime.config_loader import setting
 from megatron_slim.runtime.outputs import check_not_overlapping, claim_output_file
@@ -184,11 +189,8 @@ class Encoder:
             eod = eod if eod >= 0 else None
             self.spec = ("sentencepiece", self.tokenizer)
         else:
-            from megatron_slim.data.calibration import load_tokenizer
-
-            tok = load_tokenizer(self.tokenizer)
-            vocab, eod = len(tok), tok.eos_token_id
-            self.spec = ("tokenizers", tok.backend_tokenizer.to_str())
+            backend, vocab, eod = hf_tokenizer_spec(self.tokenizer)  # cached: no transformers import once known
+            self.spec = ("tokenizers", backend)
         self.eod = self.eod_id if self.eod_id is not None else eod
         if self.eod is None and not self.no_eod:
             raise UserError("the tokenizer has no EOS token: pass --eod-id or --no-eod")
@@ -277,10 +279,11 @@ class Encoder:
 _WORKER: Encoder | None = None
 
 
-def _start_worker(encoder: Encoder) -> None:
+def _start_worker(encoders: Any) -> None:
+    """Wait for the main process's encoder (it loads the tokenizer while this process starts), then build it."""
     global _WORKER
-    encoder.build()
-    _WORKER = encoder
+    _WORKER = encoders.get()
+    _WORKER.build()
 
 
 def _encode_in_worker(batch: Batch) -> Encoded:
@@ -288,18 +291,34 @@ def _encode_in_worker(batch: Batch) -> Encoded:
     return _WORKER.encode(batch)
 
 
-def _encoded(batches: Iterator[Batch], encoder: Encoder, workers: int) -> Iterator[Encoded]:
-    """Encoded batches in input order; with several workers at most 4 per worker in flight (bounded memory).
-    Workers are spawned, not forked: the main process may hold threads (torch's, the tokenizer's)."""
-    if workers == 1:
-        for batch in batches:
-            yield encoder.encode(batch)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
+class _Workers:
+    """`n` encoding processes, spawned (not forked: the main process may hold threads, torch's or the tokenizer's)
+    before the main process loads the tokenizer, so their interpreter start-up and imports overlap that load
+    instead of following it; each takes the loaded encoder from a queue (`start`). Terminated on exit."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        context = multiprocessing.get_context("spawn")
+        self.encoders = context.SimpleQueue()
+        self.pool = context.Pool(n, initializer=_start_worker, initargs=(self.encoders,))
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+    def start(self, encoder: Encoder) -> None:
+        for _ in range(self.n):
+            self.encoders.put(encoder)
+
+    def encoded(self, batches: Iterator[Batch]) -> Iterator[Encoded]:
+        """Encoded batches in input order, at most 4 per worker in flight (bounded memory)."""
         pending: deque = deque()
         for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 4 * workers:
+            pending.append(self.pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 4 * self.n:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
@@ -384,9 +403,18 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
         check_not_overlapping(Path(prefix + ext), inputs)
     all_files = [detect(p, job.format) for p in paths]
     files = select_shard(all_files, *shard) if shard else all_files
+    with _Workers(job.workers) if job.workers > 1 else nullcontext() as workers:
+        return _run(job, shard, prefix, inputs, files, workers)
+
+
+def _run(job: PreprocessJob, shard: tuple[int, int] | None, prefix: str, inputs: list[str], files: list[InputFile],
+         workers: _Workers | None) -> dict[str, Any]:
+    """`run_preprocess` once the inputs are known and the workers (if any) are starting."""
     encoder = Encoder(job.tokenizer, job.json_key, job.column or job.json_key, job.vocab_size, job.eod_id,
                       job.no_eod)
     encoder.setup()
+    if workers:
+        workers.start(encoder)
     record = _job_record(job, files, encoder, shard)
     if not job.overwrite and _done(prefix, record):
         print(f"{prefix}: already done (its manifest records this job); skipped")
@@ -395,18 +423,17 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
     overwrite = job.overwrite or (shard is not None and not manifest_path(prefix).exists())
     total_bytes = sum(f.size for f in files)
     per_file = [{"documents": 0, "tokens": 0, "skipped": 0, "empty": 0} for _ in files]
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     with ExitStack() as stack:
         man_tmp, idx_tmp, bin_tmp = (stack.enter_context(claim_output_file(prefix + ext, inputs=inputs,
                                                                            overwrite=overwrite))
                                      for ext in OUTPUTS)
-        builder = IndexedDatasetBuilder(str(bin_tmp), dtype=encoder.dtype)
+        writer = IndexedWriter(bin_tmp, encoder.dtype)
+        stack.callback(writer.file.close)  # on an error (finalize closes it otherwise)
         progress = _Progress(total_bytes, Path(prefix).name, job.progress)
         skipped = 0
         batches = (b for i, f in enumerate(files) for b in read_batches(
             i, f, encoder.column if f.format in ("parquet", "hf") else job.json_key, job.batch_size))
-        for enc in _encoded(batches, encoder, job.workers):
+        for enc in workers.encoded(batches) if workers else map(encoder.encode, batches):
             counts = per_file[enc.file_index]
             for message in enc.bad:
                 skipped += 1
@@ -419,11 +446,9 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
             counts["empty"] += enc.empty
             counts["documents"] += len(enc.lengths)
             counts["tokens"] += int(enc.lengths.sum())
-            ends = np.cumsum(enc.lengths)
-            for end, length in zip(ends.tolist(), enc.lengths.tolist()):
-                builder.add_document(enc.ids[end - length:end], [length])
+            writer.add_documents(enc.ids, enc.lengths)
             progress.update(enc)
-        builder.finalize(str(idx_tmp))
+        writer.finalize(idx_tmp)
         seconds = max(progress.close(), 1e-9)
         documents = sum(c["documents"] for c in per_file)
         tokens = sum(c["tokens"] for c in per_file)

@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: the CLI imports this module (verify's Thresholds) for every command
+# torch is imported where tensors are made: the CLI imports this module (Thresholds) to parse its flags, and every
+# command would pay torch's import (seconds of CPU) before it starts
+if TYPE_CHECKING:
     import torch
 
 
@@ -73,14 +75,14 @@ def megatron_logits(mcore_dir: str | Path, tokens: torch.Tensor, parallel, micro
 
 def hf_parity(hf_dir: str | Path, tokens: torch.Tensor, logits: torch.Tensor, mtp: list[torch.Tensor]) -> dict:
     """Compare against transformers (fp32) and, for MTP depths, the float64 HF-layout reference."""
+    import torch
+
     from megatron_slim.verify.hf_reference import (
         load_hf_reference,
         mtp_reference_logits,
         reference_hidden,
         reference_logits,
     )
-
-    import torch
 
     ref_model = load_hf_reference(hf_dir, dtype=torch.float32)
     report = {"main": asdict(Parity.of(logits, reference_logits(ref_model, tokens)))}

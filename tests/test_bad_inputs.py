@@ -393,6 +393,19 @@ def test_file_range_check_finds_a_nonfinite_value_in_any_chunk(tmp_path, monkeyp
     info = HFReader(tmp_path).tensors["w"]
     with pytest.raises(CheckpointError, match=r"w holds 0 NaN and 1 infinite values"):  # in the last chunk only
         check.check("m", "w", info.file, info.start, info.nbytes, info.dtype)
+    # copying while checking (mcore-to-hf's pieces the kernel would copy misaligned): the bytes land exactly, and
+    # a piece holding a bad value is refused with the count over the whole tensor it belongs to
+    piece = (info.file, info.start + 40 * 4, 60 * 4, info.dtype)  # rows 4-9: the Inf at [9, 9]
+    with open(tmp_path / "out", "wb") as out, pytest.raises(CheckpointError, match=r"w holds 0 NaN and 1 infinite "
+                                                                                      r"values \(of 100\)"):
+        check.copy("m", "w", *piece, out, whole=(info.start, info.nbytes))
+    t[9, 9] = 1.0
+    save_file({"w": t}, tmp_path / "model.safetensors")
+    info = HFReader(tmp_path).tensors["w"]
+    with open(tmp_path / "out", "wb") as out:
+        out.write(b"head")
+        check.copy("m", "w", info.file, info.start + 40 * 4, 60 * 4, info.dtype, out)
+    assert (tmp_path / "out").read_bytes() == b"head" + t[4:].numpy().tobytes()
 
 
 def _with_eos(mcore: Path) -> Path:

@@ -13,10 +13,10 @@ from megatron_slim.checkpoint.dcp_io import (
     MCORE_COMMON_FILE,
     MCORE_CONFIG,
     MCORE_CONFIG_FILE,
-    McoreReader,
     write_checkpoint,
 )
 from megatron_slim.checkpoint.layout import LayoutJob
+from megatron_slim.checkpoint.mcore_reader import McoreReader
 from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Splices, SpliceStream
 from megatron_slim.errors import CheckpointError
 
@@ -139,7 +139,10 @@ def test_write_checkpoint_names_objects_late_and_reads_back(tmp_path, source):
     splices.close()
     metadata = FileSystemReader(str(tmp_path / "ckpt")).read_metadata()
     assert sorted(metadata.state_dict_metadata) == ["a", "b", "layer._extra_state/shard_0_1"]
-    a, b = McoreReader(tmp_path / "ckpt").read(["a", "b"])
+    reader = McoreReader(tmp_path / "ckpt")  # reads the metadata as records, without DCP's classes
+    assert reader.tensors == {k: (tuple(m.size), m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
+                              if k in ("a", "b")}
+    a, b = reader.read(["a", "b"])
     assert _same_bits(a, computed) and _same_bits(b, spliced_real)
     assert MCORE_CONFIG == asdict(CheckpointingConfig(sharded_backend="torch_dist"))
     assert MCORE_COMMON_FILE == COMMON_STATE_FNAME

@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_slim.checkpoint.readahead import ReadAhead
+from megatron_slim.models import transforms
+from megatron_slim.models.mapping import bind_rules
+from megatron_slim.models.registry import FAMILIES, model_config_from_hf
 from support import tiny_models
 from support.dist import run_distributed
 from support.hf_checkpoints import build_tiny_hf, random_mtp_tensors, read_tensors, saved_shapes, write_shard
@@ -83,6 +86,20 @@ def test_round_trip_is_bit_exact(converted):
         got = AutoModelForCausalLM.from_pretrained(back).eval()
         with torch.no_grad():
             assert torch.equal(ref(TOKENS).logits, got(TOKENS).logits)
+
+
+def test_mcore_to_hf_imports_neither_dynamo_nor_dcp(converted, tmp_path):
+    """Start-up is most of a conversion's CPU time: planning from shape functions and reading the metadata as records
+    keeps torch._dynamo (imported by the first meta-tensor cat) and torch.distributed.checkpoint out of it."""
+    family, _, root = converted
+    if family != "qwen3_next":  # the family whose mapping uses every transform
+        pytest.skip("one family suffices")
+    code = ("import sys; from megatron_slim.checkpoint.convert import mcore_to_hf; "
+            f"mcore_to_hf({str(root / 'mcore')!r}, {str(tmp_path / 'hf')!r}, progress=False); "
+            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.checkpoint') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
 
 
 def test_tied_embeddings_round_trip(tmp_path):
@@ -159,3 +176,62 @@ def test_read_ahead_waits_within_its_window_and_stops_with_its_block(tmp_path):
         for _ in range(4):
             read_ahead.consumed(1 << 20)
     assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+
+
+def _specs(tensors: list[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(t.shape), t.dtype) for t in tensors]
+
+
+def _outcome(fn, *args):
+    """fn's output specs, or None where it raises as a transform on bad shapes does."""
+    try:
+        out = fn(*args)
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    return [o if isinstance(o, tuple) else (tuple(o.shape), o.dtype) for o in out]
+
+
+def _misshapen(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shapes a config/weight disagreement could give a tensor: one dimension off by one or doubled, a dimension
+    dropped or added."""
+    out = [shape[:-1], (*shape, 2)]
+    for j in range(len(shape)):
+        out += [(*shape[:j], shape[j] + 1, *shape[j + 1:]), (*shape[:j], 2 * shape[j], *shape[j + 1:])]
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.FAMILIES))
+def test_shape_functions_agree_with_the_transforms(family, tmp_path):
+    """Converters plan and check from the shape functions alone (no transform runs on meta tensors): on real
+    tensors they must give the transforms' output shapes and dtypes exactly, each way; on misshapen inputs they
+    must fail wherever the transform fails and never answer differently from it; a `slots` transform's to_hf must
+    return exactly its slot views (mcore-to-hf copies those byte ranges file to file)."""
+    over = {"linear_value_head_dim": 24} if family == "qwen3_next" else {}  # no two GDN dimensions alike
+    hf = {k: v.to(torch.bfloat16) for k, v in read_tensors(save_hf(family, tmp_path / "hf", **over)).items()}
+    cfg = model_config_from_hf(tmp_path / "hf")
+    cfg.hf_config["dtype"] = "bfloat16"
+    seen = set()
+    for rule in bind_rules(FAMILIES[cfg.family].mapping, cfg):
+        t = rule.transform
+        seen.add(t.name)
+        inputs = [hf[k] for k in rule.hf]
+        mcore = t.to_mcore(inputs, cfg)
+        assert t.mcore_specs(_specs(inputs), cfg) == _specs(mcore), (rule.where, t.name)
+        back = t.to_hf(mcore, cfg)
+        assert t.hf_specs(_specs(mcore), cfg) == _specs(back), (rule.where, t.name)
+        assert all(torch.equal(a, b) for a, b in zip(inputs, back, strict=True)), (rule.where, t.name)
+        if t.slots is not None:
+            (stack,) = mcore
+            _, views = t.slots(inputs, cfg, lambda shape, dtype: stack)
+            assert [(v.data_ptr(), v.shape, v.stride()) for v in views] == \
+                [(o.data_ptr(), o.shape, o.stride()) for o in back] and all(v.is_contiguous() for v in views)
+        for run, shapes_of, given in ((t.to_mcore, t.mcore_specs, inputs), (t.to_hf, t.hf_specs, mcore)):
+            for i, x in enumerate(given):
+                for shape in _misshapen(tuple(x.shape)):
+                    metas = [torch.empty(shape if j == i else y.shape, dtype=y.dtype, device="meta")
+                             for j, y in enumerate(given)]
+                    want, got = _outcome(run, metas, cfg), _outcome(shapes_of, _specs(metas), cfg)
+                    assert got is None or got == want, (rule.where, t.name, i, shape, got, want)
+                    assert want is not None or got is None, (rule.where, t.name, i, shape)
+    defined = {v.name for v in vars(transforms).values() if isinstance(v, transforms.Transform)}
+    assert seen <= defined and (family != "qwen3_next" or seen == defined), defined - seen

@@ -26,7 +26,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from megatron_slim.checkpoint.dcp_io import McoreReader
+from megatron_slim.checkpoint.mcore_reader import McoreReader
 from megatron_slim.checkpoint.safe_metadata import load_metadata
 from megatron_slim.errors import CheckpointError
 from support import tiny_models

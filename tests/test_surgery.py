@@ -331,7 +331,7 @@ def test_pruned_checkpoints_load_in_transformers_and_megatron(tmp_path):
     """Every kind of pruning at once on Qwen3-Next (MTP included), HF and Megatron in and out via the CLI."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_slim.checkpoint.dcp_io import McoreReader
+    from megatron_slim.checkpoint.mcore_reader import McoreReader
     from megatron_slim.models.registry import hf_config_from
 
     src = make_source("qwen3_next", tmp_path / "src", dtype=torch.float32, num_attention_heads=8,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_slim.checkpoint.dcp_io import McoreReader
+from megatron_slim.checkpoint.mcore_reader import McoreReader
 from megatron_slim.train import checkpointing
 from megatron_slim.train.guard import DIVERGED_EXIT_CODE, INJECT_ENV
 from support.train_assets import assets, cli, metrics, write_config  # noqa: F401  (assets is a fixture)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from contextlib import closing, nullcontext
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from megatron_slim.checkpoint.dcp_io import write_checkpoint
 from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, copy_side_files, staged
 from megatron_slim.checkpoint.finite import FileRangeCheck, check_finite
 from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
@@ -27,7 +27,7 @@ from megatron_slim.checkpoint.writers import Summary, is_mcore_expert, plan_mcor
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.mapping import BoundRule
 from megatron_slim.models.registry import hf_config_from
-from megatron_slim.models.transforms import IDENTITY
+from megatron_slim.models.transforms import IDENTITY, Specs
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
 
@@ -67,7 +67,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
             nullcontext() if dry_run else ReadAhead(reader.ranges([k for r in rules for k in r.hf])) as read_ahead:
         planned, owner, summary = plan_mcore(cfg, layout, (
             (f"{rule.where} ({', '.join(rule.hf[:3])})",
-             dict(zip(rule.mcore, rule.transform.to_mcore([reader.meta(k) for k in rule.hf], cfg))))
+             {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in zip(
+                 rule.mcore, rule.transform.mcore_specs([(info.shape, info.dtype) for info in map(
+                     reader.tensors.__getitem__, rule.hf)], cfg))})
             for rule in rules))
         if dry_run:
             layout.objects()
@@ -127,6 +129,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, dry_run: bool = Fals
             bar.update(t.numel() * t.element_size())
             return t
 
+        from megatron_slim.checkpoint.dcp_io import write_checkpoint  # DCP: seconds to import, mcore-to-hf skips it
+
         with staged(out_dir, overwrite, [hf_dir]) as tmp, closing(Splices()) as splices:
             write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,
                              produce, splices)
@@ -146,54 +150,61 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     unused = sorted(k for k in reader.tensors if k.startswith(_MODEL_PREFIXES) and k not in set(needed))
     if unused:
         raise CheckpointError(f"{mcore_dir}: model tensors not consumed by the {cfg.family} mapping: {unused[:10]}")
-    plan: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-    for rule in rules:
-        metas = [reader.meta(k) for k in rule.mcore]
-        plan += [(k, tuple(t.shape), t.dtype) for k, t in zip(rule.hf, rule.transform.to_hf(metas, cfg))]
-    plan_of = {k: (shape, dtype) for k, shape, dtype in plan}
+    specs = {k: reader.tensors[k] for k in needed}  # (shape, dtype) of each megatron tensor
+    hf_specs = [rule.transform.hf_specs([specs[k] for k in rule.mcore], cfg) for rule in rules]
+    plan = [(k, shape, dtype) for rule, outs in zip(rules, hf_specs) for k, (shape, dtype) in zip(rule.hf, outs)]
     summary = summarize(cfg, {k: reader.meta(k) for k in needed}, is_mcore_expert)
     if dry_run:
         return summary
     file_check = None if allow_nonfinite else FileRangeCheck()
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
 
-    def byte_ranges(rule: BoundRule) -> list[Range] | None:
-        """Where each of the rule's HF tensors lies, if every one is a contiguous run of bytes of one stored
-        megatron tensor (a transform that only moves bytes: identity, expert stacks, [gate; up] halves): their
-        bytes are then copied file to file. Found by running the transform on meta tensors: an output that is a
-        contiguous view of an input is that input's bytes from the view's storage offset on."""
-        metas = [reader.meta(k) for k in rule.mcore]
-        ranges = []
-        for out in rule.transform.to_hf(metas, cfg):
-            src = next((i for i, m in enumerate(metas) if out is m or out._base is m), None)
-            if src is None or not out.is_contiguous() or out.dtype != metas[src].dtype \
-                    or out.nbytes < MIN_SPLICE_BYTES:
-                return None
-            stored = reader.tensor_bytes(rule.mcore[src])
-            if stored is None:
-                return None
-            ranges.append((stored[0], stored[1] + out.storage_offset() * out.element_size(), out.nbytes))
-        return ranges
+    def byte_ranges(rule: BoundRule, outs: Specs) -> list[Range] | None:
+        """Where each of the rule's HF tensors (of shapes and dtypes `outs`) lies, if every one is a contiguous run
+        of bytes of the rule's one stored megatron tensor (a transform that only moves bytes: identity, expert
+        stacks, [gate; up]): their bytes are then copied file to file. The places are the transform's `slots`,
+        worked out on meta tensors (views only: no data, no torch._dynamo)."""
+        stored = reader.tensor_bytes(rule.mcore[0]) if len(rule.mcore) == 1 else None
+        if stored is None:
+            return None
+        path, start, nbytes = stored
+        if rule.transform is IDENTITY:
+            places = [(0, nbytes)]
+        elif rule.transform.slots is not None:
+            out, views = rule.transform.slots([torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in outs],
+                                              cfg, lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta"))
+            if out.nbytes != nbytes or not all(v.is_contiguous() for v in views):
+                raise RuntimeError(f"{rule.where}: the slots of {rule.transform.name} do not tile its stored tensor")
+            places = [(v.storage_offset() * v.element_size(), v.nbytes) for v in views]
+        else:
+            return None
+        if any(n < MIN_SPLICE_BYTES for _, n in places):
+            return None
+        return [(path, start + at, n) for at, n in places]
 
     with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite, [mcore_dir]) as tmp, \
             closing(Splices()) as splices:
         writer = HFWriter(tmp, plan, splices=splices)
-        for rule in rules:
-            ranges = byte_ranges(rule)
+        for rule, outs in zip(rules, hf_specs):
+            ranges = byte_ranges(rule, outs)
             if ranges is not None:
-                for key in rule.mcore if file_check is not None else ():
-                    path, start, nbytes = reader.tensor_bytes(key)
-                    file_check.check(str(mcore_dir), key, path, start, nbytes, reader.tensors[key][1])
-                for key, (path, start, nbytes) in zip(rule.hf, ranges, strict=True):
-                    shape, dtype = plan_of[key]
-                    writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
+                # each piece is checked as it is copied through the check's buffer where the kernel would copy it
+                # misaligned (at half speed), else copied by the kernel and checked from the page cache
+                (stored,) = rule.mcore
+                _, whole_start, whole_nbytes = reader.tensor_bytes(stored)
+                for key, (shape, dtype), (path, start, nbytes) in zip(rule.hf, outs, ranges, strict=True):
+                    piece = (str(mcore_dir), stored, path, start, nbytes, dtype)
+                    through = None if file_check is None else partial(file_check.copy, *piece,
+                                                                       whole=(whole_start, whole_nbytes))
+                    if not writer.write_ranges(key, shape, dtype, [(path, start, nbytes)], through) and through:
+                        file_check.check(*piece, whole=(whole_start, whole_nbytes))
                 moved = sum(nbytes for _, _, nbytes in ranges)
             else:
                 tensors = reader.read(rule.mcore)
                 if not allow_nonfinite:
                     for key, t in zip(rule.mcore, tensors):
                         check_finite(str(mcore_dir), key, t)
-                for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg)):
+                for key, t in zip(rule.hf, rule.transform.to_hf(tensors, cfg), strict=True):
                     writer.write(key, t)
                 moved = sum(t.nbytes for t in tensors)
             read_ahead.consumed(moved)

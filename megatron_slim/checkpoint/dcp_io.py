@@ -5,8 +5,7 @@ megatron's `metadata.json` and common state (`checkpoint/layout.py` says which k
 - write: a DCP save whose planner resolves each tensor lazily (`produce(key)`) at the moment the single-threaded
   writer streams it to disk, in plan order, so memory holds one group of tensors at a time; the sharded objects
   come last, named only then (so the layout can still be in the making while tensors stream);
-- read: a tensor stored whole in one item (every tensor we write) is torch.load'ed straight from its byte range;
-  others (e.g. a checkpoint saved sharded by megatron-core) go through a DCP load of just the requested keys.
+- read: `checkpoint.mcore_reader` (without importing DCP unless a tensor needs it).
 Any megatron-core model at any TP/PP/EP layout then loads these files (DCP reshards on read).
 """
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -27,12 +25,9 @@ from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
-from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 from torch.utils.serialization import config as serialization_config
 
-from megatron_slim.checkpoint.readahead import advise_willneed
-from megatron_slim.checkpoint.safe_metadata import SafeFileSystemReader
 from megatron_slim.checkpoint.splice import Splices, SpliceStream
 
 
@@ -123,102 +118,3 @@ def write_checkpoint(out_dir: str | Path, entries: list[tuple[str, tuple[int, ..
         raise next(iter(e.failures.values()))[0] from None
     torch.save({}, out / MCORE_COMMON_FILE)
     (out / MCORE_CONFIG_FILE).write_text(json.dumps(MCORE_CONFIG))
-
-
-class _CachedReader(SafeFileSystemReader):
-    """Reads the DCP metadata once (refusing anything but metadata records), not once per load call."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self._metadata = None
-
-    def read_metadata(self):
-        if self._metadata is None:
-            self._metadata = super().read_metadata()
-        return self._metadata
-
-
-class McoreReader:
-    """Reads chosen tensors (full global shape) from a torch_dist checkpoint."""
-
-    def __init__(self, ckpt_dir: str | Path) -> None:
-        self.dir = Path(ckpt_dir)
-        if not (self.dir / ".metadata").is_file():
-            raise FileNotFoundError(f"{ckpt_dir} is not a torch_dist checkpoint (no .metadata)")
-        self._reader = _CachedReader(str(self.dir))
-        metadata = self._reader.read_metadata()
-        md = metadata.state_dict_metadata
-        self.tensors = {k: (tuple(m.size), m.properties.dtype) for k, m in md.items() if hasattr(m, "size")}
-        # key -> where its one stored item lies, for tensors saved whole and untransformed (read without DCP)
-        self._whole = {}
-        for k, m in md.items():
-            if hasattr(m, "size") and len(m.chunks) == 1 and tuple(m.chunks[0].sizes) == tuple(m.size):
-                info = metadata.storage_data.get(MetadataIndex(k, m.chunks[0].offsets))
-                if info is not None and not info.transform_descriptors:
-                    self._whole[k] = info
-        self._tensor_bytes: dict[str, tuple[Path, int, int] | None] = {}
-
-    def meta(self, key: str) -> torch.Tensor:
-        shape, dtype = self.tensors[key]
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-    def prefetch(self, keys: list[str]) -> None:
-        """Start reading `keys` into the page cache in the background (reads of them then overlap other work)."""
-        for path, offset, length in self.ranges(keys):
-            advise_willneed(path, offset, length)
-
-    def ranges(self, keys: list[str]) -> list[tuple[Path, int, int]]:
-        """Where those of `keys` stored whole lie: (file, offset, length) each, for read-ahead."""
-        infos = [self._whole[k] for k in keys if k in self._whole]
-        return [(self.dir / info.relative_path, info.offset, info.length) for info in infos]
-
-    def tensor_bytes(self, key: str) -> tuple[Path, int, int] | None:
-        """Where `key`'s values lie in its file, row-major: (file, offset, length), or None if they do not lie there
-        as one run (a tensor stored in pieces or transformed, or saved as a strided view). An item torch.save'd
-        whole is a zip archive holding its storage uncompressed as one record; the pickle (loaded on the meta
-        device, reading no data) says which part of that storage the tensor is."""
-        if key not in self._whole:
-            return None
-        if key not in self._tensor_bytes:
-            self._tensor_bytes[key] = self._locate(key)
-        return self._tensor_bytes[key]
-
-    def _locate(self, key: str) -> tuple[Path, int, int] | None:
-        info = self._whole[key]
-        path = self.dir / info.relative_path
-        with open(path, "rb") as f:
-            archive = torch._C.PyTorchFileReader(_create_file_view(f, info.offset, info.length))
-            records = [r for r in archive.get_all_records() if r.startswith("data/")]
-            if len(records) != 1 or (archive.has_record("byteorder")
-                                     and archive.get_record("byteorder") != sys.byteorder.encode()):
-                return None
-            at, stored = info.offset + archive.get_record_offset(records[0]), archive.get_record_size(records[0])
-            tensor = torch.load(_create_file_view(f, info.offset, info.length), map_location="meta",
-                                weights_only=True)
-        shape, dtype = self.tensors[key]
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape or tensor.dtype != dtype \
-                or not tensor.is_contiguous() \
-                or (tensor.storage_offset() + tensor.numel()) * tensor.element_size() > stored:
-            return None
-        return path, at + tensor.storage_offset() * tensor.element_size(), tensor.nbytes
-
-    def read(self, keys: list[str]) -> list[torch.Tensor]:
-        # torch.load of the item's bytes, not DCP's load: that loads the same way and then copies into a
-        # preallocated tensor, one more pass over memory and twice the tensor's size at peak
-        out = {k: self._load_whole(k) for k in keys if k in self._whole}
-        rest = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys if k not in out}
-        if rest:
-            dcp.load(rest, storage_reader=self._reader, no_dist=True)
-        out.update(rest)
-        return [out[k] for k in keys]
-
-    def _load_whole(self, key: str) -> torch.Tensor:
-        info = self._whole[key]
-        with open(self.dir / info.relative_path, "rb") as f:
-            tensor = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
-        tensor = tensor.contiguous()  # as DCP's copy into a fresh tensor would give (transforms use .view)
-        shape, dtype = self.tensors[key]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"{self.dir}: {key} is stored as {tensor.dtype}{tuple(tensor.shape)}, its metadata says "
-                             f"{dtype}{shape}")
-        return tensor

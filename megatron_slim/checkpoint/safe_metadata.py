@@ -4,9 +4,8 @@ torch's distributed-checkpoint reader `pickle.load`s `<ckpt>/.metadata`, and its
 `torch.load(..., weights_only=False)`s every byte item (megatron-core's sharded objects: `common_state`,
 `rng_state`, optimizer groups, `_extra_state`); megatron-core's `load_common` (legacy `common.pt`) relies on
 torch.load's default. A crafted checkpoint could run code in any of them. Here:
-- `.metadata` goes through `MetadataUnpickler`, which admits only the classes DCP metadata consists of (the list
-  below, found by unpickling what torch and megatron-core 0.19.2 write: model, converter and training
-  checkpoints) and refuses anything else with a CheckpointError naming the file and the global;
+- `.metadata` goes through `dcp_metadata.MetadataUnpickler`, which admits only the classes DCP metadata consists of
+  (`dcp_metadata.ADMITTED`) and refuses anything else with a CheckpointError naming the file and the global;
 - every byte item is unpickled first by torch's weights_only unpickler (tensors, numbers, strings, containers),
   so the planner's unrestricted torch.load only ever sees bytes already proven harmless;
 - `common.pt` is loaded with weights_only=True.
@@ -30,42 +29,8 @@ import torch.distributed.checkpoint.planner as dcp_planner
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_slim.checkpoint.dcp_metadata import MetadataUnpickler, check_storage_paths
 from megatron_slim.errors import CheckpointError
-
-# module -> names the metadata pickle may reference. Each is a plain record (dataclass/enum/tuple) whose
-# construction runs no code beyond storing its fields; `_get_layout` maps a name to a torch.layout.
-ADMITTED: dict[str, frozenset[str]] = {
-    "torch.distributed.checkpoint.metadata": frozenset({
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"}),
-    # Metadata.all_local_plans: the save plans DCP keeps next to the metadata
-    "torch.distributed.checkpoint.planner": frozenset({
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData"}),
-    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
-    "torch.serialization": frozenset({"_get_layout"}),  # TensorProperties.layout
-    "torch": frozenset({"Size"}),  # plus every torch.<dtype>, checked by type below
-    "pathlib": frozenset({"PosixPath", "PurePosixPath"}),  # StorageMeta.checkpoint_id as saved by a Path
-    "builtins": frozenset({"set", "frozenset"}),
-    "collections": frozenset({"OrderedDict"}),
-}
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata; any global outside ADMITTED is refused (so no callable of the file's choosing
-    ever runs), as is any persistent id (the base Unpickler refuses those)."""
-
-    def __init__(self, file: Any, path: str) -> None:
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in ADMITTED.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise CheckpointError(f"{self._path}: refusing to unpickle global '{module}.{name}': distributed-checkpoint "
-                              "metadata holds only torch's metadata records, so this file was not written by "
-                              "torch/megatron-core and is not loaded")
 
 
 def load_metadata(path: str | os.PathLike, stream: Any | None = None) -> dcp_metadata.Metadata:
@@ -83,20 +48,6 @@ def load_metadata(path: str | os.PathLike, stream: Any | None = None) -> dcp_met
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not distributed-checkpoint metadata")
     return metadata
-
-
-def check_storage_paths(metadata: dcp_metadata.Metadata, ckpt_dir: Path, where: str | os.PathLike) -> None:
-    """Every storage entry names a file of the checkpoint directory itself: DCP joins `relative_path` to the
-    directory as it is, so `../../other/__0_0.distcp` (records of admitted classes only) would read another
-    checkpoint's tensors into this one."""
-    root = os.path.realpath(ckpt_dir)
-    for index, info in (metadata.storage_data or {}).items():
-        rel = getattr(info, "relative_path", None)
-        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or \
-                not os.path.realpath(os.path.join(root, rel)).startswith(root + os.sep):
-            raise CheckpointError(f"{where}: the storage entry of {getattr(index, 'fqn', index)} names the file "
-                                  f"{rel!r}, which lies outside the checkpoint directory {ckpt_dir}; refusing to read "
-                                  "it")
 
 
 def _refusal(e: pickle.UnpicklingError) -> str:
@@ -163,6 +114,19 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_data(self, plan: dcp_planner.LoadPlan, planner: dcp_planner.LoadPlanner):
         return super().read_data(plan, _CheckedPlanner(planner, self))
+
+
+class CachedSafeReader(SafeFileSystemReader):
+    """Reads the metadata once (refusing anything but metadata records), not once per load call."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self._metadata: dcp_metadata.Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -25,6 +26,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -196,16 +198,29 @@ class HFWriter:
             self._fh.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
 
-    def write_ranges(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, ranges: list[Range]) -> None:
-        """Write `key` as the bytes of `ranges` (file, offset, length; in order), copied file to file."""
+    def write_ranges(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, ranges: list[Range],
+                     misaligned: Callable[[BinaryIO], None] | None = None) -> bool:
+        """Write `key` as the bytes of `ranges` (file, offset, length; in order), copied file to file by the kernel;
+        or by `misaligned(file)` (which writes them at the file's position), if given, for a single range whose
+        offset differs from its destination's modulo a page (the kernel copies those at half speed). True when
+        `misaligned` wrote them."""
         if self._splices is None:
             raise RuntimeError("HFWriter: write_ranges needs the writer made with `splices`")
         self._next(key, shape, dtype)
-        if sum(length for _, _, length in ranges) != _nbytes(shape, dtype):
-            raise RuntimeError(f"HFWriter: {key} is {_nbytes(shape, dtype)} bytes, its ranges hold "
+        nbytes = _nbytes(shape, dtype)
+        if sum(length for _, _, length in ranges) != nbytes:
+            raise RuntimeError(f"HFWriter: {key} is {nbytes} bytes, its ranges hold "
                                f"{sum(length for _, _, length in ranges)}")
-        self._splices.append(self._fh, ranges)
+        through = misaligned is not None and len(ranges) == 1 and (self._fh.tell() - ranges[0][1]) % _PAGE != 0
+        if through:
+            at = self._fh.tell()
+            misaligned(self._fh)
+            if self._fh.tell() != at + nbytes:
+                raise RuntimeError(f"HFWriter: {key}: {self._fh.tell() - at} bytes written, {nbytes} planned")
+        else:
+            self._splices.append(self._fh, ranges)
         self._pos += 1
+        return through
 
     def _next(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Check that `key` is the next planned tensor and open its shard."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_slim.checkpoint.dcp_io import McoreReader
+from megatron_slim.checkpoint.mcore_reader import McoreReader
 from megatron_slim.checkpoint.files import Checkpoint, check_keys
 from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mcore_mismatch, describe_mismatch
 from megatron_slim.checkpoint.mcore import load_model_config
@@ -102,5 +102,7 @@ class Source:
         """The HF tensors of one rule (on meta tensors: shapes and dtypes only)."""
         if self._mcore is None:
             return {k: self._hf.meta(k) if meta else self._hf.read(k) for k in rule.hf}
-        mc = [self._mcore.meta(k) for k in rule.mcore] if meta else self._mcore.read(rule.mcore)
-        return dict(zip(rule.hf, rule.transform.to_hf(mc, self.cfg)))
+        if meta:
+            specs = rule.transform.hf_specs([self._mcore.tensors[k] for k in rule.mcore], self.cfg)
+            return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in zip(rule.hf, specs)}
+        return dict(zip(rule.hf, rule.transform.to_hf(self._mcore.read(rule.mcore), self.cfg)))

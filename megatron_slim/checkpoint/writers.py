@@ -16,7 +16,6 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from megatron_slim.checkpoint.dcp_io import write_checkpoint
 from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, copy_side_files, staged
 from megatron_slim.checkpoint.layout import LayoutCheck
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
@@ -127,6 +126,8 @@ def write_mcore(stream: GroupStream, out_dir: Path, *, overwrite: bool, dry_run:
                 cache.update(to_mcore(owner[key], stream.group(owner[key], False)))
                 bar.update()
             return cache.pop(key)
+
+        from megatron_slim.checkpoint.dcp_io import write_checkpoint  # DCP: seconds to import, write_hf skips it
 
         with staged(out_dir, overwrite, [stream.side_files]) as tmp:
             write_checkpoint(tmp, [(k, tuple(t.shape), t.dtype) for k, t in planned.items()], layout.objects,

@@ -3,8 +3,8 @@
 hf-to-mcore writes a checkpoint that loads at any TP/PP/EP/expert-TP layout chosen at load time, with the model
 config the trainer needs and the tokenizer files. mcore-to-hf writes safetensors shards with an index, config.json,
 generation config and tokenizer files, loadable by transformers' from_pretrained. Both stream tensor groups (bounded
-memory) and write to `<out>.partial` first, renaming only when complete. hf-to-mcore copies tensors that only move
-bytes file to file (copy_file_range) and checks everything it writes against the layout megatron-core expects,
+memory) and write to `<out>.partial` first, renaming only when complete. Both copy tensors that only move bytes
+file to file (copy_file_range); hf-to-mcore checks everything it writes against the layout megatron-core expects,
 which a child process learns meanwhile by building the model on the meta device (about 10 s of one core).
 Both refuse, naming the tensor, a config whose shapes disagree with the weights (before writing anything) and
 weights holding NaN or Inf (as they stream; `--allow-nonfinite` converts them anyway).

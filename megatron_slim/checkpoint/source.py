@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from megatron_slim.checkpoint.mcore_reader import McoreReader
 from megatron_slim.checkpoint.files import Checkpoint, check_keys
 from megatron_slim.checkpoint.hf_shapes import check_mapping_shapes, describe_mcore_mismatch, describe_mismatch
 from megatron_slim.checkpoint.mcore import load_model_config
+from megatron_slim.checkpoint.mcore_reader import McoreReader
 from megatron_slim.checkpoint.safetensors_io import HFReader
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig, load_hf_config

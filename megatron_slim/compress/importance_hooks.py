@@ -2,8 +2,8 @@
 
 What each forward hook observes (megatron-core itself is not patched):
 - router (TopKRouter): its input and its (probs, routing_map) output -> frequency and coactivation from the
-  model's own routing decisions; soft_logits from a float64 recomputation of the router logits; router_cosine from
-  the router weight.
+  model's own routing decisions; soft_logits from a float32 recomputation of the router probabilities (the
+  router's own precision); router_cosine from the router weight.
 - routed experts (SequentialMLP, or TEGroupedMLP on GPU): the dispatched tokens, tokens_per_expert and the output,
   which megatron-core already scales by the gate, so REAP per token is the output norm. The neuron activations
   silu(gate) * up: with SequentialMLP, each local expert's linear_fc2 input divided by the routing probability
@@ -231,9 +231,11 @@ class _Collector:
             self.add(f"{prefix}experts.router_cosine", w @ w.T)
 
         def on_router(args, out) -> None:
-            x = args[0].reshape(-1, self.cfg.hidden_size).double()
+            # per-token probabilities in float32 (what the router itself computes), summed in float64
+            x = args[0].reshape(-1, self.cfg.hidden_size).float()
             routed = out[1].float()  # routing_map [tokens, E]: 0/1, exact in float32
-            self.add(f"{prefix}experts.soft_logits", torch.softmax(x @ router.weight.double().T, dim=-1).sum(0))
+            probs = torch.softmax(x @ router.weight.float().T, dim=-1)
+            self.add(f"{prefix}experts.soft_logits", probs.sum(0, dtype=torch.float64))
             self.add(f"{prefix}experts.frequency", routed.sum(0).double())
             self.add(f"{prefix}experts.coactivation", (routed.T @ routed).double())
 
@@ -259,7 +261,7 @@ class _Collector:
 
         sequential = hasattr(experts, "local_experts")
         # SequentialMLP: each local expert's linear_fc2 input (activations x routing probability), read by a hook that
-        # only keeps it; the layer's experts hook then handles them all at once (one float64 copy, one 1/p vector)
+        # only keeps it; the layer's experts hook then handles them all at once (one float32 copy, one 1/p vector)
         fc2_inputs: list[torch.Tensor] = []
         if sequential:
             for expert in experts.local_experts:
@@ -273,12 +275,13 @@ class _Collector:
             inputs = [a.reshape(-1, a.shape[-1]) for a in fc2_inputs]
             fc2_inputs.clear()
             counts = [a.shape[0] for a in inputs]  # = tokens_per_expert, read without a device sync
-            a64 = torch.cat(inputs).to(torch.float64).abs_()
-            scale = (torch.ones_like(probs) if apply_probs_on_input else probs).reshape(-1).double()
+            # float32 within the micro-batch (an expert's share of one micro-batch's tokens), float64 across them
+            a = torch.cat(inputs).float().abs_()
+            scale = (torch.ones_like(probs) if apply_probs_on_input else probs).reshape(-1).float()
             lost = scale == 0
             inverse = torch.where(lost, 0.0, 1.0 / scale)
-            sums = torch.stack([w @ a for w, a in zip(inverse.split(counts), a64.split(counts))])
-            self.add(name, sums, (slice(first, first + n_local), neurons))
+            sums = torch.stack([w @ a for w, a in zip(inverse.split(counts), a.split(counts))])
+            self.add(name, sums.double(), (slice(first, first + n_local), neurons))
             if lost.any():
                 x = x.reshape(-1, x.shape[-1])
                 for i, (rows, erased) in enumerate(zip(x.split(counts), lost.split(counts))):
@@ -294,8 +297,8 @@ class _Collector:
             if etp_rank == 0:  # each token's output norm, summed per local expert in one index_add
                 counts = args[1].to(device=y.device, dtype=torch.long)
                 owner = torch.repeat_interleave(torch.arange(n_local, device=y.device), counts)
-                reap = torch.zeros(n_local, dtype=torch.float64, device=y.device).index_add_(
-                    0, owner, torch.linalg.vector_norm(y.double(), dim=-1))
+                norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).double()  # per token; summed in float64
+                reap = torch.zeros(n_local, dtype=torch.float64, device=y.device).index_add_(0, owner, norms)
                 self.add(f"{prefix}experts.reap", reap, slice(first, first + n_local))
             if sequential:
                 sequential_neurons(x, args[2])

@@ -29,10 +29,15 @@ _EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 _SUMMABLE = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
 
 
+def _sum_settles_finite(t: torch.Tensor) -> bool:
+    """True when one cheap pass proves `t` finite: a sum is NaN or Inf if any term is, so a finite sum settles it;
+    a non-finite one (a NaN or Inf, or only an overflowing sum) settles nothing."""
+    return t.numel() == 0 or (t.dtype in _SUMMABLE and bool(torch.isfinite(t.sum())))
+
+
 def _all_finite(chunk: torch.Tensor) -> bool:
-    """Exact. A sum is NaN or Inf if any term is: a finite sum settles it in one cheap pass; a non-finite one (a
-    NaN or Inf, or only an overflowing sum) is settled by the per-element test."""
-    if chunk.numel() == 0 or (chunk.dtype in _SUMMABLE and bool(torch.isfinite(chunk.sum()))):
+    """Exact: the sum's shortcut, else the per-element test."""
+    if _sum_settles_finite(chunk):
         return True
     mask = _EXPONENT_BITS.get(chunk.dtype)
     if mask is not None:
@@ -46,7 +51,7 @@ def _counts(t: torch.Tensor) -> tuple[int, int] | None:
     if not t.is_floating_point() or t.is_meta:
         return None
     flat = t.reshape(-1)
-    if flat.numel() == 0 or (flat.dtype in _SUMMABLE and bool(torch.isfinite(flat.sum()))):
+    if _sum_settles_finite(flat):
         return None
     step = max(1, _CHUNK_BYTES // max(1, t.element_size()))
     for start in range(0, flat.numel(), step):

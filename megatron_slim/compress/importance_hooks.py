@@ -297,7 +297,8 @@ class _Collector:
             if etp_rank == 0:  # each token's output norm, summed per local expert in one index_add
                 counts = args[1].to(device=y.device, dtype=torch.long)
                 owner = torch.repeat_interleave(torch.arange(n_local, device=y.device), counts)
-                norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).double()  # per token; summed in float64
+                # token norms in float32, summed in float64
+                norms = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).double()
                 reap = torch.zeros(n_local, dtype=torch.float64, device=y.device).index_add_(0, owner, norms)
                 self.add(f"{prefix}experts.reap", reap, slice(first, first + n_local))
             if sequential:

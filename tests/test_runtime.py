@@ -114,3 +114,31 @@ def test_parallel_layout_refuses_bad_strings(text: str, message: str) -> None:
 
     with pytest.raises(UserError, match=re.escape(message)):
         ParallelLayout.parse(text)
+
+
+def _reinit_rank(rank: int, world_size: int) -> dict:
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_slim.runtime.distributed import init_model_parallel
+
+    counts = []
+    for layout in (ParallelLayout(tp=2), ParallelLayout(ep=2), ParallelLayout(tp=2)):
+        init_model_parallel(layout)
+        counts.append((len(os.listdir("/proc/self/task")), len(dist.distributed_c10d._world.pg_map)))
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
+    return {"counts": counts, "tp_sum": t.item()}
+
+
+def test_reinitialising_model_parallel_destroys_the_old_groups() -> None:
+    """A process that re-initialises Megatron-Core's groups per step (the CPU demo) must not accumulate process
+    groups and their gloo threads; the groups made last still work."""
+    from support.dist import run_distributed
+
+    for result in run_distributed(_reinit_rank, 2):
+        counts = result["counts"]
+        assert counts[2] == counts[0], counts
+        assert result["tp_sum"] == 3.0

@@ -7,7 +7,10 @@ order, so the output is byte-identical for any number of workers. With one worke
 One worker is one core: the fast tokenizer's own thread pool is switched off (TOKENIZERS_PARALLELISM=false).
 What the workers cannot share is serial start-up, so it is kept small: workers are spawned before the tokenizer
 loads in the main process (they start while it loads), the dataset is written with numpy (`data.indexed`, no
-megatron-core import), and the main process only splits lines, writes token arrays and counts.
+megatron-core import), and the main process only splits lines, writes token arrays and counts. Each worker gets the
+next batch the moment it returns one, and the input's last batches go in smaller pieces, so no worker idles long
+while another finishes. A worker process that dies (the out-of-memory killer, a stray kill) fails the job at once
+with WorkerDied rather than leaving it waiting for the lost batch.
 
 Scale-out: `shard=(I, N)` takes the I-th of N contiguous, size-balanced runs of the input files and writes
 `PREFIX-0000I-of-0000N`; merging shards 0..N-1 in order gives exactly the unsharded dataset. Every output file is

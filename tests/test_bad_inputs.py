@@ -408,6 +408,38 @@ def test_file_range_check_finds_a_nonfinite_value_in_any_chunk(tmp_path, monkeyp
     assert (tmp_path / "out").read_bytes() == b"head" + t[4:].numpy().tobytes()
 
 
+def test_check_thread_hands_a_nonfinite_range_to_the_converter(tmp_path):
+    """mcore-to-hf checks what the kernel copies on a thread of its own: a bad tensor still fails the conversion,
+    named, from `finish` (which waits for every range) or from the next `submit`, and the thread ends either way."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from megatron_slim.checkpoint.finite import CheckThread
+    from megatron_slim.checkpoint.safetensors_io import HFReader
+    from megatron_slim.errors import CheckpointError
+
+    bad = torch.randn(300, 100).to(torch.bfloat16)
+    bad[299, 99] = float("inf")  # in the last bytes checked
+    save_file({"ok": torch.randn(300, 100), "w": bad, "ids": torch.arange(10)}, tmp_path / "model.safetensors")
+    info = HFReader(tmp_path).tensors
+    args = {k: (info[k].file, info[k].start, info[k].nbytes, info[k].dtype) for k in info}
+    with CheckThread() as checks:
+        checks.submit("m", "ok", *args["ok"])
+        checks.submit("m", "ids", *args["ids"])
+        checks.finish()
+        checks.submit("m", "w", *args["w"])
+        with pytest.raises(CheckpointError, match=r"m: w holds 0 NaN and 1 infinite values \(of 30000\)"):
+            checks.finish()
+        with pytest.raises(CheckpointError, match=r"m: w holds"):
+            checks.submit("m", "ok", *args["ok"])
+    with CheckThread(lag=1) as checks:  # a lag of one byte: each submit waits for the previous range's check
+        checks.submit("m", "w", *args["w"])
+        with pytest.raises(CheckpointError, match=r"m: w holds"):
+            checks.submit("m", "ok", *args["ok"])
+    assert not [t for t in threading.enumerate() if t.name == "nonfinite-check"]
+
+
 def _with_eos(mcore: Path) -> Path:
     """The tiny models have no tokenizer: their config names the document separator instead."""
     config = json.loads((mcore / "model_config.json").read_text())

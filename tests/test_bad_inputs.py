@@ -413,7 +413,7 @@ def test_check_thread_hands_a_nonfinite_range_to_the_converter(tmp_path):
     named, from `finish` (which waits for every range) or from the next `submit`, and the thread ends either way."""
     import threading
 
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from megatron_slim.checkpoint.finite import CheckThread
     from megatron_slim.checkpoint.safetensors_io import HFReader
@@ -437,6 +437,18 @@ def test_check_thread_hands_a_nonfinite_range_to_the_converter(tmp_path):
         checks.submit("m", "w", *args["w"])
         with pytest.raises(CheckpointError, match=r"m: w holds"):
             checks.submit("m", "ok", *args["ok"])
+    # copying as it checks (`into`: a file and an offset), beside the file's other writer: the bytes land exactly
+    out = tmp_path / "out"
+    out.write_bytes(b"head")
+    with CheckThread() as checks:
+        checks.submit("m", "ids", *args["ids"], into=(out, 4 + args["ok"][2]))
+        checks.submit("m", "ok", *args["ok"], into=(out, 4))
+        checks.finish()
+        checks.submit("m", "w", *args["w"], into=(out, 0))
+        with pytest.raises(CheckpointError, match=r"m: w holds 0 NaN and 1 infinite values"):
+            checks.finish()
+    saved = load_file(tmp_path / "model.safetensors")
+    assert out.read_bytes() == b"head" + saved["ok"].numpy().tobytes() + saved["ids"].numpy().tobytes()
     assert not [t for t in threading.enumerate() if t.name == "nonfinite-check"]
 
 

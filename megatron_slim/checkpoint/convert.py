@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from contextlib import closing, nullcontext
-from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
@@ -156,7 +155,6 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     summary = summarize(cfg, {k: reader.meta(k) for k in needed}, is_mcore_expert)
     if dry_run:
         return summary
-    file_check = None if allow_nonfinite else FileRangeCheck()
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
 
     def byte_ranges(rule: BoundRule, outs: Specs) -> list[Range] | None:
@@ -199,8 +197,8 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
                         # thread while this one copies on
                         writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
                         checks.submit(*piece, whole=whole)
-                    else:  # the kernel would copy it at half speed: one read serves the check and the copy
-                        writer.write_from(key, shape, dtype, partial(file_check.copy, *piece, whole=whole))
+                    else:  # the kernel would copy it at half speed: the check's thread copies it as it checks
+                        checks.submit(*piece, whole=whole, into=writer.reserve(key, shape, dtype))
                 moved = sum(nbytes for _, _, nbytes in ranges)
             else:
                 tensors = reader.read(rule.mcore)

@@ -129,20 +129,37 @@ class FileRangeCheck:
             os.close(fd)
 
 
+class _WriteAt:
+    """A file's bytes from `offset` on, as a stream `FileRangeCheck.copy` writes to (positioned writes, so the
+    file's other writer may be elsewhere in it meanwhile)."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self._fd, self._offset = fd, offset
+
+    def write(self, view: memoryview) -> None:
+        done = 0
+        while done < view.nbytes:
+            done += os.pwrite(self._fd, view[done:], self._offset + done)
+        self._offset += done
+
+
 class CheckThread:
-    """`FileRangeCheck.check` of byte ranges on a worker thread, in the order submitted: a converter that copies
-    tensors file to file in the kernel (`checkpoint.splice`) then reads them back and sums them (~0.3 CPU s per GB,
-    the GIL released throughout) on the other core while it copies the next, instead of between the copies.
+    """`FileRangeCheck.check` (or `copy`) of byte ranges on a worker thread, in the order submitted, so that a
+    converter's checks run on the other core while it copies on. mcore-to-hf submits each tensor the kernel copied
+    file to file (to be read back from the page cache and summed: ~0.3 CPU s per GB, the GIL released throughout),
+    and each tensor the kernel would copy at half speed (source and destination offsets that differ modulo a page)
+    with the place it goes (`into`): the worker copies it while checking it, one read serving both.
 
     At most `lag` bytes wait to be checked (the copies stay that close ahead, so the bytes to check are still in the
     page cache). The first non-finite tensor found stops the worker; the error is raised by the next `submit` and
-    by `finish`, which waits until every range submitted is checked. A context manager: leaving it, on success or
-    on error, stops the thread."""
+    by `finish`, which waits until every range submitted is checked (and copied). A context manager: leaving it, on
+    success or on error, stops the thread."""
 
     def __init__(self, lag: int = 1 << 30) -> None:
         self._check = FileRangeCheck()  # its own buffer: the converter's copies through a check use another
         self._lag = lag
-        self._jobs: deque[tuple[tuple, dict]] = deque()
+        self._jobs: deque[tuple[tuple, tuple[int, int] | None, tuple[Path, int] | None]] = deque()
+        self._outputs: dict[Path, int] = {}  # descriptors of the files copied into
         self._pending = 0  # bytes submitted, not yet checked
         self._error: BaseException | None = None
         self._stop = False
@@ -151,16 +168,16 @@ class CheckThread:
         self._thread.start()
 
     def submit(self, where: str, name: str, path: Path, start: int, nbytes: int, dtype: torch.dtype,
-               whole: tuple[int, int] | None = None) -> None:
-        """Queue `FileRangeCheck.check(where, name, path, start, nbytes, dtype, whole)`; raise the error of a range
-        checked earlier, if any."""
-        if not dtype.is_floating_point:
+               whole: tuple[int, int] | None = None, into: tuple[Path, int] | None = None) -> None:
+        """Queue `FileRangeCheck.check(where, name, path, start, nbytes, dtype, whole)`, or with `into` (a file and
+        an offset in it) its `copy` to there; raise the error of a range checked earlier, if any."""
+        if into is None and not dtype.is_floating_point:
             return
         with self._cond:
             self._cond.wait_for(lambda: self._error is not None or self._pending < self._lag)
             if self._error is not None:
                 raise self._error
-            self._jobs.append(((where, name, path, start, nbytes, dtype), {"whole": whole}))
+            self._jobs.append(((where, name, path, start, nbytes, dtype), whole, into))
             self._pending += nbytes
             self._cond.notify_all()
 
@@ -179,6 +196,9 @@ class CheckThread:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
+        for fd in self._outputs.values():
+            os.close(fd)
+        self._outputs.clear()
 
     def _run(self) -> None:
         while True:
@@ -186,9 +206,14 @@ class CheckThread:
                 self._cond.wait_for(lambda: self._stop or self._jobs)
                 if self._stop:
                     return
-                args, kwargs = self._jobs.popleft()
+                args, whole, into = self._jobs.popleft()
             try:
-                self._check.check(*args, **kwargs)
+                if into is None:
+                    self._check.check(*args, whole=whole)
+                else:
+                    if into[0] not in self._outputs:
+                        self._outputs[into[0]] = os.open(into[0], os.O_WRONLY)
+                    self._check.copy(*args, _WriteAt(self._outputs[into[0]], into[1]), whole=whole)
             except BaseException as e:  # handed to the converter's thread, which raises it
                 with self._cond:
                     self._error = e

@@ -10,7 +10,6 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 
@@ -153,7 +152,7 @@ class HFWriter:
 
     The plan (key, shape, dtype, in order) is fixed up front so each shard's header can be written before its
     data (and `offset(key)` says where each tensor's bytes go); `write(key, tensor)` (or `write_ranges` for a
-    tensor whose bytes lie in files, with `splices` given, or `write_from`) must then be called in plan order.
+    tensor whose bytes lie in files, with `splices` given, or `reserve`) must then be called in plan order.
     """
 
     def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -206,15 +205,15 @@ class HFWriter:
             self._fh.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
 
-    def write_from(self, key: str, shape: tuple[int, ...], dtype: torch.dtype,
-                   fill: Callable[[BinaryIO], None]) -> None:
-        """Write `key` as the bytes `fill(file)` writes at the file's position (e.g. copied while checked)."""
+    def reserve(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Path, int]:
+        """Leave `key`'s bytes to the caller: the file and offset where they go, to be written there (positioned
+        writes, e.g. by another thread) before `close`."""
         self._next(key, shape, dtype)
-        at, nbytes = self._fh.tell(), _nbytes(shape, dtype)
-        fill(self._fh)
-        if self._fh.tell() != at + nbytes:
-            raise RuntimeError(f"HFWriter: {key}: {self._fh.tell() - at} bytes written, {nbytes} planned")
+        self._fh.flush()
+        at = self._fh.tell()
+        self._fh.seek(at + _nbytes(shape, dtype))
         self._pos += 1
+        return self.dir / self.files[self._cur], at
 
     def write_ranges(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, ranges: list[Range]) -> None:
         """Write `key` as the bytes of `ranges` (file, offset, length; in order), copied file to file by the

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, copy_side_files, staged
-from megatron_slim.checkpoint.finite import CheckThread, FileRangeCheck, check_finite
+from megatron_slim.checkpoint.finite import CheckPool, FileRangeCheck, check_finite
 from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.checkpoint.readahead import ReadAhead
@@ -181,7 +181,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
         return [(path, start + at, n) for at, n in places]
 
     with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite, [mcore_dir]) as tmp, \
-            closing(Splices()) as splices, nullcontext() if allow_nonfinite else CheckThread() as checks:
+            closing(Splices()) as splices, nullcontext() if allow_nonfinite else CheckPool() as checks:
         writer = HFWriter(tmp, plan, splices=splices)
         for rule, outs in zip(rules, hf_specs):
             ranges = byte_ranges(rule, outs)

@@ -3,8 +3,8 @@ and statistics ("LM loss nan") far from the cause, so conversion names the first
 
 Checked tensor by tensor as they are read, never as a second pass over the model: tensors a converter reads into
 memory are checked there; tensors whose bytes it copies file to file (`checkpoint.splice`) are read once in chunks
-through one reused buffer, from the page cache the read-ahead filled, on a thread of their own (`CheckThread`) while
-the converter copies the next ones. `convert --allow-nonfinite` skips it all.
+through one reused buffer, from the page cache the read-ahead filled, on threads of their own (`CheckPool`) while
+the converter goes on. `convert --allow-nonfinite` skips it all.
 Every command that loads a Megatron checkpoint into a model (evaluate, importance, verify, add-mtp, training's
 teacher, student and resume) checks the loaded parameters the same way (`refuse_nonfinite_model`), with the same
 `--allow-nonfinite` escape: a training run whose loss went NaN saves such weights.
@@ -23,6 +23,7 @@ from megatron_slim.errors import CheckpointError
 
 _CHUNK_BYTES = 1 << 20  # the read buffer of stored tensors (small enough to stay in the CPU's cache between the
 # read and the check) and the chunk of the exact check's masks
+_JOB_BYTES = 32 << 20  # the most of a tensor one of `CheckPool`'s threads checks or copies at a time
 
 
 # 16-bit floats are NaN or Inf exactly when all their exponent bits are set: a test on the bits, several times
@@ -143,29 +144,37 @@ class _WriteAt:
         self._offset += done
 
 
-class CheckThread:
-    """`FileRangeCheck.check` (or `copy`) of byte ranges on a worker thread, in the order submitted, so that a
-    converter's checks run on the other core while it copies on. mcore-to-hf submits each tensor the kernel copied
-    file to file (to be read back from the page cache and summed: ~0.3 CPU s per GB, the GIL released throughout),
-    and each tensor the kernel would copy at half speed (source and destination offsets that differ modulo a page)
-    with the place it goes (`into`): the worker copies it while checking it, one read serving both.
+class CheckPool:
+    """`FileRangeCheck.check` (or `copy`) of byte ranges on worker threads, so that a converter's checks run on other
+    cores while it goes on. mcore-to-hf submits each tensor the kernel copied file to file (to be read back from the
+    page cache and summed, the GIL released throughout), and each tensor the kernel would copy at half speed (source
+    and destination offsets that differ modulo a page) with the place it goes (`into`): a worker copies it as it
+    checks it, one read serving both. One thread doing that kept a core busy and fed the disk ~600 MB/s where it
+    takes ~1 GB/s (measured: a 2-core VM), so two share the work, in pieces of at most 32 MiB.
 
     At most `lag` bytes wait to be checked (the copies stay that close ahead, so the bytes to check are still in the
-    page cache). The first non-finite tensor found stops the worker; the error is raised by the next `submit` and
-    by `finish`, which waits until every range submitted is checked (and copied). A context manager: leaving it, on
-    success or on error, stops the thread."""
+    page cache). A non-finite tensor stops the workers; the error of the earliest range submitted that failed is
+    raised by the next `submit` and by `finish`, which waits until every range submitted is checked (and copied).
+    A context manager: leaving it, on success or on error, stops the threads."""
 
-    def __init__(self, lag: int = 1 << 30) -> None:
-        self._check = FileRangeCheck()  # its own buffer: the converter's copies through a check use another
+    def __init__(self, threads: int = 2, lag: int = 1 << 30) -> None:
         self._lag = lag
-        self._jobs: deque[tuple[tuple, tuple[int, int] | None, tuple[Path, int] | None]] = deque()
-        self._outputs: dict[Path, int] = {}  # descriptors of the files copied into
+        self._jobs: deque[tuple[int, tuple, tuple[int, int] | None, tuple[Path, int] | None]] = deque()
+        self._submitted = 0
+        self._running = 0  # jobs taken by a worker, not yet done
         self._pending = 0  # bytes submitted, not yet checked
-        self._error: BaseException | None = None
+        self._errors: dict[int, BaseException] = {}  # by submission number
+        self._outputs: dict[Path, int] = {}  # descriptors of the files copied into
         self._stop = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="nonfinite-check", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(FileRangeCheck(),), name="nonfinite-check",
+                                          daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _failed(self) -> BaseException | None:
+        """The error of the earliest range that failed, once none is being checked (an earlier one may yet fail)."""
+        return self._errors[min(self._errors)] if self._errors and not self._running else None
 
     def submit(self, where: str, name: str, path: Path, start: int, nbytes: int, dtype: torch.dtype,
                whole: tuple[int, int] | None = None, into: tuple[Path, int] | None = None) -> None:
@@ -173,54 +182,66 @@ class CheckThread:
         an offset in it) its `copy` to there; raise the error of a range checked earlier, if any."""
         if into is None and not dtype.is_floating_point:
             return
+        whole = whole or (start, nbytes)
         with self._cond:
-            self._cond.wait_for(lambda: self._error is not None or self._pending < self._lag)
-            if self._error is not None:
-                raise self._error
-            self._jobs.append(((where, name, path, start, nbytes, dtype), whole, into))
+            self._cond.wait_for(lambda: self._failed() is not None or self._pending < self._lag)
+            if self._failed() is not None:
+                raise self._failed()
+            for at in range(0, nbytes, _JOB_BYTES):  # in pieces, which the threads share (an embedding is 1 GB)
+                n = min(_JOB_BYTES, nbytes - at)
+                self._jobs.append((self._submitted, (where, name, path, start + at, n, dtype), whole,
+                                   None if into is None else (into[0], into[1] + at)))
+                self._submitted += 1
             self._pending += nbytes
             self._cond.notify_all()
 
     def finish(self) -> None:
         """Wait until every range submitted is checked; raise the first error."""
         with self._cond:
-            self._cond.wait_for(lambda: self._error is not None or not self._jobs and not self._pending)
-            if self._error is not None:
-                raise self._error
+            self._cond.wait_for(lambda: self._failed() is not None or not self._jobs and not self._running)
+            if self._failed() is not None:
+                raise self._failed()
 
-    def __enter__(self) -> "CheckThread":
+    def __enter__(self) -> "CheckPool":
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
         for fd in self._outputs.values():
             os.close(fd)
         self._outputs.clear()
 
-    def _run(self) -> None:
+    def _output(self, path: Path) -> int:
+        with self._cond:
+            if path not in self._outputs:
+                self._outputs[path] = os.open(path, os.O_WRONLY)
+            return self._outputs[path]
+
+    def _run(self, check: FileRangeCheck) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stop or self._jobs)
+                self._cond.wait_for(lambda: self._stop or self._jobs and not self._errors)
                 if self._stop:
                     return
-                args, whole, into = self._jobs.popleft()
+                number, args, whole, into = self._jobs.popleft()
+                self._running += 1
+            error = None
             try:
                 if into is None:
-                    self._check.check(*args, whole=whole)
+                    check.check(*args, whole=whole)
                 else:
-                    if into[0] not in self._outputs:
-                        self._outputs[into[0]] = os.open(into[0], os.O_WRONLY)
-                    self._check.copy(*args, _WriteAt(self._outputs[into[0]], into[1]), whole=whole)
+                    check.copy(*args, _WriteAt(self._output(into[0]), into[1]), whole=whole)
             except BaseException as e:  # handed to the converter's thread, which raises it
-                with self._cond:
-                    self._error = e
-                    self._cond.notify_all()
-                return
+                error = e
             with self._cond:
+                self._running -= 1
                 self._pending -= args[4]
+                if error is not None:
+                    self._errors[number] = error
                 self._cond.notify_all()
 
 

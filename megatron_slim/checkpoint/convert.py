@@ -193,11 +193,11 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
                     if checks is None:
                         writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
                     elif page_aligned(start, writer.offset(key)):
-                        # copied by the kernel, then read back from the page cache and checked on the check's
-                        # thread while this one copies on
+                        # copied by the kernel, then read back from the page cache and checked by the pool's
+                        # threads while this one goes on
                         writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
                         checks.submit(*piece, whole=whole)
-                    else:  # the kernel would copy it at half speed: the check's thread copies it as it checks
+                    else:  # the kernel would copy it at half speed: the pool's threads copy it as they check it
                         checks.submit(*piece, whole=whole, into=writer.reserve(key, shape, dtype))
                 moved = sum(nbytes for _, _, nbytes in ranges)
             else:

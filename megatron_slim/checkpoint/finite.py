@@ -150,7 +150,8 @@ class CheckPool:
     page cache and summed, the GIL released throughout), and each tensor the kernel would copy at half speed (source
     and destination offsets that differ modulo a page) with the place it goes (`into`): a worker copies it as it
     checks it, one read serving both. One thread doing that kept a core busy and fed the disk ~600 MB/s where it
-    takes ~1 GB/s (measured: a 2-core VM), so two share the work, in pieces of at most 32 MiB.
+    takes ~1 GB/s (measured: a 2-core VM), so two share the work, in pieces of at most 32 MiB, and each piece
+    copied is handed to the disk at once (else the kernel starts writing only GBs later, and the sync waits).
 
     At most `lag` bytes wait to be checked (the copies stay that close ahead, so the bytes to check are still in the
     page cache). A non-finite tensor stops the workers; the error of the earliest range submitted that failed is
@@ -234,7 +235,11 @@ class CheckPool:
                 if into is None:
                     check.check(*args, whole=whole)
                 else:
-                    check.copy(*args, _WriteAt(self._output(into[0]), into[1]), whole=whole)
+                    fd = self._output(into[0])
+                    check.copy(*args, _WriteAt(fd, into[1]), whole=whole)
+                    # start writing them to disk now, not once the kernel's dirty-page threshold is reached (GBs
+                    # later): the disk then writes from the first tensor on, and little is left for the final sync
+                    os.posix_fadvise(fd, into[1], args[4], os.POSIX_FADV_DONTNEED)
             except BaseException as e:  # handed to the converter's thread, which raises it
                 error = e
             with self._cond:

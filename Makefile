@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Test processes: most tests wait on subprocess start-up, file I/O or gloo, so two share 2 cores well. A file's
-# tests stay in one process (--dist loadfile), so its module fixtures are built once.
+# tests stay in one process (--dist loadfile), so its module fixtures are built once; files are handed out in
+# collection order (--no-loadscope-reorder), which tests/conftest.py makes longest first.
 PYTEST_WORKERS ?= 2
 
 .PHONY: venv vllm-env demo test lint ablate clean
@@ -25,7 +26,7 @@ ablate: venv
 
 # Lint first (seconds): a style or pyflakes finding fails before the tests start.
 test: lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests $(PYTEST_ARGS)
 
 # ruff's rules: pyproject.toml [tool.ruff] (pyflakes, pycodestyle, import order, 120 columns).
 lint: venv

@@ -17,7 +17,8 @@ hf-to-mcore's real run overlaps the layout with streaming, so its "ratio w/o sta
 `--repeat N` runs the whole sequence N times and keeps each step's best time (the machine is shared) and highest
 peak RSS.
 
-Targets (#26): mcore-to-hf/copy <= 1.25 (its tensors mostly only move bytes, spliced file to file), hf-to-mcore/copy
+Targets (#26): mcore-to-hf/copy <= 1.25 (its tensors mostly only move bytes: copied file to file, by the kernel
+or, where source and destination offsets differ modulo a page, by two threads as they check them), hf-to-mcore/copy
 <= 2.0; the ratio of CPU seconds is printed beside the wall-time one (on a shared machine it is the steadier
 figure); peak RSS a small multiple of the largest group of tensors that
 must be held together (one layer's experts, E*3*F*H*2 bytes, or the largest single tensor such as the embedding if

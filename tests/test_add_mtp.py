@@ -9,7 +9,6 @@ import torch
 from support.dist import run_distributed
 from support.hf_checkpoints import build_tiny_hf
 from support.tiny_models import mixtral
-from support.train_assets import cli
 
 
 def _state(rank: int, world: int, ckpt: str) -> dict[str, torch.Tensor]:
@@ -30,19 +29,22 @@ def _state(rank: int, world: int, ckpt: str) -> dict[str, torch.Tensor]:
                                  if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
-def _grow(rank: int, world: int, src: str, out: str) -> int:
+def _grow_between_reads(rank: int, world: int, src: str, out: str) -> dict[str, dict[str, torch.Tensor]]:
+    """src's state, then add_mtp_depths(src -> out), then out's state: one process (one megatron-core import)."""
     from megatron_slim.compress.mtp_depths import add_mtp_depths
 
+    before = _state(rank, world, src)
     add_mtp_depths(src, out, 1, seed=3)
-    return 0
+    return {"before": before, "after": _state(rank, world, out)}
 
 
 def test_added_mtp_depth_is_fresh_and_the_rest_unchanged(tmp_path: Path) -> None:
+    from megatron_slim.checkpoint.convert import hf_to_mcore
+
     build_tiny_hf(mixtral(), seed=0).save_pretrained(tmp_path / "hf")
-    cli("convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mc"), "--no-progress")
-    run_distributed(_grow, 1, str(tmp_path / "mc"), str(tmp_path / "grown"))
-    before = run_distributed(_state, 1, str(tmp_path / "mc"))[0]
-    after = run_distributed(_state, 1, str(tmp_path / "grown"))[0]
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mc", progress=False)
+    got = run_distributed(_grow_between_reads, 1, str(tmp_path / "mc"), str(tmp_path / "grown"))[0]
+    before, after = got["before"], got["after"]
     fresh = sorted(k for k in after if k.startswith("mtp."))
     assert fresh and not any(k.startswith("mtp.") for k in before)
     assert set(after) - set(fresh) == set(before)

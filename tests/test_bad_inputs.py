@@ -408,6 +408,67 @@ def test_file_range_check_finds_a_nonfinite_value_in_any_chunk(tmp_path, monkeyp
     assert (tmp_path / "out").read_bytes() == b"head" + t[4:].numpy().tobytes()
 
 
+def test_check_pool_hands_a_nonfinite_range_to_the_converter(tmp_path, monkeypatch):
+    """mcore-to-hf checks (and copies) stored tensors on threads of their own: a bad tensor still fails the
+    conversion, named, from `finish` (which waits for every range) or from the next `submit`, the earliest submitted
+    if several are bad, and the threads end either way."""
+    import threading
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_slim.checkpoint import finite
+    from megatron_slim.checkpoint.finite import CheckPool
+    from megatron_slim.checkpoint.safetensors_io import HFReader
+    from megatron_slim.errors import CheckpointError
+
+    monkeypatch.setattr(finite, "_CHUNK_BYTES", 4096)  # several chunks per tensor
+    bad = torch.randn(300, 100).to(torch.bfloat16)
+    bad[299, 99] = float("inf")  # in the last bytes checked
+    save_file({"ok": torch.randn(300, 100), "w": bad, "ids": torch.arange(10)}, tmp_path / "model.safetensors")
+    info = HFReader(tmp_path).tensors
+    args = {k: (info[k].file, info[k].start, info[k].nbytes, info[k].dtype) for k in info}
+    with CheckPool() as checks:
+        checks.submit("m", "ok", *args["ok"])
+        checks.submit("m", "ids", *args["ids"])
+        checks.finish()
+        checks.submit("m", "w", *args["w"])
+        with pytest.raises(CheckpointError, match=r"m: w holds 0 NaN and 1 infinite values \(of 30000\)"):
+            checks.finish()
+        with pytest.raises(CheckpointError, match=r"m: w holds"):
+            checks.submit("m", "ok", *args["ok"])
+    # two bad tensors on two threads: the small one, submitted second, fails first; the earlier one is named
+    big = torch.randn(8 << 20).to(torch.bfloat16)
+    big[-1] = float("nan")
+    (tmp_path / "two").mkdir()
+    save_file({"big": big, "w": bad}, tmp_path / "two" / "model.safetensors")
+    two = HFReader(tmp_path / "two").tensors
+    with CheckPool(threads=2) as checks:
+        for k in ("big", "w"):
+            checks.submit("m", k, two[k].file, two[k].start, two[k].nbytes, two[k].dtype)
+        with pytest.raises(CheckpointError, match=r"m: big holds 1 NaN and 0 infinite values"):
+            checks.finish()
+    with CheckPool(lag=1) as checks:  # a lag of one byte: each submit waits for the previous range's check
+        checks.submit("m", "w", *args["w"])
+        with pytest.raises(CheckpointError, match=r"m: w holds"):
+            checks.submit("m", "ok", *args["ok"])
+    # copying as it checks (`into`: a file and an offset), beside the file's other writer, in several jobs which
+    # both threads take: the bytes land exactly
+    monkeypatch.setattr(finite, "_JOB_BYTES", 16384)
+    out = tmp_path / "out"
+    out.write_bytes(b"head")
+    with CheckPool() as checks:
+        checks.submit("m", "ids", *args["ids"], into=(out, 4 + args["ok"][2]))
+        checks.submit("m", "ok", *args["ok"], into=(out, 4))
+        checks.finish()
+        (tmp_path / "out2").touch()
+        checks.submit("m", "w", *args["w"], into=(tmp_path / "out2", 0))
+        with pytest.raises(CheckpointError, match=r"m: w holds 0 NaN and 1 infinite values"):
+            checks.finish()
+    saved = load_file(tmp_path / "model.safetensors")
+    assert out.read_bytes() == b"head" + saved["ok"].numpy().tobytes() + saved["ids"].numpy().tobytes()
+    assert not [t for t in threading.enumerate() if t.name == "nonfinite-check"]
+
+
 def _with_eos(mcore: Path) -> Path:
     """The tiny models have no tokenizer: their config names the document separator instead."""
     config = json.loads((mcore / "model_config.json").read_text())

@@ -27,26 +27,40 @@ def stops(tokens: list[int]) -> bool:
     return bool(tokens) and tokens[-1] % 11 == 0  # some rows stop early, others run to MAX_NEW
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "qwen3_next"])
-def tiny(request, tmp_path_factory) -> dict:
+FAMILIES = ("qwen3_moe", "qwen3_next")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, dict]:
+    """Per family: the converted checkpoint and the literal greedy loop's continuations of `prompts()`."""
     from megatron_slim.checkpoint.convert import hf_to_mcore
     from megatron_slim.verify.hf_reference import load_hf_reference
 
-    root = tmp_path_factory.mktemp(f"generate_{request.param}")
-    build_tiny_hf(tiny_models.FAMILIES[request.param](), seed=2).save_pretrained(root / "hf")
-    hf_to_mcore(root / "hf", root / "mcore", progress=False)
-    model = load_hf_reference(root / "hf", dtype=torch.float32)  # transformers' PyTorch kernels, not fla's
-    reference = []
-    with torch.no_grad():
-        for p in prompts():  # literal greedy loop: the whole prefix each step, nothing cached
-            ids = list(p)
-            for _ in range(MAX_NEW):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            reference.append(ids[len(p):])
-    return {"mcore": root / "mcore", "reference": reference}
+    out = {}
+    for family in FAMILIES:
+        root = tmp_path_factory.mktemp(f"generate_{family}")
+        build_tiny_hf(tiny_models.FAMILIES[family](), seed=2).save_pretrained(root / "hf")
+        hf_to_mcore(root / "hf", root / "mcore", progress=False)
+        model = load_hf_reference(root / "hf", dtype=torch.float32)  # transformers' PyTorch kernels, not fla's
+        reference = []
+        with torch.no_grad():
+            for p in prompts():  # literal greedy loop: the whole prefix each step, nothing cached
+                ids = list(p)
+                for _ in range(MAX_NEW):
+                    ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+                reference.append(ids[len(p):])
+        out[family] = {"mcore": root / "mcore", "reference": reference}
+    return out
 
 
-def generation_sweep(rank: int, world: int, mcore: str) -> dict:
+def generation_sweep(rank: int, world: int, mcores: dict[str, str]) -> dict:
+    """Every family's sweep, then `blockers`: one pair of ranks (one megatron-core import each) for the module."""
+    out = {family: family_sweep(rank, mcore) for family, mcore in mcores.items()}
+    out["blockers"] = blockers(rank, world)
+    return out
+
+
+def family_sweep(rank: int, mcore: str) -> dict:
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.eval.generate import greedy_continuation, kv_cache_blocker
     from megatron_slim.eval.harness import greedy_generate
@@ -100,21 +114,24 @@ def blockers(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def sweep(tiny) -> list[dict]:
-    return run_distributed(generation_sweep, 2, str(tiny["mcore"]), timeout_s=300)
+    return run_distributed(generation_sweep, 2, {f: str(t["mcore"]) for f, t in tiny.items()}, timeout_s=600)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_cached_generation_matches_a_literal_transformers_loop(sweep, tiny, layout):
-    assert len({tuple(r) for r in tiny["reference"]}) == len(LENGTHS)  # informative: every prompt differs
+def test_cached_generation_matches_a_literal_transformers_loop(sweep, tiny, family, layout):
+    reference = tiny[family]["reference"]
+    assert len({tuple(r) for r in reference}) == len(LENGTHS)  # informative: every prompt differs
     for rank in sweep:
-        assert rank[layout]["blocker"] is None, layout  # the cache served
-        assert rank[layout]["cached"] == tiny["reference"], layout
+        assert rank[family][layout]["blocker"] is None, layout  # the cache served
+        assert rank[family][layout]["cached"] == reference, layout
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_cached_and_full_prefix_paths_agree(sweep, layout):
+def test_cached_and_full_prefix_paths_agree(sweep, family, layout):
     for rank in sweep:
-        got = rank[layout]
+        got = rank[family][layout]
         lengths = {len(t) for t in got["cached_stops"]}
         assert min(lengths) < MAX_NEW and MAX_NEW in lengths, lengths  # stops cut some rows, not all
         assert got["cached_stops"] == got["full_stops"], layout
@@ -123,10 +140,10 @@ def test_cached_and_full_prefix_paths_agree(sweep, layout):
         assert got["mtp_cached"] == got["mtp_full"], layout
         assert got["mtp_process"][0] == got["mtp_process"][1], layout  # skipped while generating, then restored
         assert len({tuple(t) for t in got["mtp_full"]}) > 1  # the random student is not degenerate
-    assert any(rank[layout]["mtp_process"][0] for rank in sweep)
+    assert any(rank[family][layout]["mtp_process"][0] for rank in sweep)
 
 
-def test_layouts_the_cache_cannot_serve_say_why():
-    got = run_distributed(blockers, 2, timeout_s=300)[0]
+def test_layouts_the_cache_cannot_serve_say_why(sweep):
+    got = sweep[0]["blockers"]
     assert got["tp1"] is None  # Gated DeltaNet layers carry their states in the generation context
     assert "sequence parallelism" in got["tp2"]

@@ -8,6 +8,7 @@ count what the datasets hold, and bad inputs fail with the file and the record.
 | .jsonl, JSON lines named .json, .gz, multi-frame .zst, parquet, HF dir | test_every_format_gives_the_jsonl_tokens    |
 | --workers 2 vs 1 (HF fast tokenizer)                                   | test_workers_write_identical_bytes         |
 | --workers 2 vs 1 (sentencepiece .model)                                | test_sentencepiece_tokenizer_in_workers    |
+| a worker SIGKILLed mid-run fails the run at once; a worker's error     | test_dead_worker_fails_the_run_at_once     |
 | --shard 0/3..2/3 + merge-datasets                                      | test_shards_merged_equal_unsharded         |
 | a shard killed (SIGKILL) midway, rerun, merge                          | test_killed_shard_is_redone_and_merge_...  |
 | --shard auto under a SLURM array (ids starting at 1)                   | test_shard_auto_reads_the_slurm_array      |
@@ -23,6 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -297,6 +299,49 @@ def test_sentencepiece_tokenizer_in_workers(tmp_path: Path) -> None:
         _run(tmp_path / "sp.model", [src], tmp_path / f"w{workers}", workers=workers, batch_size=16)
     assert _read(tmp_path / "w1") == [sp.encode(d) + [sp.eos_id()] for d in docs]
     assert _bytes(tmp_path / "w1") == _bytes(tmp_path / "w2")
+
+
+def test_dead_worker_fails_the_run_at_once(tok: Path, tmp_path: Path) -> None:
+    """A tokenizer worker killed mid-run (SIGKILL, as the out-of-memory killer does) makes the run fail at once with
+    one line naming the worker and the signal, leaving no dataset and no process behind (it used to wait forever for
+    the lost batch); an error raised in a worker reaches the caller as itself."""
+    import psutil
+
+    text = " ".join(_docs(300))  # ~40 KB: a few seconds of work per worker in all, the kill comes after one batch
+    src = tmp_path / "big.jsonl"
+    src.write_text((json.dumps({"text": text}) + "\n") * 400, encoding="utf-8")
+    argv = [sys.executable, "-m", "megatron_slim.cli", "preprocess", "--input", str(src), "--output-prefix",
+            str(tmp_path / "dead"), "--tokenizer", str(tok), "--workers", "2", "--batch-size", "4", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # the first batch written: workers at work
+            if any(f.stat().st_size for f in tmp_path.glob(".dead.bin.*.partial")):
+                break
+            time.sleep(0.01)
+        workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2 and proc.poll() is None, "the run ended (or never started) before the kill"
+        os.kill(workers[0].pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the run hung after one of its tokenizer workers was killed")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, err  # the CLI's exit status for a UserError
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"megatron-slim preprocess: error: tokenizer worker \d \(pid {workers[0].pid}\) was "
+                        rf"killed by signal 9 \(SIGKILL; [^)]*\) while encoding {src}:\d+-\d+; nothing of "
+                        rf"{tmp_path / 'dead'} was written .*rerun the same command.*", line), line
+    assert not list(tmp_path.glob("dead.*")) and not workers[1].is_running()
+
+    with pytest.raises(UserError, match=rf"{src}:1: text needs a tokenizer"):  # raised in a worker
+        run_preprocess(PreprocessJob(inputs=(str(src),), output_prefix=str(tmp_path / "ids"), tokenizer="none",
+                                     vocab_size=300, no_eod=True, workers=2, progress=False))
 
 
 def test_indexed_writer_writes_megatron_bytes(tmp_path: Path) -> None:

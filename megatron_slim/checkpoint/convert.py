@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from contextlib import closing, nullcontext
-from functools import partial
 from itertools import accumulate
 from pathlib import Path
 
@@ -16,13 +15,13 @@ import torch
 from tqdm import tqdm
 
 from megatron_slim.checkpoint.files import HF_CONFIG, TOKENIZER_DIR, copy_side_files, staged
-from megatron_slim.checkpoint.finite import FileRangeCheck, check_finite
+from megatron_slim.checkpoint.finite import CheckPool, FileRangeCheck, check_finite
 from megatron_slim.checkpoint.layout import LayoutCheck, LayoutJob
 from megatron_slim.checkpoint.mcore import MODEL_CONFIG
 from megatron_slim.checkpoint.readahead import ReadAhead
 from megatron_slim.checkpoint.safetensors_io import HFWriter
 from megatron_slim.checkpoint.source import open_mcore, plan_hf_to_mcore
-from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Range, Splices
+from megatron_slim.checkpoint.splice import MIN_SPLICE_BYTES, Range, Splices, page_aligned
 from megatron_slim.checkpoint.writers import Summary, is_mcore_expert, plan_mcore, summarize
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.mapping import BoundRule
@@ -156,7 +155,6 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
     summary = summarize(cfg, {k: reader.meta(k) for k in needed}, is_mcore_expert)
     if dry_run:
         return summary
-    file_check = None if allow_nonfinite else FileRangeCheck()
     bar = tqdm(total=summary.bytes, unit="B", unit_scale=True, desc="mcore->hf", disable=not progress)
 
     def byte_ranges(rule: BoundRule, outs: Specs) -> list[Range] | None:
@@ -183,21 +181,24 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
         return [(path, start + at, n) for at, n in places]
 
     with ReadAhead(reader.ranges(needed)) as read_ahead, staged(out_dir, overwrite, [mcore_dir]) as tmp, \
-            closing(Splices()) as splices:
+            closing(Splices()) as splices, nullcontext() if allow_nonfinite else CheckPool() as checks:
         writer = HFWriter(tmp, plan, splices=splices)
         for rule, outs in zip(rules, hf_specs):
             ranges = byte_ranges(rule, outs)
             if ranges is not None:
-                # each piece is checked as it is copied through the check's buffer where the kernel would copy it
-                # misaligned (at half speed), else copied by the kernel and checked from the page cache
                 (stored,) = rule.mcore
-                _, whole_start, whole_nbytes = reader.tensor_bytes(stored)
+                whole = reader.tensor_bytes(stored)[1:]  # the error counts over all of it
                 for key, (shape, dtype), (path, start, nbytes) in zip(rule.hf, outs, ranges, strict=True):
                     piece = (str(mcore_dir), stored, path, start, nbytes, dtype)
-                    through = None if file_check is None else partial(file_check.copy, *piece,
-                                                                       whole=(whole_start, whole_nbytes))
-                    if not writer.write_ranges(key, shape, dtype, [(path, start, nbytes)], through) and through:
-                        file_check.check(*piece, whole=(whole_start, whole_nbytes))
+                    if checks is None:
+                        writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
+                    elif page_aligned(start, writer.offset(key)):
+                        # copied by the kernel, then read back from the page cache and checked by the pool's
+                        # threads while this one goes on
+                        writer.write_ranges(key, shape, dtype, [(path, start, nbytes)])
+                        checks.submit(*piece, whole=whole)
+                    else:  # the kernel would copy it at half speed: the pool's threads copy it as they check it
+                        checks.submit(*piece, whole=whole, into=writer.reserve(key, shape, dtype))
                 moved = sum(nbytes for _, _, nbytes in ranges)
             else:
                 tensors = reader.read(rule.mcore)
@@ -209,6 +210,8 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, hf_template: str 
                 moved = sum(t.nbytes for t in tensors)
             read_ahead.consumed(moved)
             bar.update(moved)
+        if checks is not None:
+            checks.finish()
         writer.close()
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config_from(cfg), indent=2))
         copy_side_files(mcore_dir / TOKENIZER_DIR, tmp)

@@ -3,7 +3,8 @@ and statistics ("LM loss nan") far from the cause, so conversion names the first
 
 Checked tensor by tensor as they are read, never as a second pass over the model: tensors a converter reads into
 memory are checked there; tensors whose bytes it copies file to file (`checkpoint.splice`) are read once in chunks
-through one reused buffer, from the page cache the read-ahead filled. `convert --allow-nonfinite` skips it all.
+through one reused buffer, from the page cache the read-ahead filled, on threads of their own (`CheckPool`) while
+the converter goes on. `convert --allow-nonfinite` skips it all.
 Every command that loads a Megatron checkpoint into a model (evaluate, importance, verify, add-mtp, training's
 teacher, student and resume) checks the loaded parameters the same way (`refuse_nonfinite_model`), with the same
 `--allow-nonfinite` escape: a training run whose loss went NaN saves such weights.
@@ -11,6 +12,8 @@ teacher, student and resume) checks the loaded parameters the same way (`refuse_
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,6 +23,7 @@ from megatron_slim.errors import CheckpointError
 
 _CHUNK_BYTES = 1 << 20  # the read buffer of stored tensors (small enough to stay in the CPU's cache between the
 # read and the check) and the chunk of the exact check's masks
+_JOB_BYTES = 32 << 20  # the most of a tensor one of `CheckPool`'s threads checks or copies at a time
 
 
 # 16-bit floats are NaN or Inf exactly when all their exponent bits are set: a test on the bits, several times
@@ -124,6 +128,126 @@ class FileRangeCheck:
                     out.write(view[:n])
         finally:
             os.close(fd)
+
+
+class _WriteAt:
+    """A file's bytes from `offset` on, as a stream `FileRangeCheck.copy` writes to (positioned writes, so the
+    file's other writer may be elsewhere in it meanwhile)."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self._fd, self._offset = fd, offset
+
+    def write(self, view: memoryview) -> None:
+        done = 0
+        while done < view.nbytes:
+            done += os.pwrite(self._fd, view[done:], self._offset + done)
+        self._offset += done
+
+
+class CheckPool:
+    """`FileRangeCheck.check` (or `copy`) of byte ranges on worker threads, so that a converter's checks run on other
+    cores while it goes on. mcore-to-hf submits each tensor the kernel copied file to file (to be read back from the
+    page cache and summed, the GIL released throughout), and each tensor the kernel would copy at half speed (source
+    and destination offsets that differ modulo a page) with the place it goes (`into`): a worker copies it as it
+    checks it, one read serving both. One thread doing that kept a core busy and fed the disk ~600 MB/s where it
+    takes ~1 GB/s (measured: a 2-core VM), so two share the work, in pieces of at most 32 MiB, and each piece
+    copied is handed to the disk at once (else the kernel starts writing only GBs later, and the sync waits).
+
+    At most `lag` bytes wait to be checked (the copies stay that close ahead, so the bytes to check are still in the
+    page cache). A non-finite tensor stops the workers; the error of the earliest range submitted that failed is
+    raised by the next `submit` and by `finish`, which waits until every range submitted is checked (and copied).
+    A context manager: leaving it, on success or on error, stops the threads."""
+
+    def __init__(self, threads: int = 2, lag: int = 1 << 30) -> None:
+        self._lag = lag
+        self._jobs: deque[tuple[int, tuple, tuple[int, int] | None, tuple[Path, int] | None]] = deque()
+        self._submitted = 0
+        self._running = 0  # jobs taken by a worker, not yet done
+        self._pending = 0  # bytes submitted, not yet checked
+        self._errors: dict[int, BaseException] = {}  # by submission number
+        self._outputs: dict[Path, int] = {}  # descriptors of the files copied into
+        self._stop = False
+        self._cond = threading.Condition()
+        self._threads = [threading.Thread(target=self._run, args=(FileRangeCheck(),), name="nonfinite-check",
+                                          daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _failed(self) -> BaseException | None:
+        """The error of the earliest range that failed, once none is being checked (an earlier one may yet fail)."""
+        return self._errors[min(self._errors)] if self._errors and not self._running else None
+
+    def submit(self, where: str, name: str, path: Path, start: int, nbytes: int, dtype: torch.dtype,
+               whole: tuple[int, int] | None = None, into: tuple[Path, int] | None = None) -> None:
+        """Queue `FileRangeCheck.check(where, name, path, start, nbytes, dtype, whole)`, or with `into` (a file and
+        an offset in it) its `copy` to there; raise the error of a range checked earlier, if any."""
+        if into is None and not dtype.is_floating_point:
+            return
+        whole = whole or (start, nbytes)
+        with self._cond:
+            self._cond.wait_for(lambda: self._failed() is not None or self._pending < self._lag)
+            if self._failed() is not None:
+                raise self._failed()
+            for at in range(0, nbytes, _JOB_BYTES):  # in pieces, which the threads share (an embedding is 1 GB)
+                n = min(_JOB_BYTES, nbytes - at)
+                self._jobs.append((self._submitted, (where, name, path, start + at, n, dtype), whole,
+                                   None if into is None else (into[0], into[1] + at)))
+                self._submitted += 1
+            self._pending += nbytes
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Wait until every range submitted is checked; raise the first error."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._failed() is not None or not self._jobs and not self._running)
+            if self._failed() is not None:
+                raise self._failed()
+
+    def __enter__(self) -> "CheckPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+        for fd in self._outputs.values():
+            os.close(fd)
+        self._outputs.clear()
+
+    def _output(self, path: Path) -> int:
+        with self._cond:
+            if path not in self._outputs:
+                self._outputs[path] = os.open(path, os.O_WRONLY)
+            return self._outputs[path]
+
+    def _run(self, check: FileRangeCheck) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or self._jobs and not self._errors)
+                if self._stop:
+                    return
+                number, args, whole, into = self._jobs.popleft()
+                self._running += 1
+            error = None
+            try:
+                if into is None:
+                    check.check(*args, whole=whole)
+                else:
+                    fd = self._output(into[0])
+                    check.copy(*args, _WriteAt(fd, into[1]), whole=whole)
+                    # start writing them to disk now, not once the kernel's dirty-page threshold is reached (GBs
+                    # later): the disk then writes from the first tensor on, and little is left for the final sync
+                    os.posix_fadvise(fd, into[1], args[4], os.POSIX_FADV_DONTNEED)
+            except BaseException as e:  # handed to the converter's thread, which raises it
+                error = e
+            with self._cond:
+                self._running -= 1
+                self._pending -= args[4]
+                if error is not None:
+                    self._errors[number] = error
+                self._cond.notify_all()
 
 
 def refuse_nonfinite_model(model: torch.nn.Module, where: str) -> None:

@@ -22,10 +22,10 @@ _CHUNK = 128 * 1024  # the kernel's default read-ahead size: one WILLNEED call r
 _MAX_CHUNK = 64 << 20  # a bound on one call, whatever sysfs says (the window is counted in chunks)
 
 
-def read_ahead_bytes(path: Path) -> int:
-    """What one WILLNEED call reads of `path` at most: its device's read-ahead size (sysfs: the block device, the
-    disk of a partition, or the filesystem's backing device), else the kernel's default."""
-    dev = os.stat(path).st_dev
+def read_ahead_bytes(dev: int) -> int:
+    """What one WILLNEED call reads at most of a file on device `dev` (a stat's st_dev): the device's read-ahead
+    size (sysfs: the block device, the disk of a partition, or the filesystem's backing device), else the kernel's
+    default."""
     name = f"{os.major(dev)}:{os.minor(dev)}"
     for where in (f"/sys/dev/block/{name}/queue", f"/sys/dev/block/{name}/../queue", f"/sys/class/bdi/{name}"):
         try:
@@ -93,13 +93,14 @@ class ReadAhead:
 
     def _run(self) -> None:
         issued = 0
-        chunks: dict[Path, int] = {}
+        chunks: dict[int, int] = {}  # device -> its read-ahead size
         for path, start, length in self._ranges:
-            if path not in chunks:
-                chunks[path] = read_ahead_bytes(path)
-            chunk = chunks[path]
             fd = os.open(path, os.O_RDONLY)
             try:
+                dev = os.fstat(fd).st_dev
+                if dev not in chunks:
+                    chunks[dev] = read_ahead_bytes(dev)
+                chunk = chunks[dev]
                 for offset in range(start, start + length, chunk):
                     with self._cond:
                         self._cond.wait_for(lambda: self._stop or issued - self._consumed < self._window)

@@ -10,7 +10,6 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 
@@ -26,7 +25,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -153,8 +151,8 @@ class HFWriter:
     """Writes planned tensors into safetensors shards of at most `shard_bytes`, streaming, plus the index.
 
     The plan (key, shape, dtype, in order) is fixed up front so each shard's header can be written before its
-    data; `write(key, tensor)` (or `write_ranges(key, ranges)` for a tensor whose bytes lie in files, with
-    `splices` given) must then be called in plan order.
+    data (and `offset(key)` says where each tensor's bytes go); `write(key, tensor)` (or `write_ranges` for a
+    tensor whose bytes lie in files, with `splices` given, or `reserve`) must then be called in plan order.
     """
 
     def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -172,24 +170,33 @@ class HFWriter:
             size += nbytes
         n = len(shards)
         self.files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._shards = shards
+        self._headers: list[bytes] = []
+        self._offsets: dict[str, int] = {}  # where each tensor's bytes start in its shard file
+        for shard in shards:
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for key, shape, dtype in shard:
+                nbytes = _nbytes(shape, dtype)
+                header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            self._headers.append(struct.pack("<Q", len(blob)) + blob)
+            self._offsets |= {key: len(self._headers[-1]) + at["data_offsets"][0]
+                              for key, at in header.items() if key != "__metadata__"}
         self._order = [(fi, key, shape, dtype) for fi, s in enumerate(shards) for key, shape, dtype in s]
         self._pos = 0
         self._fh = None
         self._cur = -1
 
+    def offset(self, key: str) -> int:
+        """The byte offset in its shard file at which planned tensor `key`'s bytes go."""
+        return self._offsets[key]
+
     def _open(self, fi: int) -> None:
         if self._fh:
             self._fh.close()
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for key, shape, dtype in self._shards[fi]:
-            nbytes = _nbytes(shape, dtype)
-            header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
         self._fh = open(self.dir / self.files[fi], "wb")
-        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+        self._fh.write(self._headers[fi])
         self._cur = fi
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -198,29 +205,28 @@ class HFWriter:
             self._fh.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
 
-    def write_ranges(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, ranges: list[Range],
-                     misaligned: Callable[[BinaryIO], None] | None = None) -> bool:
-        """Write `key` as the bytes of `ranges` (file, offset, length; in order), copied file to file by the kernel;
-        or by `misaligned(file)` (which writes them at the file's position), if given, for a single range whose
-        offset differs from its destination's modulo a page (the kernel copies those at half speed). True when
-        `misaligned` wrote them."""
+    def reserve(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Path, int]:
+        """Leave `key`'s bytes to the caller: the file and offset where they go, to be written there (positioned
+        writes, e.g. by another thread) before `close`."""
+        self._next(key, shape, dtype)
+        self._fh.flush()
+        at = self._fh.tell()
+        self._fh.seek(at + _nbytes(shape, dtype))
+        self._pos += 1
+        return self.dir / self.files[self._cur], at
+
+    def write_ranges(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, ranges: list[Range]) -> None:
+        """Write `key` as the bytes of `ranges` (file, offset, length; in order), copied file to file by the
+        kernel."""
         if self._splices is None:
             raise RuntimeError("HFWriter: write_ranges needs the writer made with `splices`")
-        self._next(key, shape, dtype)
         nbytes = _nbytes(shape, dtype)
         if sum(length for _, _, length in ranges) != nbytes:
             raise RuntimeError(f"HFWriter: {key} is {nbytes} bytes, its ranges hold "
                                f"{sum(length for _, _, length in ranges)}")
-        through = misaligned is not None and len(ranges) == 1 and (self._fh.tell() - ranges[0][1]) % _PAGE != 0
-        if through:
-            at = self._fh.tell()
-            misaligned(self._fh)
-            if self._fh.tell() != at + nbytes:
-                raise RuntimeError(f"HFWriter: {key}: {self._fh.tell() - at} bytes written, {nbytes} planned")
-        else:
-            self._splices.append(self._fh, ranges)
+        self._next(key, shape, dtype)
+        self._splices.append(self._fh, ranges)
         self._pos += 1
-        return through
 
     def _next(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Check that `key` is the next planned tensor and open its shard."""

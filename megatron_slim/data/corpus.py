@@ -52,6 +52,15 @@ class Batch:
     items: list[Any]
     input_bytes: int  # how far this batch advances through the input's `size` (for progress and ETA)
 
+    def split(self, pieces: int) -> list[Batch]:
+        """Consecutive smaller batches holding the same records in the same order (at most `pieces`); the input
+        bytes are shared out so that they add up to this batch's."""
+        pieces = max(1, min(pieces, len(self.items)))
+        bounds = [len(self.items) * i // pieces for i in range(pieces + 1)]
+        shares = [self.input_bytes * i // pieces for i in range(pieces + 1)]
+        return [Batch(self.file_index, self.path, self.format, self.numbers[a:b], self.items[a:b], y - x)
+                for a, b, x, y in zip(bounds, bounds[1:], shares, shares[1:])]
+
 
 class BadRecord(str):
     """A record that cannot become a document; the text is the message, starting with where it is."""

@@ -7,7 +7,10 @@ order, so the output is byte-identical for any number of workers. With one worke
 One worker is one core: the fast tokenizer's own thread pool is switched off (TOKENIZERS_PARALLELISM=false).
 What the workers cannot share is serial start-up, so it is kept small: workers are spawned before the tokenizer
 loads in the main process (they start while it loads), the dataset is written with numpy (`data.indexed`, no
-megatron-core import), and the main process only splits lines, writes token arrays and counts.
+megatron-core import), and the main process only splits lines, writes token arrays and counts. Each worker gets the
+next batch the moment it returns one, and the input's last batches go in smaller pieces, so no worker idles long
+while another finishes. A worker process that dies (the out-of-memory killer, a stray kill) fails the job at once
+with WorkerDied rather than leaving it waiting for the lost batch.
 
 Scale-out: `shard=(I, N)` takes the I-th of N contiguous, size-balanced runs of the input files and writes
 `PREFIX-0000I-of-0000N`; merging shards 0..N-1 in order gives exactly the unsharded dataset. Every output file is
@@ -19,14 +22,19 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pickle
+import signal
 import sys
 import time
+import traceback
 from collections import deque
-from collections.abc import Iterator
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
@@ -57,6 +65,8 @@ from megatron_slim.runtime.outputs import check_not_overlapping, claim_output_fi
 
 OUTPUTS = (".manifest.json", ".idx", ".bin")  # claimed in this order, so put in place in reverse: manifest last
 MAX_REPORTED_BAD = 10  # skipped records printed one by one; the rest are counted
+BATCH_BYTES = 1 << 20  # a batch ends at --batch-size records or about this much input text
+TAIL_BATCHES, TAIL_SPLIT = 2, 8  # with workers: the last 2 batches per worker go in 8 pieces each (_finer_tail)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +188,8 @@ class Encoder:
     eod: int | None = None
 
     def setup(self) -> None:
-        """Load the tokenizer, settle vocabulary and end-of-document id (in the main process)."""
+        """Read the tokenizer, settle vocabulary and end-of-document id (in the main process; `build` makes the
+        encoder where it encodes)."""
         if self.tokenizer == "none":  # with a vocab_size (PreprocessJob.validate)
             vocab, eod = self.vocab_size, None
         elif self.tokenizer.endswith(".model"):
@@ -198,7 +209,6 @@ class Encoder:
         if not self.no_eod and not 0 <= self.eod < self.vocab:
             raise UserError(f"end-of-document id {self.eod} is outside the vocabulary of {self.vocab} "
                             f"(ids 0..{self.vocab - 1}); check --eod-id and --vocab-size")
-        self.build()
 
     def build(self) -> None:
         """The batch encoder, from `spec` alone (cheap: a worker imports `tokenizers` or sentencepiece, not
@@ -276,52 +286,187 @@ class Encoder:
         return None
 
 
-_WORKER: Encoder | None = None
+class WorkerDied(UserError):
+    """A tokenizer worker process ended while the job needed it (a signal, such as the out-of-memory killer's
+    SIGKILL, or an exit): the job stops at once instead of waiting for a result that cannot come."""
 
 
-def _start_worker(encoders: Any) -> None:
-    """Wait for the main process's encoder (it loads the tokenizer while this process starts), then build it."""
-    global _WORKER
-    _WORKER = encoders.get()
-    _WORKER.build()
+class WorkerTraceback(Exception):
+    """The traceback of an error raised in a tokenizer worker: the cause of that error as the main process raises
+    it."""
 
 
-def _encode_in_worker(batch: Batch) -> Encoded:
-    assert _WORKER is not None
-    return _WORKER.encode(batch)
+@dataclass
+class _Failure:
+    """An exception a worker sends in place of a result (made picklable), with its traceback's text."""
+
+    error: BaseException
+    trace: str
+
+
+def _worker_main(conn: Connection) -> None:
+    """A tokenizer process: takes the encoder, then encodes every batch it is sent, until it is sent None. Ctrl-C
+    is left to the main process, which ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        encoder = conn.recv()
+        encoder.build()
+        while (batch := conn.recv()) is not None:
+            conn.send(encoder.encode(batch))
+    except EOFError:  # the main process has gone: nothing to report to
+        return
+    except BaseException as e:  # noqa: BLE001 - raised again in the main process
+        error = e
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an exception that cannot travel: its text does
+            error = RuntimeError(f"{type(e).__name__}: {e}")
+        conn.send(_Failure(error, traceback.format_exc()))
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "closed its connection"
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else "?"
+        oom = "; the kernel's out-of-memory killer sends it" if -code == signal.SIGKILL else ""
+        return f"was killed by signal {-code} ({name}{oom})"
+    return f"exited with code {code}"
 
 
 class _Workers:
     """`n` encoding processes, spawned (not forked: the main process may hold threads, torch's or the tokenizer's)
-    before the main process loads the tokenizer, so their interpreter start-up and imports overlap that load
-    instead of following it; each takes the loaded encoder from a queue (`start`). Terminated on exit."""
+    before the main process loads the tokenizer, so their interpreter start-up and imports overlap that load; each
+    takes the encoder through its own pipe (`start`), then one batch at a time: the next is sent the moment a
+    result arrives, so a worker never waits for a turn. A worker that dies (its process sentinel) fails the job at
+    once with WorkerDied. Ended on exit."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, prefix: str) -> None:
+        self.prefix = prefix
         context = multiprocessing.get_context("spawn")
-        self.encoders = context.SimpleQueue()
-        self.pool = context.Pool(n, initializer=_start_worker, initargs=(self.encoders,))
+        self.processes: list[BaseProcess] = []
+        self.conns: list[Connection] = []
+        for i in range(n):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker_main, args=(theirs,), name=f"tokenizer-{i}", daemon=True)
+            process.start()
+            theirs.close()
+            self.processes.append(process)
+            self.conns.append(ours)
+        self.finished = False
+        self.served: set[int] = set()  # workers that returned a result
 
     def __enter__(self) -> _Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        if self.finished:  # every worker is idle: told to stop
+            for conn in self.conns:
+                with suppress(OSError):
+                    conn.send(None)
+        for process in self.processes:
+            process.join(5 if self.finished else 0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for conn in self.conns:
+            conn.close()
 
     def start(self, encoder: Encoder) -> None:
-        for _ in range(self.n):
-            self.encoders.put(encoder)
+        for w in range(len(self.conns)):
+            self._send(w, encoder, {})
 
-    def encoded(self, batches: Iterator[Batch]) -> Iterator[Encoded]:
-        """Encoded batches in input order, at most 4 per worker in flight (bounded memory)."""
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(self.pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 4 * self.n:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    def encoded(self, batches: Iterable[Batch]) -> Iterator[Encoded]:
+        """Encoded batches in input order; at most 4 per worker between the oldest unfinished and the newest sent
+        (bounded memory when one batch is slow)."""
+        source = iter(batches)
+        window = 4 * len(self.conns)
+        ahead = next(source, None)  # read before it is needed: a worker that finishes gets the next at once
+        done: dict[int, Encoded] = {}
+        busy: dict[int, tuple[int, Batch]] = {}  # worker -> (sequence number, batch)
+        idle = deque(range(len(self.conns)))
+        sent = received = 0
+        while True:
+            while idle and ahead is not None and sent < received + window:
+                w = idle.popleft()
+                busy[w] = (sent, ahead)
+                self._send(w, ahead, busy)
+                sent += 1
+                ahead = next(source, None)
+            while received in done:
+                yield done.pop(received)
+                received += 1
+            if not busy:
+                if ahead is None:
+                    self.finished = True
+                    return
+                continue  # the window had been full: it has moved on
+            for w in self._ready(busy):
+                seq, _ = busy[w]
+                done[seq] = self._receive(w, busy)
+                del busy[w]
+                idle.append(w)
+                self.served.add(w)
+
+    def _ready(self, busy: dict[int, tuple[int, Batch]]) -> list[int]:
+        """The busy workers whose results have arrived (waits for one); a worker process that ended fails the job,
+        idle or busy."""
+        sentinels = {p.sentinel: w for w, p in enumerate(self.processes)}
+        ready = wait([self.conns[w] for w in busy] + list(sentinels))
+        results = [w for w in busy if self.conns[w] in ready]
+        for w in (sentinels[r] for r in ready if r in sentinels):
+            if w not in results:  # ended without a result to collect (one sent just before dying is collected)
+                self._lost(w, busy)
+        return results
+
+    def _send(self, w: int, obj: Any, busy: dict[int, tuple[int, Batch]]) -> None:
+        try:
+            self.conns[w].send(obj)
+        except OSError:  # the worker's end is closed: it failed or died
+            self._lost(w, busy)
+
+    def _receive(self, w: int, busy: dict[int, tuple[int, Batch]]) -> Encoded:
+        try:
+            result = self.conns[w].recv()
+        except (EOFError, OSError):
+            self._lost(w, busy)
+        if isinstance(result, _Failure):
+            raise result.error from WorkerTraceback(result.trace)
+        return result
+
+    def _lost(self, w: int, busy: dict[int, tuple[int, Batch]]) -> NoReturn:
+        """Raise why worker `w` is gone: the error it sent before it ended, else WorkerDied."""
+        with suppress(EOFError, OSError):
+            if self.conns[w].poll():
+                result = self.conns[w].recv()
+                if isinstance(result, _Failure):
+                    raise result.error from WorkerTraceback(result.trace)
+        process = self.processes[w]
+        process.join(5)
+        if w in busy:
+            batch = busy[w][1]
+            sep = ":" if batch.format in ("jsonl", "text") else ":row "
+            records = f"{sep}{batch.numbers[0]}-{batch.numbers[-1]}" if batch.numbers else ""
+            doing = f"while encoding {batch.path}{records}"
+        else:
+            doing = "between batches" if w in self.served else "before its first batch"
+        raise WorkerDied(f"tokenizer worker {w} (pid {process.pid}) {_exit_reason(process.exitcode)} {doing}; "
+                         f"nothing of {self.prefix} was written (a dataset is written whole or not at all): rerun "
+                         "the same command to tokenize it again from the start (in a --shard array, finished "
+                         "shards are skipped)")
+
+
+def _finer_tail(batches: Iterator[Batch], total_bytes: int, workers: int) -> Iterator[Batch]:
+    """The batches, those of the last `TAIL_BATCHES` per worker split into `TAIL_SPLIT` pieces each: when the
+    input runs out, a worker waits for the others' last batch at most one piece long, not a whole batch (the
+    pieces keep the records' order, so the output is the same)."""
+    seen, tail = 0, TAIL_BATCHES * workers * BATCH_BYTES
+    for batch in batches:
+        seen += batch.input_bytes
+        if total_bytes - seen < tail:
+            yield from batch.split(TAIL_SPLIT)
+        else:
+            yield batch
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -403,7 +548,7 @@ def run_preprocess(job: PreprocessJob) -> dict[str, Any]:
         check_not_overlapping(Path(prefix + ext), inputs)
     all_files = [detect(p, job.format) for p in paths]
     files = select_shard(all_files, *shard) if shard else all_files
-    with _Workers(job.workers) if job.workers > 1 else nullcontext() as workers:
+    with _Workers(job.workers, prefix) if job.workers > 1 else nullcontext() as workers:
         return _run(job, shard, prefix, inputs, files, workers)
 
 
@@ -415,6 +560,8 @@ def _run(job: PreprocessJob, shard: tuple[int, int] | None, prefix: str, inputs:
     encoder.setup()
     if workers:
         workers.start(encoder)
+    else:
+        encoder.build()
     record = _job_record(job, files, encoder, shard)
     if not job.overwrite and _done(prefix, record):
         print(f"{prefix}: already done (its manifest records this job); skipped")
@@ -432,7 +579,9 @@ def _run(job: PreprocessJob, shard: tuple[int, int] | None, prefix: str, inputs:
         progress = _Progress(total_bytes, Path(prefix).name, job.progress)
         skipped = 0
         batches = (b for i, f in enumerate(files) for b in read_batches(
-            i, f, encoder.column if f.format in ("parquet", "hf") else job.json_key, job.batch_size))
+            i, f, encoder.column if f.format in ("parquet", "hf") else job.json_key, job.batch_size, BATCH_BYTES))
+        if workers:
+            batches = _finer_tail(batches, total_bytes, len(workers.conns))
         for enc in workers.encoded(batches) if workers else map(encoder.encode, batches):
             counts = per_file[enc.file_index]
             for message in enc.bad:

@@ -200,8 +200,8 @@ def _die_with_parent(parent: int, workdir: Path) -> None:
 
 def _structure_only() -> None:
     """Import megatron-core for building a model on the meta device and running none of it: its import, and fla's,
-    sets up running at CPU costs the child would pay before it can build (measured: 5.4 of its 9.2 CPU-s for a
-    tiny Qwen3-Next, 3.3 of 5.9 for a Qwen3-MoE), none of which changes a key, shape or sharded object:
+    sets up running, about half of the child's CPU time (tiny models: Qwen3-MoE 8.2 -> 4.6 CPU-s, Qwen3-Next
+    12.6 -> 6.9), none of which changes a key, shape or sharded object:
     - `torch.compile` wrappers made at import (megatron's `jit_fuser`, fla's kernels) import dynamo and inductor:
       the functions stay plain (and `TORCH_COMPILE_DISABLE`, set by `LayoutJob`, keeps cpu_compat from importing
       dynamo to switch compilation off);

@@ -321,7 +321,8 @@ def test_dead_worker_fails_the_run_at_once(tok: Path, tmp_path: Path) -> None:
             if any(f.stat().st_size for f in tmp_path.glob(".dead.bin.*.partial")):
                 break
             time.sleep(0.01)
-        workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        workers = [c for c in psutil.Process(proc.pid).children()  # forked (or spawned), not the resource tracker
+                   if "resource_tracker" not in " ".join(c.cmdline())]
         assert len(workers) == 2 and proc.poll() is None, "the run ended (or never started) before the kill"
         os.kill(workers[0].pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)

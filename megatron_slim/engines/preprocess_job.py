@@ -5,14 +5,14 @@ Work split: the main process reads the inputs (`megatron_slim.data.corpus`) in b
 `workers` processes decode and tokenize batches with the tokenizer's batch API. Results are consumed in submission
 order, so the output is byte-identical for any number of workers. With one worker everything runs in-process.
 One worker is one core: the fast tokenizer's own thread pool is switched off (TOKENIZERS_PARALLELISM=false).
-What the workers cannot share is serial start-up, so it is kept small: workers start before the tokenizer loads in
-the main process (forked when the main process runs a single thread, so they start in milliseconds with every module
-already imported; spawned otherwise), the dataset is written with numpy (`data.indexed`, no megatron-core import),
-and the main process only finds line ends, writes token arrays and counts (an uncompressed file's batches go to the
-workers as byte spans they read themselves). Each worker holds two batches, so the next is there when it returns a
-result, and the input's last batches come in smaller pieces, so no worker idles long while another finishes. A
-worker process that dies (the out-of-memory killer, a stray kill) fails the job at once with WorkerDied rather than
-leaving it waiting for the lost batch.
+What the workers cannot share is serial start-up, so it is kept small: the workers are forked (in milliseconds,
+every module imported) when no other thread runs in the main process at the fork, else spawned before the
+tokenizer loads (so that their start overlaps the load); the dataset is written with numpy (`data.indexed`, no
+megatron-core import); the main process only finds line ends, writes token arrays and counts (an uncompressed
+file's batches go to the workers as byte spans they read themselves). Each worker holds two batches, so the next is
+there when it returns a result, and the input's last batches come in smaller pieces, so no worker idles long while
+another finishes. A worker process that dies (the out-of-memory killer, a stray kill) fails the job at once with
+WorkerDied rather than leaving it waiting for the lost batch.
 
 Scale-out: `shard=(I, N)` takes the I-th of N contiguous, size-balanced runs of the input files and writes
 `PREFIX-0000I-of-0000N`; merging shards 0..N-1 in order gives exactly the unsharded dataset. Every output file is
@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, nullcontext, suppress
@@ -320,12 +321,12 @@ def _failure(e: BaseException) -> _Failure:
     return _Failure(error, traceback.format_exc())
 
 
-def _worker_main(conn: Connection) -> None:
-    """A tokenizer process: takes the encoder, then answers every batch it is sent with its Encoded, or with the
-    _Failure it raised (the main process raises the first in input order, so the error does not depend on which
-    worker was faster), until it is sent None. A thread takes what comes off the pipe while batches encode, so the
-    main process never waits to hand over a batch (nor blocks on a full pipe while this worker blocks sending it a
-    result). Ctrl-C is left to the main process, which ends the workers."""
+def _worker_main(conn: Connection, encoder: Encoder | None) -> None:
+    """A tokenizer process: takes the encoder (forked with it, or sent it first), then answers every batch it is
+    sent with its Encoded, or with the _Failure it raised (the main process raises the first in input order, so the
+    error does not depend on which worker was faster), until it is sent None. A thread takes what comes off the pipe
+    while batches encode, so the main process never waits to hand over a batch (nor blocks on a full pipe while this
+    worker blocks sending it a result). Ctrl-C is left to the main process, which ends the workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
@@ -343,7 +344,8 @@ def _worker_main(conn: Connection) -> None:
 
     threading.Thread(target=receive, name="receive", daemon=True).start()
     try:
-        encoder = inbox.get()
+        if encoder is None:  # spawned: sent after the start
+            encoder = inbox.get()
         if isinstance(encoder, BaseException):
             raise encoder
         if encoder is EOFError:
@@ -379,37 +381,52 @@ def _exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def _single_threaded() -> bool:
-    """This process runs one thread, native ones included (torch's, a tokenizer's pool): forking it is safe, as no
-    other thread can hold a lock the child would inherit locked."""
+def _fork_safe() -> bool:
+    """Whether this process runs a single thread when it forks, so no other thread can hold a lock the child would
+    inherit locked (what CPython itself warns about). Counted after a probe fork (a child that exits at once) when
+    more than one thread runs now: thread pools that stop themselves at a fork, such as numpy's OpenBLAS pool
+    (pthread_atfork), are down then and stay down until used again; torch's, gloo's or a Python thread are not."""
     try:
+        if len(os.listdir("/proc/self/task")) == 1:
+            return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # CPython's multi-threaded fork warning
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
         return len(os.listdir("/proc/self/task")) == 1
     except OSError:  # no procfs: assume threads
         return False
 
 
 class _Workers:
-    """`n` encoding processes, started before the main process loads the tokenizer: forked when this process runs
-    a single thread (the CLI: milliseconds, every module already imported), else spawned (a library caller may hold
-    threads, torch's or a tokenizer's, that make fork unsafe; interpreter start-up and imports then overlap the
-    load). Each takes the encoder through its own pipe (`start`), then up to `QUEUED` batches at a time: the next
-    is there when it returns a result. A worker that dies (its process sentinel) fails the job at once with
-    WorkerDied. Ended on exit."""
+    """`n` encoding processes. Forked when that is safe (`_fork_safe`; the CLI): in milliseconds, with every module
+    imported and the encoder set up, right when the tokenizer is known (`start`). Otherwise spawned at once
+    (a library caller may hold threads, torch's or a tokenizer's, that make fork unsafe), so that their interpreter
+    start-up and imports overlap the main process's tokenizer load, and then sent the encoder through their pipes.
+    Each takes up to `QUEUED` batches at a time: the next is there when it returns a result. A worker that dies
+    (its process sentinel) fails the job at once with WorkerDied. Ended on exit."""
 
     def __init__(self, n: int, prefix: str) -> None:
-        self.prefix = prefix
-        context = multiprocessing.get_context("fork" if _single_threaded() else "spawn")
+        self.n, self.prefix = n, prefix
         self.processes: list[BaseProcess] = []
         self.conns: list[Connection] = []
-        for i in range(n):
+        self.finished = False
+        self.served: set[int] = set()  # workers that returned a result
+        if not _fork_safe():
+            self._launch("spawn", None)
+
+    def _launch(self, method: str, encoder: Encoder | None) -> None:
+        context = multiprocessing.get_context(method)
+        for i in range(self.n):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_worker_main, args=(theirs,), name=f"tokenizer-{i}", daemon=True)
+            process = context.Process(target=_worker_main, args=(theirs, encoder), name=f"tokenizer-{i}",
+                                      daemon=True)
             process.start()
             theirs.close()
             self.processes.append(process)
             self.conns.append(ours)
-        self.finished = False
-        self.served: set[int] = set()  # workers that returned a result
 
     def __enter__(self) -> _Workers:
         return self
@@ -428,7 +445,13 @@ class _Workers:
             conn.close()
 
     def start(self, encoder: Encoder) -> None:
-        for w in range(len(self.conns)):
+        """Give the workers the encoder (set up): forked with it, or sent it."""
+        if not self.processes:
+            fork = _fork_safe()  # again: loading the tokenizer may have started threads (transformers)
+            self._launch("fork" if fork else "spawn", encoder if fork else None)
+            if fork:
+                return
+        for w in range(self.n):
             self._send(w, encoder, {})
 
     def encoded(self, batches: Iterable[Batch]) -> Iterator[Encoded]:

@@ -17,7 +17,8 @@ each on one half of the corpus's documents; their tokens over the slower one's w
 worker's tokens/s of the same round, is what two cores give two jobs that share nothing (no feeding, no ordering):
 the most a 2-worker run can reach on this machine at this moment (a VM's two cores are often slower together than
 alone). Interleaving matters because a shared machine's speed drifts by 10-20% within minutes: a ratio is only
-meaningful between runs taken close together, so each round's ratio is printed and the median taken.
+meaningful between runs taken close together, so each round's ratio is printed and the median taken, and every
+other round runs its commands in reverse order (a steady drift favours neither).
 
 Before the rounds, one untimed run on the corpus's first documents caches the tokenizer's spec
 (`megatron_slim.data.tokenizer_spec`), as any earlier run with that tokenizer has: the rounds measure the steady
@@ -174,17 +175,20 @@ def main() -> None:
     cpu: dict[str, list[float]] = {name: [] for name in commands}
     ceiling_walls: list[float] = []
     for r in range(a.rounds):
-        for name, (argv, _, e) in commands.items():
+        runs: list[str | None] = [*commands, None] if ceiling else [*commands]  # None: the side-by-side pair
+        for name in runs[::-1] if r % 2 else runs:  # every other round reversed: a steady drift cancels out
+            if name is None:
+                walls, used = side_by_side(ceiling_argvs, env)
+                ceiling_walls.append(max(walls))
+                print(f"round {r + 1}: two 1-worker jobs side by side, one per half: "
+                      f"{' / '.join(f'{w:.1f}' for w in walls)}s wall, {used:.1f}s CPU "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                continue
+            argv, _, e = commands[name]
             wall, used = timed(argv, e)
             times[name].append(wall)
             cpu[name].append(used)
             print(f"round {r + 1}: {name}: {wall:.1f}s wall, {used:.1f}s CPU (load {os.getloadavg()[0]:.1f})",
-                  flush=True)
-        if ceiling:
-            walls, used = side_by_side(ceiling_argvs, env)
-            ceiling_walls.append(max(walls))
-            print(f"round {r + 1}: two 1-worker jobs side by side, one per half: "
-                  f"{' / '.join(f'{w:.1f}' for w in walls)}s wall, {used:.1f}s CPU (load {os.getloadavg()[0]:.1f})",
                   flush=True)
         line = []
         base_t = times[f"megatron-slim w{workers[0]}"][-1]

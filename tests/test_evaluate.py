@@ -212,11 +212,25 @@ def reference(hf_dir: Path, windows: torch.Tensor, prompts: torch.Tensor) -> dic
                 context = torch.cat([context, draft[None]])
             counts = [c + (k < accepted) for k, c in enumerate(counts)]
             positions += 1
-    return {"tokens": tokens, "loss": loss / tokens, "window_losses": window_losses,
+    scores = []
+    for seq, cont in scored_sequences(windows, seqs):
+        row = torch.tensor(seq)
+        logp = F.log_softmax(reference_logits(model, row[None])[0, :-1], dim=-1)
+        labels = row[1:]
+        scores.append((logp[-cont:].gather(-1, labels[-cont:, None]).sum().item(),
+                       float((logp[-cont:].argmax(-1) == labels[-cont:]).all())))
+    return {"tokens": tokens, "loss": loss / tokens, "window_losses": window_losses, "scores": scores,
             "loss_se": statistics.stdev(window_losses) / math.sqrt(len(window_losses)),
             "accuracy": correct / tokens, "greedy": seqs,
             "mtp_acceptance": {k: c / positions for k, c in enumerate(counts, start=1)},
             "mean_accepted": sum(counts) / positions, "mtp_positions": positions}
+
+
+def scored_sequences(windows: torch.Tensor, greedy: torch.Tensor) -> list[tuple[list[int], int]]:
+    """(token ids, continuation length) pairs for `score_sequences`: rows of several lengths with continuations of
+    1 to 12 tokens (so a batch's rows need different positions), one a greedy continuation (argmax flag 1)."""
+    return [(windows[0].tolist(), 5), (windows[1, :9].tolist(), 1), (greedy[0].tolist(), GEN),
+            (windows[2, :13].tolist(), 12), (windows[0, :4].tolist(), 2)]
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +259,13 @@ def test_reference_acceptance_is_informative(ref):
 
 # ---------------------------------------------------------------- evaluate() at several layouts
 
-def evaluate_sweep(rank: int, world: int, mcore: str, windows: torch.Tensor, prompts: torch.Tensor) -> dict:
-    """Metrics at TP=2, then evaluate() at every layout in the same 2 processes (start-up dominates)."""
+def evaluate_sweep(rank: int, world: int, mcore: str, windows: torch.Tensor, prompts: torch.Tensor,
+                   scored: list[tuple[list[int], int]]) -> dict:
+    """Metrics at TP=2, then evaluate() and lm-eval's continuation scoring (of `scored`) at every layout in the
+    same 2 processes (start-up dominates)."""
     from megatron_slim.checkpoint.mcore import load_model, load_model_config
     from megatron_slim.eval.generate import greedy_continuation
+    from megatron_slim.eval.harness import score_sequences
     from megatron_slim.eval.heldout import evaluate
     from megatron_slim.models.builder import build_model
     from megatron_slim.runtime.distributed import init_model_parallel
@@ -262,6 +279,8 @@ def evaluate_sweep(rank: int, world: int, mcore: str, windows: torch.Tensor, pro
         model = build_model(cfg, parallel)
         load_model(model, mcore)
         out[name] = evaluate(model, cfg, windows, micro_batch=2, mtp_k=K, prompts=prompts, gen_tokens=GEN)
+        out[name]["scores"] = score_sequences(model, [s for s, _ in scored], [c for _, c in scored], batch_size=3,
+                                              micro_batch=2).tolist()
         if name == "tp2":
             out["greedy"] = greedy_continuation(model, prompts, GEN, micro_batch=2)
             out["no_mtp"] = evaluate(model, cfg, windows, micro_batch=1, mtp_k=0, prompts=prompts)
@@ -269,9 +288,9 @@ def evaluate_sweep(rank: int, world: int, mcore: str, windows: torch.Tensor, pro
 
 
 @pytest.fixture(scope="module")
-def sweep(setup) -> list[dict]:
+def sweep(setup, ref) -> list[dict]:
     return run_distributed(evaluate_sweep, 2, str(setup["mcore"]), setup["windows"], setup["prompts"],
-                           timeout_s=300)
+                           scored_sequences(setup["windows"], ref["greedy"]), timeout_s=300)
 
 
 def test_vocab_parallel_metrics_match_float64_reference(sweep):
@@ -285,6 +304,17 @@ def test_vocab_parallel_metrics_match_float64_reference(sweep):
 def test_evaluate_matches_transformers_reference(sweep, ref, layout):
     for rank in sweep:  # every rank returns the reduced result
         assert_matches(rank[layout], ref, layout)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_continuation_scores_match_transformers_reference(sweep, ref, layout):
+    """Only the continuation's logits are computed (the MTP block skipped, positions gathered across sequence-
+    parallel ranks at TP2): the same log-likelihoods and greedy flags as transformers' full logits."""
+    assert {flag for _, flag in ref["scores"]} == {0.0, 1.0}
+    for rank in sweep:
+        got = rank[layout]["scores"]
+        assert [flag for _, flag in got] == [flag for _, flag in ref["scores"]], layout
+        assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in ref["scores"]], rel=1e-5), layout
 
 
 def test_layouts_agree_and_greedy_tokens_match(sweep, ref):

@@ -18,14 +18,14 @@ parallel ranks), so widths and step counts are agreed over the world.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_slim.eval.metrics import vocab_parallel_argmax
-from megatron_slim.models.forward import forward_rows, right_padded, tp_group
+from megatron_slim.models.forward import forward_rows, main_head_only, right_padded, tp_group
 from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.distributed import local_device, world_reduce
 
@@ -55,16 +55,17 @@ def greedy_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: 
 def _next_tokens(model: torch.nn.Module, tokens: torch.Tensor, lengths: list[int], micro_batch: int,
                  context: Any = None) -> list[int]:
     """Greedy token after position lengths[r] - 1 of each row of `tokens` [B, S], on every rank (the last
-    pipeline stage computes them, then broadcasts over its pipeline group)."""
+    pipeline stage computes them, from the logits of that position only, then broadcasts over its pipeline
+    group)."""
     from megatron.core import parallel_state as ps
 
     device, tp = local_device(), tp_group()
-    last = torch.tensor(lengths, device=device) - 1
+    last = torch.tensor(lengths, device=device)[:, None] - 1
     nxt = torch.zeros(len(tokens), dtype=torch.long, device=device)
 
     def on_logits(logits: torch.Tensor, rows: slice) -> None:
-        nxt[rows] = vocab_parallel_argmax(logits[torch.arange(rows.stop - rows.start, device=device), last[rows]], tp)
-    forward_rows(model, tokens.to(device), micro_batch, on_logits, inference_context=context)
+        nxt[rows] = vocab_parallel_argmax(logits[:, 0], tp)
+    forward_rows(model, tokens.to(device), micro_batch, on_logits, inference_context=context, positions=last)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
@@ -80,17 +81,6 @@ def _full_prefix_steps(model: torch.nn.Module, prompts: list[list[int]], micro_b
         for s, token in zip(seqs, ids):
             s.append(token)
         yield ids, [True] * len(seqs)
-
-
-@contextmanager
-def _main_head_only(inner: torch.nn.Module) -> Iterator[None]:
-    """Forwards skip the MTP block: generation reads the main head only, and MTP layers would also write the cache."""
-    saved = getattr(inner, "mtp_process", False)
-    inner.mtp_process = False
-    try:
-        yield
-    finally:
-        inner.mtp_process = saved
 
 
 def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch: int, max_new: int
@@ -109,7 +99,7 @@ def _cached_steps(model: torch.nn.Module, prompts: list[list[int]], micro_batch:
         context.sequence_len_offset += len(tokens[0])
         return ids
 
-    with torch.no_grad(), _main_head_only(unwrap_model(model)):
+    with torch.no_grad(), main_head_only(unwrap_model(model)):
         ids = forward(fed)
         while True:  # a row's token is its (len(fed) - len(prompt) + 1)-th generated one once its prompt is fed
             yield ids, [len(p) <= len(f) < len(p) + max_new for f, p in zip(fed, prompts)]

@@ -229,7 +229,11 @@ def _my_batches(count: int, lengths: list[int], batch_size: int) -> list[tuple[t
 def score_sequences(model: torch.nn.Module, seqs: list[list[int]], conts: list[int], batch_size: int,
                     micro_batch: int) -> torch.Tensor:
     """[n, 2] float64 on every rank: (sum of log P(token) over the last conts[i] tokens of seqs[i] given the tokens
-    before them, 1.0 if each of those tokens is the argmax else 0.0). Collective over every rank."""
+    before them, 1.0 if each of those tokens is the argmax else 0.0). Collective over every rank.
+
+    Only the logits that score a continuation are computed (forward_rows' `positions`): the output layer, the
+    log-softmax and the argmax run on each batch's longest continuation instead of its whole width (a cloze
+    word is one or two tokens of a sentence)."""
     out = torch.zeros(len(seqs), 2, dtype=torch.float64, device=local_device())
     if not seqs:
         return out
@@ -237,19 +241,22 @@ def score_sequences(model: torch.nn.Module, seqs: list[list[int]], conts: list[i
     for rows, weights in _my_batches(len(seqs), [len(s) for s in seqs], batch_size):
         batch = [seqs[i] for i in rows.tolist()]
         tokens = right_padded(batch, world_reduce(max(len(s) for s in batch))).to(local_device())
+        counts = [conts[i] for i in rows.tolist()]
+        # position n - 1 - c + k predicts token n - c + k (k < c); columns past a row's c repeat its last position
+        offsets = torch.minimum(torch.arange(max(counts))[None, :], torch.tensor(counts)[:, None] - 1)
+        positions = torch.tensor([len(s) - 1 - c for s, c in zip(batch, counts)])[:, None] + offsets
+        labels = tokens.gather(1, positions.to(tokens.device) + 1)
 
-        def on_logits(logits: torch.Tensor, sl: slice, batch: list[list[int]] = batch, rows: torch.Tensor = rows,
-                      weights: torch.Tensor = weights, tokens: torch.Tensor = tokens) -> None:
-            labels = tokens[sl, 1:]
-            logp = token_logprobs(logits[:, :-1], labels, tp)
-            hits = vocab_parallel_argmax(logits[:, :-1], tp) == labels
+        def on_logits(logits: torch.Tensor, sl: slice, labels: torch.Tensor = labels, rows: torch.Tensor = rows,
+                      weights: torch.Tensor = weights, counts: list[int] = counts) -> None:
+            logp = token_logprobs(logits, labels[sl], tp)
+            hits = vocab_parallel_argmax(logits, tp) == labels[sl]
             for r in range(sl.start, sl.stop):
                 if reporting and weights[r] > 0:
-                    row, n = int(rows[r]), len(batch[r])
-                    span = slice(n - 1 - conts[row], n - 1)
-                    out[row, 0] = logp[r - sl.start, span].double().sum()
-                    out[row, 1] = float(hits[r - sl.start, span].all())
-        forward_rows(model, tokens, micro_batch, on_logits)
+                    n = counts[r]
+                    out[int(rows[r]), 0] = logp[r - sl.start, :n].double().sum()
+                    out[int(rows[r]), 1] = float(hits[r - sl.start, :n].all())
+        forward_rows(model, tokens, micro_batch, on_logits, positions=positions)
     dist.all_reduce(out)  # each row has one contributor: the reporting rank of the DP rank that scored it
     return out
 

@@ -25,6 +25,7 @@ Production paths (GPU) run megatron-core's real CUDA code: `activate()` refuses 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Any
 
@@ -97,11 +98,12 @@ def activate() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("cpu_compat is for CPU-only runs; on GPU megatron-core's CUDA code must run as is")
 
-    from torch import _dynamo
-
     from megatron_slim.runtime.host_memory import retain_freed_memory
 
-    _dynamo.config.disable = True
+    if "torch._dynamo" in sys.modules or os.environ.get("TORCH_COMPILE_DISABLE") != "1":
+        from torch import _dynamo  # (seconds to import: with TORCH_COMPILE_DISABLE=1 it reads that when imported)
+
+        _dynamo.config.disable = True
     retain_freed_memory()
 
     cuda = torch.cuda

@@ -129,20 +129,38 @@ def rotate(save_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
             shutil.rmtree(iter_dir(Path(save_dir), step), ignore_errors=True)
 
 
+def async_saving() -> tuple[str, Any]:
+    """(strategy, queue) for background saves. NVRx (nvidia-resiliency-ext >= 0.6, megatron-core's default and the
+    successor of its own writer) when it is importable, else megatron-core's own writer, deprecated there but
+    complete (the registry's newest NVRx, 0.4.1, is below megatron-core's minimum). A request must run in the queue
+    of the package that made it, so both come from here."""
+    from megatron.core.dist_checkpointing.strategies.nvrx import has_nvrx_async_support
+
+    try:
+        nvrx = has_nvrx_async_support()
+    except AssertionError:  # importable but older than megatron-core's NVRX_MIN_VERSION
+        nvrx = False
+    if nvrx:
+        from nvidia_resiliency_ext.checkpointing.async_ckpt.core import AsyncCallsQueue
+        return "nvrx", AsyncCallsQueue()
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+    return "mcore", AsyncCallsQueue()
+
+
 def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: ModelConfig, extra: dict,
          keep_last: int, tokenizer: Path | None = None, keep_every: int = 0, finite: bool = True,
-         async_queue=None) -> Path:
+         async_queue: tuple[str, Any] | None = None) -> Path:
     """Collective. `model` is the unwrapped (non-DDP) module. `tokenizer`: the student checkpoint's tokenizer
     directory, copied in so that every saved step is a complete checkpoint (evaluate's text tasks, export).
     `finite`: whether the loss of the step just taken was finite (retention keeps the newest such checkpoint).
-    `async_queue` (megatron-core's AsyncCallsQueue): the tensors are written by a forked process (a copy-on-write
+    `async_queue` (`async_saving()`'s strategy and queue): the tensors are written by a forked process (a copy-on-write
     snapshot of this moment) while training goes on; the rename to iter_XXXXXXX, `latest` and the rotation happen
     when the queue finalizes the save (`maybe_finalize_async_calls`, collective). An earlier save still in flight
     is finalized first, so checkpoints complete in order."""
     from megatron.core import dist_checkpointing
 
     if async_queue is not None:
-        async_queue.maybe_finalize_async_calls(blocking=True)
+        async_queue[1].maybe_finalize_async_calls(blocking=True)
     save_dir = Path(save_dir)
     final = iter_dir(save_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -174,10 +192,10 @@ def save(save_dir: str | Path, step: int, model, optimizer, scheduler, cfg: Mode
         dist_checkpointing.save(state, str(tmp))
         complete()
         return final
-    # megatron-core 0.19's own writer ("mcore"); its default, NVRx, is a separate package
-    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+    strategy, queue = async_queue
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy=strategy)
     request.add_finalize_fn(complete)
-    async_queue.schedule_async_request(request)
+    queue.schedule_async_request(request)
     return final
 
 

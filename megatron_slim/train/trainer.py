@@ -223,11 +223,7 @@ class Trainer:
         self.guard.consecutive = getattr(self, "skipped_in_a_row", 0)
         self.inject_nan = injected_nan_steps()
         self.last_finite = True  # whether the newest step's loss was finite (recorded with each checkpoint)
-        self.async_queue = None
-        if c.checkpoint.async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-            self.async_queue = AsyncCallsQueue()
+        self.async_strategy, self.async_queue = checkpointing.async_saving() if c.checkpoint.async_save else ("", None)
         self.reporter = (parallel_state.is_pipeline_last_stage()
                          and parallel_state.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0)
         self.logger = None
@@ -350,7 +346,7 @@ class Trainer:
         checkpointing.save(c.checkpoint.save_dir, self.step, self.student, self.optimizer, self.scheduler,
                            self.model_cfg, extra, c.checkpoint.keep_last, tokenizer if tokenizer.is_dir() else None,
                            keep_every=c.checkpoint.keep_every, finite=self.last_finite,
-                           async_queue=self.async_queue if background else None)
+                           async_queue=(self.async_strategy, self.async_queue) if background else None)
 
     def evaluate(self) -> float:
         """Collective: the held-out evaluation of the student as it is now (train/evaluation.py); seconds taken."""

@@ -414,6 +414,7 @@ class _Workers:
         self.conns: list[Connection] = []
         self.finished = False
         self.served: set[int] = set()  # workers that returned a result
+        self.failed: dict[int, _Failure] = {}  # a worker's error, kept to raise if it ends before its turn comes
         if not _fork_safe():
             self._launch("spawn", None)
 
@@ -487,6 +488,8 @@ class _Workers:
             for w in self._ready(busy):
                 seq, _ = busy[w][0]
                 done[seq] = self._receive(w, busy)
+                if isinstance(done[seq], _Failure):
+                    self.failed.setdefault(w, done[seq])
                 busy[w].popleft()
                 self.served.add(w)
 
@@ -515,11 +518,14 @@ class _Workers:
 
     def _lost(self, w: int, busy: dict[int, deque[tuple[int, Batch]]]) -> NoReturn:
         """Raise why worker `w` is gone: the error it sent before it ended, else WorkerDied."""
+        result = None
         with suppress(EOFError, OSError):
             if self.conns[w].poll():
                 result = self.conns[w].recv()
-                if isinstance(result, _Failure):
-                    raise result.error from WorkerTraceback(result.trace)
+        # an error it sent just before it ended, or earlier (then raised before its turn in input order came)
+        failure = result if isinstance(result, _Failure) else self.failed.get(w)
+        if failure is not None:
+            raise failure.error from WorkerTraceback(failure.trace)
         process = self.processes[w]
         process.join(5)
         if busy.get(w):

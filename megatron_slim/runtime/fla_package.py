@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import pkgutil
 import sys
 
 
@@ -23,5 +24,6 @@ def enter_fla_without_its_init() -> None:
     if spec is None:
         return
     fla = importlib.util.module_from_spec(spec)
+    fla.__path__ = pkgutil.extend_path(fla.__path__, "fla")  # as its __init__ does: every `fla` directory on the path
     fla.__version__ = importlib.metadata.version("fla-core")  # what its __init__ sets and fla.utils imports
     sys.modules["fla"] = fla

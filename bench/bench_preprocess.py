@@ -5,14 +5,26 @@ Corpus (default): the shipped English Wikipedia lead paragraphs (`megatron_slim.
 into documents of a few KB (like full articles), reshuffled per pass until the file holds --mb megabytes.
 Tokenizer (default): SmolLM2's, the demo's (`megatron_slim.data.assets.smollm2_hf_dir`). Each command runs as a
 fresh process, as a user runs it, and is timed end to end (start-up included) for --rounds interleaved rounds;
-reported: the median wall time, tokens/s (tokens in the written dataset / wall time), tokens per CPU-second (all
-processes of the command, workers included: comparable even on a shared machine), the ratio of 2 workers to 1,
-and ours against Megatron-LM at the same worker count. Outputs are compared byte for byte (1 vs 2 workers, and
-against Megatron-LM's, which writes the same format). The machine's load average is printed before and after:
-figures taken on a busy machine are not comparable. Before the rounds, one untimed run on the corpus's first
-documents caches the tokenizer's spec (`megatron_slim.data.tokenizer_spec`), as any earlier run with that tokenizer
-has: the rounds measure the steady state, not the one-time ~5 CPU-s of loading it with transformers.
+reported: each round's times and worker ratio, the median wall time, tokens/s (tokens in the written dataset / wall
+time), tokens per CPU-second (all processes of the command, workers included: comparable even on a shared machine),
+the ratio of 2 workers to 1 (per round, the median of the per-round ratios, and the ratio of the median times), and
+ours against Megatron-LM at the same worker count. Outputs are compared byte for byte (1 vs 2 workers, and against
+Megatron-LM's, which writes the same format). The machine's load average is printed before and after: figures taken
+on a busy machine are not comparable.
 
+The machine's ceiling (unless --no-ceiling): in every round, two independent single-worker jobs run side by side,
+each on one half of the corpus's documents; their tokens over the slower one's wall time, divided by the single
+worker's tokens/s of the same round, is what two cores give two jobs that share nothing (no feeding, no ordering):
+the most a 2-worker run can reach on this machine at this moment (a VM's two cores are often slower together than
+alone). Interleaving matters because a shared machine's speed drifts by 10-20% within minutes: a ratio is only
+meaningful between runs taken close together, so each round's ratio is printed and the median taken, and every
+other round runs its commands in reverse order (a steady drift favours neither).
+
+Before the rounds, one untimed run on the corpus's first documents caches the tokenizer's spec
+(`megatron_slim.data.tokenizer_spec`), as any earlier run with that tokenizer has: the rounds measure the steady
+state, not the one-time ~5 CPU-s of loading it with transformers.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_preprocess.py --mb 60 --rounds 5 --workdir /tmp/prepbench
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_preprocess.py --mb 200 --rounds 3 --megatron-lm /path/Megatron-LM
 """
 from __future__ import annotations
@@ -26,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +87,39 @@ def same_bytes(a: str, b: str) -> bool:
     return all(Path(a + ext).read_bytes() == Path(b + ext).read_bytes() for ext in (".bin", ".idx"))
 
 
+def split_halves(corpus: Path, halves: tuple[Path, Path]) -> None:
+    """The corpus's documents in two files, the first half of the lines and the rest (together: the same
+    documents, so the halves' tokens add up to the whole's)."""
+    lines = corpus.read_bytes().splitlines(keepends=True)
+    half = len(lines) // 2
+    halves[0].write_bytes(b"".join(lines[:half]))
+    halves[1].write_bytes(b"".join(lines[half:]))
+
+
+def side_by_side(argvs: list[list[str]], env: dict[str, str]) -> tuple[list[float], float]:
+    """Run the commands at once: (each one's wall seconds, CPU seconds of all of them)."""
+    walls = [0.0] * len(argvs)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    failures: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            walls[i] = timed(argvs[i], env)[0]
+        except SystemExit as e:  # timed's report of a failed command
+            failures.append(str(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(argvs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if failures:
+        sys.exit("\n".join(failures))
+    return walls, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jsonl", type=Path, default=None, help="corpus to tokenize (default: written from Wikipedia)")
@@ -83,6 +129,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--megatron-lm", type=Path, default=None, help="a Megatron-LM checkout: run its preprocess_data.py")
     p.add_argument("--workdir", type=Path, default=None, help="where corpus and outputs go (default: a temp dir)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the two side-by-side single-worker jobs per round")
     a = p.parse_args()
 
     from megatron_slim.data.assets import smollm2_hf_dir
@@ -117,15 +164,39 @@ def main() -> None:
     first = next(iter(commands.values()))[0]
     timed([*first[:first.index("--input") + 1], str(warm), "--output-prefix", str(work / "warmup"),
            *first[first.index("--tokenizer"):]], env)
+    ceiling = None if a.no_ceiling or workers[0] != 1 else [str(work / "half_a.jsonl"), str(work / "half_b.jsonl")]
+    if ceiling:
+        split_halves(corpus, (Path(ceiling[0]), Path(ceiling[1])))
+        one = commands[f"megatron-slim w{workers[0]}"][0]
+        ceiling_argvs = [[*one[:one.index("--input") + 1], half, "--output-prefix", str(work / f"half_{x}"),
+                          *one[one.index("--tokenizer"):one.index("--workers")], "--workers", "1",
+                          *one[one.index("--workers") + 2:]] for half, x in zip(ceiling, "ab")]
     times: dict[str, list[float]] = {name: [] for name in commands}
     cpu: dict[str, list[float]] = {name: [] for name in commands}
+    ceiling_walls: list[float] = []
     for r in range(a.rounds):
-        for name, (argv, _, e) in commands.items():
+        runs: list[str | None] = [*commands, None] if ceiling else [*commands]  # None: the side-by-side pair
+        for name in runs[::-1] if r % 2 else runs:  # every other round reversed: a steady drift cancels out
+            if name is None:
+                walls, used = side_by_side(ceiling_argvs, env)
+                ceiling_walls.append(max(walls))
+                print(f"round {r + 1}: two 1-worker jobs side by side, one per half: "
+                      f"{' / '.join(f'{w:.1f}' for w in walls)}s wall, {used:.1f}s CPU "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                continue
+            argv, _, e = commands[name]
             wall, used = timed(argv, e)
             times[name].append(wall)
             cpu[name].append(used)
             print(f"round {r + 1}: {name}: {wall:.1f}s wall, {used:.1f}s CPU (load {os.getloadavg()[0]:.1f})",
                   flush=True)
+        line = []
+        base_t = times[f"megatron-slim w{workers[0]}"][-1]
+        for w in workers[1:]:
+            line.append(f"{w} workers / {workers[0]}: {base_t / times[f'megatron-slim w{w}'][-1]:.2f}x")
+        if ceiling:
+            line.append(f"ceiling (two 1-worker jobs side by side / one): {base_t / ceiling_walls[-1]:.2f}x")
+        print(f"round {r + 1}: " + "; ".join(line), flush=True)
     tokens = {name: tokens_of(prefix) for name, (_, prefix, _) in commands.items()}
     rate = {name: tokens[name] / statistics.median(t) for name, t in times.items()}
     print(f"\nload average after: {os.getloadavg()}; {os.cpu_count()} CPUs")
@@ -135,8 +206,18 @@ def main() -> None:
               f"per CPU-second  (rounds: {', '.join(f'{t:.1f}' for t in times[name])})")
     base = f"megatron-slim w{workers[0]}"
     for w in workers[1:]:
-        print(f"megatron-slim {w} workers / {workers[0]}: {rate[f'megatron-slim w{w}'] / rate[base]:.2f}x; "
-              f"byte-identical output: {same_bytes(commands[base][1], commands[f'megatron-slim w{w}'][1])}")
+        per_round = [t1 / tw for t1, tw in zip(times[base], times[f"megatron-slim w{w}"])]
+        print(f"megatron-slim {w} workers / {workers[0]}: median of the rounds' ratios "
+              f"{statistics.median(per_round):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in per_round)}), ratio of "
+              f"the median times {rate[f'megatron-slim w{w}'] / rate[base]:.2f}x; byte-identical output: "
+              f"{same_bytes(commands[base][1], commands[f'megatron-slim w{w}'][1])}")
+    if ceiling:
+        halves = sum(tokens_of(str(work / f"half_{x}")) for x in "ab")
+        if halves != tokens[base]:
+            sys.exit(f"the halves hold {halves} tokens, the whole corpus {tokens[base]}: not the same documents")
+        per_round = [t1 / tc for t1, tc in zip(times[base], ceiling_walls)]
+        print(f"machine ceiling, two 1-worker jobs side by side / one: median {statistics.median(per_round):.2f}x "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in per_round)})")
     if a.megatron_lm:
         for w in workers:
             ours, theirs = f"megatron-slim w{w}", f"Megatron-LM w{w}"

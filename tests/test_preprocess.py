@@ -6,7 +6,8 @@ count what the datasets hold, and bad inputs fail with the file and the record.
 | case                                                                   | test                                       |
 |------------------------------------------------------------------------|--------------------------------------------|
 | .jsonl, JSON lines named .json, .gz, multi-frame .zst, parquet, HF dir | test_every_format_gives_the_jsonl_tokens    |
-| --workers 2 vs 1 (HF fast tokenizer)                                   | test_workers_write_identical_bytes         |
+| --workers 2 vs 1 (HF fast tokenizer; forked and spawned workers)       | test_workers_write_identical_bytes         |
+| a plain file's byte-span batches hold the lines a reader reads         | test_span_batches_hold_the_lines_read      |
 | --workers 2 vs 1 (sentencepiece .model)                                | test_sentencepiece_tokenizer_in_workers    |
 | a worker SIGKILLed mid-run fails the run at once; a worker's error     | test_dead_worker_fails_the_run_at_once     |
 | --shard 0/3..2/3 + merge-datasets                                      | test_shards_merged_equal_unsharded         |
@@ -117,11 +118,59 @@ def test_every_format_gives_the_jsonl_tokens(tok: Path, tmp_path: Path) -> None:
 
 
 def test_workers_write_identical_bytes(tok: Path, tmp_path: Path) -> None:
+    """Two workers write what one writes: forked (the CLI, one thread) and spawned (a caller holding a thread), fed
+    byte spans (plain files, one with a blank line and no final line end) and read lines (gzip)."""
+    import threading
+
     files = [_jsonl(tmp_path / f"part{i}.jsonl", _docs(150, seed=i)) for i in range(3)]
+    text = files[0].read_text(encoding="utf-8").splitlines(keepends=True)
+    files[0].write_text("".join(text[:5]) + "\n" + "".join(text[5:]).rstrip("\n"), encoding="utf-8")
+    with gzip.open(tmp_path / "part1.jsonl.gz", "wb") as f:
+        f.write(files[1].read_bytes())
+    files[1] = tmp_path / "part1.jsonl.gz"
     _run(tok, files, tmp_path / "one", batch_size=8)
-    _run(tok, files, tmp_path / "two", batch_size=8, workers=2)
-    assert _bytes(tmp_path / "one") == _bytes(tmp_path / "two")
+    argv = [sys.executable, "-m", "megatron_slim.cli", "preprocess", *(x for f in files for x in ("--input", str(f))),
+            "--output-prefix", str(tmp_path / "forked"), "--tokenizer", str(tok), "--batch-size", "8", "--workers",
+            "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run(argv, env=env, check=True, capture_output=True)
+    release = threading.Event()
+    held = threading.Thread(target=release.wait)  # a thread of the caller's: fork would be unsafe, so spawned
+    held.start()
+    try:
+        _run(tok, files, tmp_path / "spawned", batch_size=8, workers=2)
+    finally:
+        release.set()
+        held.join()
+    assert _bytes(tmp_path / "one") == _bytes(tmp_path / "forked") == _bytes(tmp_path / "spawned")
     assert len(_read(tmp_path / "one")) == 450
+
+
+def test_span_batches_hold_the_lines_read(tmp_path: Path) -> None:
+    """An uncompressed file's batches, byte spans the encoder reads itself, hold exactly the records (line numbers
+    and bytes) that reading it line by line gives (the gzip reader, as for compressed input): for lines longer than
+    a batch, a batch full by records, small tail pieces, blank lines and a last line without its end."""
+    from megatron_slim.data.corpus import detect, read_batches
+
+    lines = [b'{"text": "%s"}\n' % (b"x" * (i * 37 % 300)) for i in range(200)]
+    lines[7] = lines[50] = b"\n"
+    lines[90] = b"   \r\n"
+    lines[-1] = lines[-1].rstrip(b"\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(b"".join(lines))
+    with gzip.open(tmp_path / "plain.jsonl.gz", "wb") as f:
+        f.write(plain.read_bytes())
+    want = [(n, item) for b in read_batches(0, detect(tmp_path / "plain.jsonl.gz"), "text")
+            for n, item in zip(b.numbers, b.items)]
+    assert len(want) == 197
+    f = detect(plain)
+    for max_items, max_bytes, tail in ((512, 100, None), (9, 4096, None), (512, 2000, (f.size // 2, 150))):
+        batches = list(read_batches(0, f, "text", max_items, max_bytes, tail))
+        assert all(b.span is not None and not b.items for b in batches)
+        assert sum(b.input_bytes for b in batches) == f.size
+        assert max(len(b.load().items) for b in batches) <= max_items
+        got = [(n, item) for b in batches for n, item in zip(b.load().numbers, b.load().items)]
+        assert got == want, (max_items, max_bytes, tail)
 
 
 def test_shards_merged_equal_unsharded(tok: Path, tmp_path: Path) -> None:
@@ -321,7 +370,8 @@ def test_dead_worker_fails_the_run_at_once(tok: Path, tmp_path: Path) -> None:
             if any(f.stat().st_size for f in tmp_path.glob(".dead.bin.*.partial")):
                 break
             time.sleep(0.01)
-        workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        workers = [c for c in psutil.Process(proc.pid).children()  # forked (or spawned), not the resource tracker
+                   if "resource_tracker" not in " ".join(c.cmdline())]
         assert len(workers) == 2 and proc.poll() is None, "the run ended (or never started) before the kill"
         os.kill(workers[0].pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)

@@ -23,6 +23,7 @@ from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
 from megatron_slim.models.mapping import BoundRule
 from megatron_slim.models.registry import hf_config_from
+from megatron_slim.runtime.fla_package import enter_fla_without_its_init
 
 Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape
 
@@ -31,6 +32,7 @@ def expected_hf_shapes(hf_config: dict[str, Any]) -> Shapes:
     """{HF tensor name: shape} of the model `hf_config` describes (no memory: meta tensors, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    enter_fla_without_its_init()  # transformers' Qwen3-Next imports fla's kernels from their submodules
     fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "transformers_version")}
     config = AutoConfig.for_model(hf_config["model_type"], **fields)
     with torch.device("meta"):

@@ -14,8 +14,6 @@ have died before that request), and on SIGTERM removes the temporary directory i
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +26,7 @@ from pathlib import Path
 
 from megatron_slim.errors import CheckpointError
 from megatron_slim.models.config import ModelConfig
+from megatron_slim.runtime.fla_package import enter_fla_without_its_init
 from megatron_slim.runtime.launch_env import without_launcher_env
 from megatron_slim.runtime.lifetime import die_with_parent
 
@@ -206,9 +205,8 @@ def _structure_only() -> None:
       the functions stay plain (and `TORCH_COMPILE_DISABLE`, set by `LayoutJob`, keeps cpu_compat from importing
       dynamo to switch compilation off);
     - wandb, which megatron's timers import if installed: nothing is logged;
-    - fla's package `__init__`, which imports every fla layer and model (and transformers) where megatron's Gated
-      DeltaNet needs three kernel modules: the package is entered without it.
-    Only for this process: a run or test that builds its model keeps megatron-core and fla as they are."""
+    Only for this process: a run or test that builds its model keeps megatron-core's compiled functions and
+    wandb."""
     import torch
 
     def plain(model: object = None, **_: object) -> object:
@@ -216,11 +214,7 @@ def _structure_only() -> None:
 
     torch.compile = plain
     sys.modules.setdefault("wandb", None)  # `import wandb` raises ImportError, which megatron's timers expect
-    spec = importlib.util.find_spec("fla") if "fla" not in sys.modules else None
-    if spec is not None:
-        fla = importlib.util.module_from_spec(spec)  # the package, its __init__ not run
-        fla.__version__ = importlib.metadata.version("fla-core")  # what __init__ sets and fla.utils reads
-        sys.modules["fla"] = fla
+    enter_fla_without_its_init()  # as every process building a Gated DeltaNet does (models/gdn.py)
 
 
 def _main(source_path: str, out_path: str, parent: str) -> None:

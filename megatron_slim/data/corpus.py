@@ -8,7 +8,10 @@ it needs `--format text`, or a `.txt` name on content that is not JSON, so a mis
 into documents that read `{"text": ...}`.
 
 Records are read in batches (`Batch`) that a tokenizer worker decodes with `decode_batch`: JSON parsing and UTF-8
-decoding happen in the workers, the reader only splits lines or slices Arrow columns, so one process can feed many.
+decoding happen in the workers, the reader only finds line ends or slices Arrow columns, so one process can feed many.
+An uncompressed line file is not even read out to the workers: its batches are byte spans (`Batch.span`, a few dozen
+bytes to send) that the worker reads itself (`Batch.load`, from the page cache the reader has just filled), so
+feeding a worker costs the reader a find and a count per MB, and a queued batch never waits in a pipe.
 Every record keeps where it came from (`file:line` or `file:row N`) for error messages.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import glob
 import gzip
 import io
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,10 +55,42 @@ class Batch:
     numbers: list[int]  # line numbers (1-based) or row numbers (0-based), one per item
     items: list[Any]
     input_bytes: int  # how far this batch advances through the input's `size` (for progress and ETA)
+    # lines not read yet (uncompressed line files): (byte offset, bytes, number of the first line, lines), whole lines
+    span: tuple[int, int, int, int] | None = None
+
+    def lines(self) -> str:
+        """Which records the batch holds, as `first-last` (line or row numbers), or "" when none."""
+        if self.span is not None:
+            return f"{self.span[2]}-{self.span[2] + self.span[3] - 1}" if self.span[3] else ""
+        return f"{self.numbers[0]}-{self.numbers[-1]}" if self.numbers else ""
+
+    def load(self) -> Batch:
+        """The batch with its records in `items` (a span batch reads its lines, in the process that encodes it;
+        blank lines are skipped, as the reader of compressed files skips them)."""
+        if self.span is None:
+            return self
+        offset, length, first, _ = self.span
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), length, offset)
+        if len(data) != length:
+            raise UserError(f"{self.path}:{first}: the file shrank while it was read ({offset + len(data)} bytes "
+                            f"where {offset + length} were)")
+        pieces = data.split(b"\n")
+        numbers, items = [], []
+        for k, piece in enumerate(pieces[:-1]):
+            if piece.strip():
+                numbers.append(first + k)
+                items.append(piece + b"\n")  # the line as readline gives it (JSON error columns count the end)
+        if pieces[-1].strip():  # the file's last line, without a line end
+            numbers.append(first + len(pieces) - 1)
+            items.append(pieces[-1])
+        return Batch(self.file_index, self.path, self.format, numbers, items, self.input_bytes)
 
     def split(self, pieces: int) -> list[Batch]:
         """Consecutive smaller batches holding the same records in the same order (at most `pieces`); the input
         bytes are shared out so that they add up to this batch's."""
+        if self.span is not None:
+            return self.load().split(pieces)
         pieces = max(1, min(pieces, len(self.items)))
         bounds = [len(self.items) * i // pieces for i in range(pieces + 1)]
         shares = [self.input_bytes * i // pieces for i in range(pieces + 1)]
@@ -184,10 +220,14 @@ def _sniff(path: Path, compression: str | None) -> bytes:
     return b"".join(chunks)
 
 
-def read_batches(index: int, f: InputFile, key: str, max_items: int = 512,
-                 max_bytes: int = 1 << 20) -> Iterator[Batch]:
-    """The records of input `index` in batches of at most `max_items` records or about `max_bytes` of text."""
-    if f.format in ("jsonl", "text"):
+def read_batches(index: int, f: InputFile, key: str, max_items: int = 512, max_bytes: int = 1 << 20,
+                 tail: tuple[int, int] | None = None) -> Iterator[Batch]:
+    """The records of input `index` in batches of at most `max_items` records or about `max_bytes` of text; with
+    `tail` (offset, bytes), an uncompressed line file's batches from that byte offset on hold about `bytes` each
+    (the end of a job in small pieces, so that no worker waits long for another's last batch)."""
+    if f.format in ("jsonl", "text") and f.compression is None:
+        yield from _line_spans(index, f, max_items, max_bytes, tail or (f.size, max_bytes))
+    elif f.format in ("jsonl", "text"):
         yield from _line_batches(index, f, max_items, max_bytes)
     else:
         yield from _arrow_batches(index, f, key, max_items)
@@ -234,6 +274,46 @@ def _line_batches(index: int, f: InputFile, max_items: int, max_bytes: int) -> I
     finally:
         raw.close()
     yield Batch(index, str(f.path), f.format, numbers, items, f.size - reported)
+
+
+def _line_spans(index: int, f: InputFile, max_items: int, max_bytes: int,
+                tail: tuple[int, int]) -> Iterator[Batch]:
+    """Span batches of an uncompressed line file: whole lines, at most `max_items` (blank lines count) or about
+    `max_bytes` (a longer line is a batch of its own). The reader reads each byte once to find line ends and count
+    lines (for the line numbers of error messages); the encoder reads its span again (`Batch.load`)."""
+    start, number, pending, eof = 0, 1, b"", False  # `pending` (read, in no batch yet) starts at byte `start`
+    with f.path.open("rb") as raw:
+        while True:
+            want = tail[1] if start >= tail[0] else max_bytes
+            if len(pending) < want and not eof:
+                more = raw.read(want - len(pending))
+                eof = len(more) < want - len(pending)
+                pending += more
+            if eof and len(pending) <= want:
+                cut = len(pending)
+            else:
+                cut, searched = pending.rfind(b"\n", 0, want) + 1, want
+                while not cut:  # one line longer than `want`: up to its end
+                    cut = pending.find(b"\n", searched) + 1
+                    if not cut and eof:
+                        cut = len(pending)
+                    elif not cut:
+                        searched = len(pending)
+                        more = raw.read(max_bytes)
+                        eof = not more
+                        pending += more
+            if not cut:
+                return
+            lines = pending.count(b"\n", 0, cut)
+            if lines > max_items:
+                cut = 0
+                for _ in range(max_items):
+                    cut = pending.index(b"\n", cut) + 1
+                lines = max_items
+            if eof and cut == len(pending) and not pending.endswith(b"\n"):
+                lines += 1  # the file's last line, without a line end
+            yield Batch(index, str(f.path), f.format, [], [], cut, (start, cut, number, lines))
+            number, start, pending = number + lines, start + cut, pending[cut:]
 
 
 def _wrap(raw: io.BufferedReader, compression: str) -> io.BufferedIOBase:

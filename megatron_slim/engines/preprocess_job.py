@@ -5,12 +5,14 @@ Work split: the main process reads the inputs (`megatron_slim.data.corpus`) in b
 `workers` processes decode and tokenize batches with the tokenizer's batch API. Results are consumed in submission
 order, so the output is byte-identical for any number of workers. With one worker everything runs in-process.
 One worker is one core: the fast tokenizer's own thread pool is switched off (TOKENIZERS_PARALLELISM=false).
-What the workers cannot share is serial start-up, so it is kept small: workers are spawned before the tokenizer
-loads in the main process (they start while it loads), the dataset is written with numpy (`data.indexed`, no
-megatron-core import), and the main process only splits lines, writes token arrays and counts. Each worker gets the
-next batch the moment it returns one, and the input's last batches go in smaller pieces, so no worker idles long
-while another finishes. A worker process that dies (the out-of-memory killer, a stray kill) fails the job at once
-with WorkerDied rather than leaving it waiting for the lost batch.
+What the workers cannot share is serial start-up, so it is kept small: the workers are forked (in milliseconds,
+every module imported) when no other thread runs in the main process at the fork, else spawned before the
+tokenizer loads (so that their start overlaps the load); the dataset is written with numpy (`data.indexed`, no
+megatron-core import); the main process only finds line ends, writes token arrays and counts (an uncompressed
+file's batches go to the workers as byte spans they read themselves). Each worker holds two batches, so the next is
+there when it returns a result, and the input's last batches come in smaller pieces, so no worker idles long while
+another finishes. A worker process that dies (the out-of-memory killer, a stray kill) fails the job at once with
+WorkerDied rather than leaving it waiting for the lost batch.
 
 Scale-out: `shard=(I, N)` takes the I-th of N contiguous, size-balanced runs of the input files and writes
 `PREFIX-0000I-of-0000N`; merging shards 0..N-1 in order gives exactly the unsharded dataset. Every output file is
@@ -23,10 +25,13 @@ import json
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, nullcontext, suppress
@@ -67,6 +72,7 @@ OUTPUTS = (".manifest.json", ".idx", ".bin")  # claimed in this order, so put in
 MAX_REPORTED_BAD = 10  # skipped records printed one by one; the rest are counted
 BATCH_BYTES = 1 << 20  # a batch ends at --batch-size records or about this much input text
 TAIL_BATCHES, TAIL_SPLIT = 2, 8  # with workers: the last 2 batches per worker go in 8 pieces each (_finer_tail)
+QUEUED = 2  # batches a worker holds (one encoding, the next waiting)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,6 +247,7 @@ class Encoder:
 
     def encode(self, batch: Batch) -> Encoded:
         start = time.perf_counter()
+        batch = batch.load()
         docs = decode_batch(batch, self.column if batch.format in ("parquet", "hf") else self.key)
         texts = [d for _, d in docs if type(d) is str]
         if texts and self.encode_texts is None:
@@ -304,24 +311,64 @@ class _Failure:
     trace: str
 
 
-def _worker_main(conn: Connection) -> None:
-    """A tokenizer process: takes the encoder, then encodes every batch it is sent, until it is sent None. Ctrl-C
-    is left to the main process, which ends the workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _failure(e: BaseException) -> _Failure:
+    """The exception `e` (being handled) as it can travel to the main process."""
+    error = e
     try:
-        encoder = conn.recv()
-        encoder.build()
-        while (batch := conn.recv()) is not None:
-            conn.send(encoder.encode(batch))
-    except EOFError:  # the main process has gone: nothing to report to
+        pickle.dumps(e)
+    except Exception:  # noqa: BLE001 - an exception that cannot travel: its text does
+        error = RuntimeError(f"{type(e).__name__}: {e}")
+    return _Failure(error, traceback.format_exc())
+
+
+def _worker_main(conn: Connection, encoder: Encoder | None) -> None:
+    """A tokenizer process: takes the encoder (forked with it, or sent it first), then answers every batch it is
+    sent with its Encoded, or with the _Failure it raised (the main process raises the first in input order, so the
+    error does not depend on which worker was faster), until it is sent None. A thread takes what comes off the pipe
+    while batches encode, so the main process never waits to hand over a batch (nor blocks on a full pipe while this
+    worker blocks sending it a result). Ctrl-C is left to the main process, which ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def receive() -> None:
+        try:
+            while True:
+                message = conn.recv()
+                inbox.put(message)
+                if message is None:
+                    return
+        except (EOFError, OSError):  # the main process has gone
+            inbox.put(EOFError)
+        except BaseException as e:  # noqa: BLE001 - a message that cannot be read: raised below
+            inbox.put(e)
+
+    threading.Thread(target=receive, name="receive", daemon=True).start()
+    try:
+        if encoder is None:  # spawned: sent after the start
+            encoder = inbox.get()
+        if isinstance(encoder, BaseException):
+            raise encoder
+        if encoder is EOFError:
+            return
+        failed = None
+        try:
+            encoder.build()
+        except Exception as e:  # noqa: BLE001 - the answer to every batch
+            failed = _failure(e)
+        while (batch := inbox.get()) is not None:
+            if batch is EOFError:  # the main process has gone: nothing to report to
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            try:
+                result = failed or encoder.encode(batch)
+            except Exception as e:  # noqa: BLE001 - raised again in the main process, in input order
+                result = _failure(e)
+            conn.send(result)
+    except (BrokenPipeError, ConnectionResetError):  # the main process has gone
         return
     except BaseException as e:  # noqa: BLE001 - raised again in the main process
-        error = e
-        try:
-            pickle.dumps(e)
-        except Exception:  # noqa: BLE001 - an exception that cannot travel: its text does
-            error = RuntimeError(f"{type(e).__name__}: {e}")
-        conn.send(_Failure(error, traceback.format_exc()))
+        conn.send(_failure(e))
 
 
 def _exit_reason(code: int | None) -> str:
@@ -334,27 +381,53 @@ def _exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def _fork_safe() -> bool:
+    """Whether this process runs a single thread when it forks, so no other thread can hold a lock the child would
+    inherit locked (what CPython itself warns about). Counted after a probe fork (a child that exits at once) when
+    more than one thread runs now: thread pools that stop themselves at a fork, such as numpy's OpenBLAS pool
+    (pthread_atfork), are down then and stay down until used again; torch's, gloo's or a Python thread are not."""
+    try:
+        if len(os.listdir("/proc/self/task")) == 1:
+            return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # CPython's multi-threaded fork warning
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # no procfs: assume threads
+        return False
+
+
 class _Workers:
-    """`n` encoding processes, spawned (not forked: the main process may hold threads, torch's or the tokenizer's)
-    before the main process loads the tokenizer, so their interpreter start-up and imports overlap that load; each
-    takes the encoder through its own pipe (`start`), then one batch at a time: the next is sent the moment a
-    result arrives, so a worker never waits for a turn. A worker that dies (its process sentinel) fails the job at
-    once with WorkerDied. Ended on exit."""
+    """`n` encoding processes. Forked when that is safe (`_fork_safe`; the CLI): in milliseconds, with every module
+    imported and the encoder set up, right when the tokenizer is known (`start`). Otherwise spawned at once
+    (a library caller may hold threads, torch's or a tokenizer's, that make fork unsafe), so that their interpreter
+    start-up and imports overlap the main process's tokenizer load, and then sent the encoder through their pipes.
+    Each takes up to `QUEUED` batches at a time: the next is there when it returns a result. A worker that dies
+    (its process sentinel) fails the job at once with WorkerDied. Ended on exit."""
 
     def __init__(self, n: int, prefix: str) -> None:
-        self.prefix = prefix
-        context = multiprocessing.get_context("spawn")
+        self.n, self.prefix = n, prefix
         self.processes: list[BaseProcess] = []
         self.conns: list[Connection] = []
-        for i in range(n):
+        self.finished = False
+        self.served: set[int] = set()  # workers that returned a result
+        self.failed: dict[int, _Failure] = {}  # a worker's error, kept to raise if it ends before its turn comes
+        if not _fork_safe():
+            self._launch("spawn", None)
+
+    def _launch(self, method: str, encoder: Encoder | None) -> None:
+        context = multiprocessing.get_context(method)
+        for i in range(self.n):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_worker_main, args=(theirs,), name=f"tokenizer-{i}", daemon=True)
+            process = context.Process(target=_worker_main, args=(theirs, encoder), name=f"tokenizer-{i}",
+                                      daemon=True)
             process.start()
             theirs.close()
             self.processes.append(process)
             self.conns.append(ours)
-        self.finished = False
-        self.served: set[int] = set()  # workers that returned a result
 
     def __enter__(self) -> _Workers:
         return self
@@ -373,80 +446,92 @@ class _Workers:
             conn.close()
 
     def start(self, encoder: Encoder) -> None:
-        for w in range(len(self.conns)):
+        """Give the workers the encoder (set up): forked with it, or sent it."""
+        if not self.processes:
+            fork = _fork_safe()  # again: loading the tokenizer may have started threads (transformers)
+            self._launch("fork" if fork else "spawn", encoder if fork else None)
+            if fork:
+                return
+        for w in range(self.n):
             self._send(w, encoder, {})
 
     def encoded(self, batches: Iterable[Batch]) -> Iterator[Encoded]:
         """Encoded batches in input order; at most 4 per worker between the oldest unfinished and the newest sent
-        (bounded memory when one batch is slow)."""
+        (bounded memory when one batch is slow). A worker returns its batches in the order it was sent them."""
         source = iter(batches)
-        window = 4 * len(self.conns)
+        n = len(self.conns)
+        window = 4 * n
         ahead = next(source, None)  # read before it is needed: a worker that finishes gets the next at once
-        done: dict[int, Encoded] = {}
-        busy: dict[int, tuple[int, Batch]] = {}  # worker -> (sequence number, batch)
-        idle = deque(range(len(self.conns)))
+        done: dict[int, Encoded | _Failure] = {}
+        busy: dict[int, deque[tuple[int, Batch]]] = {w: deque() for w in range(n)}  # (sequence number, batch)
         sent = received = 0
         while True:
-            while idle and ahead is not None and sent < received + window:
-                w = idle.popleft()
-                busy[w] = (sent, ahead)
+            while ahead is not None and sent < received + window:
+                w = min(range(n), key=lambda w: len(busy[w]))
+                if len(busy[w]) >= QUEUED:
+                    break
+                busy[w].append((sent, ahead))
                 self._send(w, ahead, busy)
                 sent += 1
                 ahead = next(source, None)
             while received in done:
-                yield done.pop(received)
+                result = done.pop(received)
+                if isinstance(result, _Failure):
+                    raise result.error from WorkerTraceback(result.trace)
+                yield result
                 received += 1
-            if not busy:
+            if not any(busy.values()):
                 if ahead is None:
                     self.finished = True
                     return
                 continue  # the window had been full: it has moved on
             for w in self._ready(busy):
-                seq, _ = busy[w]
+                seq, _ = busy[w][0]
                 done[seq] = self._receive(w, busy)
-                del busy[w]
-                idle.append(w)
+                if isinstance(done[seq], _Failure):
+                    self.failed.setdefault(w, done[seq])
+                busy[w].popleft()
                 self.served.add(w)
 
-    def _ready(self, busy: dict[int, tuple[int, Batch]]) -> list[int]:
+    def _ready(self, busy: dict[int, deque[tuple[int, Batch]]]) -> list[int]:
         """The busy workers whose results have arrived (waits for one); a worker process that ended fails the job,
         idle or busy."""
         sentinels = {p.sentinel: w for w, p in enumerate(self.processes)}
-        ready = wait([self.conns[w] for w in busy] + list(sentinels))
-        results = [w for w in busy if self.conns[w] in ready]
+        ready = wait([self.conns[w] for w in busy if busy[w]] + list(sentinels))
+        results = [w for w in busy if busy[w] and self.conns[w] in ready]
         for w in (sentinels[r] for r in ready if r in sentinels):
             if w not in results:  # ended without a result to collect (one sent just before dying is collected)
                 self._lost(w, busy)
         return results
 
-    def _send(self, w: int, obj: Any, busy: dict[int, tuple[int, Batch]]) -> None:
+    def _send(self, w: int, obj: Any, busy: dict[int, deque[tuple[int, Batch]]]) -> None:
         try:
             self.conns[w].send(obj)
         except OSError:  # the worker's end is closed: it failed or died
             self._lost(w, busy)
 
-    def _receive(self, w: int, busy: dict[int, tuple[int, Batch]]) -> Encoded:
+    def _receive(self, w: int, busy: dict[int, deque[tuple[int, Batch]]]) -> Encoded | _Failure:
         try:
-            result = self.conns[w].recv()
+            return self.conns[w].recv()
         except (EOFError, OSError):
             self._lost(w, busy)
-        if isinstance(result, _Failure):
-            raise result.error from WorkerTraceback(result.trace)
-        return result
 
-    def _lost(self, w: int, busy: dict[int, tuple[int, Batch]]) -> NoReturn:
+    def _lost(self, w: int, busy: dict[int, deque[tuple[int, Batch]]]) -> NoReturn:
         """Raise why worker `w` is gone: the error it sent before it ended, else WorkerDied."""
+        result = None
         with suppress(EOFError, OSError):
             if self.conns[w].poll():
                 result = self.conns[w].recv()
-                if isinstance(result, _Failure):
-                    raise result.error from WorkerTraceback(result.trace)
+        # an error it sent just before it ended, or earlier (then raised before its turn in input order came)
+        failure = result if isinstance(result, _Failure) else self.failed.get(w)
+        if failure is not None:
+            raise failure.error from WorkerTraceback(failure.trace)
         process = self.processes[w]
         process.join(5)
-        if w in busy:
-            batch = busy[w][1]
+        if busy.get(w):
+            batch = busy[w][0][1]
             sep = ":" if batch.format in ("jsonl", "text") else ":row "
-            records = f"{sep}{batch.numbers[0]}-{batch.numbers[-1]}" if batch.numbers else ""
+            records = f"{sep}{batch.lines()}" if batch.lines() else ""
             doing = f"while encoding {batch.path}{records}"
         else:
             doing = "between batches" if w in self.served else "before its first batch"
@@ -459,14 +544,27 @@ class _Workers:
 def _finer_tail(batches: Iterator[Batch], total_bytes: int, workers: int) -> Iterator[Batch]:
     """The batches, those of the last `TAIL_BATCHES` per worker split into `TAIL_SPLIT` pieces each: when the
     input runs out, a worker waits for the others' last batch at most one piece long, not a whole batch (the
-    pieces keep the records' order, so the output is the same)."""
+    pieces keep the records' order, so the output is the same). Span batches come that small from the reader
+    (`_tails`)."""
     seen, tail = 0, TAIL_BATCHES * workers * BATCH_BYTES
     for batch in batches:
         seen += batch.input_bytes
-        if total_bytes - seen < tail:
+        if total_bytes - seen < tail and batch.span is None:
             yield from batch.split(TAIL_SPLIT)
         else:
             yield batch
+
+
+def _tails(files: list[InputFile], workers: int) -> list[tuple[int, int] | None]:
+    """Per file, where its batches get small (byte offset, piece bytes) so that the job's last `TAIL_BATCHES` per
+    worker come in `TAIL_SPLIT` pieces each (None: not within the job's tail, or one worker)."""
+    if workers == 1:
+        return [None] * len(files)
+    tail, after, out = TAIL_BATCHES * workers * BATCH_BYTES, 0, []
+    for f in reversed(files):
+        out.append((max(0, f.size - (tail - after)), BATCH_BYTES // TAIL_SPLIT) if after < tail else None)
+        after += f.size
+    return out[::-1]
 
 
 # ---- progress ---------------------------------------------------------------------------------------------------
@@ -578,8 +676,10 @@ def _run(job: PreprocessJob, shard: tuple[int, int] | None, prefix: str, inputs:
         stack.callback(writer.file.close)  # on an error (finalize closes it otherwise)
         progress = _Progress(total_bytes, Path(prefix).name, job.progress)
         skipped = 0
+        tails = _tails(files, job.workers)
         batches = (b for i, f in enumerate(files) for b in read_batches(
-            i, f, encoder.column if f.format in ("parquet", "hf") else job.json_key, job.batch_size, BATCH_BYTES))
+            i, f, encoder.column if f.format in ("parquet", "hf") else job.json_key, job.batch_size, BATCH_BYTES,
+            tails[i]))
         if workers:
             batches = _finer_tail(batches, total_bytes, len(workers.conns))
         for enc in workers.encoded(batches) if workers else map(encoder.encode, batches):

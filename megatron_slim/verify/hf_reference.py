@@ -20,6 +20,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
+from megatron_slim.runtime.fla_package import enter_fla_without_its_init
+
 # transformers' decorator that binds a function to an external kernel (fla, causal_conv1d) when one is installed;
 # the functions it returns keep the PyTorch implementation as `__wrapped__`.
 _KERNEL_DISPATCH = "use_kernel_func_from_hub_with_fallback"
@@ -30,6 +32,7 @@ def load_hf_reference(hf_dir: str | Path, dtype: torch.dtype = torch.float32) ->
 
     Eager attention and eager experts keep the reference free of fused/grouped kernels; Qwen3-Next's linear
     attention is moved off fla (see `select_torch_kernels`). `mtp.*` tensors are ignored by transformers."""
+    enter_fla_without_its_init()  # transformers' Qwen3-Next imports fla's kernels from their submodules
     model = AutoModelForCausalLM.from_pretrained(
         str(hf_dir), dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True,
         attn_implementation="eager", experts_implementation="eager")

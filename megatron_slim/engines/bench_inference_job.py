@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from megatron_slim.errors import UserError
 from megatron_slim.runtime import json_out
 from megatron_slim.runtime.config_loader import setting
+from megatron_slim.runtime.fla_package import enter_fla_without_its_init
 
 if TYPE_CHECKING:
     import torch
@@ -181,6 +182,7 @@ def _load(path: str, job: BenchInferenceJob, device: "torch.device"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    enter_fla_without_its_init()  # transformers' Qwen3-Next takes fla's kernels from their submodules
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, job.dtype), local_files_only=True,
                                                 trust_remote_code=False).to(device).eval()
 
@@ -241,6 +243,7 @@ def measure(path: str, job: BenchInferenceJob) -> Measurement:
 
     device = torch.device(job.resolved_device())
     cuda = device.type == "cuda"
+    enter_fla_without_its_init()  # transformers' Qwen3-Next takes fla's kernels from their submodules
     with torch.device("meta"):  # imports the model's code (and its libraries) before the baseline is taken
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     if cuda:

@@ -24,7 +24,7 @@ from megatron_slim.eval.metrics import (
 )
 from megatron_slim.eval.stats import mean_se
 from megatron_slim.models.config import ModelConfig
-from megatron_slim.models.forward import forward_rows, tp_group
+from megatron_slim.models.forward import forward_rows, main_head_only, tp_group
 from megatron_slim.models.unwrap import unwrap_model
 from megatron_slim.runtime.distributed import local_device
 
@@ -129,7 +129,8 @@ def evaluate(model: torch.nn.Module, cfg: ModelConfig, windows: torch.Tensor, mi
                 window_sums[window] += s.loss
                 sums[:2] += torch.tensor([s.tokens, s.correct], dtype=torch.float64, device=device)
 
-    forward_rows(model, tokens, micro_batch, on_logits)
+    with main_head_only(unwrap_model(model)):  # the loss reads the main head: MTP depths would be computed unread
+        forward_rows(model, tokens, micro_batch, on_logits)
 
     if with_mtp:
         idx, weights = dp_share(len(prompts), dp, dp_rank)

@@ -21,11 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.inference.contexts import StaticInferenceContext
-
-from megatron_slim.runtime.fla_package import enter_fla_without_its_init
-
-enter_fla_without_its_init()  # before megatron-core's GDN imports fla's kernels: seconds less start-up
-from megatron.core.ssm.gated_delta_net import GatedDeltaNet  # noqa: E402
+from megatron.core.ssm.gated_delta_net import GatedDeltaNet
 
 
 class GenerationContext(StaticInferenceContext):

@@ -126,9 +126,6 @@ def attention_layer_spec(backend: BackendSpecProvider, qk_layernorm: bool) -> Mo
 
 def gdn_layer_spec(backend: BackendSpecProvider) -> ModuleSpec:
     """Gated DeltaNet linear attention (Qwen3-Next's `linear_attention` layers), cached for generation."""
-    from megatron_slim.runtime.fla_package import enter_fla_without_its_init
-
-    enter_fla_without_its_init()  # before megatron-core's GDN imports fla's kernels
     from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
 
     from megatron_slim.models.gdn import CachedGatedDeltaNet

@@ -12,7 +12,8 @@ redirects exactly those, in one place, and is never activated when CUDA is avail
 4. Gated DeltaNet: fla's Triton `l2norm` -> a torch equivalent (the recurrence already has a torch path,
    `torch_chunk_gated_delta_rule`, chosen by `deterministic_mode=True`, and the conv has a torch path there too).
    megatron's GDN module imports fla, seconds of start-up, so it is patched when first imported (`patch_gdn`,
-   called by the GDN layer spec), not imported here.
+   called by the GDN layer spec), not imported here; fla's package is entered without its `__init__`
+   (`runtime.fla_package`: ~1.8 CPU-s less per process; GPU runs import fla as it is).
 5. Type strings: the optimizers check `param.type() == "torch.cuda.FloatTensor"`; `Tensor.type()` reports the
    CUDA name of CPU tensors.
 6. `torch.compile` (megatron's `jit_fuser`) is disabled: inductor compilation on CPU is slow and adds nothing
@@ -129,6 +130,9 @@ def activate() -> None:
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
+    from megatron_slim.runtime.fla_package import enter_fla_without_its_init
+
+    enter_fla_without_its_init()
     _mode = _CudaToCpu()
     _mode.__enter__()
     if _GDN_COMMON in sys.modules:  # imported before activation: patch it now, else on import (patch_gdn)

@@ -2,8 +2,9 @@
 
 megatron-core's Gated DeltaNet imports three fla kernel modules (`fla.modules.convolution`, `fla.modules.l2norm`,
 `fla.ops.gated_delta_rule`). Importing any fla submodule first runs `fla/__init__.py`, which imports every fla layer
-and model, and transformers with them: about 2.5 CPU-s of each process that builds a Qwen3-Next model (the
-layout child, every rank, every CLI run on one), for names megatron-slim never uses. Registering the package
+and model, and transformers with them: about 2.5 CPU-s of each process that builds a Qwen3-Next model, for names
+megatron-slim never uses. Entered so by CPU runs (`runtime.cpu_compat`), the layout child (a meta-device build) and
+the helpers that load transformers' Qwen3-Next; a GPU run's model build imports fla as it is. Registering the package
 module without executing its `__init__` imports only the submodules asked for; `fla.<submodule>` imports and
 everything they import work as before, only the package-level re-exports (`fla.GatedDeltaNet`, ...) are absent.
 """

@@ -205,6 +205,7 @@ def _structure_only() -> None:
       the functions stay plain (and `TORCH_COMPILE_DISABLE`, set by `LayoutJob`, keeps cpu_compat from importing
       dynamo to switch compilation off);
     - wandb, which megatron's timers import if installed: nothing is logged;
+    - fla's package `__init__` (runtime/fla_package.py).
     Only for this process: a run or test that builds its model keeps megatron-core's compiled functions and
     wandb."""
     import torch
@@ -214,7 +215,7 @@ def _structure_only() -> None:
 
     torch.compile = plain
     sys.modules.setdefault("wandb", None)  # `import wandb` raises ImportError, which megatron's timers expect
-    enter_fla_without_its_init()  # as every process building a Gated DeltaNet does (models/gdn.py)
+    enter_fla_without_its_init()  # fla's layers and models (and transformers) unimported: a meta build runs no kernel
 
 
 def _main(source_path: str, out_path: str, parent: str) -> None:
